@@ -1,0 +1,288 @@
+//! The JSON wire types of the Cloudpipe HTTP API.
+//!
+//! This crate is serde only, so that clients (`sdk-rust`, `cargo cloudpipe`) can speak
+//! the API without pulling in wasmtime, a store backend or axum. The server turns on
+//! the `openapi` feature to derive the schemas of `/v1/openapi.json` from these types.
+//!
+//! # Layout
+//! - [`FunctionInfo`], [`FunctionKind`]: an uploaded function version.
+//! - [`JobSpec`]: what a client submits; [`JobRecord`]: what the server keeps and answers.
+//! - [`JobStatus`], [`JobError`], [`JobList`], [`JobEvent`]: a job's life as seen from outside.
+//! - [`ErrorBody`]: every error answer, `{"error": {"code", "message"}}`.
+//!
+//! # Example
+//! ```
+//! use cloudpipe_types::{JobSpec, JobRecord, JobStatus};
+//! let spec: JobSpec = serde_json::from_str(r#"{"function": "hello", "args": ["world"]}"#).unwrap();
+//! assert_eq!(spec.args, ["world"]);
+//! let record: JobRecord = serde_json::from_str(r#"{
+//!     "id": "0190b1c2-0000-7000-8000-000000000000", "function": "hello",
+//!     "status": "succeeded", "exit_code": 0, "stdout": "hello world\n", "stderr": "",
+//!     "attempts": 1, "max_attempts": 3, "created_at": "2026-11-23T14:00:00Z"
+//! }"#).unwrap();
+//! assert!(record.status.is_terminal());
+//! ```
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[cfg(feature = "openapi")]
+use utoipa::ToSchema;
+
+/// What kind of Wasm binary a function is; decided at upload from the binary itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum FunctionKind {
+    /// A component exporting `wasi:cli/run` (a `wasi:cli/command`).
+    Command,
+    /// A core Wasm module importing WASI preview1 and exporting `_start`.
+    Module,
+}
+
+impl FunctionKind {
+    /// The name used on the wire and in storage.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FunctionKind::Command => "command",
+            FunctionKind::Module => "module",
+        }
+    }
+}
+
+/// One uploaded function version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct FunctionInfo {
+    /// Content address of the binary: `sha256:` and 64 hex digits.
+    pub id: String,
+    /// The name that points at this version, if any (a name points at its newest upload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub kind: FunctionKind,
+    /// Size of the binary in bytes.
+    pub size: u64,
+    /// RFC 3339 time of the first upload of this binary.
+    pub created_at: String,
+}
+
+/// A list of functions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct FunctionList {
+    pub functions: Vec<FunctionInfo>,
+}
+
+/// A job as submitted by a client (`POST /v1/jobs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// A function name, or a content address `sha256:…` for one exact version.
+    pub function: String,
+    /// Arguments after argv\[0\] (argv\[0\] is the function name).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables, on top of `CLOUDPIPE_JOB_ID`, `CLOUDPIPE_FUNCTION`, `CLOUDPIPE_ATTEMPT`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Standard input as UTF-8 text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+    /// Standard input as base64, for binary input; exclusive with `stdin`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdin_base64: Option<String>,
+    /// Wall-clock limit of one attempt in milliseconds; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Linear memory cap in MiB; the server's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// Free-form labels to filter job lists by.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// A client-chosen key: submitting the same key again returns the first job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// How many times the job may be started in all (a crash of the server mid-run
+    /// costs an attempt). Default 3.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+}
+
+/// Where a job is in its life. `queued → running → succeeded | failed | timed_out | cancelled`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl JobStatus {
+    /// All statuses, in life order.
+    pub const ALL: [JobStatus; 6] = [
+        JobStatus::Queued,
+        JobStatus::Running,
+        JobStatus::Succeeded,
+        JobStatus::Failed,
+        JobStatus::TimedOut,
+        JobStatus::Cancelled,
+    ];
+
+    /// True once the job will not change any more.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, JobStatus::Queued | JobStatus::Running)
+    }
+
+    /// The name used on the wire, in query strings and in metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Succeeded => "succeeded",
+            JobStatus::Failed => "failed",
+            JobStatus::TimedOut => "timed_out",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the wire name.
+    pub fn parse(s: &str) -> Option<JobStatus> {
+        JobStatus::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+}
+
+/// Why a job did not succeed, beyond its exit code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct JobError {
+    /// Stable machine-readable kind: `exit`, `trap`, `memory_limit`, `timeout`,
+    /// `cancelled`, `function_not_found`, `attempts_exhausted`, `internal`.
+    pub kind: String,
+    /// Human-readable detail (a trap message, the limit that was hit, ...).
+    pub message: String,
+}
+
+/// A job as the server keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct JobRecord {
+    pub id: String,
+    /// The function as submitted (a name or a content address).
+    pub function: String,
+    /// The exact version run (`sha256:…`), resolved at submit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function_id: Option<String>,
+    pub status: JobStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Standard output as text (invalid UTF-8 replaced; raw bytes at `/v1/jobs/{id}/stdout`).
+    #[serde(default)]
+    pub stdout: String,
+    #[serde(default)]
+    pub stderr: String,
+    /// True when stdout went past the cap and was cut.
+    #[serde(default)]
+    pub stdout_truncated: bool,
+    #[serde(default)]
+    pub stderr_truncated: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<JobError>,
+    /// How many times the job was started.
+    pub attempts: u32,
+    pub max_attempts: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// RFC 3339 timestamps.
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// Time from submit to the start of the last attempt, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_ms: Option<f64>,
+    /// Time the last attempt ran, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_ms: Option<f64>,
+    /// The executor that ran the job (`wasm`).
+    #[serde(default)]
+    pub executor: String,
+}
+
+/// A page of jobs, newest first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct JobList {
+    pub jobs: Vec<JobRecord>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
+}
+
+/// One server-sent event of `/v1/jobs/{id}/events`; the SSE `event:` field is the
+/// variant name (`status`, `stdout`, `stderr`), the `data:` field this JSON.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// The job changed status; the last event of a stream carries a terminal status
+    /// and the full record.
+    Status { status: JobStatus, record: Option<Box<JobRecord>> },
+    /// A chunk of live standard output (lossy UTF-8).
+    Stdout { data: String },
+    /// A chunk of live standard error (lossy UTF-8).
+    Stderr { data: String },
+}
+
+/// The body of every error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+/// A stable code for programs and a message for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `not_found`, `invalid_wasm`, `payload_too_large`.
+    pub code: String,
+    pub message: String,
+}
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Health {
+    pub status: String,
+    pub version: String,
+    pub store: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_names_round_trip() {
+        for st in JobStatus::ALL {
+            assert_eq!(JobStatus::parse(st.as_str()), Some(st));
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+        }
+        assert_eq!(JobStatus::parse("done"), None);
+    }
+
+    #[test]
+    fn unknown_spec_fields_are_refused() {
+        let err = serde_json::from_str::<JobSpec>(r#"{"function": "f", "argz": []}"#).unwrap_err();
+        assert!(err.to_string().contains("argz"), "{err}");
+    }
+}

@@ -1,0 +1,95 @@
+//! The [`Executor`] trait: what runs a job. Each implementation owns its isolation and
+//! its limits; the scheduler only hands it a [`RunRequest`] and a cancellation token.
+//!
+//! Implementations live beside this file: [`wasm`] (wasmtime + WASI 0.2, in process).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cloudpipe_types::FunctionKind;
+use tokio_util::sync::CancellationToken;
+
+use crate::job::JobOutcome;
+
+pub mod wasm;
+
+/// Everything an executor needs for one attempt of one job.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    /// The job id (also given to the guest as `CLOUDPIPE_JOB_ID`).
+    pub job_id: String,
+    /// argv\[0\] and `CLOUDPIPE_FUNCTION`: the function as submitted.
+    pub function: String,
+    /// The exact version to run (`sha256:…`).
+    pub function_id: String,
+    /// argv\[1..\].
+    pub args: Vec<String>,
+    /// The job's environment; the executor adds the `CLOUDPIPE_*` variables.
+    pub env: Vec<(String, String)>,
+    pub stdin: Bytes,
+    /// 1 for the first attempt (`CLOUDPIPE_ATTEMPT`).
+    pub attempt: u32,
+    /// Wall-clock limit of this attempt.
+    pub timeout: Duration,
+    /// Cap on the guest's memory, in bytes.
+    pub memory_bytes: u64,
+    /// Cap on each of stdout and stderr kept in the outcome, in bytes; past it the
+    /// output is cut and flagged truncated (the guest keeps running).
+    pub output_cap: usize,
+}
+
+/// Which output stream a live chunk belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+/// Receives output while a job runs (for `/v1/jobs/{id}/events`). Called from the
+/// executor's write path, so it must be cheap and must not block.
+pub trait OutputSink: Send + Sync {
+    fn chunk(&self, stream: OutputStream, data: &[u8]);
+}
+
+/// An [`OutputSink`] that drops everything.
+#[derive(Debug, Default)]
+pub struct NoLiveOutput;
+
+impl OutputSink for NoLiveOutput {
+    fn chunk(&self, _: OutputStream, _: &[u8]) {}
+}
+
+/// Why a binary cannot become a function.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// Not a Wasm binary, or a kind of Wasm this executor does not run.
+    #[error("{0}")]
+    Invalid(String),
+    /// Something failed on our side (disk, ...).
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Runs jobs. One instance per process, shared by all jobs.
+#[async_trait]
+pub trait Executor: Send + Sync + 'static {
+    /// Short name stored in each job record (`wasm`, `docker`, `vm`).
+    fn name(&self) -> &'static str;
+
+    /// Runs once per function version, at upload: checks the binary, decides its kind
+    /// and does the costly work (compiling, caching) so that jobs start fast. `id` is the
+    /// content address (`sha256:…`) of `binary`.
+    async fn prepare(&self, id: &str, binary: &[u8]) -> Result<FunctionKind, PrepareError>;
+
+    /// Runs once per job attempt and returns how it ended. Never panics on guest
+    /// behaviour: traps, limits, timeouts and cancellation are outcomes. When `cancel`
+    /// fires the attempt ends promptly with status `cancelled`.
+    async fn run(
+        &self,
+        req: RunRequest,
+        live: Arc<dyn OutputSink>,
+        cancel: CancellationToken,
+    ) -> JobOutcome;
+}

@@ -1,0 +1,41 @@
+//! Cloudpipe's runtime: everything between the HTTP API and a running function.
+//!
+//! # Layout
+//! - [`job`]: the durable job record ([`Job`]) and how an attempt ends ([`JobOutcome`]).
+//! - [`executor`]: the [`Executor`] trait; [`executor::wasm`] runs Wasm components and
+//!   WASI modules in process with wasmtime.
+//! - [`registry`]: [`FunctionRegistry`], uploads: content addressing, validation,
+//!   preparation by the executor, storage.
+//! - [`store`]: the [`Store`] trait and its embedded backends (redb default, sled).
+//! - [`scheduler`]: [`Scheduler`], the durable queue with bounded concurrency, retries,
+//!   cancellation, live events and recovery at start-up.
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use std::sync::Arc;
+//! use cloudpipe_runtime::{Runtime, RuntimeConfig};
+//! let dir = tempfile::tempdir()?;
+//! let rt = Runtime::start(RuntimeConfig::new(dir.path())).await?;
+//! let wasm = std::fs::read("hello.wasm")?;
+//! rt.registry.upload(Some("hello".into()), wasm.into()).await?;
+//! let spec = serde_json::from_str(r#"{"function": "hello", "args": ["world"]}"#)?;
+//! let job = rt.scheduler.submit(spec).await?;
+//! let done = rt.scheduler.wait(job.id, std::time::Duration::from_secs(10)).await?;
+//! println!("{}", String::from_utf8_lossy(&done.unwrap().stdout));
+//! # Ok(()) }
+//! ```
+
+pub mod executor;
+pub mod job;
+pub mod registry;
+pub mod scheduler;
+pub mod store;
+mod runtime;
+
+pub use executor::{Executor, OutputSink, OutputStream, RunRequest};
+pub use job::{Job, JobId, JobOutcome};
+pub use registry::FunctionRegistry;
+pub use runtime::{Runtime, RuntimeConfig};
+pub use scheduler::Scheduler;
+pub use store::Store;

@@ -1,0 +1,68 @@
+//! [`Runtime`]: the runtime's parts wired together, one per process.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use crate::executor::wasm::{WasmConfig, WasmExecutor};
+use crate::registry::FunctionRegistry;
+use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::store::{self, Backend, Store};
+
+/// Everything needed to start a [`Runtime`]; plain data.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Holds `store/` (the database) and `cache/` (compiled functions).
+    pub data_dir: PathBuf,
+    pub backend: Backend,
+    pub scheduler: SchedulerConfig,
+    pub wasm: WasmConfig,
+    /// Largest function binary accepted, in bytes.
+    pub max_function_bytes: usize,
+}
+
+impl RuntimeConfig {
+    /// Defaults with the given data directory.
+    pub fn new(data_dir: impl AsRef<Path>) -> RuntimeConfig {
+        RuntimeConfig {
+            data_dir: data_dir.as_ref().to_path_buf(),
+            backend: Backend::default(),
+            scheduler: SchedulerConfig::default(),
+            wasm: WasmConfig::default(),
+            max_function_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The store, the executor, the registry and the scheduler of one process.
+#[derive(Clone)]
+pub struct Runtime {
+    pub store: Arc<dyn Store>,
+    pub executor: Arc<WasmExecutor>,
+    pub registry: FunctionRegistry,
+    pub scheduler: Scheduler,
+}
+
+impl Runtime {
+    /// Opens the store (compacting it), recovers jobs cut off by a crash and starts
+    /// running queued jobs. Call inside a tokio runtime.
+    pub async fn start(config: RuntimeConfig) -> anyhow::Result<Runtime> {
+        let store_dir = config.data_dir.join("store").join(config.backend.as_str());
+        let cache_dir = config.data_dir.join("cache");
+        for d in [&store_dir, &cache_dir] {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        let backend = config.backend;
+        let store = tokio::task::spawn_blocking(move || store::open(backend, &store_dir))
+            .await?
+            .context("opening the store")?;
+        let mut wasm = config.wasm.clone();
+        wasm.max_instances = wasm.max_instances.max(config.scheduler.concurrency as u32);
+        wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
+        let executor = Arc::new(WasmExecutor::new(wasm, &cache_dir, store.clone()).context("starting the wasm executor")?);
+        let registry = FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
+        let scheduler = Scheduler::start(store.clone(), executor.clone(), config.scheduler.clone()).await?;
+        Ok(Runtime { store, executor, registry, scheduler })
+    }
+}

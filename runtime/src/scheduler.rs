@@ -1,0 +1,570 @@
+//! [`Scheduler`]: the durable job queue in front of the executor.
+//!
+//! A submitted job is written to the [`Store`] before the caller hears of it. When a
+//! run slot is free at submit time the job is written already `running` (one commit
+//! instead of two); otherwise it is queued and the dispatcher claims it when a slot
+//! frees. Each attempt is counted durably *before* it starts, so a job that crashes
+//! the server is retried at most `max_attempts` times in all. At start-up
+//! [`Store::recover`] puts jobs cut off by a crash back in the queue.
+//!
+//! Live events (status changes, output chunks) go through an in-memory [`Hub`] to
+//! whoever follows a job; nothing is buffered for jobs nobody follows.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use cloudpipe_types::{JobSpec, JobStatus};
+use tracing::Instrument;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+
+use crate::executor::{Executor, OutputSink, OutputStream, RunRequest};
+use crate::job::{Job, JobId, JobOutcome, now_micros};
+use crate::registry::is_function_id;
+use crate::store::{Inserted, Retention, Store};
+
+/// Limits and defaults of the scheduler; plain data, validated by the binary.
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Jobs running at once.
+    pub concurrency: usize,
+    pub default_timeout: Duration,
+    pub max_timeout: Duration,
+    pub default_memory_mb: u64,
+    pub max_memory_mb: u64,
+    pub default_max_attempts: u32,
+    /// Cap on each of stdout and stderr kept per job.
+    pub output_cap: usize,
+    /// Cap on a job's stdin.
+    pub max_stdin: usize,
+    pub retention: Retention,
+    /// How often retention runs.
+    pub retention_interval: Duration,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            concurrency: 64,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(15 * 60),
+            default_memory_mb: 128,
+            max_memory_mb: 4096,
+            default_max_attempts: 3,
+            output_cap: 1 << 20,
+            max_stdin: 6 << 20,
+            retention: Retention { max_age_micros: 7 * 24 * 3600 * 1_000_000, max_finished: 1_000_000 },
+            retention_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a submit was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    #[error("function {0:?} not found")]
+    FunctionNotFound(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Internal(#[from] anyhow::Error),
+}
+
+/// Something that happened to a job, for followers.
+#[derive(Debug, Clone)]
+pub enum LiveEvent {
+    /// The job changed status; terminal statuses carry the final job.
+    Status(JobStatus, Option<Arc<Job>>),
+    Output(OutputStream, Bytes),
+}
+
+/// Fan-out of [`LiveEvent`]s per job, only for jobs someone follows.
+#[derive(Default)]
+pub struct Hub {
+    channels: Mutex<HashMap<JobId, broadcast::Sender<LiveEvent>>>,
+}
+
+/// A follower's end of a job's events; stops the fan-out when the last one drops.
+pub struct Subscription {
+    rx: Option<broadcast::Receiver<LiveEvent>>,
+    hub: Arc<Hub>,
+    id: JobId,
+}
+
+impl Subscription {
+    /// The next event; `None` if events were missed (the follower lagged) or the
+    /// channel closed. A lagged follower should re-read the job.
+    pub async fn recv(&mut self) -> Option<Result<LiveEvent, u64>> {
+        let rx = self.rx.as_mut()?;
+        match rx.recv().await {
+            Ok(ev) => Some(Ok(ev)),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Err(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut map = self.hub.channels.lock().unwrap();
+        if map.get(&self.id).is_some_and(|tx| tx.receiver_count() == 0) {
+            map.remove(&self.id);
+        }
+    }
+}
+
+impl Hub {
+    pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
+        let rx = self.channels.lock().unwrap().entry(id).or_insert_with(|| broadcast::channel(1024).0).subscribe();
+        Subscription { rx: Some(rx), hub: self.clone(), id }
+    }
+
+    fn publish(&self, id: JobId, ev: impl FnOnce() -> LiveEvent) {
+        let map = self.channels.lock().unwrap();
+        if let Some(tx) = map.get(&id) {
+            let _ = tx.send(ev());
+        }
+    }
+}
+
+struct LiveSink {
+    hub: Arc<Hub>,
+    id: JobId,
+}
+
+impl OutputSink for LiveSink {
+    fn chunk(&self, stream: OutputStream, data: &[u8]) {
+        self.hub.publish(self.id, || LiveEvent::Output(stream, Bytes::copy_from_slice(data)));
+    }
+}
+
+/// Run-time histogram buckets, in seconds (Prometheus `le`).
+pub const RUN_TIME_BUCKETS: [f64; 12] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0, 60.0];
+
+/// Counters kept in memory for `/metrics`.
+#[derive(Default)]
+pub struct Metrics {
+    pub submitted: AtomicU64,
+    pub finished: AtomicU64,
+    /// Cumulative counts per bucket of [`RUN_TIME_BUCKETS`], then +Inf.
+    pub run_time_buckets: [AtomicU64; RUN_TIME_BUCKETS.len() + 1],
+    /// Sum of run times in microseconds.
+    pub run_time_sum_micros: AtomicU64,
+}
+
+impl Metrics {
+    fn observe_run(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (i, le) in RUN_TIME_BUCKETS.iter().enumerate() {
+            if secs <= *le {
+                self.run_time_buckets[i].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.run_time_buckets[RUN_TIME_BUCKETS.len()].fetch_add(1, Ordering::Relaxed);
+        self.run_time_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The job queue and its workers. One per process; cheap to clone.
+#[derive(Clone)]
+pub struct Scheduler {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    executor: Arc<dyn Executor>,
+    config: SchedulerConfig,
+    slots: Arc<Semaphore>,
+    /// Wakes the dispatcher: a job was queued.
+    wake: Notify,
+    /// Set while the queue may hold jobs; submit then queues rather than run at once,
+    /// so that new jobs do not overtake waiting ones.
+    backlog: AtomicBool,
+    running: Mutex<HashMap<JobId, CancellationToken>>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    stopping: CancellationToken,
+    /// Every task this scheduler spawned, so shutdown can wait for them.
+    tasks: tokio_util::task::TaskTracker,
+}
+
+impl Scheduler {
+    /// Recovers jobs cut off by a crash, then starts the dispatcher and retention.
+    /// Call once per process, inside a tokio runtime.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        executor: Arc<dyn Executor>,
+        config: SchedulerConfig,
+    ) -> anyhow::Result<Scheduler> {
+        let rec = store.recover(now_micros()).await?;
+        if rec.requeued + rec.exhausted > 0 {
+            tracing::warn!(requeued = rec.requeued, exhausted = rec.exhausted, "recovered jobs cut off by a restart");
+        }
+        let inner = Arc::new(Inner {
+            slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+            store,
+            executor,
+            config,
+            wake: Notify::new(),
+            backlog: AtomicBool::new(true),
+            running: Mutex::new(HashMap::new()),
+            hub: Arc::new(Hub::default()),
+            metrics: Metrics::default(),
+            stopping: CancellationToken::new(),
+            tasks: tokio_util::task::TaskTracker::new(),
+        });
+        inner.tasks.spawn(inner.clone().dispatch());
+        inner.tasks.spawn(inner.clone().retain());
+        Ok(Scheduler { inner })
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.inner.hub
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.inner.config
+    }
+
+    /// Number of jobs running in this process now.
+    pub fn running(&self) -> usize {
+        self.inner.running.lock().unwrap().len()
+    }
+
+    /// Validates `spec`, makes the job durable and returns it (already `running` when
+    /// a slot was free). A known `idempotency_key` returns the first job instead.
+    pub async fn submit(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+        let inner = &self.inner;
+        if inner.stopping.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let mut job = inner.job_from_spec(spec)?;
+        let meta = inner
+            .store
+            .get_function(&job.function)
+            .await?
+            .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
+        job.function_id = meta.id;
+
+        // Start at once when a slot is free and nothing waits: saves a commit.
+        let slot = match inner.backlog.load(Ordering::Acquire) {
+            false => inner.slots.clone().try_acquire_owned().ok(),
+            true => None,
+        };
+        if slot.is_some() {
+            job.status = JobStatus::Running;
+            job.attempts = 1;
+            job.started_at = Some(now_micros());
+        }
+        let inserted = inner.store.insert_job(job).await?;
+        match (inserted, slot) {
+            (Inserted::Created(job), Some(slot)) => {
+                inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+                inner.spawn_run(job.clone(), slot);
+                Ok(job)
+            }
+            (Inserted::Created(job), None) => {
+                inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+                inner.backlog.store(true, Ordering::Release);
+                inner.wake.notify_one();
+                Ok(job)
+            }
+            (Inserted::Existing(job), _) => Ok(job),
+        }
+    }
+
+    pub async fn get(&self, id: JobId) -> anyhow::Result<Option<Job>> {
+        self.inner.store.get_job(id).await
+    }
+
+    /// The job once it is terminal, or as it is when `timeout` runs out.
+    /// `None` if there is no such job.
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> anyhow::Result<Option<Job>> {
+        // Subscribe before reading, so that an ending between the two is not missed.
+        let mut sub = self.inner.hub.subscribe(id);
+        let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
+        if job.status.is_terminal() || timeout.is_zero() {
+            return Ok(Some(job));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::time::timeout_at(deadline, sub.recv()).await {
+                Ok(Some(Ok(LiveEvent::Status(st, Some(done))))) if st.is_terminal() => {
+                    return Ok(Some(Arc::unwrap_or_clone(done)));
+                }
+                Ok(Some(Ok(_))) => continue,
+                // Lagged, closed or timed out: the store has the truth.
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => {
+                    let job = self.inner.store.get_job(id).await?;
+                    if matches!(&job, Some(j) if !j.status.is_terminal())
+                        && tokio::time::Instant::now() < deadline
+                    {
+                        sub = self.inner.hub.subscribe(id);
+                        continue;
+                    }
+                    return Ok(job);
+                }
+            }
+        }
+    }
+
+    /// Cancels a job: a queued one at once, a running one through its token (it ends
+    /// within one epoch tick). Returns the job as it is afterwards (`None`: unknown).
+    pub async fn cancel(&self, id: JobId) -> anyhow::Result<Option<Job>> {
+        let inner = &self.inner;
+        // A job just claimed is running in the store a moment before its token is
+        // registered: look again briefly rather than report it uncancellable.
+        for _ in 0..100 {
+            let token = inner.running.lock().unwrap().get(&id).cloned();
+            if let Some(token) = token {
+                token.cancel();
+                return self.wait(id, Duration::from_secs(5)).await;
+            }
+            let Some(job) = inner.store.cancel_queued_job(id, now_micros()).await? else { return Ok(None) };
+            match job.status {
+                JobStatus::Running => tokio::time::sleep(Duration::from_millis(1)).await,
+                JobStatus::Cancelled => {
+                    inner.hub.publish(id, || LiveEvent::Status(JobStatus::Cancelled, Some(Arc::new(job.clone()))));
+                    return Ok(Some(job));
+                }
+                _ => return Ok(Some(job)),
+            }
+        }
+        inner.store.get_job(id).await
+    }
+
+    /// Stops taking and starting jobs, then waits up to `grace` for running ones.
+    /// Jobs still running after that are recovered at the next start.
+    pub async fn shutdown(&self, grace: Duration) {
+        let inner = &self.inner;
+        inner.stopping.cancel();
+        inner.tasks.close();
+        if tokio::time::timeout(grace, inner.tasks.wait()).await.is_err() {
+            let n = inner.running.lock().unwrap().len();
+            tracing::warn!(running = n, "shutdown grace ran out; running jobs will be retried at the next start");
+        }
+    }
+}
+
+impl Inner {
+    fn job_from_spec(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+        let c = &self.config;
+        let invalid = |m: String| Err(SubmitError::Invalid(m));
+        if spec.function.is_empty() {
+            return invalid("`function` must name a function or give its id (sha256:…)".into());
+        }
+        if spec.function.starts_with("sha256:") && !is_function_id(&spec.function) {
+            return invalid(format!("{:?} is not a function id (sha256: and 64 lowercase hex digits)", spec.function));
+        }
+        let stdin = match (spec.stdin, spec.stdin_base64) {
+            (Some(_), Some(_)) => return invalid("give `stdin` or `stdin_base64`, not both".into()),
+            (Some(s), None) => s.into_bytes(),
+            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.as_bytes()) {
+                Ok(v) => v,
+                Err(e) => return invalid(format!("`stdin_base64` is not valid base64: {e}")),
+            },
+            (None, None) => Vec::new(),
+        };
+        if stdin.len() > c.max_stdin {
+            return invalid(format!("stdin is {} bytes, over the limit of {} bytes", stdin.len(), c.max_stdin));
+        }
+        let timeout_ms = spec.timeout_ms.unwrap_or(c.default_timeout.as_millis() as u64);
+        if timeout_ms == 0 || timeout_ms > c.max_timeout.as_millis() as u64 {
+            return invalid(format!("`timeout_ms` must be between 1 and {}", c.max_timeout.as_millis()));
+        }
+        let memory_mb = spec.memory_mb.unwrap_or(c.default_memory_mb);
+        if memory_mb == 0 || memory_mb > c.max_memory_mb {
+            return invalid(format!("`memory_mb` must be between 1 and {}", c.max_memory_mb));
+        }
+        let max_attempts = spec.max_attempts.unwrap_or(c.default_max_attempts);
+        if !(1..=100).contains(&max_attempts) {
+            return invalid("`max_attempts` must be between 1 and 100".into());
+        }
+        for (k, v) in &spec.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                return invalid(format!("environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values)"));
+            }
+        }
+        if spec.args.iter().any(|a| a.contains('\0')) {
+            return invalid("arguments may not contain NUL".into());
+        }
+        if spec.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+            return invalid("`idempotency_key` must be 1 to 256 bytes".into());
+        }
+        if spec.tags.len() > 32 || spec.tags.iter().any(|t| t.is_empty() || t.len() > 128) {
+            return invalid("at most 32 tags of 1 to 128 bytes each".into());
+        }
+        Ok(Job {
+            id: JobId::new(),
+            function: spec.function,
+            function_id: String::new(),
+            args: spec.args,
+            env: spec.env,
+            stdin,
+            tags: spec.tags,
+            idempotency_key: spec.idempotency_key,
+            timeout_ms,
+            memory_mb,
+            max_attempts,
+            executor: self.executor.name().to_string(),
+            status: JobStatus::Queued,
+            attempts: 0,
+            created_at: now_micros(),
+            started_at: None,
+            finished_at: None,
+            exit_code: None,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: false,
+            stderr_truncated: false,
+            error: None,
+        })
+    }
+
+    /// Claims queued jobs whenever a slot is free.
+    async fn dispatch(self: Arc<Self>) {
+        loop {
+            let first = tokio::select! {
+                _ = self.stopping.cancelled() => return,
+                p = self.slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let mut slots = vec![first];
+            while slots.len() < 128 {
+                match self.slots.clone().try_acquire_owned() {
+                    Ok(p) => slots.push(p),
+                    Err(_) => break,
+                }
+            }
+            let want = slots.len();
+            let jobs = match self.store.claim_jobs(want, now_micros()).await {
+                Ok(jobs) => jobs,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "claiming jobs failed; retrying");
+                    drop(slots);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if jobs.len() < want {
+                self.backlog.store(false, Ordering::Release);
+            }
+            let idle = jobs.is_empty();
+            for job in jobs {
+                let slot = slots.pop().expect("one slot per claimed job");
+                self.spawn_run(job, slot);
+            }
+            drop(slots);
+            if idle {
+                tokio::select! {
+                    _ = self.stopping.cancelled() => return,
+                    _ = self.wake.notified() => {}
+                }
+            }
+        }
+    }
+
+    fn spawn_run(self: &Arc<Self>, job: Job, slot: OwnedSemaphorePermit) {
+        let token = CancellationToken::new();
+        self.running.lock().unwrap().insert(job.id, token.clone());
+        let this = self.clone();
+        let span = tracing::info_span!("runtime.run_job", job_id = %job.id, function = %job.function, attempt = job.attempts);
+        self.tasks.spawn(
+            async move {
+                this.run(job, token).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+
+    async fn run(self: Arc<Self>, job: Job, cancel: CancellationToken) {
+        let id = job.id;
+        self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
+        let req = RunRequest {
+            job_id: id.to_string(),
+            function: job.function.clone(),
+            function_id: job.function_id.clone(),
+            args: job.args.clone(),
+            env: job.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            stdin: Bytes::from(job.stdin.clone()),
+            attempt: job.attempts,
+            timeout: Duration::from_millis(job.timeout_ms),
+            memory_bytes: job.memory_mb << 20,
+            output_cap: self.config.output_cap,
+        };
+        let sink = Arc::new(LiveSink { hub: self.hub.clone(), id });
+        let started = Instant::now();
+        // A panic inside an executor is our bug, not the guest's: the job fails with
+        // `internal` rather than staying `running` until the next restart.
+        let executor = self.executor.clone();
+        let outcome = match tokio::spawn(async move { executor.run(req, sink, cancel).await }).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                tracing::error!("executor failed: {e}");
+                JobOutcome::error(JobStatus::Failed, "internal", "the executor failed; see the server log")
+            }
+        };
+        let elapsed = started.elapsed();
+        self.metrics.observe_run(elapsed);
+        let status = outcome.status;
+        let finished = loop {
+            match self.store.finish_job(id, outcome.clone(), now_micros()).await {
+                Ok(j) => break j,
+                Err(e) => {
+                    // The outcome must not be lost while the store hiccups; if the
+                    // process dies meanwhile, recovery runs the job again.
+                    tracing::error!(error = format!("{e:#}"), "recording outcome failed; retrying");
+                    if self.stopping.is_cancelled() {
+                        break None;
+                    }
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        self.running.lock().unwrap().remove(&id);
+        self.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(status = status.as_str(), duration_ms = elapsed.as_secs_f64() * 1000.0, "job finished");
+        if let Some(job) = finished {
+            let st = job.status;
+            self.hub.publish(id, || LiveEvent::Status(st, Some(Arc::new(job))));
+        }
+    }
+
+    /// Deletes finished jobs past the retention policy, a small batch at a time.
+    async fn retain(self: Arc<Self>) {
+        const BATCH: usize = 256;
+        loop {
+            tokio::select! {
+                _ = self.stopping.cancelled() => return,
+                _ = tokio::time::sleep(self.config.retention_interval) => {}
+            }
+            loop {
+                match self.store.purge_finished(self.config.retention, now_micros(), BATCH).await {
+                    Ok(n) if n == BATCH && !self.stopping.is_cancelled() => tokio::task::yield_now().await,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "retention failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}

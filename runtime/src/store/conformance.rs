@@ -1,0 +1,676 @@
+//! The conformance suite every [`Store`] backend passes: one generic async fn per
+//! behaviour, and [`suite!`] to run them all as `#[tokio::test]`s of a backend:
+//!
+//! ```ignore
+//! crate::store::conformance::suite!(redb, |dir| RedbStore::open(dir), Some(4.0));
+//! ```
+//!
+//! The last argument bounds the size of the store's files after churn and a reopen,
+//! as a multiple of the live data (`None`: only report it).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cloudpipe_types::{FunctionKind, JobStatus};
+
+use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention, Store};
+use crate::job::tests::queued_job;
+use crate::job::{Job, JobId, JobOutcome, now_micros};
+
+/// Runs every conformance test against one backend. `$open` is a closure from a data
+/// directory to the store; `$max_growth` is an `Option<f64>` (see the module docs).
+macro_rules! suite {
+    ($backend:ident, $open:expr, $max_growth:expr) => {
+        mod conformance {
+            #![allow(unused_imports)]
+            use super::*;
+            use crate::store::conformance as c;
+
+            macro_rules! case {
+                ($name:ident) => {
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                    async fn $name() {
+                        c::$name($open).await;
+                    }
+                };
+            }
+
+            case!(insert_then_get_round_trips);
+            case!(idempotency_key_returns_the_existing_job_and_writes_nothing);
+            case!(claim_takes_oldest_first_and_marks_them_running);
+            case!(finish_writes_the_outcome_and_moves_the_counters);
+            case!(finish_of_a_job_that_is_not_running_changes_nothing);
+            case!(cancel_queued_cancels_only_queued_jobs);
+            case!(recover_requeues_ahead_of_newer_jobs_and_exhausts_at_max_attempts);
+            case!(job_inserted_running_is_counted_running_and_requeued_by_recover);
+            case!(list_filters_and_pages_newest_first);
+            case!(purge_deletes_by_age_and_by_count_with_their_idempotency_keys);
+            case!(put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest);
+            case!(delete_function_by_name_and_by_id);
+            case!(data_survives_drop_and_reopen);
+            case!(concurrent_inserts_all_land_and_counters_are_exact);
+            case!(a_write_that_fails_alone_does_not_fail_its_group);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn reopened_store_after_churn_stays_near_live_data() {
+                c::reopened_store_after_churn_stays_near_live_data(
+                    $open,
+                    stringify!($backend),
+                    $max_growth,
+                )
+                .await;
+            }
+        }
+    };
+}
+pub(crate) use suite;
+
+fn dir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
+}
+
+fn succeeded(stdout: &[u8]) -> JobOutcome {
+    JobOutcome {
+        status: JobStatus::Succeeded,
+        exit_code: Some(0),
+        stdout: stdout.to_vec(),
+        ..JobOutcome::default()
+    }
+}
+
+async fn counts<S: Store>(store: &S) -> Vec<(JobStatus, u64)> {
+    let counts = store.count_jobs().await.unwrap();
+    assert_eq!(counts.len(), JobStatus::ALL.len(), "every status is counted");
+    counts.into_iter().filter(|(_, n)| *n > 0).collect()
+}
+
+async fn insert<S: Store>(store: &S, job: Job) -> Job {
+    match store.insert_job(job).await.unwrap() {
+        Inserted::Created(job) => job,
+        Inserted::Existing(job) => panic!("expected a new job, got existing {}", job.id),
+    }
+}
+
+pub(crate) async fn insert_then_get_round_trips<S: Store>(open: impl Fn(&Path) -> Result<S>) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut job = queued_job("hello");
+    job.tags = vec!["t1".into()];
+    job.env.insert("K".into(), "V".into());
+    let created = insert(&store, job.clone()).await;
+    assert_eq!(created, job);
+    assert_eq!(store.get_job(job.id).await.unwrap(), Some(job));
+    assert_eq!(store.get_job(JobId::new()).await.unwrap(), None);
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 1)]);
+}
+
+pub(crate) async fn idempotency_key_returns_the_existing_job_and_writes_nothing<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut first = queued_job("f");
+    first.idempotency_key = Some("key-1".into());
+    insert(&store, first.clone()).await;
+
+    let mut again = queued_job("other");
+    again.idempotency_key = Some("key-1".into());
+    let inserted = store.insert_job(again.clone()).await.unwrap();
+    assert_eq!(inserted, Inserted::Existing(first.clone()));
+    assert_eq!(store.get_job(again.id).await.unwrap(), None, "the second job is not written");
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 1)]);
+    let claimed = store.claim_jobs(10, now_micros()).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [first.id]);
+
+    // Still the same job once it has moved on.
+    let inserted = store.insert_job(again).await.unwrap();
+    assert_eq!(inserted.job().id, first.id);
+    assert_eq!(inserted.job().status, JobStatus::Running);
+}
+
+pub(crate) async fn claim_takes_oldest_first_and_marks_them_running<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let jobs: Vec<Job> = (0..3).map(|_| queued_job("f")).collect();
+    for job in &jobs {
+        insert(&store, job.clone()).await;
+    }
+    assert_eq!(store.claim_jobs(0, 1).await.unwrap(), []);
+
+    let now = now_micros();
+    let first = store.claim_jobs(2, now).await.unwrap();
+    assert_eq!(first.iter().map(|j| j.id).collect::<Vec<_>>(), [jobs[0].id, jobs[1].id]);
+    for job in &first {
+        assert_eq!(job.status, JobStatus::Running);
+        assert_eq!(job.attempts, 1);
+        assert_eq!(job.started_at, Some(now));
+        assert_eq!(store.get_job(job.id).await.unwrap().as_ref(), Some(job));
+    }
+    let second = store.claim_jobs(10, now).await.unwrap();
+    assert_eq!(second.iter().map(|j| j.id).collect::<Vec<_>>(), [jobs[2].id]);
+    assert_eq!(store.claim_jobs(10, now).await.unwrap(), []);
+    assert_eq!(counts(&store).await, [(JobStatus::Running, 3)]);
+}
+
+pub(crate) async fn finish_writes_the_outcome_and_moves_the_counters<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let job = insert(&store, queued_job("f")).await;
+    insert(&store, queued_job("f")).await;
+    store.claim_jobs(1, 100).await.unwrap();
+
+    let done = store.finish_job(job.id, succeeded(b"out\x00\xff"), 200).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_eq!(done.exit_code, Some(0));
+    assert_eq!(done.stdout, b"out\x00\xff");
+    assert_eq!(done.started_at, Some(100));
+    assert_eq!(done.finished_at, Some(200));
+    assert_eq!(store.get_job(job.id).await.unwrap(), Some(done));
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 1), (JobStatus::Succeeded, 1)]);
+}
+
+pub(crate) async fn finish_of_a_job_that_is_not_running_changes_nothing<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let queued = insert(&store, queued_job("f")).await;
+    let outcome = succeeded(b"x");
+
+    assert_eq!(store.finish_job(JobId::new(), outcome.clone(), 5).await.unwrap(), None);
+    let same = store.finish_job(queued.id, outcome.clone(), 5).await.unwrap();
+    assert_eq!(same.as_ref(), Some(&queued));
+    assert_eq!(store.get_job(queued.id).await.unwrap(), Some(queued.clone()));
+
+    store.claim_jobs(1, 10).await.unwrap();
+    let failed = JobOutcome::error(JobStatus::Failed, "trap", "unreachable");
+    let done = store.finish_job(queued.id, failed, 20).await.unwrap().unwrap();
+    let again = store.finish_job(queued.id, outcome, 30).await.unwrap().unwrap();
+    assert_eq!(again, done, "a terminal job keeps its first outcome");
+    assert_eq!(again.error.unwrap().kind, "trap");
+    assert_eq!(counts(&store).await, [(JobStatus::Failed, 1)]);
+}
+
+pub(crate) async fn cancel_queued_cancels_only_queued_jobs<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let running = insert(&store, queued_job("f")).await;
+    let queued = insert(&store, queued_job("f")).await;
+    let running = store.claim_jobs(1, 10).await.unwrap().pop().unwrap();
+    assert_eq!(running.status, JobStatus::Running);
+
+    let cancelled = store.cancel_queued_job(queued.id, 50).await.unwrap().unwrap();
+    assert_eq!(cancelled.status, JobStatus::Cancelled);
+    assert_eq!(cancelled.error.as_ref().unwrap().kind, "cancelled");
+    assert_eq!(cancelled.finished_at, Some(50));
+    assert_eq!(store.get_job(queued.id).await.unwrap(), Some(cancelled.clone()));
+    assert_eq!(store.claim_jobs(10, 60).await.unwrap(), [], "no longer in the queue");
+
+    let same = store.cancel_queued_job(running.id, 70).await.unwrap();
+    assert_eq!(same, Some(running.clone()), "a running job is left as it is");
+    let same = store.cancel_queued_job(queued.id, 80).await.unwrap();
+    assert_eq!(same, Some(cancelled), "a cancelled job is left as it is");
+    assert_eq!(store.cancel_queued_job(JobId::new(), 90).await.unwrap(), None);
+    assert_eq!(counts(&store).await, [(JobStatus::Running, 1), (JobStatus::Cancelled, 1)]);
+}
+
+pub(crate) async fn recover_requeues_ahead_of_newer_jobs_and_exhausts_at_max_attempts<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut retry = queued_job("f");
+    retry.max_attempts = 2;
+    let mut last = queued_job("f");
+    last.max_attempts = 1;
+    insert(&store, retry.clone()).await;
+    insert(&store, last.clone()).await;
+    assert_eq!(store.claim_jobs(2, 10).await.unwrap().len(), 2);
+    let newer = insert(&store, queued_job("f")).await;
+
+    let recovery = store.recover(100).await.unwrap();
+    assert_eq!(recovery, Recovery { requeued: 1, exhausted: 1 });
+    let exhausted = store.get_job(last.id).await.unwrap().unwrap();
+    assert_eq!(exhausted.status, JobStatus::Failed);
+    assert_eq!(exhausted.attempts, 1);
+    assert_eq!(exhausted.finished_at, Some(100));
+    let error = exhausted.error.unwrap();
+    assert_eq!(error.kind, "attempts_exhausted");
+    assert!(error.message.contains("1 of 1 attempts"), "{}", error.message);
+    let requeued = store.get_job(retry.id).await.unwrap().unwrap();
+    assert_eq!((requeued.status, requeued.attempts), (JobStatus::Queued, 1));
+    assert_eq!(
+        counts(&store).await,
+        [(JobStatus::Queued, 2), (JobStatus::Failed, 1)],
+        "recovery moves the counters"
+    );
+    assert_eq!(store.recover(200).await.unwrap(), Recovery::default(), "nothing left to recover");
+
+    let claimed = store.claim_jobs(10, 300).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [retry.id, newer.id]);
+    assert_eq!(claimed[0].attempts, 2);
+
+    // Its last attempt cut off too: now it is out of attempts.
+    let recovery = store.recover(400).await.unwrap();
+    assert_eq!(recovery, Recovery { requeued: 1, exhausted: 1 });
+    let job = store.get_job(retry.id).await.unwrap().unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert!(job.error.unwrap().message.contains("2 of 2 attempts"));
+}
+
+pub(crate) async fn job_inserted_running_is_counted_running_and_requeued_by_recover<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut job = queued_job("f");
+    job.status = JobStatus::Running;
+    job.attempts = 1;
+    job.started_at = Some(job.created_at);
+    insert(&store, job.clone()).await;
+    assert_eq!(counts(&store).await, [(JobStatus::Running, 1)]);
+    assert_eq!(store.claim_jobs(10, 1).await.unwrap(), [], "not in the queue");
+
+    assert_eq!(store.recover(5).await.unwrap(), Recovery { requeued: 1, exhausted: 0 });
+    let claimed = store.claim_jobs(10, 6).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!((claimed[0].id, claimed[0].attempts), (job.id, 2));
+
+    // And it can finish like any other.
+    let done = store.finish_job(job.id, succeeded(b""), 7).await.unwrap().unwrap();
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 1)]);
+}
+
+pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let mut job = queued_job(if i % 2 == 0 { "even" } else { "odd" });
+        job.function_id = format!("sha256:{}", i % 3);
+        if i % 3 == 0 {
+            job.tags = vec!["three".into(), "x".into()];
+        }
+        ids.push(insert(&store, job).await.id);
+    }
+    // The two oldest run, the oldest finishes.
+    store.claim_jobs(2, 1).await.unwrap();
+    store.finish_job(ids[0], succeeded(b""), 2).await.unwrap();
+
+    let list = |filter: JobFilter| {
+        let store = &store;
+        async move {
+            store.list_jobs(&filter).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    let newest_first: Vec<JobId> = ids.iter().rev().copied().collect();
+    assert_eq!(list(JobFilter { limit: 100, ..Default::default() }).await, newest_first);
+    assert_eq!(list(JobFilter { limit: 0, ..Default::default() }).await, []);
+    let pick = |idx: &[usize]| idx.iter().map(|&i| ids[i]).collect::<Vec<_>>();
+    assert_eq!(
+        list(JobFilter { status: Some(JobStatus::Running), limit: 10, ..Default::default() })
+            .await,
+        pick(&[1])
+    );
+    assert_eq!(
+        list(JobFilter { status: Some(JobStatus::Succeeded), limit: 10, ..Default::default() })
+            .await,
+        pick(&[0])
+    );
+    assert_eq!(
+        list(JobFilter { tag: Some("three".into()), limit: 10, ..Default::default() }).await,
+        pick(&[9, 6, 3, 0])
+    );
+    assert_eq!(
+        list(JobFilter { function: Some("odd".into()), limit: 2, ..Default::default() }).await,
+        pick(&[9, 7])
+    );
+    assert_eq!(
+        list(JobFilter { function: Some("sha256:1".into()), limit: 10, ..Default::default() })
+            .await,
+        pick(&[7, 4, 1])
+    );
+    assert_eq!(
+        list(JobFilter {
+            function: Some("even".into()),
+            tag: Some("x".into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await,
+        pick(&[6, 0])
+    );
+    assert_eq!(
+        list(JobFilter { tag: Some("none".into()), limit: 10, ..Default::default() }).await,
+        []
+    );
+
+    // Paging by cursor: every job once, in order.
+    let mut paged = Vec::new();
+    let mut before = None;
+    loop {
+        let page = list(JobFilter { before, limit: 3, ..Default::default() }).await;
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().copied();
+        paged.extend(page);
+    }
+    assert_eq!(paged, newest_first);
+    let page = list(JobFilter { before: Some(ids[6]), tag: Some("three".into()), limit: 1, ..Default::default() }).await;
+    assert_eq!(page, pick(&[3]), "the cursor is an exclusive bound");
+}
+
+pub(crate) async fn purge_deletes_by_age_and_by_count_with_their_idempotency_keys<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5u64 {
+        let mut job = queued_job("f");
+        job.idempotency_key = Some(format!("key-{i}"));
+        let job = insert(&store, job).await;
+        store.claim_jobs(1, 1).await.unwrap();
+        store.finish_job(job.id, succeeded(b""), 1000 * (i + 1)).await.unwrap().unwrap();
+        ids.push(job.id);
+    }
+    let still_queued = insert(&store, queued_job("f")).await;
+
+    // By age: finished more than 2500 µs before 6000, i.e. at 1000, 2000 and 3000; two
+    // per call.
+    let by_age = Retention { max_age_micros: 2500, max_finished: 100 };
+    assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 2);
+    assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 1);
+    assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 0);
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(store.get_job(*id).await.unwrap().is_some(), i >= 3, "job {i}");
+    }
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 1), (JobStatus::Succeeded, 2)]);
+
+    // The idempotency key of a purged job is free again; the others still hold.
+    let mut reuse = queued_job("f");
+    reuse.idempotency_key = Some("key-0".into());
+    assert!(matches!(store.insert_job(reuse).await.unwrap(), Inserted::Created(_)));
+    let mut reuse = queued_job("f");
+    reuse.idempotency_key = Some("key-4".into());
+    assert_eq!(store.insert_job(reuse).await.unwrap().job().id, ids[4]);
+
+    // By count: keep one finished job, the newest.
+    let by_count = Retention { max_age_micros: u64::MAX, max_finished: 1 };
+    assert_eq!(store.purge_finished(by_count, 6000, 10).await.unwrap(), 1);
+    assert_eq!(store.get_job(ids[3]).await.unwrap(), None);
+    assert!(store.get_job(ids[4]).await.unwrap().is_some());
+    assert!(store.get_job(still_queued.id).await.unwrap().is_some(), "unfinished jobs stay");
+    assert_eq!(store.purge_finished(by_count, 6000, 10).await.unwrap(), 0);
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 2), (JobStatus::Succeeded, 1)]);
+}
+
+fn meta(id: char, name: Option<&str>, created_at: u64) -> FunctionMeta {
+    FunctionMeta {
+        id: format!("sha256:{}", id.to_string().repeat(64)),
+        name: name.map(str::to_string),
+        kind: FunctionKind::Command,
+        size: 3,
+        created_at,
+    }
+}
+
+pub(crate) async fn put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest<
+    S: Store,
+>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let v1 = meta('a', Some("hello"), 10);
+    let v2 = meta('b', Some("hello"), 30);
+    assert_eq!(store.put_function(v1.clone(), Bytes::from_static(b"one")).await.unwrap(), v1);
+    let again = store.put_function(meta('a', Some("hello"), 20), Bytes::from_static(b"one"));
+    assert_eq!(again.await.unwrap().created_at, 10, "the first upload's time stays");
+    store.put_function(v2.clone(), Bytes::from_static(b"two")).await.unwrap();
+
+    assert_eq!(store.get_function("hello").await.unwrap(), Some(v2.clone()));
+    assert_eq!(store.get_function(&v1.id).await.unwrap(), Some(v1.clone()));
+    assert_eq!(store.get_function("nope").await.unwrap(), None);
+    assert_eq!(store.function_binary(&v1.id).await.unwrap().unwrap(), &b"one"[..]);
+    assert_eq!(store.function_binary(&v2.id).await.unwrap().unwrap(), &b"two"[..]);
+    assert_eq!(store.function_binary("sha256:none").await.unwrap(), None);
+
+    // An unnamed upload is reachable by id only; a second name for v1 is listed too.
+    let anon = meta('c', None, 40);
+    store.put_function(anon.clone(), Bytes::from_static(b"three")).await.unwrap();
+    store.put_function(meta('a', Some("alias"), 50), Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(store.get_function(&anon.id).await.unwrap(), Some(anon));
+    let listed = store.list_functions().await.unwrap();
+    let listed: Vec<(Option<&str>, &str, u64)> =
+        listed.iter().map(|m| (m.name.as_deref(), m.id.as_str(), m.created_at)).collect();
+    assert_eq!(listed, [(Some("alias"), v1.id.as_str(), 10), (Some("hello"), v2.id.as_str(), 30)]);
+
+    // A large binary (sled keeps those in separate files).
+    let big = meta('d', Some("big"), 60);
+    let binary: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    store.put_function(big.clone(), Bytes::from(binary.clone())).await.unwrap();
+    assert_eq!(store.function_binary(&big.id).await.unwrap().unwrap(), binary);
+}
+
+pub(crate) async fn delete_function_by_name_and_by_id<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let old = meta('a', Some("hello"), 10);
+    let new = meta('b', Some("hello"), 20);
+    let shared = meta('c', Some("hello"), 30);
+    for m in [&old, &new, &shared] {
+        store.put_function(m.clone(), Bytes::from_static(b"bin")).await.unwrap();
+    }
+    // `shared` is also the version of another name; `other` only by id.
+    store.put_function(meta('c', Some("keep"), 40), Bytes::from_static(b"bin")).await.unwrap();
+    let other = meta('d', Some("other"), 50);
+    store.put_function(other.clone(), Bytes::from_static(b"bin")).await.unwrap();
+
+    let mut deleted: Vec<String> =
+        store.delete_function("hello").await.unwrap().into_iter().map(|m| m.id).collect();
+    deleted.sort();
+    assert_eq!(deleted, [old.id.clone(), new.id.clone()], "versions no other name uses");
+    assert_eq!(store.get_function("hello").await.unwrap(), None);
+    assert_eq!(store.get_function(&old.id).await.unwrap(), None);
+    assert_eq!(store.function_binary(&new.id).await.unwrap(), None);
+    assert_eq!(store.get_function("keep").await.unwrap().unwrap().id, shared.id);
+
+    let deleted = store.delete_function(&other.id).await.unwrap();
+    assert_eq!(deleted.iter().map(|m| &m.id).collect::<Vec<_>>(), [&other.id]);
+    assert_eq!(store.get_function("other").await.unwrap(), None, "its name goes too");
+    assert_eq!(store.function_binary(&other.id).await.unwrap(), None);
+
+    assert_eq!(store.delete_function("nothing").await.unwrap(), []);
+    let names: Vec<_> =
+        store.list_functions().await.unwrap().into_iter().map(|m| m.name.unwrap()).collect();
+    assert_eq!(names, ["keep"]);
+}
+
+pub(crate) async fn data_survives_drop_and_reopen<S: Store>(open: impl Fn(&Path) -> Result<S>) {
+    let dir = dir();
+    let f = meta('a', Some("hello"), 10);
+    let (queued, running, done) = {
+        let store = open(dir.path()).unwrap();
+        store.put_function(f.clone(), Bytes::from_static(b"wasm")).await.unwrap();
+        let done = insert(&store, queued_job("hello")).await;
+        let running = insert(&store, queued_job("hello")).await;
+        let mut queued = queued_job("hello");
+        queued.idempotency_key = Some("k".into());
+        let queued = insert(&store, queued).await;
+        store.claim_jobs(2, 5).await.unwrap();
+        let done = store.finish_job(done.id, succeeded(b"hi"), 6).await.unwrap().unwrap();
+        let running = store.get_job(running.id).await.unwrap().unwrap();
+        (queued, running, done)
+    };
+    let store = open(dir.path()).unwrap();
+    assert_eq!(store.get_function("hello").await.unwrap(), Some(f.clone()));
+    assert_eq!(store.function_binary(&f.id).await.unwrap().unwrap(), &b"wasm"[..]);
+    for job in [&queued, &running, &done] {
+        assert_eq!(store.get_job(job.id).await.unwrap().as_ref(), Some(job));
+    }
+    assert_eq!(
+        counts(&store).await,
+        [(JobStatus::Queued, 1), (JobStatus::Running, 1), (JobStatus::Succeeded, 1)]
+    );
+    let mut again = queued_job("hello");
+    again.idempotency_key = Some("k".into());
+    assert_eq!(store.insert_job(again).await.unwrap(), Inserted::Existing(queued.clone()));
+    assert_eq!(store.recover(7).await.unwrap(), Recovery { requeued: 1, exhausted: 0 });
+    let claimed = store.claim_jobs(10, 8).await.unwrap();
+    assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [running.id, queued.id]);
+}
+
+pub(crate) async fn concurrent_inserts_all_land_and_counters_are_exact<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    const TASKS: usize = 50;
+    const EACH: usize = 40;
+    let dir = dir();
+    let store = Arc::new(open(dir.path()).unwrap());
+    let mut handles = Vec::new();
+    for t in 0..TASKS {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let mut job = queued_job("f");
+                // Half of them with a key, and every key once more: no duplicates land.
+                if i % 2 == 0 {
+                    job.idempotency_key = Some(format!("{t}-{i}"));
+                    store.insert_job(job.clone()).await.unwrap();
+                    job.id = JobId::new();
+                    assert!(matches!(store.insert_job(job).await.unwrap(), Inserted::Existing(_)));
+                } else {
+                    store.insert_job(job).await.unwrap();
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let total = (TASKS * EACH) as u64;
+    assert_eq!(counts(&*store).await, [(JobStatus::Queued, total)]);
+    let all = store.list_jobs(&JobFilter { limit: 10_000, ..Default::default() }).await.unwrap();
+    assert_eq!(all.len() as u64, total);
+
+    // Concurrent claims never hand out a job twice.
+    let mut handles = Vec::new();
+    for _ in 0..10 {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            loop {
+                let jobs = store.claim_jobs(7, 1).await.unwrap();
+                if jobs.is_empty() {
+                    return ids;
+                }
+                ids.extend(jobs.into_iter().map(|j| j.id));
+            }
+        }));
+    }
+    let mut claimed = Vec::new();
+    for h in handles {
+        claimed.extend(h.await.unwrap());
+    }
+    claimed.sort();
+    claimed.dedup();
+    assert_eq!(claimed.len() as u64, total);
+    assert_eq!(counts(&*store).await, [(JobStatus::Running, total)]);
+}
+
+pub(crate) async fn a_write_that_fails_alone_does_not_fail_its_group<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = Arc::new(open(dir.path()).unwrap());
+    let job = insert(&*store, queued_job("f")).await;
+    store.claim_jobs(1, 1).await.unwrap();
+    // A non-terminal outcome is refused; the inserts sent with it land.
+    let bad = JobOutcome { status: JobStatus::Queued, ..JobOutcome::default() };
+    let inserts: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert_job(queued_job("f")).await })
+        })
+        .collect();
+    let refused = store.finish_job(job.id, bad, 2).await;
+    assert!(refused.is_err());
+    for i in inserts {
+        i.await.unwrap().unwrap();
+    }
+    assert_eq!(counts(&*store).await, [(JobStatus::Queued, 20), (JobStatus::Running, 1)]);
+    assert_eq!(store.get_job(job.id).await.unwrap().unwrap().status, JobStatus::Running);
+}
+
+fn dir_size(path: &Path) -> u64 {
+    let mut size = 0;
+    for entry in std::fs::read_dir(path).unwrap() {
+        let entry = entry.unwrap();
+        let meta = entry.metadata().unwrap();
+        size += if meta.is_dir() { dir_size(&entry.path()) } else { meta.len() };
+    }
+    size
+}
+
+/// Many cycles of insert, finish and purge, then a reopen: the files should hold about
+/// the live data, not the history.
+pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+    backend: &str,
+    max_growth: Option<f64>,
+) {
+    const CYCLES: usize = 20;
+    const PER_CYCLE: usize = 500;
+    const KEEP: u64 = 500;
+    let dir = dir();
+    let retention = Retention { max_age_micros: u64::MAX, max_finished: KEEP };
+    let output = vec![b'o'; 1000];
+    {
+        let store = Arc::new(open(dir.path()).unwrap());
+        for _ in 0..CYCLES {
+            let inserts = (0..PER_CYCLE).map(|_| store.insert_job(queued_job("f")));
+            for inserted in futures::future::join_all(inserts).await {
+                inserted.unwrap();
+            }
+            let claimed = store.claim_jobs(PER_CYCLE, now_micros()).await.unwrap();
+            let finishes = claimed.iter().map(|j| {
+                store.finish_job(j.id, succeeded(&output), now_micros())
+            });
+            for finished in futures::future::join_all(finishes).await {
+                finished.unwrap().unwrap();
+            }
+            while store.purge_finished(retention, now_micros(), 100).await.unwrap() == 100 {}
+        }
+    }
+    let store = open(dir.path()).unwrap();
+    let live = store.list_jobs(&JobFilter { limit: 10_000, ..Default::default() }).await.unwrap();
+    assert_eq!(live.len() as u64, KEEP);
+    assert_eq!(counts(&store).await, [(JobStatus::Succeeded, KEEP)]);
+    let live_bytes: u64 = live.iter().map(|j| serde_json::to_vec(j).unwrap().len() as u64 + 17).sum();
+    drop(store);
+    let size = dir_size(dir.path());
+    let growth = size as f64 / live_bytes as f64;
+    // Printed for the record (`cargo test -- --nocapture`): the suite bounds only the
+    // backends that compact.
+    println!(
+        "{backend}: {CYCLES} cycles of {PER_CYCLE} jobs, {KEEP} kept: files {size} bytes, \
+         live data {live_bytes} bytes ({growth:.1}x)"
+    );
+    if let Some(max) = max_growth {
+        assert!(growth <= max, "{backend} files are {growth:.1}x the live data (max {max}x)");
+    }
+}

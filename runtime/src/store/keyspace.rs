@@ -1,0 +1,497 @@
+//! The one keyspace of every embedded backend, and every [`Store`](super::Store)
+//! method written once over it ([`KvRead`], [`KvWrite`]).
+//!
+//! # Layout
+//! The first byte of a key names its table; integers are big-endian so that byte
+//! order is numeric order.
+//!
+//! | table | key | value |
+//! | --- | --- | --- |
+//! | jobs | `j` id(16) | [`Job`] as JSON |
+//! | queue | `q` created_at(8) id(16) | empty |
+//! | running | `r` id(16) | empty |
+//! | idempotency | `i` key | id(16) |
+//! | finished | `d` finished_at(8) id(16) | empty |
+//! | counters | `c` status(1) | count(8) |
+//! | functions | `f` id | [`FunctionMeta`] as JSON |
+//! | binaries | `b` id | the binary |
+//! | names | `n` name | function id |
+//!
+//! Job ids are UUIDv7, so the jobs table is in creation order. The queue is ordered by
+//! `created_at`, which a job keeps when recovery puts it back: a requeued job goes
+//! ahead of every job submitted after it.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use cloudpipe_types::JobStatus;
+
+use super::kv::{KvRead, KvWrite};
+use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention};
+use crate::job::{Job, JobId, JobOutcome, Micros};
+
+const JOBS: u8 = b'j';
+const QUEUE: u8 = b'q';
+const RUNNING: u8 = b'r';
+const IDEMPOTENCY: u8 = b'i';
+const FINISHED: u8 = b'd';
+const COUNTERS: u8 = b'c';
+const FUNCTIONS: u8 = b'f';
+const BINARIES: u8 = b'b';
+const NAMES: u8 = b'n';
+
+/// How many entries a scan loads at once.
+const CHUNK: usize = 256;
+
+/// Error kind of a job whose attempts ran out while the server was down.
+pub(crate) const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
+
+fn key(table: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + rest.len());
+    k.push(table);
+    k.extend_from_slice(rest);
+    k
+}
+
+fn job_key(id: JobId) -> Vec<u8> {
+    key(JOBS, &id.to_bytes())
+}
+
+fn timed_key(table: u8, at: Micros, id: JobId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(25);
+    k.push(table);
+    k.extend_from_slice(&at.to_be_bytes());
+    k.extend_from_slice(&id.to_bytes());
+    k
+}
+
+fn queue_key(job: &Job) -> Vec<u8> {
+    timed_key(QUEUE, job.created_at, job.id)
+}
+
+fn finished_key(job: &Job) -> Vec<u8> {
+    // A terminal job always has `finished_at`; `created_at` is only a fallback for a
+    // record inserted already terminal without one.
+    timed_key(FINISHED, job.finished_at.unwrap_or(job.created_at), job.id)
+}
+
+fn counter_key(status: JobStatus) -> Vec<u8> {
+    let index = JobStatus::ALL.iter().position(|s| *s == status).unwrap_or(0);
+    key(COUNTERS, &[index as u8])
+}
+
+/// The id at the end of a job, queue, running or finished key.
+fn id_suffix(key: &[u8]) -> Result<JobId> {
+    let tail = key.len().checked_sub(16).context("store key too short for a job id")?;
+    let bytes: [u8; 16] = key[tail..].try_into().context("store key too short for a job id")?;
+    Ok(JobId::from_bytes(bytes))
+}
+
+fn decode_job(bytes: &[u8]) -> Result<Job> {
+    serde_json::from_slice(bytes).context("decoding a stored job")
+}
+
+fn decode_function(bytes: &[u8]) -> Result<FunctionMeta> {
+    serde_json::from_slice(bytes).context("decoding stored function metadata")
+}
+
+fn decode_u64(bytes: &[u8]) -> Result<u64> {
+    let b: [u8; 8] = bytes.try_into().context("stored counter is not 8 bytes")?;
+    Ok(u64::from_be_bytes(b))
+}
+
+// ---- writes ----
+
+/// One write, as the writer thread receives it.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    PutFunction(FunctionMeta, Bytes),
+    DeleteFunction(String),
+    InsertJob(Job),
+    ClaimJobs { limit: usize, now: Micros },
+    FinishJob { id: JobId, outcome: JobOutcome, now: Micros },
+    CancelQueued { id: JobId, now: Micros },
+    Recover { now: Micros },
+    Purge { policy: Retention, now: Micros, max_batch: usize },
+}
+
+/// What a [`WriteOp`] returns.
+#[derive(Debug)]
+pub(crate) enum Reply {
+    Function(FunctionMeta),
+    Deleted(Vec<FunctionMeta>),
+    Inserted(Inserted),
+    Jobs(Vec<Job>),
+    Job(Option<Job>),
+    Recovery(Recovery),
+    Purged(usize),
+}
+
+/// Applies one write inside the writer's transaction. An error leaves the transaction
+/// to be aborted (the writer then retries the other writes of its group without it).
+pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
+    Ok(match op {
+        WriteOp::PutFunction(meta, binary) => Reply::Function(put_function(tx, meta, binary)?),
+        WriteOp::DeleteFunction(name_or_id) => Reply::Deleted(delete_function(tx, name_or_id)?),
+        WriteOp::InsertJob(job) => Reply::Inserted(insert_job(tx, job)?),
+        WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
+        WriteOp::FinishJob { id, outcome, now } => Reply::Job(finish_job(tx, *id, outcome, *now)?),
+        WriteOp::CancelQueued { id, now } => Reply::Job(cancel_queued_job(tx, *id, *now)?),
+        WriteOp::Recover { now } => Reply::Recovery(recover(tx, *now)?),
+        WriteOp::Purge { policy, now, max_batch } => {
+            Reply::Purged(purge_finished(tx, *policy, *now, *max_batch)?)
+        }
+    })
+}
+
+fn put_json<T: serde::Serialize>(tx: &mut dyn KvWrite, key: &[u8], value: &T) -> Result<()> {
+    tx.put(key, &serde_json::to_vec(value)?)
+}
+
+fn bump(tx: &mut dyn KvWrite, status: JobStatus, delta: i64) -> Result<()> {
+    let key = counter_key(status);
+    let current = tx.get(&key)?.map(|v| decode_u64(&v)).transpose()?.unwrap_or(0);
+    let next = current.saturating_add_signed(delta);
+    tx.put(&key, &next.to_be_bytes())
+}
+
+/// Replaces a stored job (`old`) by its new state: record, indexes and counters.
+fn update_job(tx: &mut dyn KvWrite, old: &Job, job: &Job) -> Result<()> {
+    remove_indexes(tx, old)?;
+    add_indexes(tx, job)?;
+    if old.status != job.status {
+        bump(tx, old.status, -1)?;
+        bump(tx, job.status, 1)?;
+    }
+    put_json(tx, &job_key(job.id), job)
+}
+
+/// The queue, running or finished entry that a job's status calls for.
+fn status_index(job: &Job) -> Vec<u8> {
+    match job.status {
+        JobStatus::Queued => queue_key(job),
+        JobStatus::Running => key(RUNNING, &job.id.to_bytes()),
+        _ => finished_key(job),
+    }
+}
+
+fn add_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
+    tx.put(&status_index(job), &[])
+}
+
+fn remove_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
+    tx.delete(&status_index(job))
+}
+
+fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
+    let idem_key = job.idempotency_key.as_deref().map(|k| key(IDEMPOTENCY, k.as_bytes()));
+    if let Some(idem_key) = &idem_key {
+        if let Some(id) = tx.get(idem_key)? {
+            // An entry whose job is gone (never, unless the file was edited) is
+            // overwritten below.
+            if let Some(existing) = get_job(&*tx, id_suffix(&id)?)? {
+                return Ok(Inserted::Existing(existing));
+            }
+        }
+    }
+    // Ids are fresh UUIDv7s; a second insert of the same id is a retry of the first.
+    if let Some(existing) = get_job(&*tx, job.id)? {
+        return Ok(Inserted::Existing(existing));
+    }
+    put_json(tx, &job_key(job.id), job)?;
+    add_indexes(tx, job)?;
+    if let Some(idem_key) = &idem_key {
+        tx.put(idem_key, &job.id.to_bytes())?;
+    }
+    bump(tx, job.status, 1)?;
+    Ok(Inserted::Created(job.clone()))
+}
+
+fn claim_jobs(tx: &mut dyn KvWrite, limit: usize, now: Micros) -> Result<Vec<Job>> {
+    let mut claimed = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    while claimed.len() < limit {
+        let entries = tx.scan(&[QUEUE], after.as_deref(), false, limit - claimed.len())?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        for (qkey, _) in entries {
+            let id = id_suffix(&qkey)?;
+            match get_job(&*tx, id)? {
+                Some(old) if old.status == JobStatus::Queued => {
+                    let mut job = old.clone();
+                    job.status = JobStatus::Running;
+                    job.attempts += 1;
+                    job.started_at = Some(now);
+                    update_job(tx, &old, &job)?;
+                    claimed.push(job);
+                }
+                // A queue entry without a queued job cannot be written by this module;
+                // drop it rather than loop on it.
+                _ => tx.delete(&qkey)?,
+            }
+        }
+    }
+    Ok(claimed)
+}
+
+fn finish_job(
+    tx: &mut dyn KvWrite,
+    id: JobId,
+    outcome: &JobOutcome,
+    now: Micros,
+) -> Result<Option<Job>> {
+    if !outcome.status.is_terminal() {
+        bail!("finish_job with a non-terminal status {}", outcome.status.as_str());
+    }
+    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    if old.status != JobStatus::Running {
+        return Ok(Some(old));
+    }
+    let mut job = old.clone();
+    job.finish(outcome.clone(), now);
+    update_job(tx, &old, &job)?;
+    Ok(Some(job))
+}
+
+fn cancel_queued_job(tx: &mut dyn KvWrite, id: JobId, now: Micros) -> Result<Option<Job>> {
+    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    if old.status != JobStatus::Queued {
+        return Ok(Some(old));
+    }
+    let mut job = old.clone();
+    job.finish(
+        JobOutcome::error(JobStatus::Cancelled, "cancelled", "cancelled before it started"),
+        now,
+    );
+    update_job(tx, &old, &job)?;
+    Ok(Some(job))
+}
+
+fn recover(tx: &mut dyn KvWrite, now: Micros) -> Result<Recovery> {
+    let mut recovery = Recovery::default();
+    loop {
+        // Each pass removes the running entries it read, so it always starts at the front.
+        let entries = tx.scan(&[RUNNING], None, false, CHUNK)?;
+        if entries.is_empty() {
+            break;
+        }
+        for (rkey, _) in entries {
+            let id = id_suffix(&rkey)?;
+            let old = match get_job(&*tx, id)? {
+                Some(job) if job.status == JobStatus::Running => job,
+                _ => {
+                    tx.delete(&rkey)?;
+                    continue;
+                }
+            };
+            let mut job = old.clone();
+            if job.attempts < job.max_attempts {
+                job.status = JobStatus::Queued;
+                job.started_at = None;
+                recovery.requeued += 1;
+            } else {
+                let message = format!(
+                    "used {} of {} attempts; the server stopped while the last one ran",
+                    job.attempts, job.max_attempts
+                );
+                job.finish(JobOutcome::error(JobStatus::Failed, ATTEMPTS_EXHAUSTED, message), now);
+                recovery.exhausted += 1;
+            }
+            update_job(tx, &old, &job)?;
+        }
+    }
+    Ok(recovery)
+}
+
+fn purge_finished(
+    tx: &mut dyn KvWrite,
+    policy: Retention,
+    now: Micros,
+    max_batch: usize,
+) -> Result<usize> {
+    let counts = count_jobs(&*tx)?;
+    let mut finished: u64 = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
+    let mut purged = 0;
+    let entries = tx.scan(&[FINISHED], None, false, max_batch)?;
+    for (dkey, _) in entries {
+        let at = decode_u64(&dkey[1..9])?;
+        let too_old = now.saturating_sub(at) > policy.max_age_micros;
+        if !too_old && finished <= policy.max_finished {
+            // Entries are oldest first: every later one is kept too.
+            break;
+        }
+        let id = id_suffix(&dkey)?;
+        tx.delete(&dkey)?;
+        if let Some(job) = get_job(&*tx, id)? {
+            tx.delete(&job_key(id))?;
+            if let Some(k) = &job.idempotency_key {
+                let idem_key = key(IDEMPOTENCY, k.as_bytes());
+                // Only if it still names this job.
+                if tx.get(&idem_key)?.as_deref() == Some(&id.to_bytes()[..]) {
+                    tx.delete(&idem_key)?;
+                }
+            }
+            bump(tx, job.status, -1)?;
+        }
+        finished = finished.saturating_sub(1);
+        purged += 1;
+    }
+    Ok(purged)
+}
+
+fn put_function(tx: &mut dyn KvWrite, meta: &FunctionMeta, binary: &[u8]) -> Result<FunctionMeta> {
+    let fkey = key(FUNCTIONS, meta.id.as_bytes());
+    let stored = match tx.get(&fkey)? {
+        Some(bytes) => {
+            let mut existing = decode_function(&bytes)?;
+            if meta.name.is_some() {
+                existing.name = meta.name.clone();
+            }
+            existing
+        }
+        None => {
+            tx.put(&key(BINARIES, meta.id.as_bytes()), binary)?;
+            meta.clone()
+        }
+    };
+    put_json(tx, &fkey, &stored)?;
+    if let Some(name) = &meta.name {
+        tx.put(&key(NAMES, name.as_bytes()), meta.id.as_bytes())?;
+    }
+    Ok(stored)
+}
+
+/// Every name and the id it points at, sorted by name.
+fn names(r: &dyn KvRead) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let entries = r.scan(&[NAMES], after.as_deref(), false, CHUNK)?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        for (k, v) in entries {
+            let name = String::from_utf8(k[1..].to_vec()).context("stored function name")?;
+            let id = String::from_utf8(v).context("stored function id")?;
+            out.push((name, id));
+        }
+    }
+    Ok(out)
+}
+
+fn delete_function(tx: &mut dyn KvWrite, name_or_id: &str) -> Result<Vec<FunctionMeta>> {
+    let all_names = names(&*tx)?;
+    let mut doomed: Vec<FunctionMeta> = Vec::new();
+    if all_names.iter().any(|(n, _)| n == name_or_id) {
+        // A name: it goes, and so does every version last uploaded under it (the one it
+        // points at included) that no other name points at.
+        tx.delete(&key(NAMES, name_or_id.as_bytes()))?;
+        let kept: BTreeSet<&str> = all_names
+            .iter()
+            .filter(|(n, _)| n != name_or_id)
+            .map(|(_, id)| id.as_str())
+            .collect();
+        let target = all_names.iter().find(|(n, _)| n == name_or_id).map(|(_, id)| id.clone());
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let entries = tx.scan(&[FUNCTIONS], after.as_deref(), false, CHUNK)?;
+            let Some((last, _)) = entries.last() else { break };
+            after = Some(last.clone());
+            for (_, v) in entries {
+                let meta = decode_function(&v)?;
+                let uploaded_under = meta.name.as_deref() == Some(name_or_id);
+                let pointed_at = target.as_deref() == Some(meta.id.as_str());
+                if (uploaded_under || pointed_at) && !kept.contains(meta.id.as_str()) {
+                    doomed.push(meta);
+                }
+            }
+        }
+    } else if let Some(bytes) = tx.get(&key(FUNCTIONS, name_or_id.as_bytes()))? {
+        // An id: that version, and every name pointing at it.
+        doomed.push(decode_function(&bytes)?);
+        for (name, id) in &all_names {
+            if id == name_or_id {
+                tx.delete(&key(NAMES, name.as_bytes()))?;
+            }
+        }
+    }
+    for meta in &doomed {
+        tx.delete(&key(FUNCTIONS, meta.id.as_bytes()))?;
+        tx.delete(&key(BINARIES, meta.id.as_bytes()))?;
+    }
+    Ok(doomed)
+}
+
+// ---- reads ----
+
+pub(crate) fn get_job(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
+    r.get(&job_key(id))?.map(|b| decode_job(&b)).transpose()
+}
+
+pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> {
+    let mut out = Vec::new();
+    let mut after = filter.before.map(job_key);
+    while out.len() < filter.limit {
+        let entries = r.scan(&[JOBS], after.as_deref(), true, CHUNK)?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        for (_, v) in entries {
+            let job = decode_job(&v)?;
+            if matches(filter, &job) {
+                out.push(job);
+                if out.len() == filter.limit {
+                    break;
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn matches(filter: &JobFilter, job: &Job) -> bool {
+    filter.status.is_none_or(|s| s == job.status)
+        && filter.tag.as_ref().is_none_or(|t| job.tags.contains(t))
+        && filter.function.as_ref().is_none_or(|f| *f == job.function || *f == job.function_id)
+}
+
+/// Every status, with zero for those that have no job.
+pub(crate) fn count_jobs(r: &dyn KvRead) -> Result<BTreeMap<JobStatus, u64>> {
+    let mut counts = BTreeMap::new();
+    for status in JobStatus::ALL {
+        let n = r.get(&counter_key(status))?.map(|v| decode_u64(&v)).transpose()?.unwrap_or(0);
+        counts.insert(status, n);
+    }
+    Ok(counts)
+}
+
+/// By name first (the returned `name` is that name), then by id.
+pub(crate) fn get_function(r: &dyn KvRead, name_or_id: &str) -> Result<Option<FunctionMeta>> {
+    if let Some(id) = r.get(&key(NAMES, name_or_id.as_bytes()))? {
+        let id = String::from_utf8(id).context("stored function id")?;
+        return Ok(function_by_id(r, &id)?.map(|mut meta| {
+            meta.name = Some(name_or_id.to_string());
+            meta
+        }));
+    }
+    function_by_id(r, name_or_id)
+}
+
+fn function_by_id(r: &dyn KvRead, id: &str) -> Result<Option<FunctionMeta>> {
+    r.get(&key(FUNCTIONS, id.as_bytes()))?.map(|b| decode_function(&b)).transpose()
+}
+
+pub(crate) fn function_binary(r: &dyn KvRead, id: &str) -> Result<Option<Vec<u8>>> {
+    r.get(&key(BINARIES, id.as_bytes()))
+}
+
+/// Each name with the version it points at (`name` set to that name), sorted by name.
+pub(crate) fn list_functions(r: &dyn KvRead) -> Result<Vec<FunctionMeta>> {
+    let mut out = Vec::new();
+    for (name, id) in names(r)? {
+        if let Some(mut meta) = function_by_id(r, &id)? {
+            meta.name = Some(name);
+            out.push(meta);
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,251 @@
+//! The seam between the [`Store`] semantics and an embedded engine: an ordered map of
+//! byte keys to byte values, read in snapshots and written in transactions.
+//!
+//! Every [`Store`] method is written once, over these traits (the private `keyspace`
+//! module), and run by [`KvStore`]: one writer thread that groups concurrent writes
+//! into one commit. A backend only supplies [`KvBackend`]: a read view and a durable
+//! write transaction. [`RedbStore`](super::redb::RedbStore) and
+//! [`SledStore`](super::sled::SledStore) are `KvStore`s.
+
+use std::collections::BTreeMap;
+use std::ops::Bound;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cloudpipe_types::JobStatus;
+
+use super::keyspace::{self, Reply, WriteOp};
+use super::writer::Writer;
+use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention, Store};
+use crate::job::{Job, JobId, JobOutcome, Micros};
+
+/// One key and its value, as a scan returns them.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// Reads of one consistent view (a read transaction, or the writer's own transaction).
+pub trait KvRead {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>>;
+
+    /// Up to `limit` entries whose key starts with `prefix`, in key order (`reverse`:
+    /// descending), starting strictly after `after` in the direction of travel (a key
+    /// with the same prefix, typically the last key of the previous chunk).
+    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, reverse: bool, limit: usize)
+    -> Result<Vec<Entry>>;
+}
+
+/// A write transaction: its reads see its own writes.
+pub trait KvWrite: KvRead {
+    fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()>;
+    fn delete(&mut self, key: &[u8]) -> Result<()>;
+}
+
+/// An embedded engine, opened once per process and shared by the reads of the async
+/// methods and the writer thread.
+pub trait KvBackend: Send + Sync + 'static {
+    /// The backend's name (`redb`, `sled`).
+    fn name(&self) -> &'static str;
+
+    /// Runs `f` over a consistent read view. Cheap for point reads; callers run scans
+    /// on a blocking thread.
+    fn read<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<T>) -> Result<T>;
+
+    /// Runs `f` in one write transaction and makes it durable: when this returns `Ok`,
+    /// every write of `f` is on disk; when `f` fails, nothing of it is written. Called
+    /// by the writer thread only, so a backend may assume there is one writer.
+    fn write<T>(&self, f: impl FnOnce(&mut dyn KvWrite) -> Result<T>) -> Result<T>;
+}
+
+/// The bounds of a scan as [`KvRead::scan`] describes it.
+pub(crate) fn scan_bounds(
+    prefix: &[u8],
+    after: Option<&[u8]>,
+    reverse: bool,
+) -> (Bound<Vec<u8>>, Bound<Vec<u8>>) {
+    let end = match prefix_end(prefix) {
+        Some(end) => Bound::Excluded(end),
+        None => Bound::Unbounded,
+    };
+    match (after, reverse) {
+        (Some(a), false) => (Bound::Excluded(a.to_vec()), end),
+        (Some(a), true) => (Bound::Included(prefix.to_vec()), Bound::Excluded(a.to_vec())),
+        (None, _) => (Bound::Included(prefix.to_vec()), end),
+    }
+}
+
+/// The first key after every key that starts with `prefix` (`None`: no such key).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+/// A [`Store`] over any [`KvBackend`]. One per process (it owns the writer thread and
+/// the open database); shared as `Arc<dyn Store>`. Dropping it waits for the writer to
+/// finish its current commit, then closes the database.
+pub struct KvStore<B: KvBackend> {
+    backend: Arc<B>,
+    writer: Writer,
+}
+
+impl<B: KvBackend> std::fmt::Debug for KvStore<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KvStore").field("backend", &self.backend.name()).finish_non_exhaustive()
+    }
+}
+
+impl<B: KvBackend> KvStore<B> {
+    /// Starts the writer thread of an opened backend.
+    pub fn new(backend: B) -> Result<Self> {
+        let backend = Arc::new(backend);
+        let writer = Writer::spawn(backend.clone())?;
+        Ok(KvStore { backend, writer })
+    }
+
+    /// Runs a read that may scan on a blocking thread.
+    async fn read_blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn KvRead) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let backend = self.backend.clone();
+        tokio::task::spawn_blocking(move || backend.read(f)).await?
+    }
+}
+
+/// A reply of the wrong kind is a bug in this module, not a store error.
+fn unexpected(reply: Reply) -> anyhow::Error {
+    anyhow::anyhow!("store writer answered with an unexpected reply: {reply:?}")
+}
+
+#[async_trait]
+impl<B: KvBackend> Store for KvStore<B> {
+    fn backend(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    async fn put_function(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta> {
+        match self.writer.submit(WriteOp::PutFunction(meta, binary)).await? {
+            Reply::Function(meta) => Ok(meta),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>> {
+        self.backend.read(|r| keyspace::get_function(r, name_or_id))
+    }
+
+    async fn function_binary(&self, id: &str) -> Result<Option<Bytes>> {
+        let id = id.to_string();
+        let binary = self.read_blocking(move |r| keyspace::function_binary(r, &id)).await?;
+        Ok(binary.map(Bytes::from))
+    }
+
+    async fn list_functions(&self) -> Result<Vec<FunctionMeta>> {
+        self.read_blocking(keyspace::list_functions).await
+    }
+
+    async fn delete_function(&self, name_or_id: &str) -> Result<Vec<FunctionMeta>> {
+        match self.writer.submit(WriteOp::DeleteFunction(name_or_id.to_string())).await? {
+            Reply::Deleted(metas) => Ok(metas),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn insert_job(&self, job: Job) -> Result<Inserted> {
+        match self.writer.submit(WriteOp::InsertJob(job)).await? {
+            Reply::Inserted(inserted) => Ok(inserted),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn claim_jobs(&self, limit: usize, now: Micros) -> Result<Vec<Job>> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        match self.writer.submit(WriteOp::ClaimJobs { limit, now }).await? {
+            Reply::Jobs(jobs) => Ok(jobs),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn finish_job(
+        &self,
+        id: JobId,
+        outcome: JobOutcome,
+        now: Micros,
+    ) -> Result<Option<Job>> {
+        match self.writer.submit(WriteOp::FinishJob { id, outcome, now }).await? {
+            Reply::Job(job) => Ok(job),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn cancel_queued_job(&self, id: JobId, now: Micros) -> Result<Option<Job>> {
+        match self.writer.submit(WriteOp::CancelQueued { id, now }).await? {
+            Reply::Job(job) => Ok(job),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        self.backend.read(|r| keyspace::get_job(r, id))
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let filter = filter.clone();
+        self.read_blocking(move |r| keyspace::list_jobs(r, &filter)).await
+    }
+
+    async fn count_jobs(&self) -> Result<BTreeMap<JobStatus, u64>> {
+        self.backend.read(keyspace::count_jobs)
+    }
+
+    async fn recover(&self, now: Micros) -> Result<Recovery> {
+        match self.writer.submit(WriteOp::Recover { now }).await? {
+            Reply::Recovery(recovery) => Ok(recovery),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn purge_finished(
+        &self,
+        policy: Retention,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize> {
+        if max_batch == 0 {
+            return Ok(0);
+        }
+        match self.writer.submit(WriteOp::Purge { policy, now, max_batch }).await? {
+            Reply::Purged(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_carries_past_full_bytes() {
+        assert_eq!(prefix_end(b"j"), Some(b"k".to_vec()));
+        assert_eq!(prefix_end(&[1, 0xff]), Some(vec![2]));
+        assert_eq!(prefix_end(&[0xff, 0xff]), None);
+    }
+
+    #[test]
+    fn scan_bounds_exclude_the_cursor_in_the_direction_of_travel() {
+        let (lo, hi) = scan_bounds(b"j", Some(b"j5"), true);
+        assert_eq!(lo, Bound::Included(b"j".to_vec()));
+        assert_eq!(hi, Bound::Excluded(b"j5".to_vec()));
+        let (lo, hi) = scan_bounds(b"j", Some(b"j5"), false);
+        assert_eq!(lo, Bound::Excluded(b"j5".to_vec()));
+        assert_eq!(hi, Bound::Excluded(b"k".to_vec()));
+    }
+}

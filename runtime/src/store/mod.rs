@@ -1,0 +1,201 @@
+//! The durable [`Store`]: functions, jobs and the job queue, behind one trait with one
+//! conformance suite ([`conformance`]) that every backend passes.
+//!
+//! Backends: [`redb`](self::redb) (the default: one fdatasync per commit, compacts) and
+//! [`sled`](self::sled) (the design card's choice, made durable by an fdatasync after
+//! each flush). A networked backend (PostgreSQL) fits the same trait: nothing here
+//! assumes the store lives in the executor's process.
+//!
+//! Every write is durable when its future resolves: the API answers only after that.
+//! Concurrent writes share commits (one writer fed by a channel).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use cloudpipe_types::{FunctionKind, JobStatus};
+use serde::{Deserialize, Serialize};
+
+use crate::job::{Job, JobId, JobOutcome, Micros};
+
+mod keyspace;
+pub mod kv;
+pub mod redb;
+pub mod sled;
+mod writer;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+
+/// Store errors are I/O or corruption: callers cannot do much but report them.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
+
+/// One uploaded function version.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionMeta {
+    /// `sha256:` and 64 lowercase hex digits.
+    pub id: String,
+    /// The name it was last uploaded under, if any.
+    pub name: Option<String>,
+    pub kind: FunctionKind,
+    pub size: u64,
+    pub created_at: Micros,
+}
+
+/// What [`Store::insert_job`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Inserted {
+    /// The job is new and now durable.
+    Created(Job),
+    /// A job with the same idempotency key exists; this is it, unchanged.
+    Existing(Job),
+}
+
+impl Inserted {
+    pub fn job(&self) -> &Job {
+        match self {
+            Inserted::Created(j) | Inserted::Existing(j) => j,
+        }
+    }
+}
+
+/// Filter of [`Store::list_jobs`]; every field that is set must match.
+#[derive(Debug, Clone, Default)]
+pub struct JobFilter {
+    pub status: Option<JobStatus>,
+    /// The job carries this tag.
+    pub tag: Option<String>,
+    /// `Job::function` or `Job::function_id` equals this.
+    pub function: Option<String>,
+    /// Only jobs strictly older than this id (the previous page's last id).
+    pub before: Option<JobId>,
+    /// At most this many jobs (newest first).
+    pub limit: usize,
+}
+
+/// What [`Store::recover`] did at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Jobs found running and put back in the queue.
+    pub requeued: usize,
+    /// Jobs found running that had used all their attempts: now `failed`
+    /// with error kind `attempts_exhausted`.
+    pub exhausted: usize,
+}
+
+/// How long finished jobs are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// Finished jobs older than this (by `finished_at`) are deleted.
+    pub max_age_micros: u64,
+    /// Beyond this many finished jobs, the oldest are deleted.
+    pub max_finished: u64,
+}
+
+/// The durable state of a Cloudpipe node. One per process, shared (`Arc<dyn Store>`).
+///
+/// Each method is one transaction: a job record and its queue entry never disagree,
+/// even after `kill -9` or a power cut. A returned `Ok` means the write is on disk.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// The backend's name (`redb`, `sled`).
+    fn backend(&self) -> &'static str;
+
+    // ---- functions ----
+
+    /// Stores a function version (idempotent by `meta.id`: a second upload of the
+    /// same binary keeps the first `created_at`) and, when `meta.name` is set, points
+    /// that name at it. Returns the stored metadata.
+    async fn put_function(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta>;
+
+    /// A function by name (the version the name points at) or by id (`sha256:…`).
+    async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>>;
+
+    /// The binary of a version, by id.
+    async fn function_binary(&self, id: &str) -> Result<Option<Bytes>>;
+
+    /// Every named function (the version each name points at), sorted by name.
+    async fn list_functions(&self) -> Result<Vec<FunctionMeta>>;
+
+    /// Deletes a name and every version uploaded under it that no other name points
+    /// at; or, given an id, that version and any name pointing at it. Returns what
+    /// was deleted (empty: nothing matched).
+    async fn delete_function(&self, name_or_id: &str) -> Result<Vec<FunctionMeta>>;
+
+    // ---- jobs ----
+
+    /// Makes a job durable. A `Queued` job also gets its queue entry; a job may also
+    /// be inserted already `Running` (attempts and `started_at` set) when the
+    /// scheduler has a free slot, which saves a commit. If `job.idempotency_key` is
+    /// already known, nothing is written and the existing job is returned.
+    async fn insert_job(&self, job: Job) -> Result<Inserted>;
+
+    /// Takes up to `limit` queued jobs, oldest first, and marks them running:
+    /// `attempts += 1`, `started_at = now`, queue entry removed. Returns them.
+    async fn claim_jobs(&self, limit: usize, now: Micros) -> Result<Vec<Job>>;
+
+    /// Records the outcome of a running job (`finished_at = now`). If the job is not
+    /// running (unknown, or already terminal), nothing changes and the current job
+    /// (if any) is returned.
+    async fn finish_job(&self, id: JobId, outcome: JobOutcome, now: Micros)
+    -> Result<Option<Job>>;
+
+    /// Cancels a queued job (status `cancelled`, queue entry removed, error kind
+    /// `cancelled`). A job in any other status is left as it is. Returns the job as
+    /// it now is. (A running job is stopped by the scheduler through its token.)
+    async fn cancel_queued_job(&self, id: JobId, now: Micros) -> Result<Option<Job>>;
+
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
+
+    /// Jobs matching `filter`, newest first.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+
+    /// Number of jobs in each status (kept as counters, not counted by a scan).
+    async fn count_jobs(&self) -> Result<BTreeMap<JobStatus, u64>>;
+
+    /// At start-up, before any job runs: every `Running` job was cut off by a crash.
+    /// Those with attempts left go back to the queue (ahead of newer jobs, attempts
+    /// kept); the others become `failed` with error kind `attempts_exhausted`.
+    async fn recover(&self, now: Micros) -> Result<Recovery>;
+
+    /// Deletes up to `max_batch` finished jobs that `policy` no longer keeps (oldest
+    /// finished first) and their index entries. Returns how many were deleted; the
+    /// caller calls again while it returns `max_batch`.
+    async fn purge_finished(&self, policy: Retention, now: Micros, max_batch: usize)
+    -> Result<usize>;
+}
+
+/// Which embedded backend to open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backend {
+    #[default]
+    Redb,
+    Sled,
+}
+
+impl Backend {
+    pub fn parse(s: &str) -> Option<Backend> {
+        match s {
+            "redb" => Some(Backend::Redb),
+            "sled" => Some(Backend::Sled),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Redb => "redb",
+            Backend::Sled => "sled",
+        }
+    }
+}
+
+/// Opens (creating if needed) the store of `backend` in `dir`, compacting it first.
+pub fn open(backend: Backend, dir: &Path) -> Result<Arc<dyn Store>> {
+    match backend {
+        Backend::Redb => Ok(Arc::new(self::redb::RedbStore::open(dir)?)),
+        Backend::Sled => Ok(Arc::new(self::sled::SledStore::open(dir)?)),
+    }
+}
