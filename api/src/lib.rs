@@ -1,1 +1,162 @@
-//! placeholder
+//! Cloudpipe's HTTP API: an axum router over a [`Runtime`], and the `serve` entry point
+//! used by the `cloudpipe` binary and by tests.
+//!
+//! # Layout
+//! - [`routes`]: one router per resource (`functions`, `jobs`, `system`), merged in [`router`].
+//! - [`error`]: [`ApiError`], the JSON error answers.
+//! - [`openapi`]: the OpenAPI document served at `/v1/openapi.json` (kept in the repo
+//!   as `api/openapi.json`).
+//!
+//! # Example
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! use cloudpipe_runtime::{Runtime, RuntimeConfig};
+//! let rt = Runtime::start(RuntimeConfig::new("/tmp/cloudpipe-data")).await?;
+//! let state = cloudpipe_api::AppState::new(rt, cloudpipe_api::ApiConfig::default());
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! cloudpipe_api::serve(listener, state, std::future::pending()).await?;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use cloudpipe_runtime::Runtime;
+use serde::de::DeserializeOwned;
+
+pub mod error;
+pub mod openapi;
+pub mod routes;
+
+pub use error::ApiError;
+
+/// Settings of the HTTP layer; plain data.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Largest JSON request body, in bytes.
+    pub max_json_body: usize,
+    /// Longest `?wait=` a request may ask for.
+    pub max_wait: Duration,
+    /// The admin key fixed by `CLOUDPIPE_ADMIN_KEY`, kept for the auth layer.
+    pub admin_key: Option<String>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { max_json_body: 8 << 20, max_wait: Duration::from_secs(300), admin_key: None }
+    }
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub runtime: Runtime,
+    pub config: Arc<ApiConfig>,
+}
+
+impl AppState {
+    pub fn new(runtime: Runtime, config: ApiConfig) -> AppState {
+        AppState { runtime, config: Arc::new(config) }
+    }
+}
+
+/// The whole API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .merge(routes::functions::router())
+        .merge(routes::jobs::router())
+        .merge(routes::system::router())
+        .fallback(routes::system::not_found)
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves, then lets open requests
+/// finish and stops the scheduler (running jobs get a grace period; those cut off run
+/// again at the next start).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let scheduler = state.runtime.scheduler.clone();
+    let app = router(state);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    scheduler.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Reads a whole body, refusing more than `limit` bytes with 413.
+pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        // `to_bytes` reports the limit through the error's source chain.
+        let mut src: Option<&dyn std::error::Error> = Some(&e);
+        while let Some(s) = src {
+            if s.is::<http_body_util::LengthLimitError>() {
+                return ApiError::TooLarge { limit };
+            }
+            src = s.source();
+        }
+        ApiError::bad("bad_body", format!("could not read the request body: {e}"))
+    })
+}
+
+/// A JSON body parsed with our error shape (axum's own rejections are plain text).
+pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad("invalid_json", format!("request body is not valid JSON for this endpoint: {e}")))
+}
+
+/// Query-string parameters with our error shape.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let q = parts.uri.query().unwrap_or("");
+        serde_urlencoded::from_str(q)
+            .map(Q)
+            .map_err(|e| ApiError::bad("invalid_query", format!("bad query string: {e}")))
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
+pub fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let bad = || ApiError::bad("invalid_query", format!("bad wait {s:?}: use e.g. 30s, 500ms or 2m"));
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(bad()),
+    };
+    if !secs.is_finite() || secs < 0.0 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(secs.min(86_400.0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_accepts_units() {
+        assert_eq!(parse_wait("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_wait("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_wait("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_wait("5").unwrap(), Duration::from_secs(5));
+        for bad in ["", "x", "-1s", "10h", "1e9999"] {
+            assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -58,6 +58,11 @@ impl FunctionRegistry {
         FunctionRegistry { store, executor, max_size }
     }
 
+    /// Largest binary accepted, in bytes.
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
     /// Checks, prepares and stores `binary`, pointing `name` at it when given.
     /// Uploading the same binary again is cheap and returns the same id.
     pub async fn upload(&self, name: Option<String>, binary: Bytes) -> Result<FunctionMeta, UploadError> {

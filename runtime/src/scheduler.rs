@@ -249,8 +249,9 @@ impl Scheduler {
     }
 
     /// Validates `spec`, makes the job durable and returns it (already `running` when
-    /// a slot was free). A known `idempotency_key` returns the first job instead.
-    pub async fn submit(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+    /// a slot was free). A known `idempotency_key` returns the first job instead
+    /// ([`Inserted::Existing`]).
+    pub async fn submit(&self, spec: JobSpec) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
@@ -278,15 +279,15 @@ impl Scheduler {
             (Inserted::Created(job), Some(slot)) => {
                 inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
                 inner.spawn_run(job.clone(), slot);
-                Ok(job)
+                Ok(Inserted::Created(job))
             }
             (Inserted::Created(job), None) => {
                 inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
                 inner.backlog.store(true, Ordering::Release);
                 inner.wake.notify_one();
-                Ok(job)
+                Ok(Inserted::Created(job))
             }
-            (Inserted::Existing(job), _) => Ok(job),
+            (existing @ Inserted::Existing(_), _) => Ok(existing),
         }
     }
 

@@ -201,7 +201,7 @@ pub(crate) async fn cancel_queued_cancels_only_queued_jobs<S: Store>(
 ) {
     let dir = dir();
     let store = open(dir.path()).unwrap();
-    let running = insert(&store, queued_job("f")).await;
+    insert(&store, queued_job("f")).await;
     let queued = insert(&store, queued_job("f")).await;
     let running = store.claim_jobs(1, 10).await.unwrap().pop().unwrap();
     assert_eq!(running.status, JobStatus::Running);
@@ -318,8 +318,7 @@ pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(
     assert_eq!(list(JobFilter { limit: 0, ..Default::default() }).await, []);
     let pick = |idx: &[usize]| idx.iter().map(|&i| ids[i]).collect::<Vec<_>>();
     assert_eq!(
-        list(JobFilter { status: Some(JobStatus::Running), limit: 10, ..Default::default() })
-            .await,
+        list(JobFilter { status: Some(JobStatus::Running), limit: 10, ..Default::default() }).await,
         pick(&[1])
     );
     assert_eq!(
@@ -367,7 +366,13 @@ pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(
         paged.extend(page);
     }
     assert_eq!(paged, newest_first);
-    let page = list(JobFilter { before: Some(ids[6]), tag: Some("three".into()), limit: 1, ..Default::default() }).await;
+    let page = list(JobFilter {
+        before: Some(ids[6]),
+        tag: Some("three".into()),
+        limit: 1,
+        ..Default::default()
+    })
+    .await;
     assert_eq!(page, pick(&[3]), "the cursor is an exclusive bound");
 }
 
@@ -464,9 +469,7 @@ pub(crate) async fn put_function_keeps_the_first_created_at_and_the_name_points_
     assert_eq!(store.function_binary(&big.id).await.unwrap().unwrap(), binary);
 }
 
-pub(crate) async fn delete_function_by_name_and_by_id<S: Store>(
-    open: impl Fn(&Path) -> Result<S>,
-) {
+pub(crate) async fn delete_function_by_name_and_by_id<S: Store>(open: impl Fn(&Path) -> Result<S>) {
     let dir = dir();
     let store = open(dir.path()).unwrap();
     let old = meta('a', Some("hello"), 10);
@@ -647,9 +650,8 @@ pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
                 inserted.unwrap();
             }
             let claimed = store.claim_jobs(PER_CYCLE, now_micros()).await.unwrap();
-            let finishes = claimed.iter().map(|j| {
-                store.finish_job(j.id, succeeded(&output), now_micros())
-            });
+            let finishes =
+                claimed.iter().map(|j| store.finish_job(j.id, succeeded(&output), now_micros()));
             for finished in futures::future::join_all(finishes).await {
                 finished.unwrap().unwrap();
             }
@@ -660,7 +662,8 @@ pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
     let live = store.list_jobs(&JobFilter { limit: 10_000, ..Default::default() }).await.unwrap();
     assert_eq!(live.len() as u64, KEEP);
     assert_eq!(counts(&store).await, [(JobStatus::Succeeded, KEEP)]);
-    let live_bytes: u64 = live.iter().map(|j| serde_json::to_vec(j).unwrap().len() as u64 + 17).sum();
+    let live_bytes: u64 =
+        live.iter().map(|j| serde_json::to_vec(j).unwrap().len() as u64 + 17).sum();
     drop(store);
     let size = dir_size(dir.path());
     let growth = size as f64 / live_bytes as f64;

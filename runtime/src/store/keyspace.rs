@@ -386,11 +386,8 @@ fn delete_function(tx: &mut dyn KvWrite, name_or_id: &str) -> Result<Vec<Functio
         // A name: it goes, and so does every version last uploaded under it (the one it
         // points at included) that no other name points at.
         tx.delete(&key(NAMES, name_or_id.as_bytes()))?;
-        let kept: BTreeSet<&str> = all_names
-            .iter()
-            .filter(|(n, _)| n != name_or_id)
-            .map(|(_, id)| id.as_str())
-            .collect();
+        let kept: BTreeSet<&str> =
+            all_names.iter().filter(|(n, _)| n != name_or_id).map(|(_, id)| id.as_str()).collect();
         let target = all_names.iter().find(|(n, _)| n == name_or_id).map(|(_, id)| id.clone());
         let mut after: Option<Vec<u8>> = None;
         loop {

@@ -30,8 +30,13 @@ pub trait KvRead {
     /// Up to `limit` entries whose key starts with `prefix`, in key order (`reverse`:
     /// descending), starting strictly after `after` in the direction of travel (a key
     /// with the same prefix, typically the last key of the previous chunk).
-    fn scan(&self, prefix: &[u8], after: Option<&[u8]>, reverse: bool, limit: usize)
-    -> Result<Vec<Entry>>;
+    fn scan(
+        &self,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        reverse: bool,
+        limit: usize,
+    ) -> Result<Vec<Entry>>;
 }
 
 /// A write transaction: its reads see its own writes.
@@ -173,12 +178,7 @@ impl<B: KvBackend> Store for KvStore<B> {
         }
     }
 
-    async fn finish_job(
-        &self,
-        id: JobId,
-        outcome: JobOutcome,
-        now: Micros,
-    ) -> Result<Option<Job>> {
+    async fn finish_job(&self, id: JobId, outcome: JobOutcome, now: Micros) -> Result<Option<Job>> {
         match self.writer.submit(WriteOp::FinishJob { id, outcome, now }).await? {
             Reply::Job(job) => Ok(job),
             other => Err(unexpected(other)),

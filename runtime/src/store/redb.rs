@@ -101,11 +101,6 @@ impl<T: ReadableTable<&'static [u8], &'static [u8]>> KvRead for Tx<T> {
         limit: usize,
     ) -> Result<Vec<Entry>> {
         let (lo, hi) = scan_bounds(prefix, after, reverse);
-        let as_slice = |b: &Bound<Vec<u8>>| match b {
-            Bound::Included(v) => Bound::Included(v.as_slice()),
-            Bound::Excluded(v) => Bound::Excluded(v.as_slice()),
-            Bound::Unbounded => Bound::Unbounded,
-        };
         let range = self.table.range::<&[u8]>((as_slice(&lo), as_slice(&hi)))?;
         let entry = |item: Result<_, redb::StorageError>| -> Result<Entry> {
             let (k, v): (redb::AccessGuard<&[u8]>, redb::AccessGuard<&[u8]>) = item?;
@@ -117,6 +112,10 @@ impl<T: ReadableTable<&'static [u8], &'static [u8]>> KvRead for Tx<T> {
             range.take(limit).map(entry).collect()
         }
     }
+}
+
+fn as_slice(b: &Bound<Vec<u8>>) -> Bound<&[u8]> {
+    b.as_ref().map(Vec::as_slice)
 }
 
 impl KvWrite for Tx<redb::Table<'_, &'static [u8], &'static [u8]>> {
@@ -135,5 +134,9 @@ impl KvWrite for Tx<redb::Table<'_, &'static [u8], &'static [u8]>> {
 
 #[cfg(test)]
 mod tests {
-    crate::store::conformance::suite!(redb, |dir| crate::store::redb::RedbStore::open(dir), Some(4.0));
+    crate::store::conformance::suite!(
+        redb,
+        |dir| crate::store::redb::RedbStore::open(dir),
+        Some(4.0)
+    );
 }

@@ -96,7 +96,9 @@ impl SledKv {
         let mut synced = self.synced_blobs.lock().unwrap_or_else(|e| e.into_inner());
         let mut present = HashSet::with_capacity(synced.len());
         let mut any_new = false;
-        for entry in std::fs::read_dir(&blobs).with_context(|| format!("listing {}", blobs.display()))? {
+        for entry in
+            std::fs::read_dir(&blobs).with_context(|| format!("listing {}", blobs.display()))?
+        {
             let entry = entry?;
             let name = entry.file_name();
             if !synced.contains(&name) {

@@ -1,0 +1,77 @@
+//! [`ApiError`]: every error answer, as `{"error": {"code", "message"}}` with the right
+//! status. The full cause chain of internal errors is logged, never sent.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use cloudpipe_runtime::registry::UploadError;
+use cloudpipe_runtime::scheduler::SubmitError;
+use cloudpipe_types::{ErrorBody, ErrorDetail};
+
+/// An error answer. Variants name the outcome; `code` is stable for programs.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    #[error("request body is over the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ApiError {
+    pub fn bad(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::BadRequest { code, message: message.into() }
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
+            ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Internal(e) = &self {
+            tracing::error!(error = format!("{e:#}"), "internal error");
+        }
+        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
+        let mut res = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        res
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::FunctionNotFound(f) => ApiError::NotFound(format!("function {f:?} not found")),
+            SubmitError::Invalid(m) => ApiError::bad("invalid_request", m),
+            SubmitError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
+            SubmitError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<UploadError> for ApiError {
+    fn from(e: UploadError) -> Self {
+        match e {
+            UploadError::BadName(_) => ApiError::bad("invalid_name", e.to_string()),
+            UploadError::TooLarge { limit, .. } => ApiError::TooLarge { limit },
+            UploadError::Invalid(m) => ApiError::bad("invalid_wasm", m),
+            UploadError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! `/v1/jobs`: submit, read, wait for, follow and cancel jobs.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use cloudpipe_runtime::executor::OutputStream;
+use cloudpipe_runtime::scheduler::LiveEvent;
+use cloudpipe_runtime::store::{Inserted, JobFilter};
+use cloudpipe_runtime::{Job, JobId};
+use cloudpipe_types::{JobEvent, JobList, JobRecord, JobSpec, JobStatus};
+use futures::Stream;
+use serde::Deserialize;
+
+use crate::{ApiError, AppState, Q, parse_json, parse_wait, read_body};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/jobs", post(create_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/result", get(get_job_result))
+        .route("/v1/jobs/{id}/stdout", get(get_job_stdout))
+        .route("/v1/jobs/{id}/stderr", get(get_job_stderr))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct WaitParams {
+    /// Block until the job ends or this long passes (`30s`, `500ms`, `2m`).
+    wait: Option<String>,
+}
+
+fn job_id(s: &str) -> Result<JobId, ApiError> {
+    s.parse().map_err(|_| ApiError::NotFound(format!("job {s:?} not found")))
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("job {id:?} not found"))
+}
+
+async fn load(state: &AppState, id: &str) -> Result<Job, ApiError> {
+    state.runtime.scheduler.get(job_id(id)?).await?.ok_or_else(|| not_found(id))
+}
+
+fn wait_of(state: &AppState, p: &WaitParams) -> Result<Duration, ApiError> {
+    Ok(match &p.wait {
+        Some(w) => parse_wait(w)?.min(state.config.max_wait),
+        None => Duration::ZERO,
+    })
+}
+
+/// Submits a job. With `?wait=` the answer comes when the job ends (or the wait runs
+/// out). 201 for a new job, 200 when the idempotency key named an existing one.
+#[utoipa::path(post, path = "/v1/jobs", tag = "jobs", params(WaitParams), request_body = JobSpec,
+    responses((status = 201, body = JobRecord), (status = 200, body = JobRecord, description = "existing job (same idempotency key)"),
+              (status = 400, body = cloudpipe_types::ErrorBody), (status = 404, body = cloudpipe_types::ErrorBody),
+              (status = 413, body = cloudpipe_types::ErrorBody)))]
+pub async fn create_job(
+    State(state): State<AppState>,
+    Q(params): Q<WaitParams>,
+    body: Body,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    let wait = wait_of(&state, &params)?;
+    let bytes = read_body(body, state.config.max_json_body).await?;
+    let spec: JobSpec = parse_json(&bytes)?;
+    let (job, code) = match state.runtime.scheduler.submit(spec).await? {
+        Inserted::Created(job) => (job, StatusCode::CREATED),
+        Inserted::Existing(job) => (job, StatusCode::OK),
+    };
+    let job = match wait.is_zero() || job.status.is_terminal() {
+        true => job,
+        false => state.runtime.scheduler.wait(job.id, wait).await?.unwrap_or(job),
+    };
+    Ok((code, Json(job.to_record())))
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Only jobs in this status.
+    status: Option<String>,
+    /// Only jobs carrying this tag.
+    tag: Option<String>,
+    /// Only jobs of this function (name as submitted, or `sha256:` id).
+    function: Option<String>,
+    /// At most this many (1–1000, default 100).
+    limit: Option<usize>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+/// Lists jobs, newest first.
+#[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
+    responses((status = 200, body = JobList), (status = 400, body = cloudpipe_types::ErrorBody)))]
+pub async fn list_jobs(State(state): State<AppState>, Q(p): Q<ListParams>) -> Result<Json<JobList>, ApiError> {
+    let status = match &p.status {
+        Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
+            ApiError::bad("invalid_query", format!("unknown status {s:?}: use queued, running, succeeded, failed, timed_out or cancelled"))
+        })?),
+        None => None,
+    };
+    let limit = p.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad("invalid_query", "`limit` must be between 1 and 1000"));
+    }
+    let before = match &p.cursor {
+        Some(c) => Some(c.parse::<JobId>().map_err(|_| ApiError::bad("invalid_query", format!("bad cursor {c:?}")))?),
+        None => None,
+    };
+    let filter = JobFilter { status, tag: p.tag, function: p.function, before, limit: limit + 1 };
+    let mut jobs = state.runtime.store.list_jobs(&filter).await?;
+    let next_cursor = if jobs.len() > limit {
+        jobs.truncate(limit);
+        jobs.last().map(|j| j.id.to_string())
+    } else {
+        None
+    };
+    Ok(Json(JobList { jobs: jobs.iter().map(Job::to_record).collect(), next_cursor }))
+}
+
+/// A job's record.
+#[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+    Ok(Json(load(&state, &id).await?.to_record()))
+}
+
+/// Long-polls a job: 200 with the record once it has ended, 202 with the record if the
+/// wait (default 30s) ran out first.
+#[utoipa::path(get, path = "/v1/jobs/{id}/result", tag = "jobs", params(("id" = String, Path), WaitParams),
+    responses((status = 200, body = JobRecord), (status = 202, body = JobRecord, description = "not finished yet"),
+              (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn get_job_result(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Q(mut params): Q<WaitParams>,
+) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+    params.wait.get_or_insert_with(|| "30s".into());
+    let wait = wait_of(&state, &params)?;
+    let job = state.runtime.scheduler.wait(job_id(&id)?, wait).await?.ok_or_else(|| not_found(&id))?;
+    let code = if job.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((code, Json(job.to_record())))
+}
+
+fn raw(bytes: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response()
+}
+
+/// A job's standard output as raw bytes.
+#[utoipa::path(get, path = "/v1/jobs/{id}/stdout", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn get_job_stdout(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(raw(load(&state, &id).await?.stdout))
+}
+
+/// A job's standard error as raw bytes.
+#[utoipa::path(get, path = "/v1/jobs/{id}/stderr", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn get_job_stderr(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    Ok(raw(load(&state, &id).await?.stderr))
+}
+
+/// Cancels a job: a queued job at once, a running one within one epoch tick. A job
+/// that already ended is returned unchanged.
+#[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+    let job = state.runtime.scheduler.cancel(job_id(&id)?).await?.ok_or_else(|| not_found(&id))?;
+    Ok(Json(job.to_record()))
+}
+
+fn sse(ev: &JobEvent) -> Event {
+    let name = match ev {
+        JobEvent::Status { .. } => "status",
+        JobEvent::Stdout { .. } => "stdout",
+        JobEvent::Stderr { .. } => "stderr",
+    };
+    Event::default().event(name).json_data(ev).unwrap_or_else(|_| Event::default().event(name))
+}
+
+fn status_event(job: &Job) -> Event {
+    let record = job.status.is_terminal().then(|| Box::new(job.to_record()));
+    sse(&JobEvent::Status { status: job.status, record })
+}
+
+/// Server-sent events: the current status, then live stdout/stderr chunks and status
+/// changes; the stream ends after the terminal status (which carries the record).
+#[utoipa::path(get, path = "/v1/jobs/{id}/events", tag = "jobs", params(("id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream", body = JobEvent), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn job_events(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let jid = job_id(&id)?;
+    let scheduler = state.runtime.scheduler.clone();
+    // Subscribe first so nothing between the read and the subscription is missed.
+    let mut sub = scheduler.hub().subscribe(jid);
+    let job = scheduler.get(jid).await?.ok_or_else(|| not_found(&id))?;
+    let stream = async_stream(move |tx| async move {
+        if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
+            return;
+        }
+        loop {
+            let ev = match sub.recv().await {
+                Some(Ok(LiveEvent::Output(OutputStream::Stdout, b))) => {
+                    sse(&JobEvent::Stdout { data: String::from_utf8_lossy(&b).into_owned() })
+                }
+                Some(Ok(LiveEvent::Output(OutputStream::Stderr, b))) => {
+                    sse(&JobEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() })
+                }
+                Some(Ok(LiveEvent::Status(st, done))) => {
+                    let terminal = st.is_terminal();
+                    let ev = match done {
+                        Some(j) => status_event(&j),
+                        None => sse(&JobEvent::Status { status: st, record: None }),
+                    };
+                    if tx.send(ev).await.is_err() || terminal {
+                        return;
+                    }
+                    continue;
+                }
+                // Missed events: the store has the truth; end if the job ended.
+                Some(Err(_)) | None => match scheduler.get(jid).await {
+                    Ok(Some(j)) if j.status.is_terminal() => {
+                        let _ = tx.send(status_event(&j)).await;
+                        return;
+                    }
+                    Ok(Some(_)) => {
+                        sub = scheduler.hub().subscribe(jid);
+                        continue;
+                    }
+                    _ => return,
+                },
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// A stream fed by a task through a small channel; the task stops when the client goes.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}

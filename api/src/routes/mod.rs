@@ -1,0 +1,5 @@
+//! One router per resource, merged in [`crate::router`].
+
+pub mod functions;
+pub mod jobs;
+pub mod system;

@@ -1,0 +1,70 @@
+//! `/healthz`, `/metrics` (Prometheus text) and `/v1/openapi.json`.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use cloudpipe_runtime::scheduler::RUN_TIME_BUCKETS;
+use cloudpipe_types::{Health, JobStatus};
+
+use crate::{ApiError, AppState};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(get_health))
+        .route("/metrics", get(get_metrics))
+        .route("/v1/openapi.json", get(get_openapi))
+}
+
+/// Liveness and the store backend in use.
+#[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
+pub async fn get_health(State(state): State<AppState>) -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        store: state.runtime.store.backend().into(),
+    })
+}
+
+/// Prometheus metrics: jobs by status, queue depth, running jobs, run-time histogram.
+#[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, content_type = "text/plain", body = String)))]
+pub async fn get_metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+    let counts = state.runtime.store.count_jobs().await?;
+    let sched = &state.runtime.scheduler;
+    let m = sched.metrics();
+    let mut out = String::with_capacity(2048);
+    let _ = writeln!(out, "# HELP cloudpipe_jobs Jobs in the store, by status.\n# TYPE cloudpipe_jobs gauge");
+    for st in JobStatus::ALL {
+        let _ = writeln!(out, "cloudpipe_jobs{{status=\"{}\"}} {}", st.as_str(), counts.get(&st).copied().unwrap_or(0));
+    }
+    let queued = counts.get(&JobStatus::Queued).copied().unwrap_or(0);
+    let _ = writeln!(out, "# HELP cloudpipe_queue_depth Jobs waiting for a run slot.\n# TYPE cloudpipe_queue_depth gauge\ncloudpipe_queue_depth {queued}");
+    let _ = writeln!(out, "# HELP cloudpipe_jobs_running_local Jobs running in this process.\n# TYPE cloudpipe_jobs_running_local gauge\ncloudpipe_jobs_running_local {}", sched.running());
+    let _ = writeln!(out, "# HELP cloudpipe_jobs_submitted_total Jobs accepted since start.\n# TYPE cloudpipe_jobs_submitted_total counter\ncloudpipe_jobs_submitted_total {}", m.submitted.load(Ordering::Relaxed));
+    let _ = writeln!(out, "# HELP cloudpipe_wasm_compiles_total Wasm binaries compiled since start (cache misses).\n# TYPE cloudpipe_wasm_compiles_total counter\ncloudpipe_wasm_compiles_total {}", state.runtime.executor.compiles());
+    let _ = writeln!(out, "# HELP cloudpipe_job_run_seconds Run time of job attempts.\n# TYPE cloudpipe_job_run_seconds histogram");
+    for (i, le) in RUN_TIME_BUCKETS.iter().enumerate() {
+        let _ = writeln!(out, "cloudpipe_job_run_seconds_bucket{{le=\"{le}\"}} {}", m.run_time_buckets[i].load(Ordering::Relaxed));
+    }
+    let total = m.run_time_buckets[RUN_TIME_BUCKETS.len()].load(Ordering::Relaxed);
+    let _ = writeln!(out, "cloudpipe_job_run_seconds_bucket{{le=\"+Inf\"}} {total}");
+    let _ = writeln!(out, "cloudpipe_job_run_seconds_sum {}", m.run_time_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(out, "cloudpipe_job_run_seconds_count {total}");
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
+}
+
+/// This document.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "system", responses((status = 200, content_type = "application/json", body = Object)))]
+pub async fn get_openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document_json())
+}
+
+/// Unknown routes get the same JSON error shape as everything else.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {}", uri.path()))
+}

@@ -1,0 +1,102 @@
+//! The one wasmtime [`Engine`] of a [`WasmExecutor`](super::WasmExecutor): its
+//! configuration and the thread that advances its epoch.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, WasmBacktraceDetails,
+};
+
+use super::WasmConfig;
+
+/// Wasm pages are 64 KiB; memory sizes given to the pooling allocator are whole pages.
+const WASM_PAGE: u64 = 64 << 10;
+
+/// Frames kept in a trap's backtrace: enough to see where it happened, bounded so that
+/// a deep recursion does not make a huge error message.
+const BACKTRACE_FRAMES: usize = 16;
+
+/// Core instances one component may hold. Rust's wasm32-wasip2 components have 3-4 (the
+/// program and the shims of its lowered imports); adapted preview1 programs a few more.
+const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+
+/// The wasmtime configuration the executor runs with: pooling allocator sized from
+/// `config.max_instances`, copy-on-write memory images, async calls, epoch
+/// interruption, the component model.
+pub(super) fn wasmtime_config(config: &WasmConfig) -> Config {
+    let instances = config.max_instances.max(1);
+    // The largest memory a job may ask for, in whole pages, at least one page.
+    let max_memory = config.max_memory_bytes.max(WASM_PAGE).div_ceil(WASM_PAGE) * WASM_PAGE;
+
+    let mut pool = PoolingAllocationConfig::new();
+    pool.total_component_instances(instances)
+        .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT / 4))
+        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
+        // One memory per instance is the norm; a component may carry a second one,
+        // which then counts twice against the pool.
+        .total_memories(instances)
+        .max_memories_per_component(2)
+        .max_memories_per_module(1)
+        .total_tables(instances.saturating_mul(2))
+        .max_tables_per_component(8)
+        .total_stacks(instances)
+        .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
+        // Keep the first pages of a freed slot resident: a small guest reuses them
+        // without page faults, at a bounded cost (instances × this).
+        .linear_memory_keep_resident(256 << 10)
+        .table_keep_resident(16 << 10);
+
+    let mut cfg = Config::new();
+    cfg.allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+        .wasm_component_model(true)
+        .epoch_interruption(true)
+        .memory_init_cow(true)
+        .parallel_compilation(true)
+        // Reserve exactly the largest allowed memory: with the 4 GiB default, bounds
+        // checks are elided; with a smaller cap the reservation (virtual memory per
+        // slot, times `max_instances`) shrinks with it.
+        .memory_reservation(max_memory)
+        .memory_reservation_for_growth(0)
+        .wasm_backtrace_details(WasmBacktraceDetails::Disable)
+        .wasm_backtrace_max_frames(std::num::NonZeroUsize::new(BACKTRACE_FRAMES));
+    cfg
+}
+
+/// Advances the engine's epoch every `tick` from a plain thread, so that each store's
+/// deadline callback runs (to yield, or to stop the guest) within one tick. Stops when
+/// dropped or when the engine is gone.
+pub(super) struct EpochTicker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EpochTicker {
+    pub(super) fn start(engine: &Engine, tick: Duration) -> std::io::Result<EpochTicker> {
+        let engine = engine.weak();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let tick = tick.max(Duration::from_micros(100));
+        let thread = std::thread::Builder::new().name("cloudpipe-epoch".into()).spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                match engine.upgrade() {
+                    Some(engine) => engine.increment_epoch(),
+                    None => break,
+                }
+            }
+        })?;
+        Ok(EpochTicker { stop, thread: Some(thread) })
+    }
+}
+
+impl Drop for EpochTicker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Not joined: the thread ends within one tick by itself, and waiting here
+        // would block whichever (possibly async) context drops the executor.
+        self.thread.take();
+    }
+}

@@ -1,0 +1,80 @@
+//! Every acknowledged job survives `kill -9` of the server: after a restart it reaches
+//! a terminal state, attempts counted.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use cloudpipe_test_programs_artifacts as programs;
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::server::{TestServer, program};
+
+async fn jobs_survive_kill_9(backend: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--store", backend, "--concurrency", "40"];
+    let mut s = TestServer::start_in(dir.path(), &flags).await;
+    s.upload("sleep", &program(programs::SLEEP)).await;
+    s.upload("echo", &program(programs::ECHO)).await;
+
+    // 40 jobs sleep (running at the kill), 60 wait in the queue behind them.
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let spec = if i < 40 {
+            json!({"function": "sleep", "args": ["1"], "idempotency_key": format!("k{i}")})
+        } else {
+            json!({"function": "echo", "args": [i.to_string()], "idempotency_key": format!("k{i}")})
+        };
+        let (st, job) = s.post_json("/v1/jobs", &spec).await;
+        assert_eq!(st, StatusCode::CREATED, "{job}");
+        ids.push(job["id"].as_str().unwrap().to_string());
+    }
+    s.kill9();
+
+    let s = TestServer::start_in(dir.path(), &flags).await;
+    let mut attempts = HashMap::new();
+    for (i, id) in ids.iter().enumerate() {
+        let job = s.wait_terminal(id).await;
+        assert_eq!(job["status"], "succeeded", "{backend}: job {i} {job}");
+        *attempts.entry(job["attempts"].as_u64().unwrap()).or_insert(0) += 1;
+        if i >= 40 {
+            assert!(job["stdout"].as_str().unwrap().starts_with(&format!("argv=[\"echo\", \"{i}\"]")));
+        }
+    }
+    // The sleepers were cut off once: two attempts each.
+    assert_eq!(attempts.get(&2).copied().unwrap_or(0), 40, "{backend}: attempts {attempts:?}");
+    assert_eq!(attempts.get(&1).copied().unwrap_or(0), 60, "{backend}: attempts {attempts:?}");
+    // Idempotency keys survived too: resubmitting returns the same job.
+    let (st, again) = s.post_json("/v1/jobs", &json!({"function": "echo", "idempotency_key": "k50"})).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(again["id"], ids[50].as_str());
+    assert_eq!(s.metric("cloudpipe_jobs{status=\"succeeded\"}").await, 100.0);
+}
+
+#[tokio::test]
+async fn jobs_survive_kill_9_with_redb() {
+    jobs_survive_kill_9("redb").await;
+}
+
+#[tokio::test]
+async fn jobs_survive_kill_9_with_sled() {
+    jobs_survive_kill_9("sled").await;
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_crashing_the_server_stops_at_max_attempts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start_in(dir.path(), &[]).await;
+    s.upload("sleep", &program(programs::SLEEP)).await;
+    let (_, job) = s.post_json("/v1/jobs", &json!({"function": "sleep", "args": ["30"], "max_attempts": 2})).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.kill9();
+        s = TestServer::start_in(dir.path(), &[]).await;
+    }
+    let job = s.wait_terminal(&id).await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["attempts"], 2);
+    assert_eq!(job["error"]["kind"], "attempts_exhausted");
+}

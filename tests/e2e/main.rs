@@ -1,0 +1,19 @@
+//! End-to-end tests: each starts the real `cloudpipe` binary on a loopback port with
+//! its own data directory and drives it over HTTP.
+//!
+//! # Layout
+//! - `server`: [`server::TestServer`], a `cloudpipe serve` child process.
+//! - `jobs`: the guest contract, waiting, events, listing, idempotency, cancel.
+//! - `hostile`: guests that loop, bomb memory, recurse, flood output, exit non-zero.
+//! - `bad_requests`: malformed input gets a 4xx with a stable code.
+//! - `durability`: `kill -9` with jobs in flight, then a restart, per store backend.
+//! - `functions`: upload, list, delete; the compiled cache survives a restart.
+//! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
+
+mod bad_requests;
+mod cli;
+mod durability;
+mod functions;
+mod hostile;
+mod jobs;
+mod server;

@@ -1,0 +1,166 @@
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
+pub struct TestServer {
+    child: Child,
+    pub url: String,
+    _tmp: Option<tempfile::TempDir>,
+    pub client: reqwest::Client,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl TestServer {
+    /// A server with a fresh data directory and the given extra flags.
+    pub async fn start(extra: &[&str]) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut s = TestServer::start_in(&dir, extra).await;
+        s._tmp = Some(tmp);
+        s
+    }
+
+    /// A server over an existing data directory (which the caller keeps alive).
+    pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cloudpipe");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("cloudpipe serving")
+                    && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+                    && let Some(tx) = tx.take()
+                {
+                    let _ = tx.send(addr.to_string());
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
+            }
+        };
+        TestServer {
+            child,
+            url: format!("http://{addr}"),
+            _tmp: None,
+            client: reqwest::Client::new(),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM, then the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        unsafe_free_sigterm(self.child.id());
+        self.child.wait().unwrap()
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    pub async fn upload(&self, name: &str, wasm: &[u8]) -> Value {
+        let (st, body) = self.request(reqwest::Method::POST, &format!("/v1/functions?name={name}"), Some(wasm.to_vec())).await;
+        assert_eq!(st, StatusCode::CREATED, "upload of {name}: {body}");
+        body
+    }
+
+    /// Submits a job and waits for it to end (up to `wait`).
+    pub async fn run(&self, spec: Value) -> Value {
+        let (st, body) = self.post_json("/v1/jobs?wait=60s", &spec).await;
+        assert!(st.is_success(), "submit: {st} {body}");
+        assert!(is_terminal(&body), "job did not end: {body}");
+        body
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> (StatusCode, Value) {
+        self.request(reqwest::Method::POST, path, Some(serde_json::to_vec(body).unwrap())).await
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        self.request(reqwest::Method::GET, path, None).await
+    }
+
+    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+        let mut req = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let res = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}\n{}", self.log()));
+        let st = res.status();
+        let bytes = res.bytes().await.unwrap();
+        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+        (st, v)
+    }
+
+    /// Polls until the job ends.
+    pub async fn wait_terminal(&self, id: &str) -> Value {
+        let (st, body) = self.get(&format!("/v1/jobs/{id}/result?wait=60s")).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// A metric's value from `/metrics` (the first line starting with `name`).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let text = self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unsafe_free_sigterm(pid: u32) {
+    let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success();
+    assert!(ok, "kill -TERM {pid}");
+}
+
+pub fn is_terminal(job: &Value) -> bool {
+    !matches!(job["status"].as_str(), Some("queued") | Some("running"))
+}
+
+/// The code of an error answer.
+pub fn code(body: &Value) -> &str {
+    body["error"]["code"].as_str().unwrap_or_else(|| panic!("not an error body: {body}"))
+}
+
+pub fn program(path: &str) -> Vec<u8> {
+    cloudpipe_test_programs_artifacts::read(path)
+}

@@ -1,0 +1,97 @@
+//! Builds the guest programs of `../guest` for wasm32-wasip2 and the WAT files of
+//! `../wat`, then writes `programs.rs`: one `&str` constant per program holding the path
+//! of its `.wasm` (`ECHO`, `HELLO`, `PROC_EXIT`, ...).
+//!
+//! As wasmtime's `test-programs-artifacts` does, the guests are built by a nested cargo
+//! with its own target dir: sharing ours would deadlock on cargo's build-directory lock.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::{env, fs};
+
+const TARGET: &str = "wasm32-wasip2";
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").unwrap());
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
+    let programs = manifest_dir.parent().unwrap();
+    let guest = programs.join("guest");
+    let wat_dir = programs.join("wat");
+
+    let mut consts = String::new();
+    for (name, path) in build_guests(&guest, &out_dir.join("guest-target")) {
+        consts += &constant(&name, &path);
+    }
+    for (name, path) in build_wat(&wat_dir, &out_dir) {
+        consts += &constant(&name, &path);
+    }
+    fs::write(out_dir.join("programs.rs"), consts).unwrap();
+}
+
+/// Runs cargo on the guest crate; returns (bin name, path of its component).
+fn build_guests(guest: &Path, target_dir: &Path) -> Vec<(String, PathBuf)> {
+    for watched in ["Cargo.toml", "Cargo.lock", "src"] {
+        println!("cargo:rerun-if-changed={}", guest.join(watched).display());
+    }
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--release")
+        .arg("--target")
+        .arg(TARGET)
+        .arg("--manifest-path")
+        .arg(guest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        // Flags meant for our host build must not reach the guests.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET");
+    let status = cmd.status().expect("running cargo for the guest programs");
+    assert!(
+        status.success(),
+        "building the guest programs failed (is the {TARGET} target installed? `rustup target add {TARGET}`)"
+    );
+
+    let mut bins: Vec<(String, PathBuf)> = fs::read_dir(guest.join("src/bin"))
+        .unwrap()
+        .filter_map(|e| {
+            let path = e.ok()?.path();
+            let stem = path.file_stem()?.to_str()?.to_string();
+            (path.extension()? == "rs").then_some(stem)
+        })
+        .map(|name| {
+            let wasm = target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
+            assert!(wasm.exists(), "{} was not built", wasm.display());
+            (name, wasm)
+        })
+        .collect();
+    bins.sort();
+    bins
+}
+
+/// Assembles every `*.wat` of `dir` into `out_dir`; returns (file stem, path).
+fn build_wat(dir: &Path, out_dir: &Path) -> Vec<(String, PathBuf)> {
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let mut built = Vec::new();
+    for entry in fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "wat") {
+            continue;
+        }
+        println!("cargo:rerun-if-changed={}", path.display());
+        let name = path.file_stem().unwrap().to_str().unwrap().to_string();
+        let wasm = wat::parse_file(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let out = out_dir.join(format!("{name}.wasm"));
+        fs::write(&out, wasm).unwrap();
+        built.push((name, out));
+    }
+    built.sort();
+    built
+}
+
+fn constant(name: &str, path: &Path) -> String {
+    format!("pub const {}: &str = {:?};\n", name.to_uppercase(), path.to_str().unwrap())
+}
