@@ -90,19 +90,31 @@ pub async fn serve(
     Ok(())
 }
 
-/// Reads a whole body, refusing more than `limit` bytes with 413.
+/// Reads a whole body, refusing more than `limit` bytes with 413. An oversize body is
+/// still read (and dropped) up to a bound, so that the client, which is usually still
+/// sending, reads the 413 rather than a reset connection.
 pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // `to_bytes` reports the limit through the error's source chain.
-        let mut src: Option<&dyn std::error::Error> = Some(&e);
-        while let Some(s) = src {
-            if s.is::<http_body_util::LengthLimitError>() {
-                return ApiError::TooLarge { limit };
+    use futures::StreamExt;
+    const DRAIN_MAX: usize = 256 << 20;
+    let mut stream = body.into_data_stream();
+    let mut buf = bytes::BytesMut::new();
+    let mut seen = 0usize;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad("bad_body", format!("could not read the request body: {e}")))?;
+        seen += chunk.len();
+        if seen <= limit {
+            buf.extend_from_slice(&chunk);
+        } else {
+            buf = bytes::BytesMut::new();
+            if seen > limit.saturating_add(DRAIN_MAX) {
+                break;
             }
-            src = s.source();
         }
-        ApiError::bad("bad_body", format!("could not read the request body: {e}"))
-    })
+    }
+    if seen > limit {
+        return Err(ApiError::TooLarge { limit });
+    }
+    Ok(buf.freeze())
 }
 
 /// A JSON body parsed with our error shape (axum's own rejections are plain text).

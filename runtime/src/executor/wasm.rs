@@ -88,7 +88,11 @@ pub struct WasmConfig {
 
 impl Default for WasmConfig {
     fn default() -> Self {
-        WasmConfig { max_instances: 256, max_memory_bytes: 4 << 30, epoch_tick: Duration::from_millis(5) }
+        WasmConfig {
+            max_instances: 256,
+            max_memory_bytes: 4 << 30,
+            epoch_tick: Duration::from_millis(5),
+        }
     }
 }
 
@@ -140,7 +144,11 @@ impl WasmExecutor {
     /// Builds the engine and the WASI linkers, opens (creating) the compiled cache in
     /// `cache_dir` and starts the epoch thread. `store` supplies binaries of functions
     /// whose compiled artefact is missing.
-    pub fn new(config: WasmConfig, cache_dir: &Path, store: Arc<dyn Store>) -> anyhow::Result<Self> {
+    pub fn new(
+        config: WasmConfig,
+        cache_dir: &Path,
+        store: Arc<dyn Store>,
+    ) -> anyhow::Result<Self> {
         let engine = Engine::new(&config.wasmtime_config())?;
 
         let mut component_linker = wasmtime::component::Linker::new(&engine);
@@ -148,12 +156,20 @@ impl WasmExecutor {
         // default in wasmtime-wasi 48: no option to turn on.
         wasmtime_wasi::p2::add_to_linker_async(&mut component_linker)?;
         let mut module_linker = wasmtime::Linker::new(&engine);
-        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut ModuleState| &mut s.wasi)?;
+        wasmtime_wasi::p1::add_to_linker_async(&mut module_linker, |s: &mut ModuleState| {
+            &mut s.wasi
+        })?;
 
         let disk = DiskCache::open(cache_dir, &engine)?;
         let ticker = engine::EpochTicker::start(&engine, config.epoch_tick)?;
         Ok(WasmExecutor {
-            compiler: Arc::new(Compiler { engine, component_linker, module_linker, disk, compiles: AtomicU64::new(0) }),
+            compiler: Arc::new(Compiler {
+                engine,
+                component_linker,
+                module_linker,
+                disk,
+                compiles: AtomicU64::new(0),
+            }),
             config,
             store,
             warm: Mutex::new(WarmMap::new(WARM_FUNCTIONS)),
@@ -188,7 +204,11 @@ impl WasmExecutor {
 
     /// The slow path of [`ready`](Self::ready) and [`Executor::prepare`]: one loader per
     /// id at a time; the others wait and then find it warm.
-    async fn load(&self, id: &str, binary: Option<&[u8]>) -> Result<Option<Arc<Ready>>, PrepareError> {
+    async fn load(
+        &self,
+        id: &str,
+        binary: Option<&[u8]>,
+    ) -> Result<Option<Arc<Ready>>, PrepareError> {
         let lock = {
             let mut loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
             loading.entry(id.to_string()).or_default().clone()
@@ -200,7 +220,9 @@ impl WasmExecutor {
             }
             let compiler = self.compiler.clone();
             let key = id.to_string();
-            let cached = tokio::task::spawn_blocking(move || compiler.load_artefact(&key)).await.map_err(join_error)?;
+            let cached = tokio::task::spawn_blocking(move || compiler.load_artefact(&key))
+                .await
+                .map_err(join_error)?;
             let ready = match cached {
                 Some(ready) => ready,
                 None => {
@@ -213,7 +235,9 @@ impl WasmExecutor {
                     };
                     let compiler = self.compiler.clone();
                     let key = id.to_string();
-                    tokio::task::spawn_blocking(move || compiler.compile(&key, &binary)).await.map_err(join_error)??
+                    tokio::task::spawn_blocking(move || compiler.compile(&key, &binary))
+                        .await
+                        .map_err(join_error)??
                 }
             };
             let ready = Arc::new(ready);
@@ -229,7 +253,13 @@ impl WasmExecutor {
     }
 
     /// One attempt of a ready function, under the job's limits.
-    async fn run_ready(&self, ready: &Ready, req: RunRequest, live: Arc<dyn OutputSink>, cancel: CancellationToken) -> JobOutcome {
+    async fn run_ready(
+        &self,
+        ready: &Ready,
+        req: RunRequest,
+        live: Arc<dyn OutputSink>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
         let timeout = req.timeout;
         let deadline = Instant::now() + timeout;
         let memory_cap = req.memory_bytes.min(self.config.max_memory_bytes);
@@ -242,22 +272,39 @@ impl WasmExecutor {
         let guest = async {
             match ready {
                 Ready::Command(pre) => {
-                    let state = ComponentState { wasi: wasi.build(), table: ResourceTable::new(), limiter, stop: None };
+                    let state = ComponentState {
+                        wasi: wasi.build(),
+                        table: ResourceTable::new(),
+                        limiter,
+                        stop: None,
+                    };
                     let mut store = guest::new_store(engine, state, deadline, cancel.clone());
                     let result = match pre.instantiate_async(&mut store).await {
-                        Ok(command) => Ran::Called(command.wasi_cli_run().call_run(&mut store).await.map(|r| r.is_ok())),
+                        Ok(command) => Ran::Called(
+                            command
+                                .wasi_cli_run()
+                                .call_run(&mut store)
+                                .await
+                                .map(|r| r.is_ok()),
+                        ),
                         Err(e) => Ran::NotInstantiated(e),
                     };
                     ended(result, store.data_mut())
                 }
                 Ready::Module(pre) => {
-                    let state = ModuleState { wasi: wasi.build_p1(), limiter, stop: None };
+                    let state = ModuleState {
+                        wasi: wasi.build_p1(),
+                        limiter,
+                        stop: None,
+                    };
                     let mut store = guest::new_store(engine, state, deadline, cancel.clone());
                     let result = match pre.instantiate_async(&mut store).await {
-                        Ok(instance) => Ran::Called(match instance.get_typed_func::<(), ()>(&mut store, "_start") {
-                            Ok(start) => start.call_async(&mut store, ()).await.map(|()| true),
-                            Err(e) => Err(e),
-                        }),
+                        Ok(instance) => Ran::Called(
+                            match instance.get_typed_func::<(), ()>(&mut store, "_start") {
+                                Ok(start) => start.call_async(&mut store, ()).await.map(|()| true),
+                                Err(e) => Err(e),
+                            },
+                        ),
                         Err(e) => Ran::NotInstantiated(e),
                     };
                     ended(result, store.data_mut())
@@ -290,7 +337,11 @@ impl WasmExecutor {
 /// A WASI context builder for one job: argv, env, stdin and the captured outputs;
 /// nothing inherited from the host, no preopened directory, no network.
 fn wasi_ctx(inputs: RunRequest, stdout: CappedOutput, stderr: CappedOutput) -> WasiCtxBuilder {
-    const OURS: [&str; 3] = ["CLOUDPIPE_JOB_ID", "CLOUDPIPE_FUNCTION", "CLOUDPIPE_ATTEMPT"];
+    const OURS: [&str; 3] = [
+        "CLOUDPIPE_JOB_ID",
+        "CLOUDPIPE_FUNCTION",
+        "CLOUDPIPE_ATTEMPT",
+    ];
     let mut b = WasiCtxBuilder::new();
     b.stdin(MemoryInputPipe::new(inputs.stdin))
         .stdout(stdout)
@@ -300,7 +351,11 @@ fn wasi_ctx(inputs: RunRequest, stdout: CappedOutput, stderr: CappedOutput) -> W
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-    for (k, v) in inputs.env.iter().filter(|(k, _)| !OURS.contains(&k.as_str())) {
+    for (k, v) in inputs
+        .env
+        .iter()
+        .filter(|(k, _)| !OURS.contains(&k.as_str()))
+    {
         b.env(k, v);
     }
     b.env("CLOUDPIPE_JOB_ID", &inputs.job_id)
@@ -322,7 +377,10 @@ enum Ended {
     Exit(i32),
     Trap(String),
     /// The guest failed after a memory growth past its cap was refused.
-    MemoryLimit { desired: usize, exit_code: Option<i32> },
+    MemoryLimit {
+        desired: usize,
+        exit_code: Option<i32>,
+    },
     Stopped(Stop),
     /// Our side failed (the instance pool is full, ...).
     Internal(String),
@@ -339,23 +397,44 @@ fn ended<T: GuestState>(ran: Ran, state: &mut T) -> Ended {
             Some(exit) => Ended::Exit(exit.0),
             None => Ended::Trap(trap_message(&e)),
         },
-        Ran::NotInstantiated(e) if e.downcast_ref::<Trap>().is_some() => Ended::Trap(trap_message(&e)),
+        Ran::NotInstantiated(e) if e.downcast_ref::<Trap>().is_some() => {
+            Ended::Trap(trap_message(&e))
+        }
         Ran::NotInstantiated(e) => Ended::Internal(format!("instantiating the function: {e:#}")),
     };
     match (state.limiter().refused, ended) {
         (_, Ended::Exit(0)) => Ended::Exit(0),
-        (Some(desired), Ended::Exit(code)) => Ended::MemoryLimit { desired, exit_code: Some(code) },
-        (Some(desired), _) => Ended::MemoryLimit { desired, exit_code: None },
+        (Some(desired), Ended::Exit(code)) => Ended::MemoryLimit {
+            desired,
+            exit_code: Some(code),
+        },
+        (Some(desired), _) => Ended::MemoryLimit {
+            desired,
+            exit_code: None,
+        },
         (None, ended) => ended,
     }
 }
 
 impl Ended {
-    fn describe(self, timeout: Duration, memory_cap: u64) -> (JobStatus, Option<i32>, Option<JobError>) {
-        let error = |kind: &str, message: String| Some(JobError { kind: kind.to_string(), message });
+    fn describe(
+        self,
+        timeout: Duration,
+        memory_cap: u64,
+    ) -> (JobStatus, Option<i32>, Option<JobError>) {
+        let error = |kind: &str, message: String| {
+            Some(JobError {
+                kind: kind.to_string(),
+                message,
+            })
+        };
         match self {
             Ended::Exit(0) => (JobStatus::Succeeded, Some(0), None),
-            Ended::Exit(code) => (JobStatus::Failed, Some(code), error("exit", format!("exited with code {code}"))),
+            Ended::Exit(code) => (
+                JobStatus::Failed,
+                Some(code),
+                error("exit", format!("exited with code {code}")),
+            ),
             Ended::Trap(message) => (JobStatus::Failed, None, error("trap", message)),
             Ended::MemoryLimit { desired, exit_code } => (
                 JobStatus::Failed,
@@ -372,11 +451,16 @@ impl Ended {
             Ended::Stopped(Stop::Timeout) => (
                 JobStatus::TimedOut,
                 None,
-                error("timeout", format!("time limit of {} ms reached", timeout.as_millis())),
+                error(
+                    "timeout",
+                    format!("time limit of {} ms reached", timeout.as_millis()),
+                ),
             ),
-            Ended::Stopped(Stop::Cancelled) => {
-                (JobStatus::Cancelled, None, error("cancelled", "cancelled while running".to_string()))
-            }
+            Ended::Stopped(Stop::Cancelled) => (
+                JobStatus::Cancelled,
+                None,
+                error("cancelled", "cancelled while running".to_string()),
+            ),
             Ended::Internal(message) => (JobStatus::Failed, None, error("internal", message)),
         }
     }
@@ -410,7 +494,10 @@ fn trap_message(e: &wasmtime::Error) -> String {
             message.push_str("\nwasm backtrace:");
             for (i, frame) in frames.iter().enumerate() {
                 let module = frame.module().name().unwrap_or("<module>");
-                let func = frame.func_name().map(str::to_string).unwrap_or_else(|| format!("<func {}>", frame.func_index()));
+                let func = frame
+                    .func_name()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| format!("<func {}>", frame.func_index()));
                 message.push_str(&format!("\n  {i}: {module}!{func}"));
             }
         }
@@ -510,9 +597,17 @@ impl Compiler {
 
     fn link_component(&self, component: &Component) -> Result<Ready, PrepareError> {
         let ty = component.component_type();
-        let exports: Vec<String> = ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
-        if !exports.iter().any(|name| name.starts_with("wasi:cli/run@0.2.")) {
-            let proxy = exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@"));
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(name, _)| name.to_string())
+            .collect();
+        if !exports
+            .iter()
+            .any(|name| name.starts_with("wasi:cli/run@0.2."))
+        {
+            let proxy = exports
+                .iter()
+                .any(|name| name.starts_with("wasi:http/incoming-handler@"));
             return Err(PrepareError::Invalid(if proxy {
                 "the component is a wasi:http proxy (it exports wasi:http/incoming-handler); \
                  only wasi:cli/command components (exporting wasi:cli/run) can run as jobs"
@@ -521,15 +616,26 @@ impl Compiler {
                 format!(
                     "the component is not a wasi:cli/command: it does not export wasi:cli/run@0.2 \
                      (a library or reactor cannot run as a job); its exports: {}",
-                    if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+                    if exports.is_empty() {
+                        "none".to_string()
+                    } else {
+                        exports.join(", ")
+                    }
                 )
             }));
         }
-        let pre = self.component_linker.instantiate_pre(component).map_err(|e| {
-            PrepareError::Invalid(format!("the component needs imports that Cloudpipe does not provide: {e:#}"))
-        })?;
+        let pre = self
+            .component_linker
+            .instantiate_pre(component)
+            .map_err(|e| {
+                PrepareError::Invalid(format!(
+                    "the component needs imports that Cloudpipe does not provide: {e:#}"
+                ))
+            })?;
         let command = CommandPre::new(pre).map_err(|e| {
-            PrepareError::Invalid(format!("the component's wasi:cli/run export is not usable: {e:#}"))
+            PrepareError::Invalid(format!(
+                "the component's wasi:cli/run export is not usable: {e:#}"
+            ))
         })?;
         Ok(Ready::Command(command))
     }
@@ -538,7 +644,9 @@ impl Compiler {
         match module.get_export("_start") {
             Some(ExternType::Func(f)) if f.params().len() == 0 && f.results().len() == 0 => {}
             Some(_) => {
-                return Err(PrepareError::Invalid("the module's `_start` export is not a function `() -> ()`".into()));
+                return Err(PrepareError::Invalid(
+                    "the module's `_start` export is not a function `() -> ()`".into(),
+                ));
             }
             None => {
                 return Err(PrepareError::Invalid(
@@ -546,7 +654,10 @@ impl Compiler {
                 ));
             }
         }
-        if let Some(import) = module.imports().find(|i| i.module() != "wasi_snapshot_preview1") {
+        if let Some(import) = module
+            .imports()
+            .find(|i| i.module() != "wasi_snapshot_preview1")
+        {
             return Err(PrepareError::Invalid(format!(
                 "the module imports `{}::{}`; a WASI module may import only from wasi_snapshot_preview1",
                 import.module(),
@@ -554,7 +665,9 @@ impl Compiler {
             )));
         }
         let pre = self.module_linker.instantiate_pre(module).map_err(|e| {
-            PrepareError::Invalid(format!("the module needs imports that Cloudpipe does not provide: {e:#}"))
+            PrepareError::Invalid(format!(
+                "the module needs imports that Cloudpipe does not provide: {e:#}"
+            ))
         })?;
         Ok(Ready::Module(pre))
     }
@@ -572,11 +685,18 @@ impl Executor for WasmExecutor {
         binary_kind(binary)?;
         match self.load(id, Some(binary)).await? {
             Some(ready) => Ok(ready.kind()),
-            None => Err(PrepareError::Internal(anyhow::anyhow!("function {id} vanished while loading"))),
+            None => Err(PrepareError::Internal(anyhow::anyhow!(
+                "function {id} vanished while loading"
+            ))),
         }
     }
 
-    async fn run(&self, req: RunRequest, live: Arc<dyn OutputSink>, cancel: CancellationToken) -> JobOutcome {
+    async fn run(
+        &self,
+        req: RunRequest,
+        live: Arc<dyn OutputSink>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
         let ready = match self.ready(&req.function_id).await {
             Ok(Some(ready)) => ready,
             Ok(None) => {
@@ -595,7 +715,11 @@ impl Executor for WasmExecutor {
             }
         };
         if cancel.is_cancelled() {
-            return JobOutcome::error(JobStatus::Cancelled, "cancelled", "cancelled before it started");
+            return JobOutcome::error(
+                JobStatus::Cancelled,
+                "cancelled",
+                "cancelled before it started",
+            );
         }
         self.run_ready(&ready, req, live, cancel).await
     }
@@ -607,11 +731,26 @@ mod tests {
 
     #[test]
     fn headers_decide_the_kind() {
-        assert!(matches!(binary_kind(b"\0asm\x01\0\0\0"), Ok(FunctionKind::Module)));
-        assert!(matches!(binary_kind(b"\0asm\x0d\0\x01\0"), Ok(FunctionKind::Command)));
-        assert!(matches!(binary_kind(b"hello world"), Err(PrepareError::Invalid(_))));
-        assert!(matches!(binary_kind(b"\0asm"), Err(PrepareError::Invalid(_))));
-        assert!(matches!(binary_kind(b"\0asm\x02\0\0\0"), Err(PrepareError::Invalid(_))));
+        assert!(matches!(
+            binary_kind(b"\0asm\x01\0\0\0"),
+            Ok(FunctionKind::Module)
+        ));
+        assert!(matches!(
+            binary_kind(b"\0asm\x0d\0\x01\0"),
+            Ok(FunctionKind::Command)
+        ));
+        assert!(matches!(
+            binary_kind(b"hello world"),
+            Err(PrepareError::Invalid(_))
+        ));
+        assert!(matches!(
+            binary_kind(b"\0asm"),
+            Err(PrepareError::Invalid(_))
+        ));
+        assert!(matches!(
+            binary_kind(b"\0asm\x02\0\0\0"),
+            Err(PrepareError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -103,14 +103,15 @@ fn decode_u64(bytes: &[u8]) -> Result<u64> {
 
 // ---- writes ----
 
-/// One write, as the writer thread receives it.
+/// One write, as the writer thread receives it. (Jobs are boxed: they are large and
+/// the other writes small.)
 #[derive(Debug)]
 pub(crate) enum WriteOp {
     PutFunction(FunctionMeta, Bytes),
     DeleteFunction(String),
-    InsertJob(Job),
+    InsertJob(Box<Job>),
     ClaimJobs { limit: usize, now: Micros },
-    FinishJob { id: JobId, outcome: JobOutcome, now: Micros },
+    FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
     CancelQueued { id: JobId, now: Micros },
     Recover { now: Micros },
     Purge { policy: Retention, now: Micros, max_batch: usize },
@@ -186,14 +187,13 @@ fn remove_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
 
 fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
     let idem_key = job.idempotency_key.as_deref().map(|k| key(IDEMPOTENCY, k.as_bytes()));
-    if let Some(idem_key) = &idem_key {
-        if let Some(id) = tx.get(idem_key)? {
-            // An entry whose job is gone (never, unless the file was edited) is
-            // overwritten below.
-            if let Some(existing) = get_job(&*tx, id_suffix(&id)?)? {
-                return Ok(Inserted::Existing(existing));
-            }
-        }
+    if let Some(idem_key) = &idem_key
+        && let Some(id) = tx.get(idem_key)?
+        // An entry whose job is gone (never, unless the file was edited) is
+        // overwritten below.
+        && let Some(existing) = get_job(&*tx, id_suffix(&id)?)?
+    {
+        return Ok(Inserted::Existing(existing));
     }
     // Ids are fresh UUIDv7s; a second insert of the same id is a retry of the first.
     if let Some(existing) = get_job(&*tx, job.id)? {

@@ -162,7 +162,7 @@ impl<B: KvBackend> Store for KvStore<B> {
     }
 
     async fn insert_job(&self, job: Job) -> Result<Inserted> {
-        match self.writer.submit(WriteOp::InsertJob(job)).await? {
+        match self.writer.submit(WriteOp::InsertJob(Box::new(job))).await? {
             Reply::Inserted(inserted) => Ok(inserted),
             other => Err(unexpected(other)),
         }
@@ -179,7 +179,8 @@ impl<B: KvBackend> Store for KvStore<B> {
     }
 
     async fn finish_job(&self, id: JobId, outcome: JobOutcome, now: Micros) -> Result<Option<Job>> {
-        match self.writer.submit(WriteOp::FinishJob { id, outcome, now }).await? {
+        match self.writer.submit(WriteOp::FinishJob { id, outcome: Box::new(outcome), now }).await?
+        {
             Reply::Job(job) => Ok(job),
             other => Err(unexpected(other)),
         }

@@ -134,9 +134,5 @@ impl KvWrite for Tx<redb::Table<'_, &'static [u8], &'static [u8]>> {
 
 #[cfg(test)]
 mod tests {
-    crate::store::conformance::suite!(
-        redb,
-        |dir| crate::store::redb::RedbStore::open(dir),
-        Some(4.0)
-    );
+    crate::store::conformance::suite!(redb, crate::store::redb::RedbStore::open, Some(4.0));
 }

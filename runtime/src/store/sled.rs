@@ -239,5 +239,5 @@ impl KvWrite for Overlay<'_> {
 
 #[cfg(test)]
 mod tests {
-    crate::store::conformance::suite!(sled, |dir| crate::store::sled::SledStore::open(dir), None);
+    crate::store::conformance::suite!(sled, crate::store::sled::SledStore::open, None);
 }

@@ -63,7 +63,10 @@ fn build_guests(guest: &Path, target_dir: &Path) -> Vec<(String, PathBuf)> {
             (path.extension()? == "rs").then_some(stem)
         })
         .map(|name| {
-            let wasm = target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
+            let wasm = target_dir
+                .join(TARGET)
+                .join("release")
+                .join(format!("{name}.wasm"));
             assert!(wasm.exists(), "{} was not built", wasm.display());
             (name, wasm)
         })
@@ -93,5 +96,9 @@ fn build_wat(dir: &Path, out_dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn constant(name: &str, path: &Path) -> String {
-    format!("pub const {}: &str = {:?};\n", name.to_uppercase(), path.to_str().unwrap())
+    format!(
+        "pub const {}: &str = {:?};\n",
+        name.to_uppercase(),
+        path.to_str().unwrap()
+    )
 }

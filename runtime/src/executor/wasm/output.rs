@@ -43,14 +43,21 @@ struct Shared {
 impl CappedOutput {
     pub(super) fn new(stream: Stream, cap: usize, live: Arc<dyn OutputSink>) -> CappedOutput {
         CappedOutput {
-            shared: Arc::new(Shared { stream, cap, live, captured: Mutex::new(Captured::default()) }),
+            shared: Arc::new(Shared {
+                stream,
+                cap,
+                live,
+                captured: Mutex::new(Captured::default()),
+            }),
         }
     }
 
     fn push(&self, data: &[u8]) {
         let shared = &*self.shared;
         let mut captured = lock(&shared.captured);
-        let keep = data.len().min(shared.cap.saturating_sub(captured.bytes.len()));
+        let keep = data
+            .len()
+            .min(shared.cap.saturating_sub(captured.bytes.len()));
         if keep > 0 {
             captured.bytes.extend_from_slice(&data[..keep]);
             // Under the lock, so that live chunks arrive in write order.
@@ -112,7 +119,11 @@ impl Pollable for CappedOutput {
 }
 
 impl AsyncWrite for CappedOutput {
-    fn poll_write(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.push(buf);
         Poll::Ready(Ok(buf.len()))
     }

@@ -12,7 +12,12 @@ fn main() {
 
     let mut out = std::io::stdout().lock();
     writeln!(out, "argv={args:?}").unwrap();
-    for name in ["CLOUDPIPE_JOB_ID", "CLOUDPIPE_FUNCTION", "CLOUDPIPE_ATTEMPT", "GREETING"] {
+    for name in [
+        "CLOUDPIPE_JOB_ID",
+        "CLOUDPIPE_FUNCTION",
+        "CLOUDPIPE_ATTEMPT",
+        "GREETING",
+    ] {
         writeln!(out, "{name}={}", std::env::var(name).unwrap_or_default()).unwrap();
     }
     writeln!(out, "env_count={}", std::env::vars().count()).unwrap();
@@ -21,7 +26,10 @@ fn main() {
     out.flush().unwrap();
     eprintln!("to stderr");
 
-    let code = args.iter().find_map(|a| a.strip_prefix("--exit=")).map(|n| n.parse().unwrap());
+    let code = args
+        .iter()
+        .find_map(|a| a.strip_prefix("--exit="))
+        .map(|n| n.parse().unwrap());
     if let Some(code) = code {
         std::process::exit(code);
     }

@@ -2,7 +2,10 @@
 use std::io::Write;
 
 fn main() {
-    let mib: usize = std::env::args().nth(1).map(|n| n.parse().unwrap()).unwrap_or(200);
+    let mib: usize = std::env::args()
+        .nth(1)
+        .map(|n| n.parse().unwrap())
+        .unwrap_or(200);
     let chunk = vec![b'x'; 64 << 10];
     let mut out = std::io::stdout().lock();
     for _ in 0..mib * 16 {
