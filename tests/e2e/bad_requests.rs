@@ -11,7 +11,8 @@ async fn bad_requests_get_4xx_with_a_code() {
     let s = TestServer::start(&[]).await;
     s.upload("echo", &program(programs::ECHO)).await;
     let not_wasm = b"#!/bin/sh\necho hi\n".to_vec();
-    let cases: Vec<(Method, &str, Option<Vec<u8>>, StatusCode, &str)> = vec![
+    type Case<'a> = (Method, &'a str, Option<Vec<u8>>, StatusCode, &'a str);
+    let cases: Vec<Case> = vec![
         (Method::POST, "/v1/functions?name=x", Some(not_wasm), StatusCode::BAD_REQUEST, "invalid_wasm"),
         (Method::POST, "/v1/functions?name=x", Some(program(programs::LIBRARY)), StatusCode::BAD_REQUEST, "invalid_wasm"),
         (Method::POST, "/v1/functions?name=x", Some(program(programs::NO_START)), StatusCode::BAD_REQUEST, "invalid_wasm"),

@@ -54,7 +54,7 @@ async fn a_job_can_be_followed_as_server_sent_events() {
     let text = tokio::time::timeout(Duration::from_secs(20), res.text()).await.expect("stream ends with the job").unwrap();
     assert!(text.contains("event: status"), "{text}");
     assert!(text.contains("event: stdout") && text.contains("sleeping"), "{text}");
-    let last = text.lines().filter(|l| l.starts_with("data:")).next_back().unwrap();
+    let last = text.lines().rfind(|l| l.starts_with("data:")).unwrap();
     let last: serde_json::Value = serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
     assert_eq!(last["status"], "succeeded");
     assert_eq!(last["record"]["stdout"], "sleeping\nwoke up\n");
