@@ -83,10 +83,25 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    const GRACE: Duration = Duration::from_secs(10);
     let scheduler = state.runtime.scheduler.clone();
     let app = router(state);
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
-    scheduler.shutdown(Duration::from_secs(10)).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
+    // Long-polls and event streams may hold connections open for minutes: past the
+    // grace period they are cut rather than holding the shutdown up.
+    tokio::select! {
+        res = server => res?,
+        _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {
+            tracing::warn!("open connections cut after the shutdown grace period");
+        }
+    }
+    scheduler.shutdown(GRACE).await;
     Ok(())
 }
 

@@ -469,9 +469,9 @@ impl Ended {
 /// `64 MiB`, `1.5 GiB`, `1000 bytes`.
 fn bytes_text(n: u64) -> String {
     const MIB: u64 = 1 << 20;
-    if n >= 1 << 30 && n % (1 << 30) == 0 {
+    if n >= 1 << 30 && n.is_multiple_of(1 << 30) {
         format!("{} GiB", n >> 30)
-    } else if n >= MIB && n % MIB == 0 {
+    } else if n >= MIB && n.is_multiple_of(MIB) {
         format!("{} MiB", n >> 20)
     } else if n >= MIB {
         format!("{:.1} MiB ({n} bytes)", n as f64 / MIB as f64)

@@ -44,9 +44,11 @@ pub(super) fn wasmtime_config(config: &WasmConfig) -> Config {
         .max_tables_per_component(8)
         .total_stacks(instances)
         .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
-        // Keep the first pages of a freed slot resident: a small guest reuses them
-        // without page faults, at a bounded cost (instances × this).
-        .linear_memory_keep_resident(256 << 10)
+        // Keep the first 2 MiB of a freed slot resident (zeroed, not decommitted): a
+        // small guest (a Rust program's 1 MiB stack and its data) then reuses them
+        // without page faults. Costs up to this much per warm slot (wasmtime keeps at
+        // most 100 unused warm slots by default); measured in benches/README.md.
+        .linear_memory_keep_resident(2 << 20)
         .table_keep_resident(16 << 10);
 
     let mut cfg = Config::new();
