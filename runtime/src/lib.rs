@@ -11,18 +11,17 @@
 //!   cancellation, live events and recovery at start-up.
 //!
 //! # Example
-//! ```no_run
-//! # async fn demo() -> anyhow::Result<()> {
-//! use std::sync::Arc;
+//! ```
+//! # #[tokio::main] async fn main() -> anyhow::Result<()> {
 //! use cloudpipe_runtime::{Runtime, RuntimeConfig};
 //! let dir = tempfile::tempdir()?;
 //! let rt = Runtime::start(RuntimeConfig::new(dir.path())).await?;
-//! let wasm = std::fs::read("hello.wasm")?;
+//! let wasm = wat::parse_str(include_str!("../../examples/hello.wat"))?;
 //! rt.registry.upload(Some("hello".into()), wasm.into()).await?;
-//! let spec = serde_json::from_str(r#"{"function": "hello", "args": ["world"]}"#)?;
-//! let job = rt.scheduler.submit(spec).await?;
-//! let done = rt.scheduler.wait(job.id, std::time::Duration::from_secs(10)).await?;
-//! println!("{}", String::from_utf8_lossy(&done.unwrap().stdout));
+//! let spec = serde_json::from_str(r#"{"function": "hello", "args": ["docs"]}"#)?;
+//! let job = rt.scheduler.submit(spec).await?.job().clone();
+//! let done = rt.scheduler.wait(job.id, std::time::Duration::from_secs(10)).await?.unwrap();
+//! assert_eq!(done.stdout, b"hello, docs!\n");
 //! # Ok(()) }
 //! ```
 

@@ -18,6 +18,7 @@ fn main() {
     let guest = programs.join("guest");
     let wat_dir = programs.join("wat");
 
+    ensure_target();
     let mut consts = String::new();
     for (name, path) in build_guests(&guest, &out_dir.join("guest-target")) {
         consts += &constant(&name, &path);
@@ -26,6 +27,25 @@ fn main() {
         consts += &constant(&name, &path);
     }
     fs::write(out_dir.join("programs.rs"), consts).unwrap();
+}
+
+/// A fresh machine may lack the guests' target: add it (as `rustup target add` would
+/// be the first thing a developer is told to run) rather than fail the whole build.
+fn ensure_target() {
+    let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
+    let libdir = Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
+    let installed = libdir.ok().filter(|o| o.status.success()).is_some_and(|o| {
+        Path::new(String::from_utf8_lossy(&o.stdout).trim()).exists()
+    });
+    if installed {
+        return;
+    }
+    println!("cargo:warning=the {TARGET} target is missing; running `rustup target add {TARGET}`");
+    let added = Command::new("rustup").args(["target", "add", TARGET]).status();
+    assert!(
+        added.is_ok_and(|s| s.success()),
+        "the {TARGET} target is missing and `rustup target add {TARGET}` failed: install it and build again"
+    );
 }
 
 /// Runs cargo on the guest crate; returns (bin name, path of its component).
