@@ -7,6 +7,10 @@
 //! the server is retried at most `max_attempts` times in all. At start-up
 //! [`Store::recover`] puts jobs cut off by a crash back in the queue.
 //!
+//! A client that waits for the result (`?wait=`) gets a shorter path still: its job
+//! runs first and, when it ends within a few milliseconds, is written once, finished
+//! ([`Scheduler::submit_and_wait`]).
+//!
 //! Live events (status changes, output chunks) go through an in-memory [`Hub`] to
 //! whoever follows a job; nothing is buffered for jobs nobody follows.
 
@@ -19,7 +23,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use cloudpipe_types::{JobSpec, JobStatus};
 use tracing::Instrument;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::executor::{Executor, OutputSink, OutputStream, RunRequest};
@@ -84,10 +88,13 @@ pub enum LiveEvent {
     Output(OutputStream, Bytes),
 }
 
-/// Fan-out of [`LiveEvent`]s per job, only for jobs someone follows.
+/// Fan-out of a job's life to whoever follows it, only for jobs someone follows:
+/// [`LiveEvent`]s for event streams, and the final job alone for waiters (which are
+/// far more common, so they get a one-shot channel rather than a broadcast one).
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<JobId, broadcast::Sender<LiveEvent>>>,
+    waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<Arc<Job>>>>>,
 }
 
 /// A follower's end of a job's events; stops the fan-out when the last one drops.
@@ -98,8 +105,8 @@ pub struct Subscription {
 }
 
 impl Subscription {
-    /// The next event; `None` if events were missed (the follower lagged) or the
-    /// channel closed. A lagged follower should re-read the job.
+    /// The next event; `Some(Err(n))` if `n` events were missed (the follower lagged,
+    /// and should re-read the job), `None` if the channel closed.
     pub async fn recv(&mut self) -> Option<Result<LiveEvent, u64>> {
         let rx = self.rx.as_mut()?;
         match rx.recv().await {
@@ -120,10 +127,38 @@ impl Drop for Subscription {
     }
 }
 
+/// Resolves with the job once it ends (see [`Hub::watch_end`]).
+struct EndWatch {
+    rx: oneshot::Receiver<Arc<Job>>,
+    hub: Arc<Hub>,
+    id: JobId,
+}
+
+impl Drop for EndWatch {
+    fn drop(&mut self) {
+        self.rx.close();
+        let mut map = self.hub.waiters.lock().unwrap();
+        if let Some(list) = map.get_mut(&self.id) {
+            list.retain(|tx| !tx.is_closed());
+            if list.is_empty() {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
 impl Hub {
+    /// Events of job `id` from now on. Subscribe *before* reading the job, so that
+    /// nothing between the read and the subscription is missed.
     pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
-        let rx = self.channels.lock().unwrap().entry(id).or_insert_with(|| broadcast::channel(1024).0).subscribe();
+        let rx = self.channels.lock().unwrap().entry(id).or_insert_with(|| broadcast::channel(256).0).subscribe();
         Subscription { rx: Some(rx), hub: self.clone(), id }
+    }
+
+    fn watch_end(self: &Arc<Self>, id: JobId) -> EndWatch {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().unwrap().entry(id).or_default().push(tx);
+        EndWatch { rx, hub: self.clone(), id }
     }
 
     fn publish(&self, id: JobId, ev: impl FnOnce() -> LiveEvent) {
@@ -131,6 +166,16 @@ impl Hub {
         if let Some(tx) = map.get(&id) {
             let _ = tx.send(ev());
         }
+    }
+
+    /// The job ended: tell its waiters and followers.
+    fn finished(&self, job: Job) {
+        let job = Arc::new(job);
+        let waiters = self.waiters.lock().unwrap().remove(&job.id);
+        for tx in waiters.into_iter().flatten() {
+            let _ = tx.send(job.clone());
+        }
+        self.publish(job.id, || LiveEvent::Status(job.status, Some(job.clone())));
     }
 }
 
@@ -148,6 +193,9 @@ impl OutputSink for LiveSink {
 /// Run-time histogram buckets, in seconds (Prometheus `le`).
 pub const RUN_TIME_BUCKETS: [f64; 12] =
     [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.25, 1.0, 10.0, 60.0];
+
+/// How long [`Scheduler::submit_and_wait`] lets a job run before writing it.
+pub const FAST_WINDOW: Duration = Duration::from_millis(5);
 
 /// Counters kept in memory for `/metrics`.
 #[derive(Default)]
@@ -253,22 +301,9 @@ impl Scheduler {
     /// ([`Inserted::Existing`]).
     pub async fn submit(&self, spec: JobSpec) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
-        if inner.stopping.is_cancelled() {
-            return Err(SubmitError::ShuttingDown);
-        }
-        let mut job = inner.job_from_spec(spec)?;
-        let meta = inner
-            .store
-            .get_function(&job.function)
-            .await?
-            .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
-        job.function_id = meta.id;
-
+        let mut job = self.prepare(spec).await?;
         // Start at once when a slot is free and nothing waits: saves a commit.
-        let slot = match inner.backlog.load(Ordering::Acquire) {
-            false => inner.slots.clone().try_acquire_owned().ok(),
-            true => None,
-        };
+        let slot = self.free_slot();
         if slot.is_some() {
             job.status = JobStatus::Running;
             job.attempts = 1;
@@ -291,6 +326,72 @@ impl Scheduler {
         }
     }
 
+    /// Submits and waits up to `wait` for the job to end (`POST /v1/jobs?wait=`).
+    ///
+    /// When a slot is free and the job has no idempotency key, the job runs before
+    /// anything is written, and a job that ends within [`FAST_WINDOW`] is written once,
+    /// already finished: one commit instead of two on the path of every short job. The
+    /// caller hears of the job only after that commit, so the promise holds: a job
+    /// the API acknowledged is durable. (A key must be reserved before the run, so
+    /// keyed jobs take the ordinary path.)
+    pub async fn submit_and_wait(&self, spec: JobSpec, wait: Duration) -> Result<Inserted, SubmitError> {
+        let inner = &self.inner;
+        let slot = match spec.idempotency_key.is_none() && !wait.is_zero() {
+            true => self.free_slot(),
+            false => None,
+        };
+        let Some(slot) = slot else {
+            let inserted = self.submit(spec).await?;
+            return self.wait_inserted(inserted, wait).await;
+        };
+        let started = tokio::time::Instant::now();
+        let mut job = self.prepare(spec).await?;
+        job.status = JobStatus::Running;
+        job.attempts = 1;
+        job.started_at = Some(now_micros());
+        let (ack, acked) = oneshot::channel();
+        inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+        inner.spawn_fast_run(job, slot, wait.min(FAST_WINDOW), ack);
+        let inserted = acked.await.map_err(|_| anyhow::anyhow!("the job's task ended before it was written"))??;
+        self.wait_inserted(inserted, wait.saturating_sub(started.elapsed())).await
+    }
+
+    /// The same job once it ended, or as it is when `wait` runs out.
+    async fn wait_inserted(&self, inserted: Inserted, wait: Duration) -> Result<Inserted, SubmitError> {
+        if inserted.job().status.is_terminal() || wait.is_zero() {
+            return Ok(inserted);
+        }
+        let waited = |job: Job| async move { anyhow::Ok(self.wait(job.id, wait).await?.unwrap_or(job)) };
+        Ok(match inserted {
+            Inserted::Created(job) => Inserted::Created(waited(job).await?),
+            Inserted::Existing(job) => Inserted::Existing(waited(job).await?),
+        })
+    }
+
+    /// Checks a spec and resolves its function: the job, not yet written.
+    async fn prepare(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+        let inner = &self.inner;
+        if inner.stopping.is_cancelled() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let mut job = inner.job_from_spec(spec)?;
+        let meta = inner
+            .store
+            .get_function(&job.function)
+            .await?
+            .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
+        job.function_id = meta.id;
+        Ok(job)
+    }
+
+    /// A run slot, if one is free and no queued job is owed it first.
+    fn free_slot(&self) -> Option<OwnedSemaphorePermit> {
+        match self.inner.backlog.load(Ordering::Acquire) {
+            false => self.inner.slots.clone().try_acquire_owned().ok(),
+            true => None,
+        }
+    }
+
     pub async fn get(&self, id: JobId) -> anyhow::Result<Option<Job>> {
         self.inner.store.get_job(id).await
     }
@@ -298,31 +399,16 @@ impl Scheduler {
     /// The job once it is terminal, or as it is when `timeout` runs out.
     /// `None` if there is no such job.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> anyhow::Result<Option<Job>> {
-        // Subscribe before reading, so that an ending between the two is not missed.
-        let mut sub = self.inner.hub.subscribe(id);
+        // Watch before reading, so that an ending between the two is not missed.
+        let mut end = self.inner.hub.watch_end(id);
         let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
         if job.status.is_terminal() || timeout.is_zero() {
             return Ok(Some(job));
         }
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            match tokio::time::timeout_at(deadline, sub.recv()).await {
-                Ok(Some(Ok(LiveEvent::Status(st, Some(done))))) if st.is_terminal() => {
-                    return Ok(Some(Arc::unwrap_or_clone(done)));
-                }
-                Ok(Some(Ok(_))) => continue,
-                // Lagged, closed or timed out: the store has the truth.
-                Ok(Some(Err(_))) | Ok(None) | Err(_) => {
-                    let job = self.inner.store.get_job(id).await?;
-                    if matches!(&job, Some(j) if !j.status.is_terminal())
-                        && tokio::time::Instant::now() < deadline
-                    {
-                        sub = self.inner.hub.subscribe(id);
-                        continue;
-                    }
-                    return Ok(job);
-                }
-            }
+        match tokio::time::timeout(timeout, &mut end.rx).await {
+            Ok(Ok(done)) => Ok(Some(Arc::unwrap_or_clone(done))),
+            // Timed out (or the process is stopping): the store has the truth.
+            _ => self.inner.store.get_job(id).await,
         }
     }
 
@@ -342,7 +428,7 @@ impl Scheduler {
             match job.status {
                 JobStatus::Running => tokio::time::sleep(Duration::from_millis(1)).await,
                 JobStatus::Cancelled => {
-                    inner.hub.publish(id, || LiveEvent::Status(JobStatus::Cancelled, Some(Arc::new(job.clone()))));
+                    inner.hub.finished(job.clone());
                     return Ok(Some(job));
                 }
                 _ => return Ok(Some(job)),
@@ -482,24 +568,84 @@ impl Inner {
     }
 
     fn spawn_run(self: &Arc<Self>, job: Job, slot: OwnedSemaphorePermit) {
-        let token = CancellationToken::new();
-        self.running.lock().unwrap().insert(job.id, token.clone());
+        let token = self.register(job.id);
         let this = self.clone();
-        let span = tracing::info_span!("runtime.run_job", job_id = %job.id, function = %job.function, attempt = job.attempts);
+        let span = run_span(&job);
         self.tasks.spawn(
             async move {
-                this.run(job, token).await;
+                let outcome = this.execute(this.run_request(&job), token).await;
+                this.record(job.id, outcome).await;
                 drop(slot);
             }
             .instrument(span),
         );
     }
 
-    async fn run(self: Arc<Self>, job: Job, cancel: CancellationToken) {
-        let id = job.id;
-        self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
-        let req = RunRequest {
-            job_id: id.to_string(),
+    /// The fast path of [`Scheduler::submit_and_wait`]: runs `job` (already marked
+    /// running) before anything is written. A job done within `window` is written
+    /// once, already finished; a longer one is written `running` when the window
+    /// closes and finished as usual. `ack` gets the first write's result.
+    fn spawn_fast_run(
+        self: &Arc<Self>,
+        job: Job,
+        slot: OwnedSemaphorePermit,
+        window: Duration,
+        ack: oneshot::Sender<anyhow::Result<Inserted>>,
+    ) {
+        let token = self.register(job.id);
+        let this = self.clone();
+        let span = run_span(&job);
+        self.tasks.spawn(
+            async move {
+                let id = job.id;
+                let run = this.execute(this.run_request(&job), token.clone());
+                tokio::pin!(run);
+                let early = tokio::select! {
+                    outcome = &mut run => Some(outcome),
+                    _ = tokio::time::sleep(window) => None,
+                };
+                match early {
+                    Some(outcome) => {
+                        let mut done = job;
+                        done.finish(outcome, now_micros());
+                        let inserted = this.store.insert_job(done).await;
+                        this.running.lock().unwrap().remove(&id);
+                        if let Ok(Inserted::Created(job)) = &inserted {
+                            this.hub.finished(job.clone());
+                        }
+                        let _ = ack.send(inserted);
+                    }
+                    None => {
+                        let inserted = this.store.insert_job(job).await;
+                        let written = matches!(inserted, Ok(Inserted::Created(_)));
+                        let _ = ack.send(inserted);
+                        if !written {
+                            // Not ours to record (a write error): stop the run.
+                            token.cancel();
+                        }
+                        let outcome = run.await;
+                        match written {
+                            true => this.record(id, outcome).await,
+                            false => drop(this.running.lock().unwrap().remove(&id)),
+                        }
+                    }
+                }
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Makes a running job cancellable; [`Inner::record`] undoes it.
+    fn register(&self, id: JobId) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.running.lock().unwrap().insert(id, token.clone());
+        token
+    }
+
+    fn run_request(&self, job: &Job) -> RunRequest {
+        RunRequest {
+            job_id: job.id.to_string(),
             function: job.function.clone(),
             function_id: job.function_id.clone(),
             args: job.args.clone(),
@@ -509,7 +655,13 @@ impl Inner {
             timeout: Duration::from_millis(job.timeout_ms),
             memory_bytes: job.memory_mb << 20,
             output_cap: self.config.output_cap,
-        };
+        }
+    }
+
+    /// Runs one attempt on the executor.
+    async fn execute(&self, req: RunRequest, cancel: CancellationToken) -> JobOutcome {
+        let id: JobId = req.job_id.parse().expect("job ids are UUIDs");
+        self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
         let sink = Arc::new(LiveSink { hub: self.hub.clone(), id });
         let started = Instant::now();
         // A panic inside an executor is our bug, not the guest's: the job fails with
@@ -524,7 +676,13 @@ impl Inner {
         };
         let elapsed = started.elapsed();
         self.metrics.observe_run(elapsed);
-        let status = outcome.status;
+        self.metrics.finished.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(status = outcome.status.as_str(), duration_ms = elapsed.as_secs_f64() * 1000.0, "job ran");
+        outcome
+    }
+
+    /// Writes the outcome of a running job and tells its followers.
+    async fn record(&self, id: JobId, outcome: JobOutcome) {
         let finished = loop {
             match self.store.finish_job(id, outcome.clone(), now_micros()).await {
                 Ok(j) => break j,
@@ -540,11 +698,8 @@ impl Inner {
             }
         };
         self.running.lock().unwrap().remove(&id);
-        self.metrics.finished.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(status = status.as_str(), duration_ms = elapsed.as_secs_f64() * 1000.0, "job finished");
         if let Some(job) = finished {
-            let st = job.status;
-            self.hub.publish(id, || LiveEvent::Status(st, Some(Arc::new(job))));
+            self.hub.finished(job);
         }
     }
 
@@ -568,4 +723,10 @@ impl Inner {
             }
         }
     }
+}
+
+/// The span of one attempt. Debug level: at thousands of jobs a second, formatting
+/// it for every job costs more than the job.
+fn run_span(job: &Job) -> tracing::Span {
+    tracing::debug_span!("runtime.run_job", job_id = %job.id, function = %job.function, attempt = job.attempts)
 }

@@ -78,3 +78,24 @@ async fn a_job_that_keeps_crashing_the_server_stops_at_max_attempts() {
     assert_eq!(job["attempts"], 2);
     assert_eq!(job["error"]["kind"], "attempts_exhausted");
 }
+
+#[tokio::test]
+async fn results_answered_to_waiting_clients_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start_in(dir.path(), &[]).await;
+    s.upload("echo", &program(programs::ECHO)).await;
+    let mut answered = Vec::new();
+    for i in 0..50 {
+        // No idempotency key and a free slot: the short path, one commit per job.
+        let job = s.run(json!({"function": "echo", "args": [i.to_string()]})).await;
+        assert_eq!(job["status"], "succeeded");
+        answered.push(job);
+    }
+    s.kill9();
+    let s = TestServer::start_in(dir.path(), &[]).await;
+    for job in answered {
+        let (st, kept) = s.get(&format!("/v1/jobs/{}", job["id"].as_str().unwrap())).await;
+        assert_eq!(st, StatusCode::OK, "{kept}");
+        assert_eq!(kept, job);
+    }
+}

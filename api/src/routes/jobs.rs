@@ -72,13 +72,9 @@ pub async fn create_job(
     let wait = wait_of(&state, &params)?;
     let bytes = read_body(body, state.config.max_json_body).await?;
     let spec: JobSpec = parse_json(&bytes)?;
-    let (job, code) = match state.runtime.scheduler.submit(spec).await? {
+    let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, wait).await? {
         Inserted::Created(job) => (job, StatusCode::CREATED),
         Inserted::Existing(job) => (job, StatusCode::OK),
-    };
-    let job = match wait.is_zero() || job.status.is_terminal() {
-        true => job,
-        false => state.runtime.scheduler.wait(job.id, wait).await?.unwrap_or(job),
     };
     Ok((code, Json(job.to_record())))
 }

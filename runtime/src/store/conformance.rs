@@ -44,6 +44,7 @@ macro_rules! suite {
             case!(cancel_queued_cancels_only_queued_jobs);
             case!(recover_requeues_ahead_of_newer_jobs_and_exhausts_at_max_attempts);
             case!(job_inserted_running_is_counted_running_and_requeued_by_recover);
+            case!(job_inserted_finished_is_counted_listed_and_purged);
             case!(list_filters_and_pages_newest_first);
             case!(purge_deletes_by_age_and_by_count_with_their_idempotency_keys);
             case!(put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest);
@@ -287,6 +288,29 @@ pub(crate) async fn job_inserted_running_is_counted_running_and_requeued_by_reco
     let done = store.finish_job(job.id, succeeded(b""), 7).await.unwrap().unwrap();
     assert_eq!(done.status, JobStatus::Succeeded);
     assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 1)]);
+}
+
+pub(crate) async fn job_inserted_finished_is_counted_listed_and_purged<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut job = queued_job("f");
+    job.status = JobStatus::Running;
+    job.attempts = 1;
+    job.started_at = Some(10);
+    job.finish(succeeded(b"out"), 20);
+    insert(&store, job.clone()).await;
+    assert_eq!(store.get_job(job.id).await.unwrap().unwrap(), job);
+    assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 1)]);
+    assert_eq!(store.claim_jobs(10, 30).await.unwrap(), [], "not in the queue");
+    assert_eq!(store.recover(30).await.unwrap(), Recovery::default(), "not running");
+    let filter = JobFilter { status: Some(JobStatus::Succeeded), limit: 10, ..JobFilter::default() };
+    assert_eq!(store.list_jobs(&filter).await.unwrap().len(), 1);
+    let by_count = Retention { max_age_micros: u64::MAX, max_finished: 0 };
+    assert_eq!(store.purge_finished(by_count, 40, 10).await.unwrap(), 1);
+    assert_eq!(store.get_job(job.id).await.unwrap(), None);
+    assert_eq!(counts(&store).await, []);
 }
 
 pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(

@@ -128,8 +128,10 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes a job durable. A `Queued` job also gets its queue entry; a job may also
     /// be inserted already `Running` (attempts and `started_at` set) when the
-    /// scheduler has a free slot, which saves a commit. If `job.idempotency_key` is
-    /// already known, nothing is written and the existing job is returned.
+    /// scheduler has a free slot, or already finished when it ran before it was
+    /// written (a waiting client's short job): each saves a commit. If
+    /// `job.idempotency_key` is already known, nothing is written and the existing
+    /// job is returned.
     async fn insert_job(&self, job: Job) -> Result<Inserted>;
 
     /// Takes up to `limit` queued jobs, oldest first, and marks them running:
