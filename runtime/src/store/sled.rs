@@ -35,6 +35,10 @@ use anyhow::{Context, bail};
 use super::Result;
 use super::kv::{Entry, KvBackend, KvRead, KvStore, KvWrite, scan_bounds};
 
+/// Values at least this long may be written as blob files. sled's own threshold is
+/// far higher (a fraction of its 512 KiB segments); erring low costs only a listing.
+const BLOB_HINT: usize = 16 << 10;
+
 /// The store on sled. One per process: sled locks its directory.
 pub type SledStore = KvStore<SledKv>;
 
@@ -85,10 +89,10 @@ impl SledKv {
     }
 
     /// Flushes sled and syncs what its flush leaves unsynced.
-    fn sync(&self) -> Result<()> {
+    fn sync(&self, may_blob: bool) -> Result<()> {
         self.db.flush().context("flushing sled")?;
         self.log.sync_data().context("syncing sled's log")?;
-        self.sync_new_blobs()
+        if may_blob { self.sync_new_blobs() } else { Ok(()) }
     }
 
     fn sync_new_blobs(&self) -> Result<()> {
@@ -140,6 +144,8 @@ impl KvBackend for SledKv {
             // the group read was made durable before earlier writers were answered.
             return Ok(out);
         }
+        // Only a large value can become a blob file: skip listing `blobs/` otherwise.
+        let may_blob = overlay.writes.values().flatten().any(|v| v.len() >= BLOB_HINT);
         let mut batch = sled::Batch::default();
         for (k, v) in overlay.writes {
             match v {
@@ -148,7 +154,7 @@ impl KvBackend for SledKv {
             }
         }
         let applied = self.db.apply_batch(batch).context("applying a batch to sled");
-        if let Err(e) = applied.and_then(|()| self.sync()) {
+        if let Err(e) = applied.and_then(|()| self.sync(may_blob)) {
             self.poisoned.store(true, AtomicOrdering::SeqCst);
             return Err(e);
         }
