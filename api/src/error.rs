@@ -45,7 +45,8 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(e) = &self {
             tracing::error!(error = format!("{e:#}"), "internal error");
         }
-        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
+        let body =
+            ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
         let mut res = (status, Json(body)).into_response();
         if status == StatusCode::SERVICE_UNAVAILABLE {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
@@ -57,9 +58,13 @@ impl IntoResponse for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::FunctionNotFound(f) => ApiError::NotFound(format!("function {f:?} not found")),
+            SubmitError::FunctionNotFound(f) => {
+                ApiError::NotFound(format!("function {f:?} not found"))
+            }
             SubmitError::Invalid(m) => ApiError::bad("invalid_request", m),
-            SubmitError::ShuttingDown => ApiError::Unavailable("the server is shutting down".into()),
+            SubmitError::ShuttingDown => {
+                ApiError::Unavailable("the server is shutting down".into())
+            }
             SubmitError::Internal(e) => ApiError::Internal(e),
         }
     }

@@ -115,7 +115,9 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
     let mut buf = bytes::BytesMut::new();
     let mut seen = 0usize;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::bad("bad_body", format!("could not read the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            ApiError::bad("bad_body", format!("could not read the request body: {e}"))
+        })?;
         seen += chunk.len();
         if seen <= limit {
             buf.extend_from_slice(&chunk);
@@ -134,7 +136,12 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
 
 /// A JSON body parsed with our error shape (axum's own rejections are plain text).
 pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| ApiError::bad("invalid_json", format!("request body is not valid JSON for this endpoint: {e}")))
+    serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::bad(
+            "invalid_json",
+            format!("request body is not valid JSON for this endpoint: {e}"),
+        )
+    })
 }
 
 /// Query-string parameters with our error shape.
@@ -153,7 +160,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
 
 /// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
 pub fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    let bad = || ApiError::bad("invalid_query", format!("bad wait {s:?}: use e.g. 30s, 500ms or 2m"));
+    let bad =
+        || ApiError::bad("invalid_query", format!("bad wait {s:?}: use e.g. 30s, 500ms or 2m"));
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
         Some(i) => s.split_at(i),

@@ -87,8 +87,14 @@ fn default_data_dir() -> PathBuf {
 impl ServeArgs {
     fn runtime_config(&self) -> anyhow::Result<RuntimeConfig> {
         anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
-        anyhow::ensure!(self.default_timeout_ms <= self.max_timeout_ms, "--default-timeout-ms is over --max-timeout-ms");
-        anyhow::ensure!(self.default_memory_mb <= self.max_memory_mb, "--default-memory-mb is over --max-memory-mb");
+        anyhow::ensure!(
+            self.default_timeout_ms <= self.max_timeout_ms,
+            "--default-timeout-ms is over --max-timeout-ms"
+        );
+        anyhow::ensure!(
+            self.default_memory_mb <= self.max_memory_mb,
+            "--default-memory-mb is over --max-memory-mb"
+        );
         let mut c = RuntimeConfig::new(&self.data_dir);
         c.backend = Backend::parse(&self.store).context("unknown --store")?;
         let s = &mut c.scheduler;
@@ -98,16 +104,19 @@ impl ServeArgs {
         s.default_memory_mb = self.default_memory_mb;
         s.max_memory_mb = self.max_memory_mb;
         s.output_cap = self.output_cap;
-        s.retention = Retention { max_age_micros: self.retention_secs * 1_000_000, max_finished: self.retention_max_jobs };
+        s.retention = Retention {
+            max_age_micros: self.retention_secs * 1_000_000,
+            max_finished: self.retention_max_jobs,
+        };
         Ok(c)
     }
 
     async fn start(&self) -> anyhow::Result<(tokio::net::TcpListener, AppState)> {
         let config = self.runtime_config()?;
         let runtime = Runtime::start(config).await?;
-        let listener = tokio::net::TcpListener::bind(self.listen)
-            .await
-            .with_context(|| format!("cannot listen on {} (use --listen to pick another address)", self.listen))?;
+        let listener = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
+            format!("cannot listen on {} (use --listen to pick another address)", self.listen)
+        })?;
         let api = ApiConfig { admin_key: self.admin_key.clone(), ..ApiConfig::default() };
         tracing::info!(listen = %listener.local_addr()?, data_dir = %self.data_dir.display(), store = %self.store, "cloudpipe serving");
         Ok((listener, AppState::new(runtime, api)))
@@ -142,10 +151,19 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let rt = state.runtime.clone();
     let wasm = wat::parse_str(HELLO_WAT).context("compiling the bundled example")?;
-    let f = rt.registry.upload(Some("hello".into()), wasm.into()).await.context("uploading the example")?;
-    let spec = JobSpec { function: "hello".into(), args: vec!["cloudpipe".into()], ..JobSpec::default() };
+    let f = rt
+        .registry
+        .upload(Some("hello".into()), wasm.into())
+        .await
+        .context("uploading the example")?;
+    let spec =
+        JobSpec { function: "hello".into(), args: vec!["cloudpipe".into()], ..JobSpec::default() };
     let job = rt.scheduler.submit(spec).await.context("submitting the example job")?.job().clone();
-    let done = rt.scheduler.wait(job.id, Duration::from_secs(30)).await?.context("the example job vanished")?;
+    let done = rt
+        .scheduler
+        .wait(job.id, Duration::from_secs(30))
+        .await?
+        .context("the example job vanished")?;
     let r = done.to_record();
     println!("function hello ({}) ran as job {}: {}", f.id, r.id, r.status.as_str());
     print!("{}", r.stdout);
@@ -156,7 +174,9 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("\nserving on http://{addr} (Ctrl-C to stop). Try:");
-    println!("  curl -s -XPOST 'http://{addr}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'");
+    println!(
+        "  curl -s -XPOST 'http://{addr}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'"
+    );
     cloudpipe_api::serve(listener, state, shutdown_signal()).await
 }
 

@@ -8,17 +8,39 @@ use crate::routes::{functions, jobs, system};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Cloudpipe", description = "Compute on demand: Wasm functions run as durable jobs."),
+    info(
+        title = "Cloudpipe",
+        description = "Compute on demand: Wasm functions run as durable jobs."
+    ),
     paths(
-        functions::create_function, functions::list_functions, functions::get_function, functions::delete_function,
-        jobs::create_job, jobs::list_jobs, jobs::get_job, jobs::get_job_result, jobs::get_job_stdout,
-        jobs::get_job_stderr, jobs::cancel_job, jobs::job_events,
-        system::get_health, system::get_metrics, system::get_openapi,
+        functions::create_function,
+        functions::list_functions,
+        functions::get_function,
+        functions::delete_function,
+        jobs::create_job,
+        jobs::list_jobs,
+        jobs::get_job,
+        jobs::get_job_result,
+        jobs::get_job_stdout,
+        jobs::get_job_stderr,
+        jobs::cancel_job,
+        jobs::job_events,
+        system::get_health,
+        system::get_metrics,
+        system::get_openapi,
     ),
     components(schemas(
-        cloudpipe_types::FunctionInfo, cloudpipe_types::FunctionKind, cloudpipe_types::FunctionList,
-        cloudpipe_types::JobSpec, cloudpipe_types::JobRecord, cloudpipe_types::JobStatus, cloudpipe_types::JobError,
-        cloudpipe_types::JobList, cloudpipe_types::JobEvent, cloudpipe_types::ErrorBody, cloudpipe_types::ErrorDetail,
+        cloudpipe_types::FunctionInfo,
+        cloudpipe_types::FunctionKind,
+        cloudpipe_types::FunctionList,
+        cloudpipe_types::JobSpec,
+        cloudpipe_types::JobRecord,
+        cloudpipe_types::JobStatus,
+        cloudpipe_types::JobError,
+        cloudpipe_types::JobList,
+        cloudpipe_types::JobEvent,
+        cloudpipe_types::ErrorBody,
+        cloudpipe_types::ErrorDetail,
         cloudpipe_types::Health,
     ))
 )]
@@ -41,6 +63,9 @@ mod tests {
             std::fs::write(path, &doc).unwrap();
         }
         let kept = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(kept == doc, "api/openapi.json is stale: run CLOUDPIPE_WRITE_OPENAPI=1 cargo test -p cloudpipe-api openapi");
+        assert!(
+            kept == doc,
+            "api/openapi.json is stale: run CLOUDPIPE_WRITE_OPENAPI=1 cargo test -p cloudpipe-api openapi"
+        );
     }
 }

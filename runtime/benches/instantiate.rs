@@ -28,10 +28,7 @@ struct Bare {
 
 impl WasiView for Bare {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
     }
 }
 
@@ -53,26 +50,12 @@ impl BareEmbedding {
 
     async fn run(&self) {
         let stdout = MemoryOutputPipe::new(1 << 20);
-        let wasi = WasiCtxBuilder::new()
-            .stdout(stdout.clone())
-            .arg("hello")
-            .build();
-        let mut store = Store::new(
-            &self.engine,
-            Bare {
-                wasi,
-                table: ResourceTable::new(),
-            },
-        );
+        let wasi = WasiCtxBuilder::new().stdout(stdout.clone()).arg("hello").build();
+        let mut store = Store::new(&self.engine, Bare { wasi, table: ResourceTable::new() });
         // Epoch interruption is on in this config; no ticker runs here.
         store.set_epoch_deadline(u64::MAX / 2);
         let command = self.pre.instantiate_async(&mut store).await.unwrap();
-        command
-            .wasi_cli_run()
-            .call_run(&mut store)
-            .await
-            .unwrap()
-            .unwrap();
+        command.wasi_cli_run().call_run(&mut store).await.unwrap().unwrap();
         assert_eq!(&stdout.contents()[..], b"hello, world\n");
     }
 }
@@ -92,11 +75,7 @@ impl ExecutorRun {
             WasmExecutor::new(WasmConfig::default(), &dir.path().join("compiled"), store).unwrap();
         let id = "sha256:".to_string() + &"ab".repeat(32);
         executor.prepare(&id, hello).await.unwrap();
-        ExecutorRun {
-            _dir: dir,
-            executor,
-            id,
-        }
+        ExecutorRun { _dir: dir, executor, id }
     }
 
     async fn run(&self) {
@@ -112,10 +91,8 @@ impl ExecutorRun {
             memory_bytes: 64 << 20,
             output_cap: 1 << 20,
         };
-        let outcome = self
-            .executor
-            .run(req, Arc::new(NoLiveOutput), CancellationToken::new())
-            .await;
+        let outcome =
+            self.executor.run(req, Arc::new(NoLiveOutput), CancellationToken::new()).await;
         assert_eq!(outcome.status, JobStatus::Succeeded);
         assert_eq!(outcome.stdout, b"hello, world\n");
     }
@@ -123,10 +100,7 @@ impl ExecutorRun {
 
 fn main() {
     let hello = std::fs::read(cloudpipe_test_programs_artifacts::HELLO).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let bare = BareEmbedding::new(&hello);
     let exec = rt.block_on(ExecutorRun::new(&hello));
 
@@ -153,16 +127,8 @@ fn main() {
     let (pa, ma) = stats(&mut a);
     let (pb, mb) = stats(&mut b);
     println!("interleaved, {ROUNDS} rounds:");
-    println!(
-        "  bare wasmtime : p50 {:>7.2} µs  mean {:>7.2} µs",
-        micros(pa),
-        micros(ma)
-    );
-    println!(
-        "  executor run  : p50 {:>7.2} µs  mean {:>7.2} µs",
-        micros(pb),
-        micros(mb)
-    );
+    println!("  bare wasmtime : p50 {:>7.2} µs  mean {:>7.2} µs", micros(pa), micros(ma));
+    println!("  executor run  : p50 {:>7.2} µs  mean {:>7.2} µs", micros(pb), micros(mb));
     println!(
         "  ratio         : p50 {:.2}x  mean {:.2}x",
         micros(pb) / micros(pa),

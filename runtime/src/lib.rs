@@ -28,9 +28,9 @@
 pub mod executor;
 pub mod job;
 pub mod registry;
+mod runtime;
 pub mod scheduler;
 pub mod store;
-mod runtime;
 
 pub use executor::{Executor, OutputSink, OutputStream, RunRequest};
 pub use job::{Job, JobId, JobOutcome};
@@ -45,14 +45,18 @@ mod tests {
     /// from 48.0.4: the lockfile must never resolve to an older 48.x.
     #[test]
     fn wasmtime_is_past_the_fixed_advisories() {
-        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock")).unwrap();
         for krate in ["wasmtime", "wasmtime-wasi"] {
             let header = format!("name = \"{krate}\"\nversion = \"");
             let at = lock.find(&header).unwrap_or_else(|| panic!("{krate} not in Cargo.lock"));
             let rest = &lock[at + header.len()..];
             let version = &rest[..rest.find('"').unwrap()];
             let parts: Vec<u64> = version.split('.').map(|p| p.parse().unwrap()).collect();
-            assert!(parts >= vec![48, 0, 4], "{krate} {version} predates the advisory fixes (need >= 48.0.4)");
+            assert!(
+                parts >= vec![48, 0, 4],
+                "{krate} {version} predates the advisory fixes (need >= 48.0.4)"
+            );
         }
     }
 }

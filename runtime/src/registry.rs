@@ -14,7 +14,9 @@ use crate::store::{FunctionMeta, Store};
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum UploadError {
-    #[error("invalid function name {0:?}: use 1 to 63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit")]
+    #[error(
+        "invalid function name {0:?}: use 1 to 63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit"
+    )]
     BadName(String),
     #[error("function binary is {size} bytes, over the limit of {limit} bytes")]
     TooLarge { size: usize, limit: usize },
@@ -39,8 +41,9 @@ pub fn function_id(binary: &[u8]) -> String {
 
 /// True for a well-formed content address.
 pub fn is_function_id(s: &str) -> bool {
-    s.strip_prefix("sha256:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)))
+    s.strip_prefix("sha256:").is_some_and(|h| {
+        h.len() == 64 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
 }
 
 /// Names are URL path segments and DNS-label-like: `[a-z0-9][a-z0-9_-]{0,62}`.
@@ -49,7 +52,8 @@ pub fn is_valid_name(name: &str) -> bool {
     !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_')
 }
 
 impl FunctionRegistry {
@@ -65,7 +69,11 @@ impl FunctionRegistry {
 
     /// Checks, prepares and stores `binary`, pointing `name` at it when given.
     /// Uploading the same binary again is cheap and returns the same id.
-    pub async fn upload(&self, name: Option<String>, binary: Bytes) -> Result<FunctionMeta, UploadError> {
+    pub async fn upload(
+        &self,
+        name: Option<String>,
+        binary: Bytes,
+    ) -> Result<FunctionMeta, UploadError> {
         if let Some(n) = &name
             && !is_valid_name(n)
         {
@@ -79,7 +87,8 @@ impl FunctionRegistry {
             PrepareError::Invalid(m) => UploadError::Invalid(m),
             PrepareError::Internal(e) => UploadError::Internal(e),
         })?;
-        let meta = FunctionMeta { id, name, kind, size: binary.len() as u64, created_at: now_micros() };
+        let meta =
+            FunctionMeta { id, name, kind, size: binary.len() as u64, created_at: now_micros() };
         let stored = self.store.put_function(meta, binary).await?;
         tracing::info!(function = stored.name.as_deref().unwrap_or(""), id = %stored.id, kind = stored.kind.as_str(), size = stored.size, "function uploaded");
         Ok(stored)

@@ -60,9 +60,14 @@ impl Runtime {
         let mut wasm = config.wasm.clone();
         wasm.max_instances = wasm.max_instances.max(config.scheduler.concurrency as u32);
         wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
-        let executor = Arc::new(WasmExecutor::new(wasm, &cache_dir, store.clone()).context("starting the wasm executor")?);
-        let registry = FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
-        let scheduler = Scheduler::start(store.clone(), executor.clone(), config.scheduler.clone()).await?;
+        let executor = Arc::new(
+            WasmExecutor::new(wasm, &cache_dir, store.clone())
+                .context("starting the wasm executor")?,
+        );
+        let registry =
+            FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
+        let scheduler =
+            Scheduler::start(store.clone(), executor.clone(), config.scheduler.clone()).await?;
         Ok(Runtime { store, executor, registry, scheduler })
     }
 }

@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use cloudpipe_types::{JobSpec, JobStatus};
-use tracing::Instrument;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::executor::{Executor, OutputSink, OutputStream, RunRequest};
 use crate::job::{Job, JobId, JobOutcome, now_micros};
@@ -61,7 +61,10 @@ impl Default for SchedulerConfig {
             default_max_attempts: 3,
             output_cap: 1 << 20,
             max_stdin: 6 << 20,
-            retention: Retention { max_age_micros: 7 * 24 * 3600 * 1_000_000, max_finished: 1_000_000 },
+            retention: Retention {
+                max_age_micros: 7 * 24 * 3600 * 1_000_000,
+                max_finished: 1_000_000,
+            },
             retention_interval: Duration::from_secs(1),
         }
     }
@@ -151,7 +154,13 @@ impl Hub {
     /// Events of job `id` from now on. Subscribe *before* reading the job, so that
     /// nothing between the read and the subscription is missed.
     pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
-        let rx = self.channels.lock().unwrap().entry(id).or_insert_with(|| broadcast::channel(256).0).subscribe();
+        let rx = self
+            .channels
+            .lock()
+            .unwrap()
+            .entry(id)
+            .or_insert_with(|| broadcast::channel(256).0)
+            .subscribe();
         Subscription { rx: Some(rx), hub: self.clone(), id }
     }
 
@@ -255,7 +264,11 @@ impl Scheduler {
     ) -> anyhow::Result<Scheduler> {
         let rec = store.recover(now_micros()).await?;
         if rec.requeued + rec.exhausted > 0 {
-            tracing::warn!(requeued = rec.requeued, exhausted = rec.exhausted, "recovered jobs cut off by a restart");
+            tracing::warn!(
+                requeued = rec.requeued,
+                exhausted = rec.exhausted,
+                "recovered jobs cut off by a restart"
+            );
         }
         let inner = Arc::new(Inner {
             slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
@@ -334,7 +347,11 @@ impl Scheduler {
     /// caller hears of the job only after that commit, so the promise holds: a job
     /// the API acknowledged is durable. (A key must be reserved before the run, so
     /// keyed jobs take the ordinary path.)
-    pub async fn submit_and_wait(&self, spec: JobSpec, wait: Duration) -> Result<Inserted, SubmitError> {
+    pub async fn submit_and_wait(
+        &self,
+        spec: JobSpec,
+        wait: Duration,
+    ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
         let slot = match spec.idempotency_key.is_none() && !wait.is_zero() {
             true => self.free_slot(),
@@ -352,16 +369,23 @@ impl Scheduler {
         let (ack, acked) = oneshot::channel();
         inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
         inner.spawn_fast_run(job, slot, wait.min(FAST_WINDOW), ack);
-        let inserted = acked.await.map_err(|_| anyhow::anyhow!("the job's task ended before it was written"))??;
+        let inserted = acked
+            .await
+            .map_err(|_| anyhow::anyhow!("the job's task ended before it was written"))??;
         self.wait_inserted(inserted, wait.saturating_sub(started.elapsed())).await
     }
 
     /// The same job once it ended, or as it is when `wait` runs out.
-    async fn wait_inserted(&self, inserted: Inserted, wait: Duration) -> Result<Inserted, SubmitError> {
+    async fn wait_inserted(
+        &self,
+        inserted: Inserted,
+        wait: Duration,
+    ) -> Result<Inserted, SubmitError> {
         if inserted.job().status.is_terminal() || wait.is_zero() {
             return Ok(inserted);
         }
-        let waited = |job: Job| async move { anyhow::Ok(self.wait(job.id, wait).await?.unwrap_or(job)) };
+        let waited =
+            |job: Job| async move { anyhow::Ok(self.wait(job.id, wait).await?.unwrap_or(job)) };
         Ok(match inserted {
             Inserted::Created(job) => Inserted::Created(waited(job).await?),
             Inserted::Existing(job) => Inserted::Existing(waited(job).await?),
@@ -424,7 +448,9 @@ impl Scheduler {
                 token.cancel();
                 return self.wait(id, Duration::from_secs(5)).await;
             }
-            let Some(job) = inner.store.cancel_queued_job(id, now_micros()).await? else { return Ok(None) };
+            let Some(job) = inner.store.cancel_queued_job(id, now_micros()).await? else {
+                return Ok(None);
+            };
             match job.status {
                 JobStatus::Running => tokio::time::sleep(Duration::from_millis(1)).await,
                 JobStatus::Cancelled => {
@@ -445,7 +471,10 @@ impl Scheduler {
         inner.tasks.close();
         if tokio::time::timeout(grace, inner.tasks.wait()).await.is_err() {
             let n = inner.running.lock().unwrap().len();
-            tracing::warn!(running = n, "shutdown grace ran out; running jobs will be retried at the next start");
+            tracing::warn!(
+                running = n,
+                "shutdown grace ran out; running jobs will be retried at the next start"
+            );
         }
     }
 }
@@ -458,23 +487,36 @@ impl Inner {
             return invalid("`function` must name a function or give its id (sha256:…)".into());
         }
         if spec.function.starts_with("sha256:") && !is_function_id(&spec.function) {
-            return invalid(format!("{:?} is not a function id (sha256: and 64 lowercase hex digits)", spec.function));
+            return invalid(format!(
+                "{:?} is not a function id (sha256: and 64 lowercase hex digits)",
+                spec.function
+            ));
         }
         let stdin = match (spec.stdin, spec.stdin_base64) {
-            (Some(_), Some(_)) => return invalid("give `stdin` or `stdin_base64`, not both".into()),
+            (Some(_), Some(_)) => {
+                return invalid("give `stdin` or `stdin_base64`, not both".into());
+            }
             (Some(s), None) => s.into_bytes(),
-            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.as_bytes()) {
+            (None, Some(b)) => match base64::engine::general_purpose::STANDARD.decode(b.as_bytes())
+            {
                 Ok(v) => v,
                 Err(e) => return invalid(format!("`stdin_base64` is not valid base64: {e}")),
             },
             (None, None) => Vec::new(),
         };
         if stdin.len() > c.max_stdin {
-            return invalid(format!("stdin is {} bytes, over the limit of {} bytes", stdin.len(), c.max_stdin));
+            return invalid(format!(
+                "stdin is {} bytes, over the limit of {} bytes",
+                stdin.len(),
+                c.max_stdin
+            ));
         }
         let timeout_ms = spec.timeout_ms.unwrap_or(c.default_timeout.as_millis() as u64);
         if timeout_ms == 0 || timeout_ms > c.max_timeout.as_millis() as u64 {
-            return invalid(format!("`timeout_ms` must be between 1 and {}", c.max_timeout.as_millis()));
+            return invalid(format!(
+                "`timeout_ms` must be between 1 and {}",
+                c.max_timeout.as_millis()
+            ));
         }
         let memory_mb = spec.memory_mb.unwrap_or(c.default_memory_mb);
         if memory_mb == 0 || memory_mb > c.max_memory_mb {
@@ -486,7 +528,9 @@ impl Inner {
         }
         for (k, v) in &spec.env {
             if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                return invalid(format!("environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values)"));
+                return invalid(format!(
+                    "environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values)"
+                ));
             }
         }
         if spec.args.iter().any(|a| a.contains('\0')) {
@@ -667,17 +711,26 @@ impl Inner {
         // A panic inside an executor is our bug, not the guest's: the job fails with
         // `internal` rather than staying `running` until the next restart.
         let executor = self.executor.clone();
-        let outcome = match tokio::spawn(async move { executor.run(req, sink, cancel).await }).await {
+        let outcome = match tokio::spawn(async move { executor.run(req, sink, cancel).await }).await
+        {
             Ok(outcome) => outcome,
             Err(e) => {
                 tracing::error!("executor failed: {e}");
-                JobOutcome::error(JobStatus::Failed, "internal", "the executor failed; see the server log")
+                JobOutcome::error(
+                    JobStatus::Failed,
+                    "internal",
+                    "the executor failed; see the server log",
+                )
             }
         };
         let elapsed = started.elapsed();
         self.metrics.observe_run(elapsed);
         self.metrics.finished.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(status = outcome.status.as_str(), duration_ms = elapsed.as_secs_f64() * 1000.0, "job ran");
+        tracing::debug!(
+            status = outcome.status.as_str(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            "job ran"
+        );
         outcome
     }
 
@@ -713,7 +766,9 @@ impl Inner {
             }
             loop {
                 match self.store.purge_finished(self.config.retention, now_micros(), BATCH).await {
-                    Ok(n) if n == BATCH && !self.stopping.is_cancelled() => tokio::task::yield_now().await,
+                    Ok(n) if n == BATCH && !self.stopping.is_cancelled() => {
+                        tokio::task::yield_now().await
+                    }
                     Ok(_) => break,
                     Err(e) => {
                         tracing::error!(error = format!("{e:#}"), "retention failed");

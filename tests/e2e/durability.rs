@@ -38,14 +38,17 @@ async fn jobs_survive_kill_9(backend: &str) {
         assert_eq!(job["status"], "succeeded", "{backend}: job {i} {job}");
         *attempts.entry(job["attempts"].as_u64().unwrap()).or_insert(0) += 1;
         if i >= 40 {
-            assert!(job["stdout"].as_str().unwrap().starts_with(&format!("argv=[\"echo\", \"{i}\"]")));
+            assert!(
+                job["stdout"].as_str().unwrap().starts_with(&format!("argv=[\"echo\", \"{i}\"]"))
+            );
         }
     }
     // The sleepers were cut off once: two attempts each.
     assert_eq!(attempts.get(&2).copied().unwrap_or(0), 40, "{backend}: attempts {attempts:?}");
     assert_eq!(attempts.get(&1).copied().unwrap_or(0), 60, "{backend}: attempts {attempts:?}");
     // Idempotency keys survived too: resubmitting returns the same job.
-    let (st, again) = s.post_json("/v1/jobs", &json!({"function": "echo", "idempotency_key": "k50"})).await;
+    let (st, again) =
+        s.post_json("/v1/jobs", &json!({"function": "echo", "idempotency_key": "k50"})).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(again["id"], ids[50].as_str());
     assert_eq!(s.metric("cloudpipe_jobs{status=\"succeeded\"}").await, 100.0);
@@ -66,7 +69,9 @@ async fn a_job_that_keeps_crashing_the_server_stops_at_max_attempts() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_in(dir.path(), &[]).await;
     s.upload("sleep", &program(programs::SLEEP)).await;
-    let (_, job) = s.post_json("/v1/jobs", &json!({"function": "sleep", "args": ["30"], "max_attempts": 2})).await;
+    let (_, job) = s
+        .post_json("/v1/jobs", &json!({"function": "sleep", "args": ["30"], "max_attempts": 2}))
+        .await;
     let id = job["id"].as_str().unwrap().to_string();
     for _ in 0..2 {
         tokio::time::sleep(Duration::from_millis(300)).await;

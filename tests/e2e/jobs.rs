@@ -37,7 +37,12 @@ async fn args_env_and_stdin_go_in_and_stdout_stderr_exit_code_come_out_exactly()
     assert_eq!(ok["exit_code"], 0);
     assert!(ok["error"].is_null(), "{ok}");
     // Raw bytes of stdout, binary stdin intact.
-    let raw = s.client.get(format!("{}/v1/jobs/{}/stdout", s.url, ok["id"].as_str().unwrap())).send().await.unwrap();
+    let raw = s
+        .client
+        .get(format!("{}/v1/jobs/{}/stdout", s.url, ok["id"].as_str().unwrap()))
+        .send()
+        .await
+        .unwrap();
     let bytes = raw.bytes().await.unwrap();
     assert!(bytes.ends_with(b"stdin=\x00\x01\xff"), "{bytes:?}");
 }
@@ -51,11 +56,15 @@ async fn a_job_can_be_followed_as_server_sent_events() {
     let id = job["id"].as_str().unwrap();
     let res = s.client.get(format!("{}/v1/jobs/{id}/events", s.url)).send().await.unwrap();
     assert_eq!(res.headers()["content-type"], "text/event-stream");
-    let text = tokio::time::timeout(Duration::from_secs(20), res.text()).await.expect("stream ends with the job").unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(20), res.text())
+        .await
+        .expect("stream ends with the job")
+        .unwrap();
     assert!(text.contains("event: status"), "{text}");
     assert!(text.contains("event: stdout") && text.contains("sleeping"), "{text}");
     let last = text.lines().rfind(|l| l.starts_with("data:")).unwrap();
-    let last: serde_json::Value = serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
+    let last: serde_json::Value =
+        serde_json::from_str(last.trim_start_matches("data:").trim()).unwrap();
     assert_eq!(last["status"], "succeeded");
     assert_eq!(last["record"]["stdout"], "sleeping\nwoke up\n");
 }
@@ -80,7 +89,8 @@ async fn cancelling_a_running_job_stops_it_within_100ms() {
     s.upload("loop", &program(programs::LOOP_FOREVER)).await;
     s.upload("sleep", &program(programs::SLEEP)).await;
     for function in ["loop", "sleep"] {
-        let (_, job) = s.post_json("/v1/jobs", &json!({"function": function, "timeout_ms": 60000})).await;
+        let (_, job) =
+            s.post_json("/v1/jobs", &json!({"function": function, "timeout_ms": 60000})).await;
         let id = job["id"].as_str().unwrap();
         assert_eq!(job["status"], "running");
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -141,7 +151,12 @@ async fn jobs_are_listed_newest_first_with_filters_and_cursor() {
         ids.push(job["id"].as_str().unwrap().to_string());
     }
     let (_, page1) = s.get("/v1/jobs?limit=2").await;
-    let got: Vec<_> = page1["jobs"].as_array().unwrap().iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    let got: Vec<_> = page1["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(got, [ids[4].clone(), ids[3].clone()]);
     let cursor = page1["next_cursor"].as_str().unwrap();
     let (_, page2) = s.get(&format!("/v1/jobs?limit=10&cursor={cursor}")).await;

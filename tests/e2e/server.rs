@@ -46,7 +46,8 @@ impl TestServer {
             let mut tx = Some(tx);
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if line.contains("cloudpipe serving")
-                    && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+                    && let Some(addr) =
+                        line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
                     && let Some(tx) = tx.take()
                 {
                     let _ = tx.send(addr.to_string());
@@ -91,7 +92,13 @@ impl TestServer {
     }
 
     pub async fn upload(&self, name: &str, wasm: &[u8]) -> Value {
-        let (st, body) = self.request(reqwest::Method::POST, &format!("/v1/functions?name={name}"), Some(wasm.to_vec())).await;
+        let (st, body) = self
+            .request(
+                reqwest::Method::POST,
+                &format!("/v1/functions?name={name}"),
+                Some(wasm.to_vec()),
+            )
+            .await;
         assert_eq!(st, StatusCode::CREATED, "upload of {name}: {body}");
         body
     }
@@ -112,7 +119,12 @@ impl TestServer {
         self.request(reqwest::Method::GET, path, None).await
     }
 
-    pub async fn request(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> (StatusCode, Value) {
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
         let mut req = self.client.request(method, format!("{}{path}", self.url));
         if let Some(b) = body {
             req = req.body(b);
@@ -120,7 +132,8 @@ impl TestServer {
         let res = req.send().await.unwrap_or_else(|e| panic!("{path}: {e}\n{}", self.log()));
         let st = res.status();
         let bytes = res.bytes().await.unwrap();
-        let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
+        let v = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| json!({"raw": String::from_utf8_lossy(&bytes)}));
         (st, v)
     }
 
@@ -133,7 +146,15 @@ impl TestServer {
 
     /// A metric's value from `/metrics` (the first line starting with `name`).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self.client.get(format!("{}/metrics", self.url)).send().await.unwrap().text().await.unwrap();
+        let text = self
+            .client
+            .get(format!("{}/metrics", self.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         text.lines()
             .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
             .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))

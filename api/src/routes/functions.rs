@@ -20,7 +20,13 @@ pub fn router() -> Router<AppState> {
 }
 
 pub(crate) fn info(m: FunctionMeta) -> FunctionInfo {
-    FunctionInfo { id: m.id, name: m.name, kind: m.kind, size: m.size, created_at: rfc3339(m.created_at) }
+    FunctionInfo {
+        id: m.id,
+        name: m.name,
+        kind: m.kind,
+        size: m.size,
+        created_at: rfc3339(m.created_at),
+    }
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -57,7 +63,10 @@ pub async fn list_functions(State(state): State<AppState>) -> Result<Json<Functi
 #[utoipa::path(get, path = "/v1/functions/{name}", tag = "functions",
     params(("name" = String, Path, description = "name or sha256: id")),
     responses((status = 200, body = FunctionInfo), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn get_function(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<FunctionInfo>, ApiError> {
+pub async fn get_function(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<FunctionInfo>, ApiError> {
     match state.runtime.registry.get(&name).await? {
         Some(m) => Ok(Json(info(m))),
         None => Err(ApiError::NotFound(format!("function {name:?} not found"))),
@@ -68,7 +77,10 @@ pub async fn get_function(State(state): State<AppState>, Path(name): Path<String
 #[utoipa::path(delete, path = "/v1/functions/{name}", tag = "functions",
     params(("name" = String, Path, description = "name or sha256: id")),
     responses((status = 200, body = FunctionList, description = "what was deleted"), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn delete_function(State(state): State<AppState>, Path(name): Path<String>) -> Result<Json<FunctionList>, ApiError> {
+pub async fn delete_function(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<FunctionList>, ApiError> {
     let deleted = state.runtime.registry.delete(&name).await?;
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));

@@ -97,7 +97,10 @@ pub struct ListParams {
 /// Lists jobs, newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
     responses((status = 200, body = JobList), (status = 400, body = cloudpipe_types::ErrorBody)))]
-pub async fn list_jobs(State(state): State<AppState>, Q(p): Q<ListParams>) -> Result<Json<JobList>, ApiError> {
+pub async fn list_jobs(
+    State(state): State<AppState>,
+    Q(p): Q<ListParams>,
+) -> Result<Json<JobList>, ApiError> {
     let status = match &p.status {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
             ApiError::bad("invalid_query", format!("unknown status {s:?}: use queued, running, succeeded, failed, timed_out or cancelled"))
@@ -109,7 +112,10 @@ pub async fn list_jobs(State(state): State<AppState>, Q(p): Q<ListParams>) -> Re
         return Err(ApiError::bad("invalid_query", "`limit` must be between 1 and 1000"));
     }
     let before = match &p.cursor {
-        Some(c) => Some(c.parse::<JobId>().map_err(|_| ApiError::bad("invalid_query", format!("bad cursor {c:?}")))?),
+        Some(c) => Some(
+            c.parse::<JobId>()
+                .map_err(|_| ApiError::bad("invalid_query", format!("bad cursor {c:?}")))?,
+        ),
         None => None,
     };
     let filter = JobFilter { status, tag: p.tag, function: p.function, before, limit: limit + 1 };
@@ -126,7 +132,10 @@ pub async fn list_jobs(State(state): State<AppState>, Q(p): Q<ListParams>) -> Re
 /// A job's record.
 #[utoipa::path(get, path = "/v1/jobs/{id}", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+pub async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
     Ok(Json(load(&state, &id).await?.to_record()))
 }
 
@@ -142,7 +151,8 @@ pub async fn get_job_result(
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     params.wait.get_or_insert_with(|| "30s".into());
     let wait = wait_of(&state, &params)?;
-    let job = state.runtime.scheduler.wait(job_id(&id)?, wait).await?.ok_or_else(|| not_found(&id))?;
+    let job =
+        state.runtime.scheduler.wait(job_id(&id)?, wait).await?.ok_or_else(|| not_found(&id))?;
     let code = if job.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((code, Json(job.to_record())))
 }
@@ -154,14 +164,20 @@ fn raw(bytes: Vec<u8>) -> Response {
 /// A job's standard output as raw bytes.
 #[utoipa::path(get, path = "/v1/jobs/{id}/stdout", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn get_job_stdout(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_job_stdout(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &id).await?.stdout))
 }
 
 /// A job's standard error as raw bytes.
 #[utoipa::path(get, path = "/v1/jobs/{id}/stderr", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn get_job_stderr(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub async fn get_job_stderr(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &id).await?.stderr))
 }
 
@@ -169,7 +185,10 @@ pub async fn get_job_stderr(State(state): State<AppState>, Path(id): Path<String
 /// that already ended is returned unchanged.
 #[utoipa::path(post, path = "/v1/jobs/{id}/cancel", tag = "jobs", params(("id" = String, Path)),
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
-pub async fn cancel_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobRecord>, ApiError> {
+pub async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobRecord>, ApiError> {
     let job = state.runtime.scheduler.cancel(job_id(&id)?).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(job.to_record()))
 }

@@ -38,22 +38,56 @@ pub async fn get_metrics(State(state): State<AppState>) -> Result<impl IntoRespo
     let sched = &state.runtime.scheduler;
     let m = sched.metrics();
     let mut out = String::with_capacity(2048);
-    let _ = writeln!(out, "# HELP cloudpipe_jobs Jobs in the store, by status.\n# TYPE cloudpipe_jobs gauge");
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_jobs Jobs in the store, by status.\n# TYPE cloudpipe_jobs gauge"
+    );
     for st in JobStatus::ALL {
-        let _ = writeln!(out, "cloudpipe_jobs{{status=\"{}\"}} {}", st.as_str(), counts.get(&st).copied().unwrap_or(0));
+        let _ = writeln!(
+            out,
+            "cloudpipe_jobs{{status=\"{}\"}} {}",
+            st.as_str(),
+            counts.get(&st).copied().unwrap_or(0)
+        );
     }
     let queued = counts.get(&JobStatus::Queued).copied().unwrap_or(0);
-    let _ = writeln!(out, "# HELP cloudpipe_queue_depth Jobs waiting for a run slot.\n# TYPE cloudpipe_queue_depth gauge\ncloudpipe_queue_depth {queued}");
-    let _ = writeln!(out, "# HELP cloudpipe_jobs_running_local Jobs running in this process.\n# TYPE cloudpipe_jobs_running_local gauge\ncloudpipe_jobs_running_local {}", sched.running());
-    let _ = writeln!(out, "# HELP cloudpipe_jobs_submitted_total Jobs accepted since start.\n# TYPE cloudpipe_jobs_submitted_total counter\ncloudpipe_jobs_submitted_total {}", m.submitted.load(Ordering::Relaxed));
-    let _ = writeln!(out, "# HELP cloudpipe_wasm_compiles_total Wasm binaries compiled since start (cache misses).\n# TYPE cloudpipe_wasm_compiles_total counter\ncloudpipe_wasm_compiles_total {}", state.runtime.executor.compiles());
-    let _ = writeln!(out, "# HELP cloudpipe_job_run_seconds Run time of job attempts.\n# TYPE cloudpipe_job_run_seconds histogram");
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_queue_depth Jobs waiting for a run slot.\n# TYPE cloudpipe_queue_depth gauge\ncloudpipe_queue_depth {queued}"
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_jobs_running_local Jobs running in this process.\n# TYPE cloudpipe_jobs_running_local gauge\ncloudpipe_jobs_running_local {}",
+        sched.running()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_jobs_submitted_total Jobs accepted since start.\n# TYPE cloudpipe_jobs_submitted_total counter\ncloudpipe_jobs_submitted_total {}",
+        m.submitted.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_wasm_compiles_total Wasm binaries compiled since start (cache misses).\n# TYPE cloudpipe_wasm_compiles_total counter\ncloudpipe_wasm_compiles_total {}",
+        state.runtime.executor.compiles()
+    );
+    let _ = writeln!(
+        out,
+        "# HELP cloudpipe_job_run_seconds Run time of job attempts.\n# TYPE cloudpipe_job_run_seconds histogram"
+    );
     for (i, le) in RUN_TIME_BUCKETS.iter().enumerate() {
-        let _ = writeln!(out, "cloudpipe_job_run_seconds_bucket{{le=\"{le}\"}} {}", m.run_time_buckets[i].load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "cloudpipe_job_run_seconds_bucket{{le=\"{le}\"}} {}",
+            m.run_time_buckets[i].load(Ordering::Relaxed)
+        );
     }
     let total = m.run_time_buckets[RUN_TIME_BUCKETS.len()].load(Ordering::Relaxed);
     let _ = writeln!(out, "cloudpipe_job_run_seconds_bucket{{le=\"+Inf\"}} {total}");
-    let _ = writeln!(out, "cloudpipe_job_run_seconds_sum {}", m.run_time_sum_micros.load(Ordering::Relaxed) as f64 / 1e6);
+    let _ = writeln!(
+        out,
+        "cloudpipe_job_run_seconds_sum {}",
+        m.run_time_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+    );
     let _ = writeln!(out, "cloudpipe_job_run_seconds_count {total}");
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -281,22 +281,14 @@ impl WasmExecutor {
                     let mut store = guest::new_store(engine, state, deadline, cancel.clone());
                     let result = match pre.instantiate_async(&mut store).await {
                         Ok(command) => Ran::Called(
-                            command
-                                .wasi_cli_run()
-                                .call_run(&mut store)
-                                .await
-                                .map(|r| r.is_ok()),
+                            command.wasi_cli_run().call_run(&mut store).await.map(|r| r.is_ok()),
                         ),
                         Err(e) => Ran::NotInstantiated(e),
                     };
                     ended(result, store.data_mut())
                 }
                 Ready::Module(pre) => {
-                    let state = ModuleState {
-                        wasi: wasi.build_p1(),
-                        limiter,
-                        stop: None,
-                    };
+                    let state = ModuleState { wasi: wasi.build_p1(), limiter, stop: None };
                     let mut store = guest::new_store(engine, state, deadline, cancel.clone());
                     let result = match pre.instantiate_async(&mut store).await {
                         Ok(instance) => Ran::Called(
@@ -337,11 +329,7 @@ impl WasmExecutor {
 /// A WASI context builder for one job: argv, env, stdin and the captured outputs;
 /// nothing inherited from the host, no preopened directory, no network.
 fn wasi_ctx(inputs: RunRequest, stdout: CappedOutput, stderr: CappedOutput) -> WasiCtxBuilder {
-    const OURS: [&str; 3] = [
-        "CLOUDPIPE_JOB_ID",
-        "CLOUDPIPE_FUNCTION",
-        "CLOUDPIPE_ATTEMPT",
-    ];
+    const OURS: [&str; 3] = ["CLOUDPIPE_JOB_ID", "CLOUDPIPE_FUNCTION", "CLOUDPIPE_ATTEMPT"];
     let mut b = WasiCtxBuilder::new();
     b.stdin(MemoryInputPipe::new(inputs.stdin))
         .stdout(stdout)
@@ -351,11 +339,7 @@ fn wasi_ctx(inputs: RunRequest, stdout: CappedOutput, stderr: CappedOutput) -> W
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-    for (k, v) in inputs
-        .env
-        .iter()
-        .filter(|(k, _)| !OURS.contains(&k.as_str()))
-    {
+    for (k, v) in inputs.env.iter().filter(|(k, _)| !OURS.contains(&k.as_str())) {
         b.env(k, v);
     }
     b.env("CLOUDPIPE_JOB_ID", &inputs.job_id)
@@ -404,14 +388,8 @@ fn ended<T: GuestState>(ran: Ran, state: &mut T) -> Ended {
     };
     match (state.limiter().refused, ended) {
         (_, Ended::Exit(0)) => Ended::Exit(0),
-        (Some(desired), Ended::Exit(code)) => Ended::MemoryLimit {
-            desired,
-            exit_code: Some(code),
-        },
-        (Some(desired), _) => Ended::MemoryLimit {
-            desired,
-            exit_code: None,
-        },
+        (Some(desired), Ended::Exit(code)) => Ended::MemoryLimit { desired, exit_code: Some(code) },
+        (Some(desired), _) => Ended::MemoryLimit { desired, exit_code: None },
         (None, ended) => ended,
     }
 }
@@ -422,19 +400,13 @@ impl Ended {
         timeout: Duration,
         memory_cap: u64,
     ) -> (JobStatus, Option<i32>, Option<JobError>) {
-        let error = |kind: &str, message: String| {
-            Some(JobError {
-                kind: kind.to_string(),
-                message,
-            })
-        };
+        let error =
+            |kind: &str, message: String| Some(JobError { kind: kind.to_string(), message });
         match self {
             Ended::Exit(0) => (JobStatus::Succeeded, Some(0), None),
-            Ended::Exit(code) => (
-                JobStatus::Failed,
-                Some(code),
-                error("exit", format!("exited with code {code}")),
-            ),
+            Ended::Exit(code) => {
+                (JobStatus::Failed, Some(code), error("exit", format!("exited with code {code}")))
+            }
             Ended::Trap(message) => (JobStatus::Failed, None, error("trap", message)),
             Ended::MemoryLimit { desired, exit_code } => (
                 JobStatus::Failed,
@@ -451,10 +423,7 @@ impl Ended {
             Ended::Stopped(Stop::Timeout) => (
                 JobStatus::TimedOut,
                 None,
-                error(
-                    "timeout",
-                    format!("time limit of {} ms reached", timeout.as_millis()),
-                ),
+                error("timeout", format!("time limit of {} ms reached", timeout.as_millis())),
             ),
             Ended::Stopped(Stop::Cancelled) => (
                 JobStatus::Cancelled,
@@ -597,17 +566,10 @@ impl Compiler {
 
     fn link_component(&self, component: &Component) -> Result<Ready, PrepareError> {
         let ty = component.component_type();
-        let exports: Vec<String> = ty
-            .exports(&self.engine)
-            .map(|(name, _)| name.to_string())
-            .collect();
-        if !exports
-            .iter()
-            .any(|name| name.starts_with("wasi:cli/run@0.2."))
-        {
-            let proxy = exports
-                .iter()
-                .any(|name| name.starts_with("wasi:http/incoming-handler@"));
+        let exports: Vec<String> =
+            ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        if !exports.iter().any(|name| name.starts_with("wasi:cli/run@0.2.")) {
+            let proxy = exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@"));
             return Err(PrepareError::Invalid(if proxy {
                 "the component is a wasi:http proxy (it exports wasi:http/incoming-handler); \
                  only wasi:cli/command components (exporting wasi:cli/run) can run as jobs"
@@ -616,22 +578,15 @@ impl Compiler {
                 format!(
                     "the component is not a wasi:cli/command: it does not export wasi:cli/run@0.2 \
                      (a library or reactor cannot run as a job); its exports: {}",
-                    if exports.is_empty() {
-                        "none".to_string()
-                    } else {
-                        exports.join(", ")
-                    }
+                    if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
                 )
             }));
         }
-        let pre = self
-            .component_linker
-            .instantiate_pre(component)
-            .map_err(|e| {
-                PrepareError::Invalid(format!(
-                    "the component needs imports that Cloudpipe does not provide: {e:#}"
-                ))
-            })?;
+        let pre = self.component_linker.instantiate_pre(component).map_err(|e| {
+            PrepareError::Invalid(format!(
+                "the component needs imports that Cloudpipe does not provide: {e:#}"
+            ))
+        })?;
         let command = CommandPre::new(pre).map_err(|e| {
             PrepareError::Invalid(format!(
                 "the component's wasi:cli/run export is not usable: {e:#}"
@@ -654,10 +609,7 @@ impl Compiler {
                 ));
             }
         }
-        if let Some(import) = module
-            .imports()
-            .find(|i| i.module() != "wasi_snapshot_preview1")
-        {
+        if let Some(import) = module.imports().find(|i| i.module() != "wasi_snapshot_preview1") {
             return Err(PrepareError::Invalid(format!(
                 "the module imports `{}::{}`; a WASI module may import only from wasi_snapshot_preview1",
                 import.module(),
@@ -685,9 +637,9 @@ impl Executor for WasmExecutor {
         binary_kind(binary)?;
         match self.load(id, Some(binary)).await? {
             Some(ready) => Ok(ready.kind()),
-            None => Err(PrepareError::Internal(anyhow::anyhow!(
-                "function {id} vanished while loading"
-            ))),
+            None => {
+                Err(PrepareError::Internal(anyhow::anyhow!("function {id} vanished while loading")))
+            }
         }
     }
 
@@ -731,26 +683,11 @@ mod tests {
 
     #[test]
     fn headers_decide_the_kind() {
-        assert!(matches!(
-            binary_kind(b"\0asm\x01\0\0\0"),
-            Ok(FunctionKind::Module)
-        ));
-        assert!(matches!(
-            binary_kind(b"\0asm\x0d\0\x01\0"),
-            Ok(FunctionKind::Command)
-        ));
-        assert!(matches!(
-            binary_kind(b"hello world"),
-            Err(PrepareError::Invalid(_))
-        ));
-        assert!(matches!(
-            binary_kind(b"\0asm"),
-            Err(PrepareError::Invalid(_))
-        ));
-        assert!(matches!(
-            binary_kind(b"\0asm\x02\0\0\0"),
-            Err(PrepareError::Invalid(_))
-        ));
+        assert!(matches!(binary_kind(b"\0asm\x01\0\0\0"), Ok(FunctionKind::Module)));
+        assert!(matches!(binary_kind(b"\0asm\x0d\0\x01\0"), Ok(FunctionKind::Command)));
+        assert!(matches!(binary_kind(b"hello world"), Err(PrepareError::Invalid(_))));
+        assert!(matches!(binary_kind(b"\0asm"), Err(PrepareError::Invalid(_))));
+        assert!(matches!(binary_kind(b"\0asm\x02\0\0\0"), Err(PrepareError::Invalid(_))));
     }
 
     #[test]

@@ -305,7 +305,8 @@ pub(crate) async fn job_inserted_finished_is_counted_listed_and_purged<S: Store>
     assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 1)]);
     assert_eq!(store.claim_jobs(10, 30).await.unwrap(), [], "not in the queue");
     assert_eq!(store.recover(30).await.unwrap(), Recovery::default(), "not running");
-    let filter = JobFilter { status: Some(JobStatus::Succeeded), limit: 10, ..JobFilter::default() };
+    let filter =
+        JobFilter { status: Some(JobStatus::Succeeded), limit: 10, ..JobFilter::default() };
     assert_eq!(store.list_jobs(&filter).await.unwrap().len(), 1);
     let by_count = Retention { max_age_micros: u64::MAX, max_finished: 0 };
     assert_eq!(store.purge_finished(by_count, 40, 10).await.unwrap(), 1);

@@ -141,8 +141,7 @@ pub trait Store: Send + Sync + 'static {
     /// Records the outcome of a running job (`finished_at = now`). If the job is not
     /// running (unknown, or already terminal), nothing changes and the current job
     /// (if any) is returned.
-    async fn finish_job(&self, id: JobId, outcome: JobOutcome, now: Micros)
-    -> Result<Option<Job>>;
+    async fn finish_job(&self, id: JobId, outcome: JobOutcome, now: Micros) -> Result<Option<Job>>;
 
     /// Cancels a queued job (status `cancelled`, queue entry removed, error kind
     /// `cancelled`). A job in any other status is left as it is. Returns the job as
@@ -165,8 +164,12 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes up to `max_batch` finished jobs that `policy` no longer keeps (oldest
     /// finished first) and their index entries. Returns how many were deleted; the
     /// caller calls again while it returns `max_batch`.
-    async fn purge_finished(&self, policy: Retention, now: Micros, max_batch: usize)
-    -> Result<usize>;
+    async fn purge_finished(
+        &self,
+        policy: Retention,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize>;
 }
 
 /// Which embedded backend to open.

@@ -23,9 +23,7 @@ async fn several_jobs_run_concurrently_each_with_its_own_io() {
         assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
         let stdout = text(&outcome.stdout);
         assert!(
-            stdout.starts_with(&format!(
-                "argv=[\"echo\", \"{i}\"]\nCLOUDPIPE_JOB_ID=job-{i}\n"
-            )),
+            stdout.starts_with(&format!("argv=[\"echo\", \"{i}\"]\nCLOUDPIPE_JOB_ID=job-{i}\n")),
             "{stdout}"
         );
         assert!(stdout.ends_with(&format!("stdin=input {i}")), "{stdout}");
@@ -55,8 +53,5 @@ async fn spinning_guest_does_not_hold_the_thread() {
     let (spun, took) = tokio::join!(spinning, quick);
     assert_eq!(spun.status, JobStatus::TimedOut);
     let last = *took.last().unwrap();
-    assert!(
-        last < Duration::from_secs(1),
-        "short jobs ended at {took:?}, beside a 2 s spin"
-    );
+    assert!(last < Duration::from_secs(1), "short jobs ended at {took:?}, beside a 2 s spin");
 }

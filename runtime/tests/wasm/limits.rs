@@ -39,11 +39,7 @@ async fn guest_sleeping_in_a_host_call_times_out() {
     let took = started.elapsed();
     assert_eq!(outcome.status, JobStatus::TimedOut, "{outcome:?}");
     assert_eq!(outcome.error.unwrap().kind, "timeout");
-    assert_eq!(
-        text(&outcome.stdout),
-        "sleeping\n",
-        "output before the stop is kept"
-    );
+    assert_eq!(text(&outcome.stdout), "sleeping\n", "output before the stop is kept");
     assert!(took < Duration::from_millis(300) + SLACK, "took {took:?}");
 }
 
@@ -56,10 +52,7 @@ async fn cancel_after_a_while(program: &str) -> JobOutcome {
     let run = {
         let (h, cancel) = (h.clone(), cancel.clone());
         tokio::spawn(async move {
-            let outcome = h
-                .executor
-                .run(request("f", &id), Arc::new(NoLiveOutput), cancel)
-                .await;
+            let outcome = h.executor.run(request("f", &id), Arc::new(NoLiveOutput), cancel).await;
             (outcome, Instant::now())
         })
     };
@@ -107,16 +100,8 @@ async fn unbounded_recursion_traps_with_a_backtrace() {
     assert_eq!(outcome.exit_code, None);
     let error = outcome.error.unwrap();
     assert_eq!(error.kind, "trap", "{}", error.message);
-    assert!(
-        error.message.contains("wasm backtrace:"),
-        "{}",
-        error.message
-    );
-    assert!(
-        error.message.contains("depth"),
-        "names the guest's function: {}",
-        error.message
-    );
+    assert!(error.message.contains("wasm backtrace:"), "{}", error.message);
+    assert!(error.message.contains("depth"), "names the guest's function: {}", error.message);
 }
 
 /// This process's resident set, in bytes.
@@ -164,10 +149,7 @@ async fn flood_of_200_mib_is_truncated_at_the_cap_with_bounded_memory() {
         })
     };
     let live = Arc::new(LiveCounter::default());
-    let outcome = h
-        .executor
-        .run(req, live.clone(), CancellationToken::new())
-        .await;
+    let outcome = h.executor.run(req, live.clone(), CancellationToken::new()).await;
     done.store(true, Ordering::Relaxed);
     let peak = sampler.join().unwrap();
 
@@ -177,15 +159,7 @@ async fn flood_of_200_mib_is_truncated_at_the_cap_with_bounded_memory() {
     assert!(outcome.stdout_truncated);
     assert_eq!(text(&outcome.stderr), "done\n", "the guest ran to its end");
     assert!(!outcome.stderr_truncated);
-    assert_eq!(
-        live.0.load(Ordering::Relaxed),
-        1 << 20,
-        "only what is kept is sent live"
-    );
+    assert_eq!(live.0.load(Ordering::Relaxed), 1 << 20, "only what is kept is sent live");
     let grew = peak.saturating_sub(before);
-    assert!(
-        grew < 100 << 20,
-        "resident memory grew by {} MiB",
-        grew >> 20
-    );
+    assert!(grew < 100 << 20, "resident memory grew by {} MiB", grew >> 20);
 }

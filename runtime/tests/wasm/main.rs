@@ -45,11 +45,7 @@ impl Harness {
         let data = tempfile::tempdir().unwrap();
         let store = store::open(Backend::Redb, data.path()).unwrap();
         let executor = WasmExecutor::new(test_config(), cache_dir, store.clone()).unwrap();
-        Harness {
-            _data: data,
-            store,
-            executor,
-        }
+        Harness { _data: data, store, executor }
     }
 
     /// Stores the program at `path` and prepares it; returns its id.
@@ -64,17 +60,12 @@ impl Harness {
     }
 
     async fn run(&self, req: RunRequest) -> JobOutcome {
-        self.executor
-            .run(req, Arc::new(NoLiveOutput), CancellationToken::new())
-            .await
+        self.executor.run(req, Arc::new(NoLiveOutput), CancellationToken::new()).await
     }
 }
 
 fn test_config() -> WasmConfig {
-    WasmConfig {
-        max_instances: 32,
-        ..WasmConfig::default()
-    }
+    WasmConfig { max_instances: 32, ..WasmConfig::default() }
 }
 
 /// Puts a binary in the store (not through the executor); returns its id.
@@ -87,10 +78,7 @@ async fn put(store: &dyn Store, binary: &[u8]) -> String {
         size: binary.len() as u64,
         created_at: 0,
     };
-    store
-        .put_function(meta, binary.to_vec().into())
-        .await
-        .unwrap();
+    store.put_function(meta, binary.to_vec().into()).await.unwrap();
     id
 }
 

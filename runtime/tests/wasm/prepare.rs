@@ -65,34 +65,18 @@ async fn compiled_artefact_is_reused_by_a_new_executor() {
     first.executor.prepare(&id, &binary).await.unwrap();
     assert_eq!(first.executor.compiles(), 1);
     first.executor.prepare(&id, &binary).await.unwrap();
-    assert_eq!(
-        first.executor.compiles(),
-        1,
-        "a prepared function is not compiled again"
-    );
+    assert_eq!(first.executor.compiles(), 1, "a prepared function is not compiled again");
     let store = first.store.clone();
     drop(first.executor);
 
     // A restart: a new executor over the same cache dir and store.
     let second = WasmExecutor::new(test_config(), cache.path(), store).unwrap();
-    let outcome = second
-        .run(
-            request("hello", &id),
-            Arc::new(NoLiveOutput),
-            CancellationToken::new(),
-        )
-        .await;
+    let outcome =
+        second.run(request("hello", &id), Arc::new(NoLiveOutput), CancellationToken::new()).await;
     assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
     assert_eq!(text(&outcome.stdout), "hello, world\n");
-    assert_eq!(
-        second.compiles(),
-        0,
-        "the artefact on disk was loaded, not recompiled"
-    );
-    assert_eq!(
-        second.prepare(&id, &binary).await.unwrap(),
-        FunctionKind::Command
-    );
+    assert_eq!(second.compiles(), 0, "the artefact on disk was loaded, not recompiled");
+    assert_eq!(second.prepare(&id, &binary).await.unwrap(), FunctionKind::Command);
     assert_eq!(second.compiles(), 0);
 }
 
@@ -105,11 +89,7 @@ async fn first_run_compiles_a_stored_function_once() {
     for outcome in futures::future::join_all(runs).await {
         assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
     }
-    assert_eq!(
-        h.executor.compiles(),
-        1,
-        "concurrent first runs share one compilation"
-    );
+    assert_eq!(h.executor.compiles(), 1, "concurrent first runs share one compilation");
 }
 
 #[tokio::test]
@@ -123,13 +103,8 @@ async fn corrupt_artefact_is_compiled_again() {
         std::fs::write(entry.unwrap().path(), b"\x7fELF garbage").unwrap();
     }
     let second = WasmExecutor::new(test_config(), cache.path(), first.store.clone()).unwrap();
-    let outcome = second
-        .run(
-            request("hello", &id),
-            Arc::new(NoLiveOutput),
-            CancellationToken::new(),
-        )
-        .await;
+    let outcome =
+        second.run(request("hello", &id), Arc::new(NoLiveOutput), CancellationToken::new()).await;
     assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
     assert_eq!(second.compiles(), 1);
 }

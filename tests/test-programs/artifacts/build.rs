@@ -33,10 +33,12 @@ fn main() {
 /// be the first thing a developer is told to run) rather than fail the whole build.
 fn ensure_target() {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
-    let libdir = Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
-    let installed = libdir.ok().filter(|o| o.status.success()).is_some_and(|o| {
-        Path::new(String::from_utf8_lossy(&o.stdout).trim()).exists()
-    });
+    let libdir =
+        Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
+    let installed = libdir
+        .ok()
+        .filter(|o| o.status.success())
+        .is_some_and(|o| Path::new(String::from_utf8_lossy(&o.stdout).trim()).exists());
     if installed {
         return;
     }
@@ -83,10 +85,7 @@ fn build_guests(guest: &Path, target_dir: &Path) -> Vec<(String, PathBuf)> {
             (path.extension()? == "rs").then_some(stem)
         })
         .map(|name| {
-            let wasm = target_dir
-                .join(TARGET)
-                .join("release")
-                .join(format!("{name}.wasm"));
+            let wasm = target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
             assert!(wasm.exists(), "{} was not built", wasm.display());
             (name, wasm)
         })
@@ -116,9 +115,5 @@ fn build_wat(dir: &Path, out_dir: &Path) -> Vec<(String, PathBuf)> {
 }
 
 fn constant(name: &str, path: &Path) -> String {
-    format!(
-        "pub const {}: &str = {:?};\n",
-        name.to_uppercase(),
-        path.to_str().unwrap()
-    )
+    format!("pub const {}: &str = {:?};\n", name.to_uppercase(), path.to_str().unwrap())
 }

@@ -27,16 +27,12 @@ impl DiskCache {
         let mut hasher = Sha256Hasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let digest = hasher.0.finalize();
-        Ok(DiskCache {
-            dir: dir.to_path_buf(),
-            engine_key: hex::encode(&digest[..8]),
-        })
+        Ok(DiskCache { dir: dir.to_path_buf(), engine_key: hex::encode(&digest[..8]) })
     }
 
     /// The artefact's path for function version `id` (`sha256:<hex>`).
     pub(super) fn path(&self, id: &str) -> PathBuf {
-        self.dir
-            .join(format!("{}-{}.cwasm", file_key(id), self.engine_key))
+        self.dir.join(format!("{}-{}.cwasm", file_key(id), self.engine_key))
     }
 
     /// Writes an artefact atomically: a temporary file in the same directory, synced,
@@ -52,8 +48,8 @@ impl DiskCache {
         std::fs::rename(&tmp.0, &path)
             .with_context(|| format!("renaming to {}", path.display()))
             .inspect_err(|_| {
-                let _ = std::fs::remove_file(&tmp.0);
-            })?;
+            let _ = std::fs::remove_file(&tmp.0);
+        })?;
         Ok(())
     }
 
@@ -67,11 +63,7 @@ impl DiskCache {
 fn tempfile_in(dir: &Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
     for _ in 0..8 {
         let path = dir.join(format!(".{}.tmp", uuid::Uuid::now_v7().simple()));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-        {
+        match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
             Ok(file) => return Ok((path, file)),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
@@ -114,11 +106,7 @@ pub(super) struct WarmMap<V> {
 
 impl<V: Clone> WarmMap<V> {
     pub(super) fn new(capacity: usize) -> WarmMap<V> {
-        WarmMap {
-            entries: HashMap::new(),
-            clock: 0,
-            capacity: capacity.max(1),
-        }
+        WarmMap { entries: HashMap::new(), clock: 0, capacity: capacity.max(1) }
     }
 
     pub(super) fn get(&mut self, id: &str) -> Option<V> {
@@ -132,11 +120,8 @@ impl<V: Clone> WarmMap<V> {
         self.clock += 1;
         if self.entries.len() >= self.capacity && !self.entries.contains_key(id) {
             // O(n), but only when a function becomes warm, which compiles or loads it.
-            if let Some(oldest) = self
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(k, _)| k.clone())
+            if let Some(oldest) =
+                self.entries.iter().min_by_key(|(_, (_, used))| *used).map(|(k, _)| k.clone())
             {
                 self.entries.remove(&oldest);
             }
@@ -183,10 +168,8 @@ mod tests {
         let cache = DiskCache::open(dir.path(), &engine).unwrap();
         cache.write("sha256:00", b"compiled").unwrap();
         assert_eq!(std::fs::read(cache.path("sha256:00")).unwrap(), b"compiled");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
+        let names: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     }
 }

@@ -81,9 +81,8 @@ impl EpochTicker {
         let stop = Arc::new(AtomicBool::new(false));
         let stopped = stop.clone();
         let tick = tick.max(Duration::from_micros(100));
-        let thread = std::thread::Builder::new()
-            .name("cloudpipe-epoch".into())
-            .spawn(move || {
+        let thread =
+            std::thread::Builder::new().name("cloudpipe-epoch".into()).spawn(move || {
                 while !stopped.load(Ordering::Relaxed) {
                     std::thread::sleep(tick);
                     match engine.upgrade() {
@@ -92,10 +91,7 @@ impl EpochTicker {
                     }
                 }
             })?;
-        Ok(EpochTicker {
-            stop,
-            thread: Some(thread),
-        })
+        Ok(EpochTicker { stop, thread: Some(thread) })
     }
 }
 

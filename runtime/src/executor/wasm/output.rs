@@ -55,9 +55,7 @@ impl CappedOutput {
     fn push(&self, data: &[u8]) {
         let shared = &*self.shared;
         let mut captured = lock(&shared.captured);
-        let keep = data
-            .len()
-            .min(shared.cap.saturating_sub(captured.bytes.len()));
+        let keep = data.len().min(shared.cap.saturating_sub(captured.bytes.len()));
         if keep > 0 {
             captured.bytes.extend_from_slice(&data[..keep]);
             // Under the lock, so that live chunks arrive in write order.
