@@ -21,12 +21,15 @@
 //! `LOAD_NO_SUBMIT=1` skips the submit-only runs, `LOAD_P2=0` skips the component.
 //! See `benches/README.md`.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+
+#[path = "../../tests/support/serve.rs"]
+mod serve;
+use serve::spawn_serve;
 
 const HELLO_WAT: &str = include_str!("../../examples/hello.wat");
 
@@ -67,45 +70,13 @@ struct Server {
 impl Server {
     fn start(store: &str, concurrency: usize) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--store", store, "--concurrency"])
-            .arg(concurrency.to_string())
-            .arg("--data-dir")
-            .arg(tmp.path())
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudpipe");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("cloudpipe serving")
-                    && let Some(addr) =
-                        line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(addr.to_string());
-                }
-                let mut l = sink.lock().unwrap();
-                if l.len() < 10_000 {
-                    l.push(line);
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
-            }
-        };
-        Server { child, url: format!("http://{addr}"), log, _tmp: tmp }
+        let concurrency = concurrency.to_string();
+        let p = spawn_serve(
+            env!("CARGO_BIN_EXE_cloudpipe"),
+            tmp.path(),
+            &["--store", store, "--concurrency", &concurrency],
+        );
+        Server { child: p.child, url: p.url, log: p.log, _tmp: tmp }
     }
 
     fn pid(&self) -> String {

@@ -1,11 +1,13 @@
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+
+#[path = "../support/serve.rs"]
+mod serve;
+use serve::spawn_serve;
 
 /// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
 pub struct TestServer {
@@ -28,46 +30,13 @@ impl TestServer {
 
     /// A server over an existing data directory (which the caller keeps alive).
     pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudpipe");
-        let stderr = child.stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            let mut tx = Some(tx);
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if line.contains("cloudpipe serving")
-                    && let Some(addr) =
-                        line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
-                    && let Some(tx) = tx.take()
-                {
-                    let _ = tx.send(addr.to_string());
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a,
-            Err(_) => {
-                let _ = child.kill();
-                panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
-            }
-        };
+        let p = spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir, extra);
         TestServer {
-            child,
-            url: format!("http://{addr}"),
+            child: p.child,
+            url: p.url,
             _tmp: None,
             client: reqwest::Client::new(),
-            log,
+            log: p.log,
         }
     }
 

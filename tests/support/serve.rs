@@ -1,0 +1,60 @@
+//! Starts the real `cloudpipe serve` as a child process on a port the OS picks.
+//! Shared by the end-to-end tests and the load benchmark (`#[path]`-included).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Lines of the server's log kept for failure messages.
+const MAX_LOG_LINES: usize = 10_000;
+
+/// A running `cloudpipe serve`, its address and its log so far.
+pub struct ServeProcess {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// Runs `bin serve --listen 127.0.0.1:0 --data-dir DIR EXTRA...` and waits for its
+/// "cloudpipe serving listen=ADDR" log line.
+pub fn spawn_serve(bin: &str, data_dir: &Path, extra: &[&str]) -> ServeProcess {
+    let mut child = Command::new(bin)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("starting cloudpipe");
+    let stderr = child.stderr.take().unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains("cloudpipe serving")
+                && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.to_string());
+            }
+            let mut l = sink.lock().unwrap();
+            if l.len() < MAX_LOG_LINES {
+                l.push(line);
+            }
+        }
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(addr) => ServeProcess { child, url: format!("http://{addr}"), log },
+        Err(_) => {
+            let _ = child.kill();
+            panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
+        }
+    }
+}
