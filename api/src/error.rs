@@ -19,6 +19,12 @@ pub enum ApiError {
     TooLarge { limit: usize },
     #[error("{0}")]
     Unavailable(String),
+    /// An invoked function failed (non-zero exit, trap, bad output).
+    #[error("{0}")]
+    FunctionFailed(String),
+    /// An invoked function ran past its deadline.
+    #[error("{0}")]
+    Timeout(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -34,6 +40,8 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::FunctionFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_failed"),
+            ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -2,7 +2,9 @@
 //! used by the `cloudpipe` binary and by tests.
 //!
 //! # Layout
-//! - [`routes`]: one router per resource (`functions`, `jobs`, `system`), merged in [`router`].
+//! - [`routes`]: one router per resource (`functions`, `jobs`, `invoke`, `system`),
+//!   merged in [`router`].
+//! - [`logs`]: the in-memory log ring of each function invoked over HTTP.
 //! - [`error`]: [`ApiError`], the JSON error answers.
 //! - [`openapi`]: the OpenAPI document served at `/v1/openapi.json` (kept in the repo
 //!   as `api/openapi.json`).
@@ -30,6 +32,7 @@ use cloudpipe_runtime::Runtime;
 use serde::de::DeserializeOwned;
 
 pub mod error;
+pub mod logs;
 pub mod openapi;
 pub mod routes;
 
@@ -44,11 +47,22 @@ pub struct ApiConfig {
     pub max_wait: Duration,
     /// The admin key fixed by `CLOUDPIPE_ADMIN_KEY`, kept for the auth layer.
     pub admin_key: Option<String>,
+    /// Limits of HTTP invocation (`/fn/{name}`).
+    pub invoke: routes::invoke::InvokeConfig,
+    /// At shutdown, how long open requests and running jobs get to finish; jobs still
+    /// running then go back to the queue, their attempt not counted.
+    pub shutdown_grace: Duration,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { max_json_body: 8 << 20, max_wait: Duration::from_secs(300), admin_key: None }
+        ApiConfig {
+            max_json_body: 8 << 20,
+            max_wait: Duration::from_secs(300),
+            admin_key: None,
+            invoke: routes::invoke::InvokeConfig::default(),
+            shutdown_grace: Duration::from_secs(10),
+        }
     }
 }
 
@@ -57,11 +71,14 @@ impl Default for ApiConfig {
 pub struct AppState {
     pub runtime: Runtime,
     pub config: Arc<ApiConfig>,
+    pub invocations: Arc<routes::invoke::Invocations>,
+    pub logs: Arc<logs::FunctionLogs>,
 }
 
 impl AppState {
     pub fn new(runtime: Runtime, config: ApiConfig) -> AppState {
-        AppState { runtime, config: Arc::new(config) }
+        let invocations = Arc::new(routes::invoke::Invocations::new(config.invoke.clone()));
+        AppState { runtime, config: Arc::new(config), invocations, logs: Arc::default() }
     }
 }
 
@@ -70,38 +87,46 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::functions::router())
         .merge(routes::jobs::router())
+        .merge(routes::invoke::router())
         .merge(routes::system::router())
         .fallback(routes::system::not_found)
+        .method_not_allowed_fallback(routes::system::method_not_allowed)
         .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets open requests
-/// finish and stops the scheduler (running jobs get a grace period; those cut off run
-/// again at the next start).
+/// finish and stops the scheduler: running jobs get a grace period, and those still
+/// running after it go back to the queue, their attempt not counted.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    const GRACE: Duration = Duration::from_secs(10);
+    let grace = state.config.shutdown_grace;
     let scheduler = state.runtime.scheduler.clone();
     let app = router(state);
     let stop = tokio_util::sync::CancellationToken::new();
     let signal = stop.clone();
+    let stopping = scheduler.stopping().clone();
     tokio::spawn(async move {
         shutdown.await;
+        // No new jobs start, and long-polls and event streams answer now, so that
+        // open connections close by themselves.
+        stopping.cancel();
         signal.cancel();
     });
+    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
-    // Long-polls and event streams may hold connections open for minutes: past the
-    // grace period they are cut rather than holding the shutdown up.
+    // Long-polls and event streams end when stopping begins; a connection still open
+    // past the grace period (a slow upload) does not hold the shutdown up: the
+    // process exits under it.
     tokio::select! {
         res = server => res?,
-        _ = async { stop.cancelled().await; tokio::time::sleep(GRACE).await } => {
-            tracing::warn!("open connections cut after the shutdown grace period");
+        _ = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("stopped waiting for open connections after the shutdown grace period");
         }
     }
-    scheduler.shutdown(GRACE).await;
+    scheduler.shutdown(grace).await;
     Ok(())
 }
 
@@ -155,6 +180,20 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
         serde_urlencoded::from_str(q)
             .map(Q)
             .map_err(|e| ApiError::bad("invalid_query", format!("bad query string: {e}")))
+    }
+}
+
+/// Path parameters with our error shape (a segment that is not UTF-8, say).
+pub struct P<T>(pub T);
+
+impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| P(p.0))
+            .map_err(|e| ApiError::bad("invalid_path", e.body_text()))
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
+use cloudpipe_api::routes::invoke::InvokeConfig;
 use cloudpipe_api::{ApiConfig, AppState};
 use cloudpipe_runtime::store::{Backend, Retention};
 use cloudpipe_runtime::{Runtime, RuntimeConfig};
@@ -69,6 +70,22 @@ struct ServeArgs {
     /// At most this many finished jobs are kept (the oldest go first).
     #[arg(long, env = "CLOUDPIPE_RETENTION_MAX_JOBS", default_value_t = 1_000_000)]
     retention_max_jobs: u64,
+    /// Timeout of one HTTP invocation (`/fn/NAME`), in milliseconds.
+    #[arg(long, env = "CLOUDPIPE_FN_TIMEOUT_MS", default_value_t = 30_000)]
+    fn_timeout_ms: u64,
+    /// Memory cap of one HTTP invocation, in MiB.
+    #[arg(long, env = "CLOUDPIPE_FN_MEMORY_MB", default_value_t = 128)]
+    fn_memory_mb: u64,
+    /// HTTP invocations of one function running at once (past it: 503).
+    #[arg(long, env = "CLOUDPIPE_FN_MAX_CONCURRENCY", default_value_t = 64)]
+    fn_max_concurrency: usize,
+    /// HTTP invocations of all functions running at once (past it: 503).
+    #[arg(long, env = "CLOUDPIPE_MAX_INVOCATIONS", default_value_t = 192)]
+    max_invocations: usize,
+    /// At shutdown (SIGTERM, Ctrl-C), how long requests and running jobs get to finish,
+    /// in milliseconds; jobs still running then go back to the queue.
+    #[arg(long, env = "CLOUDPIPE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
     /// Fixes the admin API key (for automation); used once accounts exist.
     #[arg(long, env = "CLOUDPIPE_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
@@ -86,7 +103,23 @@ fn default_data_dir() -> PathBuf {
 
 impl ServeArgs {
     fn runtime_config(&self) -> anyhow::Result<RuntimeConfig> {
-        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.concurrency),
+            "--concurrency must be 1 to 100000"
+        );
+        anyhow::ensure!(
+            (1..=100_000).contains(&self.max_invocations),
+            "--max-invocations must be 1 to 100000"
+        );
+        anyhow::ensure!(self.fn_max_concurrency >= 1, "--fn-max-concurrency must be at least 1");
+        anyhow::ensure!(
+            self.max_memory_mb <= 1 << 20 && self.fn_memory_mb <= 1 << 20,
+            "memory caps are at most 1048576 MiB"
+        );
+        anyhow::ensure!(
+            self.retention_secs <= 100 * 365 * 86_400,
+            "--retention-secs is at most 100 years"
+        );
         anyhow::ensure!(
             self.default_timeout_ms <= self.max_timeout_ms,
             "--default-timeout-ms is over --max-timeout-ms"
@@ -108,7 +141,24 @@ impl ServeArgs {
             max_age_micros: self.retention_secs * 1_000_000,
             max_finished: self.retention_max_jobs,
         };
+        // Jobs and invocations share the instance pool.
+        c.wasm.max_instances = (self.concurrency + self.max_invocations) as u32;
         Ok(c)
+    }
+
+    fn api_config(&self) -> ApiConfig {
+        ApiConfig {
+            admin_key: self.admin_key.clone(),
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            invoke: InvokeConfig {
+                max_concurrency_per_function: self.fn_max_concurrency,
+                max_concurrency: self.max_invocations,
+                timeout: Duration::from_millis(self.fn_timeout_ms),
+                memory_bytes: self.fn_memory_mb << 20,
+                ..InvokeConfig::default()
+            },
+            ..ApiConfig::default()
+        }
     }
 
     async fn start(&self) -> anyhow::Result<(tokio::net::TcpListener, AppState)> {
@@ -117,7 +167,7 @@ impl ServeArgs {
         let listener = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot listen on {} (use --listen to pick another address)", self.listen)
         })?;
-        let api = ApiConfig { admin_key: self.admin_key.clone(), ..ApiConfig::default() };
+        let api = self.api_config();
         tracing::info!(listen = %listener.local_addr()?, data_dir = %self.data_dir.display(), store = %self.store, "cloudpipe serving");
         Ok((listener, AppState::new(runtime, api)))
     }

@@ -4,7 +4,7 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{functions, jobs, system};
+use crate::routes::{functions, invoke, jobs, system};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -17,6 +17,7 @@ use crate::routes::{functions, jobs, system};
         functions::list_functions,
         functions::get_function,
         functions::delete_function,
+        invoke::get_function_logs,
         jobs::create_job,
         jobs::list_jobs,
         jobs::get_job,
@@ -42,6 +43,8 @@ use crate::routes::{functions, jobs, system};
         cloudpipe_types::ErrorBody,
         cloudpipe_types::ErrorDetail,
         cloudpipe_types::Health,
+        cloudpipe_types::LogLine,
+        cloudpipe_types::LogList,
     ))
 )]
 pub struct ApiDoc;

@@ -250,6 +250,8 @@ struct Inner {
     hub: Arc<Hub>,
     metrics: Metrics,
     stopping: CancellationToken,
+    /// Set when shutdown cuts running jobs short: their cancellation means "release".
+    releasing: AtomicBool,
     /// Every task this scheduler spawned, so shutdown can wait for them.
     tasks: tokio_util::task::TaskTracker,
 }
@@ -281,6 +283,7 @@ impl Scheduler {
             hub: Arc::new(Hub::default()),
             metrics: Metrics::default(),
             stopping: CancellationToken::new(),
+            releasing: AtomicBool::new(false),
             tasks: tokio_util::task::TaskTracker::new(),
         });
         inner.tasks.spawn(inner.clone().dispatch());
@@ -322,21 +325,27 @@ impl Scheduler {
             job.attempts = 1;
             job.started_at = Some(now_micros());
         }
-        let inserted = inner.store.insert_job(job).await?;
-        match (inserted, slot) {
-            (Inserted::Created(job), Some(slot)) => {
-                inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
-                inner.spawn_run(job.clone(), slot);
-                Ok(Inserted::Created(job))
+        // Once the write is sent it may commit even if our caller goes away (a client
+        // that hangs up): what follows a commit must happen regardless, so it runs in a
+        // task of its own.
+        let this = inner.clone();
+        let task = inner.tasks.spawn(async move {
+            let inserted = this.store.insert_job(job).await?;
+            match (&inserted, slot) {
+                (Inserted::Created(job), Some(slot)) => {
+                    this.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+                    this.spawn_run(job.clone(), slot);
+                }
+                (Inserted::Created(_), None) => {
+                    this.metrics.submitted.fetch_add(1, Ordering::Relaxed);
+                    this.backlog.store(true, Ordering::Release);
+                    this.wake.notify_one();
+                }
+                (Inserted::Existing(_), _) => {}
             }
-            (Inserted::Created(job), None) => {
-                inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
-                inner.backlog.store(true, Ordering::Release);
-                inner.wake.notify_one();
-                Ok(Inserted::Created(job))
-            }
-            (existing @ Inserted::Existing(_), _) => Ok(existing),
-        }
+            anyhow::Ok(inserted)
+        });
+        Ok(task.await.map_err(|e| anyhow::anyhow!("submit task failed: {e}"))??)
     }
 
     /// Submits and waits up to `wait` for the job to end (`POST /v1/jobs?wait=`).
@@ -429,10 +438,15 @@ impl Scheduler {
         if job.status.is_terminal() || timeout.is_zero() {
             return Ok(Some(job));
         }
-        match tokio::time::timeout(timeout, &mut end.rx).await {
-            Ok(Ok(done)) => Ok(Some(Arc::unwrap_or_clone(done))),
-            // Timed out (or the process is stopping): the store has the truth.
-            _ => self.inner.store.get_job(id).await,
+        let ended = tokio::select! {
+            r = tokio::time::timeout(timeout, &mut end.rx) => r.ok().and_then(Result::ok),
+            // A stopping server answers waiters with what it has, so that shutdown
+            // is not held up by long-polls.
+            _ = self.inner.stopping.cancelled() => None,
+        };
+        match ended {
+            Some(done) => Ok(Some(Arc::unwrap_or_clone(done))),
+            None => self.inner.store.get_job(id).await,
         }
     }
 
@@ -448,19 +462,38 @@ impl Scheduler {
                 token.cancel();
                 return self.wait(id, Duration::from_secs(5)).await;
             }
-            let Some(job) = inner.store.cancel_queued_job(id, now_micros()).await? else {
-                return Ok(None);
-            };
+            // Read first: only a queued job needs a write.
+            let Some(job) = inner.store.get_job(id).await? else { return Ok(None) };
             match job.status {
-                JobStatus::Running => tokio::time::sleep(Duration::from_millis(1)).await,
-                JobStatus::Cancelled => {
-                    inner.hub.finished(job.clone());
-                    return Ok(Some(job));
+                JobStatus::Queued => {
+                    // The commit and the news of it go together even if our caller
+                    // goes away in between.
+                    let this = inner.clone();
+                    let task = inner.tasks.spawn(async move {
+                        let job = this.store.cancel_queued_job(id, now_micros()).await?;
+                        if let Some(job) = job.as_ref().filter(|j| j.status == JobStatus::Cancelled)
+                        {
+                            this.hub.finished(job.clone());
+                        }
+                        anyhow::Ok(job)
+                    });
+                    match task.await?? {
+                        // Claimed meanwhile: its token is on the way.
+                        Some(j) if j.status == JobStatus::Running => {}
+                        other => return Ok(other),
+                    }
                 }
+                JobStatus::Running => {}
                 _ => return Ok(Some(job)),
             }
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
         inner.store.get_job(id).await
+    }
+
+    /// Fires when the scheduler starts stopping: long-lived requests end on it.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.inner.stopping
     }
 
     /// Stops taking and starting jobs, then waits up to `grace` for running ones.
@@ -469,12 +502,22 @@ impl Scheduler {
         let inner = &self.inner;
         inner.stopping.cancel();
         inner.tasks.close();
-        if tokio::time::timeout(grace, inner.tasks.wait()).await.is_err() {
-            let n = inner.running.lock().unwrap().len();
-            tracing::warn!(
-                running = n,
-                "shutdown grace ran out; running jobs will be retried at the next start"
-            );
+        if tokio::time::timeout(grace, inner.tasks.wait()).await.is_ok() {
+            return;
+        }
+        // Jobs still running are handed back unrun: their attempt does not count, and
+        // they run again at the next start.
+        inner.releasing.store(true, Ordering::SeqCst);
+        let tokens: Vec<_> = inner.running.lock().unwrap().values().cloned().collect();
+        tracing::warn!(
+            running = tokens.len(),
+            "shutdown grace ran out; handing running jobs back to the queue"
+        );
+        for token in tokens {
+            token.cancel();
+        }
+        if tokio::time::timeout(Duration::from_secs(5), inner.tasks.wait()).await.is_err() {
+            tracing::warn!("jobs still running at exit are recovered at the next start");
         }
     }
 }
@@ -603,9 +646,12 @@ impl Inner {
             }
             drop(slots);
             if idle {
+                // Woken by each queued submit; the timeout is a backstop, so that no
+                // job can wait for ever on a wake-up that never came.
                 tokio::select! {
                     _ = self.stopping.cancelled() => return,
                     _ = self.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 }
             }
         }
@@ -651,10 +697,19 @@ impl Inner {
                 match early {
                     Some(outcome) => {
                         let mut done = job;
-                        done.finish(outcome, now_micros());
+                        if this.released(&outcome) {
+                            // Cut short by shutdown before it was written: queue it.
+                            done.status = JobStatus::Queued;
+                            done.attempts = 0;
+                            done.started_at = None;
+                        } else {
+                            done.finish(outcome, now_micros());
+                        }
                         let inserted = this.store.insert_job(done).await;
                         this.running.lock().unwrap().remove(&id);
-                        if let Ok(Inserted::Created(job)) = &inserted {
+                        if let Ok(Inserted::Created(job)) = &inserted
+                            && job.status.is_terminal()
+                        {
                             this.hub.finished(job.clone());
                         }
                         let _ = ack.send(inserted);
@@ -734,8 +789,23 @@ impl Inner {
         outcome
     }
 
+    /// True when `outcome` is a run cut short by shutdown, to be released, not recorded.
+    fn released(&self, outcome: &JobOutcome) -> bool {
+        outcome.status == JobStatus::Cancelled && self.releasing.load(Ordering::SeqCst)
+    }
+
     /// Writes the outcome of a running job and tells its followers.
     async fn record(&self, id: JobId, outcome: JobOutcome) {
+        if self.released(&outcome) {
+            if let Err(e) = self.store.release_job(id).await {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "releasing a job failed; it is recovered at the next start"
+                );
+            }
+            self.running.lock().unwrap().remove(&id);
+            return;
+        }
         let finished = loop {
             match self.store.finish_job(id, outcome.clone(), now_micros()).await {
                 Ok(j) => break j,

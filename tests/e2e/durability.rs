@@ -104,3 +104,30 @@ async fn results_answered_to_waiting_clients_survive_kill_9() {
         assert_eq!(kept, job);
     }
 }
+
+#[tokio::test]
+async fn a_clean_shutdown_hands_running_jobs_back_without_using_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let flags = ["--shutdown-grace-ms", "200"];
+    let mut s = TestServer::start_in(dir.path(), &flags).await;
+    s.upload("sleep", &program(programs::SLEEP)).await;
+    let (_, job) = s
+        .post_json("/v1/jobs", &json!({"function": "sleep", "args": ["2"], "max_attempts": 1}))
+        .await;
+    let id = job["id"].as_str().unwrap().to_string();
+    // A long-poll open at shutdown is answered, not cut.
+    let poll = s.client.get(format!("{}/v1/jobs/{id}/result?wait=60s", s.url)).send();
+    let (poll, status) = tokio::join!(poll, async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        s.terminate()
+    });
+    assert_eq!(status.code(), Some(0), "{}", s.log());
+    let poll = poll.expect("the long-poll got an answer");
+    assert_eq!(poll.status(), StatusCode::ACCEPTED);
+    assert_eq!(poll.json::<serde_json::Value>().await.unwrap()["status"], "running");
+
+    let s = TestServer::start_in(dir.path(), &flags).await;
+    let job = s.wait_terminal(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "the cut-short attempt does not count: {job}");
+}

@@ -8,6 +8,7 @@
 //! - `bad_requests`: malformed input gets a 4xx with a stable code.
 //! - `durability`: `kill -9` with jobs in flight, then a restart, per store backend.
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
+//! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
 
 mod bad_requests;
@@ -15,5 +16,6 @@ mod cli;
 mod durability;
 mod functions;
 mod hostile;
+mod invoke;
 mod jobs;
 mod server;

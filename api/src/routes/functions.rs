@@ -3,7 +3,7 @@
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use cloudpipe_runtime::job::rfc3339;
@@ -11,7 +11,7 @@ use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_types::{FunctionInfo, FunctionList};
 use serde::Deserialize;
 
-use crate::{ApiError, AppState, Q, read_body};
+use crate::{ApiError, AppState, P, Q, read_body};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -65,7 +65,7 @@ pub async fn list_functions(State(state): State<AppState>) -> Result<Json<Functi
     responses((status = 200, body = FunctionInfo), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_function(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> Result<Json<FunctionInfo>, ApiError> {
     match state.runtime.registry.get(&name).await? {
         Some(m) => Ok(Json(info(m))),
@@ -79,7 +79,7 @@ pub async fn get_function(
     responses((status = 200, body = FunctionList, description = "what was deleted"), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn delete_function(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    P(name): P<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
     let deleted = state.runtime.registry.delete(&name).await?;
     if deleted.is_empty() {

@@ -6,7 +6,7 @@ use std::time::Duration;
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use cloudpipe_types::{JobEvent, JobList, JobRecord, JobSpec, JobStatus};
 use futures::Stream;
 use serde::Deserialize;
 
-use crate::{ApiError, AppState, Q, parse_json, parse_wait, read_body};
+use crate::{ApiError, AppState, P, Q, parse_json, parse_wait, read_body};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -134,7 +134,7 @@ pub async fn list_jobs(
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     Ok(Json(load(&state, &id).await?.to_record()))
 }
@@ -146,7 +146,7 @@ pub async fn get_job(
               (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_result(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
     Q(mut params): Q<WaitParams>,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     params.wait.get_or_insert_with(|| "30s".into());
@@ -166,7 +166,7 @@ fn raw(bytes: Vec<u8>) -> Response {
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_stdout(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &id).await?.stdout))
 }
@@ -176,7 +176,7 @@ pub async fn get_job_stdout(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_stderr(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &id).await?.stderr))
 }
@@ -187,7 +187,7 @@ pub async fn get_job_stderr(
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let job = state.runtime.scheduler.cancel(job_id(&id)?).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(job.to_record()))
@@ -213,7 +213,7 @@ fn status_event(job: &Job) -> Event {
     responses((status = 200, content_type = "text/event-stream", body = JobEvent), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn job_events(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    P(id): P<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let jid = job_id(&id)?;
     let scheduler = state.runtime.scheduler.clone();
@@ -224,8 +224,21 @@ pub async fn job_events(
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;
         }
+        let stopping = scheduler.stopping().clone();
         loop {
-            let ev = match sub.recv().await {
+            let next = tokio::select! {
+                next = sub.recv() => next,
+                // The client left: stop following.
+                _ = tx.closed() => return,
+                // The server is stopping: end with the job as it is now.
+                _ = stopping.cancelled() => {
+                    if let Ok(Some(j)) = scheduler.get(jid).await {
+                        let _ = tx.send(status_event(&j)).await;
+                    }
+                    return;
+                }
+            };
+            let ev = match next {
                 Some(Ok(LiveEvent::Output(OutputStream::Stdout, b))) => {
                     sse(&JobEvent::Stdout { data: String::from_utf8_lossy(&b).into_owned() })
                 }

@@ -98,6 +98,20 @@ pub async fn get_openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], crate::openapi::document_json())
 }
 
+/// A known route with another method: 405 in the JSON error shape.
+pub async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> axum::response::Response {
+    let body = cloudpipe_types::ErrorBody {
+        error: cloudpipe_types::ErrorDetail {
+            code: "method_not_allowed".into(),
+            message: format!("{method} is not allowed on {}", uri.path()),
+        },
+    };
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, Json(body)).into_response()
+}
+
 /// Unknown routes get the same JSON error shape as everything else.
 pub async fn not_found(uri: axum::http::Uri) -> ApiError {
     ApiError::NotFound(format!("no route for {}", uri.path()))

@@ -39,6 +39,9 @@ pub enum FunctionKind {
     Command,
     /// A core Wasm module importing WASI preview1 and exporting `_start`.
     Module,
+    /// A component exporting `wasi:http/incoming-handler` (a `wasi:http/proxy`):
+    /// invoked over HTTP only (`/fn/{name}`), not run as a job.
+    Http,
 }
 
 impl FunctionKind {
@@ -47,6 +50,7 @@ impl FunctionKind {
         match self {
             FunctionKind::Command => "command",
             FunctionKind::Module => "module",
+            FunctionKind::Http => "http",
         }
     }
 }
@@ -255,6 +259,27 @@ pub struct ErrorDetail {
     /// Stable machine-readable code, e.g. `not_found`, `invalid_wasm`, `payload_too_large`.
     pub code: String,
     pub message: String,
+}
+
+/// One line of a function's log (`GET /v1/functions/{name}/logs`): a line its guest
+/// wrote to stderr, or the access record of one invocation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LogLine {
+    /// RFC 3339 time the line was recorded.
+    pub time: String,
+    /// The invocation it belongs to (the `x-cloudpipe-invocation` response header).
+    pub invocation: String,
+    /// `stderr` or `access`.
+    pub stream: String,
+    pub line: String,
+}
+
+/// The recent log lines of a function, oldest first.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct LogList {
+    pub lines: Vec<LogLine>,
 }
 
 /// `GET /healthz`.

@@ -1,9 +1,11 @@
 //! The Wasm executor: runs `wasi:cli/command` components and core WASI preview1 modules
-//! in process with wasmtime.
+//! as jobs, and serves `wasi:http/proxy` components over HTTP, in process with wasmtime.
 //!
 //! # Layout
 //! - this file: [`WasmExecutor`] (one per process) and [`WasmConfig`]; `prepare`
 //!   compiles, `run` instantiates and calls.
+//! - `proxy`: [`WasmExecutor::handle_http`], one HTTP request to a proxy component,
+//!   with its outbound-request policy.
 //! - `engine`: the wasmtime configuration (pooling allocator, copy-on-write memory
 //!   images, epoch interruption) and the thread that ticks the epoch.
 //! - `cache`: compiled artefacts on disk and the bounded in-memory map of
@@ -54,6 +56,7 @@ use wasmtime_wasi::I32Exit;
 use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
+use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::{Executor, OutputSink, OutputStream, PrepareError, RunRequest};
 use crate::job::JobOutcome;
@@ -63,10 +66,14 @@ mod cache;
 mod engine;
 mod guest;
 mod output;
+mod proxy;
+
+pub use proxy::{HttpOptions, InvokeError, ResponseBody};
 
 use cache::{DiskCache, WarmMap};
 use guest::{ComponentState, GuestState, Limiter, ModuleState, Stop};
 use output::CappedOutput;
+use proxy::ProxyState;
 
 /// Most functions kept ready to instantiate in memory. Each holds its compiled code
 /// (mapped from the artefact) and its copy-on-write memory image.
@@ -108,6 +115,7 @@ impl WasmConfig {
 enum Ready {
     Command(CommandPre<ComponentState>),
     Module(wasmtime::InstancePre<ModuleState>),
+    Http(ProxyPre<ProxyState>),
 }
 
 impl Ready {
@@ -115,6 +123,7 @@ impl Ready {
         match self {
             Ready::Command(_) => FunctionKind::Command,
             Ready::Module(_) => FunctionKind::Module,
+            Ready::Http(_) => FunctionKind::Http,
         }
     }
 }
@@ -136,6 +145,9 @@ struct Compiler {
     engine: Engine,
     component_linker: wasmtime::component::Linker<ComponentState>,
     module_linker: wasmtime::Linker<ModuleState>,
+    /// All of WASI 0.2 (as `wasmtime serve -Scli`: a Rust proxy imports
+    /// `wasi:cli/environment` and friends) plus `wasi:http`.
+    proxy_linker: wasmtime::component::Linker<ProxyState>,
     disk: DiskCache,
     compiles: AtomicU64,
 }
@@ -160,6 +172,10 @@ impl WasmExecutor {
             &mut s.wasi
         })?;
 
+        let mut proxy_linker = wasmtime::component::Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut proxy_linker)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut proxy_linker)?;
+
         let disk = DiskCache::open(cache_dir, &engine)?;
         let ticker = engine::EpochTicker::start(&engine, config.epoch_tick)?;
         Ok(WasmExecutor {
@@ -167,6 +183,7 @@ impl WasmExecutor {
                 engine,
                 component_linker,
                 module_linker,
+                proxy_linker,
                 disk,
                 compiles: AtomicU64::new(0),
             }),
@@ -301,6 +318,7 @@ impl WasmExecutor {
                     };
                     ended(result, store.data_mut())
                 }
+                Ready::Http(_) => Ended::NotRunnable,
             }
         };
         // The epoch callback stops a guest that runs wasm; these stop one that waits in
@@ -368,6 +386,8 @@ enum Ended {
     Stopped(Stop),
     /// Our side failed (the instance pool is full, ...).
     Internal(String),
+    /// The function cannot run as a job (an http function).
+    NotRunnable,
 }
 
 fn ended<T: GuestState>(ran: Ran, state: &mut T) -> Ended {
@@ -431,6 +451,14 @@ impl Ended {
                 error("cancelled", "cancelled while running".to_string()),
             ),
             Ended::Internal(message) => (JobStatus::Failed, None, error("internal", message)),
+            Ended::NotRunnable => (
+                JobStatus::Failed,
+                None,
+                error(
+                    "not_runnable",
+                    "http functions are invoked at /fn/NAME, not run as jobs".to_string(),
+                ),
+            ),
         }
     }
 }
@@ -533,12 +561,12 @@ impl Compiler {
         }
     }
 
-    /// Validates and compiles `binary`, checks that it is a command, and writes its
+    /// Validates and compiles `binary`, checks that it is a command or a proxy, and writes its
     /// artefact. CPU heavy: runs on a blocking thread.
     fn compile(&self, id: &str, binary: &[u8]) -> Result<Ready, PrepareError> {
         let started = Instant::now();
         let (ready, artefact) = match binary_kind(binary)? {
-            FunctionKind::Command => {
+            FunctionKind::Command | FunctionKind::Http => {
                 let component = Component::new(&self.engine, binary)
                     .map_err(|e| PrepareError::Invalid(format!("invalid component: {e:#}")))?;
                 self.compiles.fetch_add(1, Ordering::Relaxed);
@@ -568,19 +596,18 @@ impl Compiler {
         let ty = component.component_type();
         let exports: Vec<String> =
             ty.exports(&self.engine).map(|(name, _)| name.to_string()).collect();
+        // A component exporting both is served as a proxy: it was written to answer
+        // HTTP natively (streaming both ways), which CGI would lose.
+        if exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@0.2.")) {
+            return self.link_proxy(component);
+        }
         if !exports.iter().any(|name| name.starts_with("wasi:cli/run@0.2.")) {
-            let proxy = exports.iter().any(|name| name.starts_with("wasi:http/incoming-handler@"));
-            return Err(PrepareError::Invalid(if proxy {
-                "the component is a wasi:http proxy (it exports wasi:http/incoming-handler); \
-                 only wasi:cli/command components (exporting wasi:cli/run) can run as jobs"
-                    .to_string()
-            } else {
-                format!(
-                    "the component is not a wasi:cli/command: it does not export wasi:cli/run@0.2 \
-                     (a library or reactor cannot run as a job); its exports: {}",
-                    if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
-                )
-            }));
+            return Err(PrepareError::Invalid(format!(
+                "the component is not a wasi:cli/command: it does not export wasi:cli/run@0.2 \
+                 (a library or reactor cannot run as a job), nor is it a wasi:http proxy \
+                 (exporting wasi:http/incoming-handler@0.2); its exports: {}",
+                if exports.is_empty() { "none".to_string() } else { exports.join(", ") }
+            )));
         }
         let pre = self.component_linker.instantiate_pre(component).map_err(|e| {
             PrepareError::Invalid(format!(
@@ -593,6 +620,20 @@ impl Compiler {
             ))
         })?;
         Ok(Ready::Command(command))
+    }
+
+    fn link_proxy(&self, component: &Component) -> Result<Ready, PrepareError> {
+        let pre = self.proxy_linker.instantiate_pre(component).map_err(|e| {
+            PrepareError::Invalid(format!(
+                "the component needs imports that Cloudpipe does not provide: {e:#}"
+            ))
+        })?;
+        let proxy = ProxyPre::new(pre).map_err(|e| {
+            PrepareError::Invalid(format!(
+                "the component's wasi:http/incoming-handler export is not usable: {e:#}"
+            ))
+        })?;
+        Ok(Ready::Http(proxy))
     }
 
     fn link_module(&self, module: &Module) -> Result<Ready, PrepareError> {

@@ -45,6 +45,7 @@ macro_rules! suite {
             case!(recover_requeues_ahead_of_newer_jobs_and_exhausts_at_max_attempts);
             case!(job_inserted_running_is_counted_running_and_requeued_by_recover);
             case!(job_inserted_finished_is_counted_listed_and_purged);
+            case!(release_requeues_a_running_job_without_counting_the_attempt);
             case!(list_filters_and_pages_newest_first);
             case!(purge_deletes_by_age_and_by_count_with_their_idempotency_keys);
             case!(put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest);
@@ -312,6 +313,29 @@ pub(crate) async fn job_inserted_finished_is_counted_listed_and_purged<S: Store>
     assert_eq!(store.purge_finished(by_count, 40, 10).await.unwrap(), 1);
     assert_eq!(store.get_job(job.id).await.unwrap(), None);
     assert_eq!(counts(&store).await, []);
+}
+
+pub(crate) async fn release_requeues_a_running_job_without_counting_the_attempt<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let first = insert(&store, queued_job("f")).await;
+    let newer = insert(&store, queued_job("f")).await;
+    assert_eq!(store.claim_jobs(1, 5).await.unwrap()[0].id, first.id);
+    let released = store.release_job(first.id).await.unwrap().unwrap();
+    assert_eq!(
+        (released.status, released.attempts, released.started_at),
+        (JobStatus::Queued, 0, None)
+    );
+    assert_eq!(counts(&store).await, [(JobStatus::Queued, 2)]);
+    // Back in its original place, ahead of the newer job.
+    let claimed: Vec<_> = store.claim_jobs(2, 6).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(claimed, [first.id, newer.id]);
+    // Anything not running is left alone.
+    store.finish_job(newer.id, succeeded(b""), 7).await.unwrap();
+    assert_eq!(store.release_job(newer.id).await.unwrap().unwrap().status, JobStatus::Succeeded);
+    assert_eq!(store.release_job(JobId::new()).await.unwrap(), None);
 }
 
 pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(

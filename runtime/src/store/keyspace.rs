@@ -113,6 +113,7 @@ pub(crate) enum WriteOp {
     ClaimJobs { limit: usize, now: Micros },
     FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
     CancelQueued { id: JobId, now: Micros },
+    Release { id: JobId },
     Recover { now: Micros },
     Purge { policy: Retention, now: Micros, max_batch: usize },
 }
@@ -139,6 +140,7 @@ pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
         WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
         WriteOp::FinishJob { id, outcome, now } => Reply::Job(finish_job(tx, *id, outcome, *now)?),
         WriteOp::CancelQueued { id, now } => Reply::Job(cancel_queued_job(tx, *id, *now)?),
+        WriteOp::Release { id } => Reply::Job(release_job(tx, *id)?),
         WriteOp::Recover { now } => Reply::Recovery(recover(tx, *now)?),
         WriteOp::Purge { policy, now, max_batch } => {
             Reply::Purged(purge_finished(tx, *policy, *now, *max_batch)?)
@@ -302,6 +304,21 @@ fn recover(tx: &mut dyn KvWrite, now: Micros) -> Result<Recovery> {
         }
     }
     Ok(recovery)
+}
+
+/// A running job given back unrun (its attempt was cut short by a clean shutdown):
+/// queued again in its original place, the attempt not counted.
+fn release_job(tx: &mut dyn KvWrite, id: JobId) -> Result<Option<Job>> {
+    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    if old.status != JobStatus::Running {
+        return Ok(Some(old));
+    }
+    let mut job = old.clone();
+    job.status = JobStatus::Queued;
+    job.started_at = None;
+    job.attempts = job.attempts.saturating_sub(1);
+    update_job(tx, &old, &job)?;
+    Ok(Some(job))
 }
 
 fn purge_finished(

@@ -193,6 +193,13 @@ impl<B: KvBackend> Store for KvStore<B> {
         }
     }
 
+    async fn release_job(&self, id: JobId) -> Result<Option<Job>> {
+        match self.writer.submit(WriteOp::Release { id }).await? {
+            Reply::Job(job) => Ok(job),
+            other => Err(unexpected(other)),
+        }
+    }
+
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         self.backend.read(|r| keyspace::get_job(r, id))
     }

@@ -148,6 +148,11 @@ pub trait Store: Send + Sync + 'static {
     /// it now is. (A running job is stopped by the scheduler through its token.)
     async fn cancel_queued_job(&self, id: JobId, now: Micros) -> Result<Option<Job>>;
 
+    /// Gives a running job back unrun, when a clean shutdown cut its attempt short:
+    /// `queued` again, in its original place, with the attempt not counted. A job in
+    /// any other status is left as it is. Returns the job as it now is.
+    async fn release_job(&self, id: JobId) -> Result<Option<Job>>;
+
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
     /// Jobs matching `filter`, newest first.

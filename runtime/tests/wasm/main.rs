@@ -2,7 +2,7 @@
 //!
 //! Modules by topic: `io` (argv, env, stdin, outputs, exit codes), `limits` (time,
 //! memory, stack, output, cancellation), `prepare` (what is refused, the compiled
-//! cache), `concurrency`.
+//! cache), `concurrency`, `http` (wasi:http proxies).
 
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -18,6 +18,7 @@ use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
 mod concurrency;
+mod http;
 mod io;
 mod limits;
 mod prepare;

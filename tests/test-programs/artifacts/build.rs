@@ -1,6 +1,7 @@
-//! Builds the guest programs of `../guest` for wasm32-wasip2 and the WAT files of
-//! `../wat`, then writes `programs.rs`: one `&str` constant per program holding the path
-//! of its `.wasm` (`ECHO`, `HELLO`, `PROC_EXIT`, ...).
+//! Builds the guest programs of `../guest` and the wasi:http proxy of `../http-guest`
+//! for wasm32-wasip2 and the WAT files of `../wat`, then writes `programs.rs`: one
+//! `&str` constant per program holding the path of its `.wasm` (`ECHO`, `HELLO`,
+//! `HTTP_ECHO`, `PROC_EXIT`, ...).
 //!
 //! As wasmtime's `test-programs-artifacts` does, the guests are built by a nested cargo
 //! with its own target dir: sharing ours would deadlock on cargo's build-directory lock.
@@ -16,13 +17,17 @@ fn main() {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").unwrap());
     let programs = manifest_dir.parent().unwrap();
     let guest = programs.join("guest");
+    let http_guest = programs.join("http-guest");
     let wat_dir = programs.join("wat");
 
     ensure_target();
     let mut consts = String::new();
-    for (name, path) in build_guests(&guest, &out_dir.join("guest-target")) {
+    let target_dir = out_dir.join("guest-target");
+    for (name, path) in build_guests(&guest, &target_dir) {
         consts += &constant(&name, &path);
     }
+    let (name, path) = build_proxy(&http_guest, &target_dir);
+    consts += &constant(&name, &path);
     for (name, path) in build_wat(&wat_dir, &out_dir) {
         consts += &constant(&name, &path);
     }
@@ -52,31 +57,7 @@ fn ensure_target() {
 
 /// Runs cargo on the guest crate; returns (bin name, path of its component).
 fn build_guests(guest: &Path, target_dir: &Path) -> Vec<(String, PathBuf)> {
-    for watched in ["Cargo.toml", "Cargo.lock", "src"] {
-        println!("cargo:rerun-if-changed={}", guest.join(watched).display());
-    }
-    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.arg("build")
-        .arg("--release")
-        .arg("--target")
-        .arg(TARGET)
-        .arg("--manifest-path")
-        .arg(guest.join("Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir)
-        // Flags meant for our host build must not reach the guests.
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_BUILD_RUSTFLAGS")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_BUILD_TARGET");
-    let status = cmd.status().expect("running cargo for the guest programs");
-    assert!(
-        status.success(),
-        "building the guest programs failed (is the {TARGET} target installed? `rustup target add {TARGET}`)"
-    );
-
+    cargo_build(guest, target_dir);
     let mut bins: Vec<(String, PathBuf)> = fs::read_dir(guest.join("src/bin"))
         .unwrap()
         .filter_map(|e| {
@@ -92,6 +73,50 @@ fn build_guests(guest: &Path, target_dir: &Path) -> Vec<(String, PathBuf)> {
         .collect();
     bins.sort();
     bins
+}
+
+/// Runs cargo on a proxy crate (one `cdylib`, named after its package); returns (its
+/// name, path of its component).
+fn build_proxy(dir: &Path, target_dir: &Path) -> (String, PathBuf) {
+    cargo_build(dir, target_dir);
+    let manifest = fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let name = manifest
+        .lines()
+        .find_map(|l| l.strip_prefix("name = "))
+        .map(|n| n.trim().trim_matches('"').to_string())
+        .expect("the proxy crate's package name");
+    let wasm = target_dir.join(TARGET).join("release").join(format!("{name}.wasm"));
+    assert!(wasm.exists(), "{} was not built", wasm.display());
+    (name, wasm)
+}
+
+/// `cargo build --release --target wasm32-wasip2` of the crate in `dir`.
+fn cargo_build(dir: &Path, target_dir: &Path) {
+    for watched in ["Cargo.toml", "Cargo.lock", "src"] {
+        println!("cargo:rerun-if-changed={}", dir.join(watched).display());
+    }
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build")
+        .arg("--release")
+        .arg("--target")
+        .arg(TARGET)
+        .arg("--manifest-path")
+        .arg(dir.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        // Flags meant for our host build must not reach the guests.
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_BUILD_RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET");
+    let status = cmd.status().expect("running cargo for the guest programs");
+    assert!(
+        status.success(),
+        "building the guest programs of {} failed (is the {TARGET} target installed? `rustup target add {TARGET}`)",
+        dir.display()
+    );
 }
 
 /// Assembles every `*.wat` of `dir` into `out_dir`; returns (file stem, path).

@@ -1,0 +1,117 @@
+//! [`FunctionLogs`]: the recent log of each function invoked over HTTP, in memory: the
+//! lines its guest wrote to stderr and one access record per invocation, in a bounded
+//! ring per function, with live followers. Nothing here touches the store: the
+//! invocation path writes nothing durable.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use cloudpipe_runtime::job::{now_micros, rfc3339};
+use cloudpipe_types::LogLine;
+use tokio::sync::broadcast;
+
+/// Lines kept per function.
+pub const RING_LINES: usize = 1000;
+
+/// Longest line kept; longer stderr lines are cut.
+const MAX_LINE: usize = 4096;
+
+/// Logs of every function; one per process.
+#[derive(Default)]
+pub struct FunctionLogs {
+    rings: Mutex<HashMap<String, Ring>>,
+}
+
+struct Ring {
+    lines: VecDeque<LogLine>,
+    live: broadcast::Sender<LogLine>,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        Ring { lines: VecDeque::with_capacity(64), live: broadcast::channel(256).0 }
+    }
+}
+
+impl FunctionLogs {
+    /// Records the lines of one invocation: its stderr, then its access record.
+    pub fn record(&self, function: &str, invocation: &str, stderr: &[u8], access: String) {
+        let time = rfc3339(now_micros());
+        let line = |stream: &str, text: &str| LogLine {
+            time: time.clone(),
+            invocation: invocation.to_string(),
+            stream: stream.to_string(),
+            line: cut(text),
+        };
+        let text = String::from_utf8_lossy(stderr);
+        let mut new: Vec<LogLine> = text.lines().map(|l| line("stderr", l)).collect();
+        new.push(line("access", &access));
+        let mut rings = self.rings.lock().unwrap();
+        let ring = rings.entry(function.to_string()).or_insert_with(Ring::new);
+        for l in new {
+            if ring.lines.len() == RING_LINES {
+                ring.lines.pop_front();
+            }
+            let _ = ring.live.send(l.clone());
+            ring.lines.push_back(l);
+        }
+    }
+
+    /// The lines kept for `function`, oldest first, and a receiver of the lines that
+    /// follow (taken under the same lock, so none is missed or repeated).
+    pub fn snapshot(&self, function: &str) -> (Vec<LogLine>, broadcast::Receiver<LogLine>) {
+        let mut rings = self.rings.lock().unwrap();
+        let ring = rings.entry(function.to_string()).or_insert_with(Ring::new);
+        (ring.lines.iter().cloned().collect(), ring.live.subscribe())
+    }
+
+    /// Forgets a function's log (when it is deleted).
+    pub fn remove(&self, function: &str) {
+        self.rings.lock().unwrap().remove(function);
+    }
+}
+
+fn cut(text: &str) -> String {
+    if text.len() <= MAX_LINE {
+        return text.to_string();
+    }
+    let mut end = MAX_LINE;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_keeps_the_newest_lines() {
+        let logs = FunctionLogs::default();
+        for i in 0..RING_LINES {
+            logs.record("f", &format!("inv{i}"), b"", format!("GET / 200 {i}"));
+        }
+        logs.record("f", "last", "é\n".repeat(3000).as_bytes(), "GET / 500".into());
+        let (lines, _) = logs.snapshot("f");
+        assert_eq!(lines.len(), RING_LINES);
+        assert_eq!(lines.last().unwrap().line, "GET / 500");
+        assert_eq!(lines.last().unwrap().stream, "access");
+        // 1000 access lines, then 3000 stderr lines and one access line: only the
+        // last invocation's newest lines are left.
+        assert_eq!((lines[0].invocation.as_str(), lines[0].stream.as_str()), ("last", "stderr"));
+        let (_, mut live) = logs.snapshot("f");
+        logs.record("f", "next", b"oops\n", "GET / 200".into());
+        assert_eq!(live.try_recv().unwrap().line, "oops");
+        assert_eq!(live.try_recv().unwrap().line, "GET / 200");
+        assert!(logs.snapshot("g").0.is_empty());
+    }
+
+    #[test]
+    fn long_lines_are_cut_on_a_char_boundary() {
+        let long = "é".repeat(MAX_LINE);
+        let c = cut(&long);
+        assert!(c.len() <= MAX_LINE + "…".len());
+        assert!(c.ends_with('…'));
+    }
+}

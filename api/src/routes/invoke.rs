@@ -1,0 +1,504 @@
+//! `ANY /fn/{name}[/{*path}]`: functions as web endpoints, and their logs.
+//!
+//! The short path: the function is resolved by name (a read), run at once on the
+//! executor, and answered; no queue and no store write. Command components and WASI
+//! modules speak CGI (as WAGI did): the request body on stdin, the request in
+//! environment variables, stdout the response with optional leading CGI headers.
+//!
+//! Every invocation gets an id (`x-cloudpipe-invocation`); its stderr and a one-line
+//! access record go to the function's log ring ([`crate::logs`]).
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use bytes::Bytes;
+use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
+use cloudpipe_runtime::store::FunctionMeta;
+use cloudpipe_runtime::{JobId, JobOutcome};
+use cloudpipe_types::{JobStatus, LogList};
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use crate::{ApiError, AppState, P, Q, read_body};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/fn/{name}", any(invoke_function))
+        .route("/fn/{name}/", any(invoke_function))
+        .route("/fn/{name}/{*path}", any(invoke_function_path))
+        .route("/v1/functions/{name}/logs", get(get_function_logs))
+}
+
+/// Limits of HTTP invocation; plain data.
+#[derive(Debug, Clone)]
+pub struct InvokeConfig {
+    /// Invocations of one function running at once; past it, 503 with Retry-After.
+    pub max_concurrency_per_function: usize,
+    /// Invocations of all functions running at once.
+    pub max_concurrency: usize,
+    pub timeout: Duration,
+    pub memory_bytes: u64,
+    /// Largest request body, in bytes (CGI bodies are read whole to become stdin).
+    pub max_request_body: usize,
+    /// Largest CGI response (stdout), in bytes.
+    pub max_response_body: usize,
+}
+
+impl Default for InvokeConfig {
+    fn default() -> Self {
+        InvokeConfig {
+            max_concurrency_per_function: 64,
+            max_concurrency: 192,
+            timeout: Duration::from_secs(30),
+            memory_bytes: 128 << 20,
+            max_request_body: 16 << 20,
+            max_response_body: 16 << 20,
+        }
+    }
+}
+
+/// Admission of invocations: a global limit and one per function. One per process.
+pub struct Invocations {
+    config: InvokeConfig,
+    all: Arc<Semaphore>,
+    per_function: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+impl Invocations {
+    pub fn new(config: InvokeConfig) -> Invocations {
+        Invocations {
+            all: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
+            per_function: Mutex::new(HashMap::new()),
+            config,
+        }
+    }
+
+    pub fn config(&self) -> &InvokeConfig {
+        &self.config
+    }
+
+    /// Both permits, or the error answer (503) when either limit is reached.
+    fn admit(
+        &self,
+        function: &str,
+    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
+        let sem = self
+            .per_function
+            .lock()
+            .unwrap()
+            .entry(function.to_string())
+            .or_insert_with(|| {
+                Arc::new(Semaphore::new(self.config.max_concurrency_per_function.max(1)))
+            })
+            .clone();
+        let one = sem.try_acquire_owned().map_err(|_| {
+            ApiError::Unavailable(format!(
+                "function {function:?} is at its concurrency limit; retry shortly"
+            ))
+        })?;
+        let all = self.all.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Unavailable("the server is at its invocation limit; retry shortly".into())
+        })?;
+        Ok((one, all))
+    }
+}
+
+pub async fn invoke_function(
+    State(state): State<AppState>,
+    P(name): P<String>,
+    req: Request,
+) -> Response {
+    invoke(state, name, String::new(), req).await
+}
+
+pub async fn invoke_function_path(
+    State(state): State<AppState>,
+    P((name, path)): P<(String, String)>,
+    req: Request,
+) -> Response {
+    invoke(state, name, path, req).await
+}
+
+/// Runs one invocation and records it, whatever its outcome.
+async fn invoke(state: AppState, name: String, path: String, req: Request) -> Response {
+    let invocation = JobId::new().to_string();
+    let started = Instant::now();
+    let method = req.method().clone();
+    let shown_path = req.uri().path().to_string();
+    let mut stderr = Vec::new();
+    let mut res = match run(&state, &name, &path, &invocation, req, &mut stderr).await {
+        Ok(res) => res,
+        Err(e) => e.into_response(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&invocation) {
+        res.headers_mut().insert(INVOCATION_HEADER, v);
+    }
+    let access = format!(
+        "{method} {shown_path} {} {:.3}ms",
+        res.status().as_u16(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    state.logs.record(&name, &invocation, &stderr, access);
+    res
+}
+
+/// The response header naming an invocation.
+pub const INVOCATION_HEADER: &str = "x-cloudpipe-invocation";
+
+async fn run(
+    state: &AppState,
+    name: &str,
+    path: &str,
+    invocation: &str,
+    req: Request,
+    stderr: &mut Vec<u8>,
+) -> Result<Response, ApiError> {
+    let rt = &state.runtime;
+    // Resolved per request, so that a redeploy switches the next request atomically.
+    let meta = rt
+        .registry
+        .get(name)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("function {name:?} not found")))?;
+    let _permits = state.invocations.admit(name)?;
+    let config = state.invocations.config();
+    let cgi = cgi_env(name, path, &req);
+    let body = read_body(req.into_body(), config.max_request_body).await?;
+    let outcome = rt
+        .executor
+        .run(
+            RunRequest {
+                job_id: invocation.to_string(),
+                function: name.to_string(),
+                function_id: meta.id.clone(),
+                args: Vec::new(),
+                env: cgi,
+                stdin: body,
+                attempt: 1,
+                timeout: config.timeout,
+                memory_bytes: config.memory_bytes,
+                output_cap: config.max_response_body,
+            },
+            Arc::new(NoLiveOutput),
+            Default::default(),
+        )
+        .await;
+    *stderr = outcome.stderr.clone();
+    cgi_response(&meta, invocation, outcome)
+}
+
+/// The CGI/1.1 environment of a request (RFC 3875), as WAGI passes it.
+fn cgi_env(name: &str, path: &str, req: &Request) -> Vec<(String, String)> {
+    let uri = req.uri();
+    let headers = req.headers();
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+    let (server_name, server_port) = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => (h.to_string(), p.to_string()),
+        _ => (host.to_string(), "80".to_string()),
+    };
+    let remote = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_default();
+    let path_info = if path.is_empty() && !uri.path().ends_with('/') {
+        String::new()
+    } else {
+        format!("/{path}")
+    };
+    let mut env = vec![
+        ("GATEWAY_INTERFACE".into(), "CGI/1.1".into()),
+        ("SERVER_PROTOCOL".into(), format!("{:?}", req.version())),
+        ("SERVER_SOFTWARE".into(), concat!("cloudpipe/", env!("CARGO_PKG_VERSION")).into()),
+        ("REQUEST_METHOD".into(), req.method().to_string()),
+        ("SCRIPT_NAME".into(), format!("/fn/{name}")),
+        ("PATH_INFO".into(), path_info),
+        ("QUERY_STRING".into(), uri.query().unwrap_or("").to_string()),
+        ("REQUEST_URI".into(), uri.path_and_query().map(|p| p.to_string()).unwrap_or_default()),
+        ("SERVER_NAME".into(), server_name),
+        ("SERVER_PORT".into(), server_port),
+        ("REMOTE_ADDR".into(), remote),
+    ];
+    for (var, h) in
+        [("CONTENT_TYPE", header::CONTENT_TYPE), ("CONTENT_LENGTH", header::CONTENT_LENGTH)]
+    {
+        if let Some(v) = headers.get(&h).and_then(|v| v.to_str().ok()) {
+            env.push((var.into(), v.to_string()));
+        }
+    }
+    for (k, v) in headers {
+        // Credentials stay with the server: a function never sees the caller's key.
+        if k == header::AUTHORIZATION || k == header::CONTENT_TYPE || k == header::CONTENT_LENGTH {
+            continue;
+        }
+        if let Ok(v) = v.to_str() {
+            env.push((
+                format!("HTTP_{}", k.as_str().to_ascii_uppercase().replace('-', "_")),
+                v.to_string(),
+            ));
+        }
+    }
+    env
+}
+
+/// Turns a CGI function's outcome into the response.
+fn cgi_response(
+    meta: &FunctionMeta,
+    invocation: &str,
+    outcome: JobOutcome,
+) -> Result<Response, ApiError> {
+    let failed = |what: String| {
+        ApiError::FunctionFailed(format!(
+            "function {:?} {what} (invocation {invocation}; see its logs)",
+            meta_name(meta)
+        ))
+    };
+    match outcome.status {
+        JobStatus::Succeeded => {}
+        JobStatus::TimedOut => {
+            return Err(ApiError::Timeout(format!(
+                "function {:?} timed out (invocation {invocation})",
+                meta_name(meta)
+            )));
+        }
+        _ => {
+            let why = match (&outcome.error, outcome.exit_code) {
+                (Some(e), _) if e.kind == "exit" => {
+                    format!("exited with code {}", outcome.exit_code.unwrap_or(1))
+                }
+                (Some(e), _) => format!("failed ({})", e.kind),
+                (None, Some(c)) => format!("exited with code {c}"),
+                (None, None) => "failed".into(),
+            };
+            return Err(failed(why));
+        }
+    }
+    if outcome.stdout_truncated {
+        return Err(failed("wrote a response over the size limit".into()));
+    }
+    let (status, headers, body) =
+        parse_cgi_output(outcome.stdout).map_err(|e| failed(format!("wrote {e}")))?;
+    let mut res = Response::new(Body::from(body));
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
+    Ok(res)
+}
+
+fn meta_name(meta: &FunctionMeta) -> &str {
+    meta.name.as_deref().unwrap_or(&meta.id)
+}
+
+/// Splits CGI output into status, headers and body. Output that does not open with a
+/// header line is all body, `200 text/plain`.
+fn parse_cgi_output(stdout: Vec<u8>) -> Result<(StatusCode, HeaderMap, Bytes), String> {
+    let stdout = Bytes::from(stdout);
+    let plain = |body: Bytes| {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+        Ok((StatusCode::OK, h, body))
+    };
+    // The header block ends at the first empty line.
+    let Some((head_len, sep_len)) = header_end(&stdout) else { return plain(stdout) };
+    let head = &stdout[..head_len];
+    let first = head.split(|b| *b == b'\n').next().unwrap_or_default();
+    if !looks_like_header(first) {
+        return plain(stdout);
+    }
+    let mut headers = HeaderMap::new();
+    let mut status = None;
+    for line in head.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let text =
+            std::str::from_utf8(line).map_err(|_| "CGI headers that are not UTF-8".to_string())?;
+        let (k, v) =
+            text.split_once(':').ok_or_else(|| format!("a malformed CGI header line {text:?}"))?;
+        let v = v.trim();
+        if k.eq_ignore_ascii_case("status") {
+            let code = v.split_whitespace().next().and_then(|c| c.parse::<u16>().ok());
+            status = Some(
+                code.and_then(|c| StatusCode::from_u16(c).ok())
+                    .ok_or_else(|| format!("a bad CGI Status {v:?}"))?,
+            );
+            continue;
+        }
+        let name = HeaderName::from_bytes(k.trim().as_bytes())
+            .map_err(|_| format!("a bad CGI header name {k:?}"))?;
+        if is_hop_by_hop(&name) {
+            continue;
+        }
+        let value =
+            HeaderValue::from_str(v).map_err(|_| format!("a bad value for CGI header {k:?}"))?;
+        headers.append(name, value);
+    }
+    let status = status.unwrap_or(if headers.contains_key(header::LOCATION) {
+        StatusCode::FOUND
+    } else {
+        StatusCode::OK
+    });
+    if !headers.contains_key(header::CONTENT_TYPE) {
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    }
+    Ok((status, headers, stdout.slice(head_len + sep_len..)))
+}
+
+/// Where the header block ends: (its length, the length of the blank line after it).
+fn header_end(out: &[u8]) -> Option<(usize, usize)> {
+    // Headers are small; a blank line far into the output is body text.
+    let window = &out[..out.len().min(64 << 10)];
+    let lf = window.windows(2).position(|w| w == b"\n\n").map(|i| (i, 2));
+    let crlf = window.windows(4).position(|w| w == b"\r\n\r\n").map(|i| (i, 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 < b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}
+
+fn looks_like_header(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|b| *b == b':') else { return false };
+    colon > 0 && line[..colon].iter().all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_')
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "transfer-encoding"
+            | "content-length"
+            | "upgrade"
+            | "te"
+            | "trailer"
+    )
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+pub struct LogParams {
+    /// `1` or `true`: keep the stream open and send new lines as server-sent events.
+    follow: Option<String>,
+}
+
+/// A function's recent log: its stderr lines and one access record per invocation.
+#[utoipa::path(get, path = "/v1/functions/{name}/logs", tag = "functions", params(("name" = String, Path), LogParams),
+    responses((status = 200, body = LogList), (status = 404, body = cloudpipe_types::ErrorBody)))]
+pub async fn get_function_logs(
+    State(state): State<AppState>,
+    P(name): P<String>,
+    Q(p): Q<LogParams>,
+) -> Result<Response, ApiError> {
+    if state.runtime.registry.get(&name).await?.is_none() {
+        return Err(ApiError::NotFound(format!("function {name:?} not found")));
+    }
+    let (lines, live) = state.logs.snapshot(&name);
+    let follow = matches!(p.follow.as_deref(), Some("1") | Some("true"));
+    if !follow {
+        return Ok(Json(LogList { lines }).into_response());
+    }
+    let stopping = state.runtime.scheduler.stopping().clone();
+    Ok(Sse::new(follow_stream(lines, live, stopping))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+fn follow_stream(
+    lines: Vec<cloudpipe_types::LogLine>,
+    mut live: tokio::sync::broadcast::Receiver<cloudpipe_types::LogLine>,
+    stopping: tokio_util::sync::CancellationToken,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let event = |l: &cloudpipe_types::LogLine| {
+        Event::default().event("log").json_data(l).unwrap_or_default()
+    };
+    let first: Vec<_> = lines.iter().map(event).map(Ok).collect();
+    let rest = async_stream_lines(move |tx| async move {
+        loop {
+            let next = tokio::select! {
+                next = live.recv() => next,
+                _ = tx.closed() => return,
+                _ = stopping.cancelled() => return,
+            };
+            match next {
+                Ok(l) => {
+                    if tx.send(event(&l)).await.is_err() {
+                        return;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    let note = Event::default().event("lagged").data(n.to_string());
+                    if tx.send(note).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    futures::StreamExt::chain(futures::stream::iter(first), rest)
+}
+
+fn async_stream_lines<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_without_headers_is_plain_text() {
+        let (st, h, body) =
+            parse_cgi_output(b"hello: world is not a header block".to_vec()).unwrap();
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(&body[..], b"hello: world is not a header block");
+        let (_, _, body) = parse_cgi_output(b"just text\n\nwith a blank line".to_vec()).unwrap();
+        assert_eq!(&body[..], b"just text\n\nwith a blank line");
+    }
+
+    #[test]
+    fn cgi_headers_status_and_location_are_parsed() {
+        let out =
+            b"Content-Type: application/json\r\nStatus: 201 Created\r\nX-A: 1\r\nX-A: 2\r\n\r\n{}"
+                .to_vec();
+        let (st, h, body) = parse_cgi_output(out).unwrap();
+        assert_eq!(st, StatusCode::CREATED);
+        assert_eq!(h[header::CONTENT_TYPE], "application/json");
+        assert_eq!(h.get_all("x-a").iter().count(), 2);
+        assert_eq!(&body[..], b"{}");
+        let (st, h, body) = parse_cgi_output(b"Location: /elsewhere\n\n".to_vec()).unwrap();
+        assert_eq!(st, StatusCode::FOUND);
+        assert_eq!(h[header::LOCATION], "/elsewhere");
+        assert!(body.is_empty());
+    }
+
+    #[test]
+    fn bad_cgi_headers_are_errors_not_panics() {
+        for bad in
+            [&b"Status: banana\n\nx"[..], b"Content-Type: a\nno colon here\n\n", b"X-Bad: \x01\n\n"]
+        {
+            assert!(parse_cgi_output(bad.to_vec()).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+        // Hop-by-hop headers from the guest are dropped.
+        let (_, h, _) =
+            parse_cgi_output(b"Transfer-Encoding: chunked\nX-Ok: y\n\nbody".to_vec()).unwrap();
+        assert!(h.get(header::TRANSFER_ENCODING).is_none());
+        assert_eq!(h["x-ok"], "y");
+    }
+}

@@ -1,0 +1,482 @@
+//! wasi:http proxies: [`WasmExecutor::handle_http`] gives one request to a component
+//! exporting `wasi:http/incoming-handler` and streams its response back.
+//!
+//! # Cost of a request
+//! Like a job: a new `Store` and an instantiation from the warm `ProxyPre`, on the
+//! caller's runtime. The guest runs in its own tokio task (`tokio::spawn`, no blocking
+//! thread), because it keeps running after it has sent the response head: it writes
+//! the body while the caller streams it out. Bodies are never buffered whole: the
+//! request body is read by the guest as it arrives, the response body is handed to the
+//! caller one write (at most 1 MiB) at a time.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cloudpipe_types::FunctionKind;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use http_body_util::combinators::UnsyncBoxBody;
+use tokio_util::sync::CancellationToken;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::runtime::AbortOnDropJoinHandle;
+use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
+use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme as WasiScheme};
+use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+
+use super::guest::{self, GuestState, Limiter, Stop};
+use super::output::CappedOutput;
+use super::{Ended, Ran, Ready, WasmExecutor, bytes_text, ended};
+use crate::executor::{NoLiveOutput, OutputSink, OutputStream};
+
+/// A response body as [`WasmExecutor::handle_http`] gives it: streamed from the guest
+/// as it writes. It ends with an [`InvokeError`] (never silently short) when the guest
+/// traps, runs out of time or aborts the body after the response head was sent.
+pub type ResponseBody = UnsyncBoxBody<Bytes, InvokeError>;
+
+/// The limits and context of one HTTP invocation.
+#[derive(Clone)]
+pub struct HttpOptions {
+    /// Wall-clock limit of the whole invocation: the handler and the streaming of the
+    /// response body.
+    pub timeout: Duration,
+    /// Cap on the guest's memory, in bytes.
+    pub memory_bytes: u64,
+    /// The guest's environment. An `Arc` so that a function's settings are shared by
+    /// its requests, not copied for each.
+    pub env: Arc<[(String, String)]>,
+    /// Where the guest's outgoing `wasi:http` requests may go: `host` (any port),
+    /// `host:port`, `*.domain` (its subdomains, any port) or `*` (anywhere). Empty: no
+    /// outbound request at all. Anything else is refused with `HttpRequestDenied`.
+    pub allowed_outbound_hosts: Arc<[String]>,
+    /// Receives the guest's stderr and stdout as written, up to `output_cap` bytes
+    /// each per request (the rest is dropped).
+    pub stderr: Arc<dyn OutputSink>,
+    pub output_cap: usize,
+    /// Stops the guest when cancelled (e.g. at shutdown).
+    pub cancel: CancellationToken,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            timeout: Duration::from_secs(30),
+            memory_bytes: 128 << 20,
+            env: Arc::new([]),
+            allowed_outbound_hosts: Arc::new([]),
+            stderr: Arc::new(NoLiveOutput),
+            output_cap: 64 << 10,
+            cancel: CancellationToken::new(),
+        }
+    }
+}
+
+impl std::fmt::Debug for HttpOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpOptions")
+            .field("timeout", &self.timeout)
+            .field("memory_bytes", &self.memory_bytes)
+            .field("env", &self.env)
+            .field("allowed_outbound_hosts", &self.allowed_outbound_hosts)
+            .field("output_cap", &self.output_cap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an HTTP invocation gave no (complete) response.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum InvokeError {
+    /// No function with this id in the store.
+    #[error("function {0} is not in the store")]
+    NotFound(String),
+    /// The function is a command or a module: it is invoked through CGI, not here.
+    #[error("function {id} is a {} function, not an http one", kind.as_str())]
+    NotHttp { id: String, kind: FunctionKind },
+    #[error("time limit of {} ms reached", limit.as_millis())]
+    Timeout { limit: Duration },
+    /// The guest trapped (a panic, an `unreachable`, ...), or exited.
+    #[error("{0}")]
+    Trap(String),
+    /// The guest failed after a memory growth past its cap was refused.
+    #[error("{0}")]
+    MemoryLimit(String),
+    /// The handler returned, or set an error code, without a response.
+    #[error("{0}")]
+    NoResponse(String),
+    #[error("cancelled")]
+    Cancelled,
+    /// Our side failed (loading the function, the instance pool is full, ...).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl WasmExecutor {
+    /// Runs once per HTTP request to an [`FunctionKind::Http`] function: instantiates
+    /// it from its warm `ProxyPre` (loading it first if it went cold) and calls its
+    /// `wasi:http/incoming-handler`. Returns once the guest has sent the response
+    /// head; the body then streams as the guest writes it, within `opts.timeout`
+    /// counted from the call.
+    ///
+    /// The guest sees `req`'s method, headers, body and URI. A URI without authority
+    /// (the usual server-side `/path?query`) gets the `Host` header's (else
+    /// `localhost`) and scheme `http`, as `wasmtime serve` does.
+    pub async fn handle_http<B>(
+        &self,
+        function_id: &str,
+        req: http::Request<B>,
+        opts: HttpOptions,
+    ) -> Result<http::Response<ResponseBody>, InvokeError>
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let ready = match self.ready(function_id).await {
+            Ok(Some(ready)) => ready,
+            Ok(None) => return Err(InvokeError::NotFound(function_id.to_string())),
+            Err(e) => {
+                return Err(InvokeError::Internal(format!(
+                    "loading function {function_id}: {e:#}"
+                )));
+            }
+        };
+        if !matches!(*ready, Ready::Http(_)) {
+            return Err(InvokeError::NotHttp { id: function_id.to_string(), kind: ready.kind() });
+        }
+        if opts.cancel.is_cancelled() {
+            return Err(InvokeError::Cancelled);
+        }
+        let (scheme, req) = with_authority(req)?;
+        let req = req.map(|body| {
+            body.map_err(|e| wasmtime_wasi_http::Error::InternalError(Some(e.into().to_string())))
+        });
+
+        let timeout = opts.timeout;
+        let deadline = Instant::now() + timeout;
+        let memory_cap = opts.memory_bytes.min(self.config.max_memory_bytes);
+        let state = ProxyState::new(&opts, memory_cap);
+        let engine = self.compiler.engine.clone();
+        let cancel = opts.cancel;
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+
+        let task = AbortOnDropJoinHandle::from(tokio::spawn(async move {
+            let Ready::Http(pre) = &*ready else { unreachable!("checked above") };
+            let guest = async {
+                let mut store = guest::new_store(&engine, state, deadline, cancel.clone());
+                let mut http = store.data_mut().http();
+                let resources = http
+                    .new_incoming_request(scheme, req)
+                    .and_then(|req| Ok((req, http.new_response_outparam(sender)?)));
+                let ran = match resources {
+                    Ok((req, out)) => match pre.instantiate_async(&mut store).await {
+                        Ok(proxy) => Ran::Called(
+                            proxy
+                                .wasi_http_incoming_handler()
+                                .call_handle(&mut store, req, out)
+                                .await
+                                .map(|()| true),
+                        ),
+                        Err(e) => Ran::NotInstantiated(e),
+                    },
+                    Err(e) => {
+                        return Ended::Internal(format!("passing the request to the guest: {e:#}"));
+                    }
+                };
+                ended(ran, store.data_mut())
+            };
+            // The epoch callback stops a guest that runs wasm; these stop one that
+            // waits in a host call (reading the request body, an outbound request).
+            tokio::select! {
+                biased;
+                ended = guest => ended,
+                () = cancel.cancelled() => Ended::Stopped(Stop::Cancelled),
+                () = tokio::time::sleep_until(deadline.into()) => Ended::Stopped(Stop::Timeout),
+            }
+        }));
+
+        let fail = |ended| failure(ended, timeout, memory_cap);
+        match receiver.await {
+            Ok(Ok(response)) => Ok(response.map(|body| {
+                GuestBody { body, task: Some(task), timeout, memory_cap }.boxed_unsync()
+            })),
+            Ok(Err(code)) => Err(InvokeError::NoResponse(format!(
+                "the handler answered with error code {}",
+                error_code_text(&code)
+            ))),
+            // The guest dropped its response-outparam unset: it trapped, timed out, or
+            // returned without answering.
+            Err(_) => Err(fail(task.await).unwrap_or_else(|| {
+                InvokeError::NoResponse("the handler returned without setting a response".into())
+            })),
+        }
+    }
+}
+
+/// Gives a server-side request (`/path?query`) the scheme and authority that
+/// `wasi:http` requires: its `Host` header's, else `localhost`.
+fn with_authority<B>(req: http::Request<B>) -> Result<(WasiScheme, http::Request<B>), InvokeError> {
+    let (mut parts, body) = req.into_parts();
+    let scheme = match parts.uri.scheme() {
+        Some(s) if *s == Scheme::HTTPS => WasiScheme::Https,
+        _ => WasiScheme::Http,
+    };
+    if parts.uri.authority().is_none() {
+        let authority = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.parse::<Authority>().ok())
+            .unwrap_or_else(|| Authority::from_static("localhost"));
+        let path = parts.uri.path_and_query().cloned().unwrap_or(PathAndQuery::from_static("/"));
+        parts.uri = http::Uri::builder()
+            .scheme(if matches!(scheme, WasiScheme::Https) { Scheme::HTTPS } else { Scheme::HTTP })
+            .authority(authority)
+            .path_and_query(path)
+            .build()
+            .map_err(|e| InvokeError::Internal(format!("rebuilding the request URI: {e}")))?;
+    }
+    Ok((scheme, http::Request::from_parts(parts, body)))
+}
+
+/// The error of a guest that ended as `ended`; `None` if it returned normally.
+fn failure(ended: Ended, limit: Duration, memory_cap: u64) -> Option<InvokeError> {
+    Some(match ended {
+        Ended::Exit(0) => return None,
+        Ended::Exit(code) => InvokeError::Trap(format!("the guest exited with code {code}")),
+        Ended::Trap(message) => InvokeError::Trap(message),
+        Ended::MemoryLimit { desired, .. } => InvokeError::MemoryLimit(format!(
+            "memory limit of {} reached: the guest asked to grow its memory to {}",
+            bytes_text(memory_cap),
+            bytes_text(desired as u64)
+        )),
+        Ended::Stopped(Stop::Timeout) => InvokeError::Timeout { limit },
+        Ended::Stopped(Stop::Cancelled) => InvokeError::Cancelled,
+        Ended::Internal(message) => InvokeError::Internal(message),
+        Ended::NotRunnable => InvokeError::Internal("not an http function".into()),
+    })
+}
+
+fn error_code_text(code: &ErrorCode) -> String {
+    format!("{code:?}")
+}
+
+/// The guest's response body, checked at its end against how the guest ended.
+///
+/// wasmtime-wasi-http ends a body cleanly when its writer is dropped unfinished (the
+/// guest trapped or was stopped mid-body), which would pass a truncated chunked
+/// response for a whole one. So at the body's end this waits for the guest's call to
+/// return (a guest returns right after finishing its body) and ends with an error
+/// unless it returned normally. Dropping the body early (the client went away) stops
+/// the guest.
+struct GuestBody {
+    body: HyperOutgoingBody,
+    /// `None` once the guest's outcome was taken.
+    task: Option<AbortOnDropJoinHandle<Ended>>,
+    timeout: Duration,
+    memory_cap: u64,
+}
+
+impl Body for GuestBody {
+    type Data = Bytes;
+    type Error = InvokeError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, InvokeError>>> {
+        let this = self.get_mut();
+        let Some(task) = this.task.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let aborted = match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
+            Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
+            Some(Err(e)) => Some(e),
+            None => None,
+        };
+        let ended = ready!(Pin::new(task).poll(cx));
+        this.task = None;
+        Poll::Ready(match (failure(ended, this.timeout, this.memory_cap), aborted) {
+            (Some(error), _) => Some(Err(error)),
+            (None, Some(e)) => Some(Err(InvokeError::NoResponse(format!(
+                "the guest aborted its response body: {e}"
+            )))),
+            (None, None) => None,
+        })
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.task.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Store state of one HTTP invocation.
+pub(super) struct ProxyState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    outbound: Outbound,
+    limiter: Limiter,
+    stop: Option<Stop>,
+}
+
+impl ProxyState {
+    /// Nothing inherited from the host: the function's env, stdout and stderr to the
+    /// sink, no sockets (outbound HTTP goes through `wasi:http` and [`Outbound`]).
+    fn new(opts: &HttpOptions, memory_cap: u64) -> ProxyState {
+        let stdout = CappedOutput::new(OutputStream::Stdout, opts.output_cap, opts.stderr.clone());
+        let stderr = CappedOutput::new(OutputStream::Stderr, opts.output_cap, opts.stderr.clone());
+        let mut b = WasiCtxBuilder::new();
+        b.stdout(stdout)
+            .stderr(stderr)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false);
+        for (k, v) in opts.env.iter() {
+            b.env(k, v);
+        }
+        ProxyState {
+            wasi: b.build(),
+            http: WasiHttpCtx::new(),
+            table: ResourceTable::new(),
+            outbound: Outbound { allowed: opts.allowed_outbound_hosts.clone() },
+            limiter: Limiter::new(usize::try_from(memory_cap).unwrap_or(usize::MAX)),
+            stop: None,
+        }
+    }
+}
+
+impl WasiView for ProxyState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl WasiHttpView for ProxyState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.outbound }
+    }
+}
+
+impl GuestState for ProxyState {
+    fn limiter(&mut self) -> &mut Limiter {
+        &mut self.limiter
+    }
+    fn stop(&mut self) -> &mut Option<Stop> {
+        &mut self.stop
+    }
+}
+
+/// The guest's outgoing requests: sent (HTTP or HTTPS) only to allowed hosts.
+struct Outbound {
+    allowed: Arc<[String]>,
+}
+
+type SendResult = wasmtime_wasi_http::Result<(
+    http::Response<wasmtime_wasi_http::WasiBody>,
+    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+)>;
+
+impl WasiHttpHooks for Outbound {
+    fn send_request(
+        &mut self,
+        request: http::Request<wasmtime_wasi_http::WasiBody>,
+        options: Option<wasmtime_wasi_http::RequestOptions>,
+        _: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> Box<dyn Future<Output = SendResult> + Send> {
+        if !host_allowed(&self.allowed, request.uri()) {
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as Box<dyn Future<Output = _> + Send>,
+            ))
+        })
+    }
+}
+
+/// Whether `uri`'s host (and port, 80 or 443 by default) matches one of `allowed`:
+/// `*`, `host`, `host:port`, `*.domain` or `*.domain:port`; case-insensitive.
+fn host_allowed(allowed: &[String], uri: &http::Uri) -> bool {
+    let Some(authority) = uri.authority() else {
+        return false;
+    };
+    let host = authority.host().to_ascii_lowercase();
+    let port =
+        authority.port_u16().unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 });
+    allowed.iter().any(|pattern| {
+        let pattern = pattern.trim().to_ascii_lowercase();
+        if pattern == "*" {
+            return true;
+        }
+        // `[::1]:8080`, `example.com:8080`, `example.com`, `[::1]`.
+        let (pattern_host, pattern_port) = match pattern.rsplit_once(':') {
+            Some((h, p))
+                if !h.is_empty() && !p.contains(']') && (!h.contains(':') || h.ends_with(']')) =>
+            {
+                match p.parse::<u16>() {
+                    Ok(p) => (h, Some(p)),
+                    Err(_) => return false,
+                }
+            }
+            _ => (pattern.as_str(), None),
+        };
+        if pattern_port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match pattern_host.strip_prefix("*.") {
+            Some(domain) => host.len() > domain.len() + 1 && host.ends_with(&format!(".{domain}")),
+            None => pattern_host == host,
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn allowed(patterns: &[&str], uri: &str) -> bool {
+        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
+        host_allowed(&patterns, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn outbound_hosts_match_by_name_port_and_wildcard() {
+        assert!(!allowed(&[], "http://example.com/"));
+        assert!(allowed(&["*"], "http://example.com/"));
+        assert!(allowed(&["example.com"], "http://EXAMPLE.com:8080/x"));
+        assert!(!allowed(&["example.com"], "http://example.org/"));
+        assert!(allowed(&["example.com:443"], "https://example.com/"));
+        assert!(!allowed(&["example.com:443"], "http://example.com/"));
+        assert!(allowed(&["127.0.0.1:8080"], "http://127.0.0.1:8080/"));
+        assert!(!allowed(&["127.0.0.1:8080"], "http://127.0.0.1:8081/"));
+        assert!(allowed(&["*.example.com"], "https://api.example.com/"));
+        assert!(!allowed(&["*.example.com"], "https://example.com/"));
+        assert!(!allowed(&["*.example.com"], "https://evilexample.com/"));
+        assert!(allowed(&["[::1]:8080"], "http://[::1]:8080/"));
+        assert!(allowed(&["[::1]"], "http://[::1]:9/"));
+    }
+
+    #[test]
+    fn server_side_requests_get_the_host_header_as_authority() {
+        let req = http::Request::builder()
+            .uri("/echo?x=1")
+            .header("host", "example.com:8080")
+            .body(())
+            .unwrap();
+        let (scheme, req) = with_authority(req).unwrap();
+        assert!(matches!(scheme, WasiScheme::Http));
+        assert_eq!(req.uri().to_string(), "http://example.com:8080/echo?x=1");
+        let (_, req) = with_authority(http::Request::new(())).unwrap();
+        assert_eq!(req.uri().to_string(), "http://localhost/");
+    }
+}
