@@ -4,7 +4,9 @@
 //! invocation path writes nothing durable.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+
+use cloudpipe_runtime::executor::{OutputSink, OutputStream};
 
 use cloudpipe_runtime::job::{now_micros, rfc3339};
 use cloudpipe_types::LogLine;
@@ -36,19 +38,24 @@ impl Ring {
 impl FunctionLogs {
     /// Records the lines of one invocation: its stderr, then its access record.
     pub fn record(&self, function: &str, invocation: &str, stderr: &[u8], access: String) {
-        let time = rfc3339(now_micros());
-        let line = |stream: &str, text: &str| LogLine {
-            time: time.clone(),
-            invocation: invocation.to_string(),
-            stream: stream.to_string(),
-            line: cut(text),
-        };
         let text = String::from_utf8_lossy(stderr);
-        let mut new: Vec<LogLine> = text.lines().map(|l| line("stderr", l)).collect();
-        new.push(line("access", &access));
+        let mut lines: Vec<(&str, &str)> = text.lines().map(|l| ("stderr", l)).collect();
+        lines.push(("access", &access));
+        self.push(function, invocation, &lines);
+    }
+
+    /// Appends `(stream, text)` lines to a function's ring.
+    pub fn push(&self, function: &str, invocation: &str, lines: &[(&str, &str)]) {
+        let time = rfc3339(now_micros());
         let mut rings = self.rings.lock().unwrap();
         let ring = rings.entry(function.to_string()).or_insert_with(Ring::new);
-        for l in new {
+        for (stream, text) in lines {
+            let l = LogLine {
+                time: time.clone(),
+                invocation: invocation.to_string(),
+                stream: stream.to_string(),
+                line: cut(text),
+            };
             if ring.lines.len() == RING_LINES {
                 ring.lines.pop_front();
             }
@@ -68,6 +75,60 @@ impl FunctionLogs {
     /// Forgets a function's log (when it is deleted).
     pub fn remove(&self, function: &str) {
         self.rings.lock().unwrap().remove(function);
+    }
+}
+
+/// Writes a streaming guest's stderr into its function's ring, a line at a time (for
+/// wasi:http functions, whose output continues after the response head).
+pub struct StderrLines {
+    logs: Arc<FunctionLogs>,
+    function: String,
+    invocation: String,
+    partial: Mutex<Vec<u8>>,
+}
+
+impl StderrLines {
+    pub fn new(logs: Arc<FunctionLogs>, function: &str, invocation: &str) -> StderrLines {
+        StderrLines {
+            logs,
+            function: function.to_string(),
+            invocation: invocation.to_string(),
+            partial: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn flush(&self, bytes: &[u8]) {
+        let text = String::from_utf8_lossy(bytes);
+        let lines: Vec<(&str, &str)> = text.lines().map(|l| ("stderr", l)).collect();
+        self.logs.push(&self.function, &self.invocation, &lines);
+    }
+}
+
+impl OutputSink for StderrLines {
+    fn chunk(&self, stream: OutputStream, data: &[u8]) {
+        if stream != OutputStream::Stderr {
+            return;
+        }
+        let mut partial = self.partial.lock().unwrap();
+        partial.extend_from_slice(data);
+        if let Some(end) = partial.iter().rposition(|b| *b == b'\n') {
+            let done: Vec<u8> = partial.drain(..=end).collect();
+            drop(partial);
+            self.flush(&done);
+        } else if partial.len() > MAX_LINE {
+            let done = std::mem::take(&mut *partial);
+            drop(partial);
+            self.flush(&done);
+        }
+    }
+}
+
+impl Drop for StderrLines {
+    fn drop(&mut self) {
+        let rest = std::mem::take(self.partial.get_mut().unwrap());
+        if !rest.is_empty() {
+            self.flush(&rest);
+        }
     }
 }
 

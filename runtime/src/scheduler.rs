@@ -413,6 +413,12 @@ impl Scheduler {
             .get_function(&job.function)
             .await?
             .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
+        if meta.kind == cloudpipe_types::FunctionKind::Http {
+            return Err(SubmitError::Invalid(format!(
+                "function {:?} is a wasi:http proxy: invoke it over HTTP at /fn/NAME instead of running it as a job",
+                job.function
+            )));
+        }
         job.function_id = meta.id;
         Ok(job)
     }

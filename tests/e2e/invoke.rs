@@ -139,3 +139,117 @@ async fn unknown_functions_timeouts_and_the_concurrency_limit_get_their_statuses
     assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(third.headers()["retry-after"], "1");
 }
+
+/// Peak resident memory of a process, in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+#[tokio::test]
+async fn wasi_http_functions_see_the_path_below_their_mount_and_stream_both_ways() {
+    let s = TestServer::start(&[]).await;
+    let f = s.upload("web", &program(programs::HTTP_ECHO)).await;
+    assert_eq!(f["kind"], "http");
+    let c = &s.client;
+
+    let binary: Vec<u8> = (0..=255u8).rev().cycle().take(100_000).collect();
+    let res = c
+        .post(format!("{}/fn/web/echo/x?y=1", s.url))
+        .header("x-test-color", "blue")
+        .header("content-type", "application/x-thing")
+        .body(binary.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-echo-method"], "POST");
+    assert_eq!(res.headers()["x-echo-path"], "/echo/x?y=1");
+    assert_eq!(res.headers()["x-echo-color"], "blue");
+    assert_eq!(res.headers()["content-type"], "application/x-thing");
+    assert!(res.headers().contains_key("x-cloudpipe-invocation"));
+    assert_eq!(res.bytes().await.unwrap(), binary);
+
+    // 100 MB through the function: streamed, never held whole by the server.
+    const CHUNK: usize = 1 << 20;
+    let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(vec![7u8; CHUNK])));
+    let res = c
+        .put(format!("{}/fn/web/stream", s.url))
+        .body(reqwest::Body::wrap_stream(chunks))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut total = 0usize;
+    let mut body = res.bytes_stream();
+    while let Some(chunk) = futures::StreamExt::next(&mut body).await {
+        let chunk = chunk.unwrap();
+        assert!(chunk.iter().all(|b| *b == 7));
+        total += chunk.len();
+    }
+    assert_eq!(total, 100 * CHUNK);
+    let peak = peak_rss_mib(s.pid());
+    assert!(peak < 100, "server peak RSS {peak} MiB after streaming 100 MiB");
+
+    let res = c.get(format!("{}/fn/web/trap", s.url)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let body: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(code(&body), "function_failed");
+
+    // A proxy is not a job.
+    let (st, body) = s.post_json("/v1/jobs", &serde_json::json!({"function": "web"})).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    assert_eq!(code(&body), "invalid_request");
+
+    // Its stderr reaches the log ring.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (_, logs) = s.get("/v1/functions/web/logs").await;
+    let lines = logs["lines"].as_array().unwrap();
+    assert!(
+        lines.iter().any(|l| l["stream"] == "stderr" && l["line"] == "echo /echo/x?y=1"),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn a_wasi_http_function_that_never_answers_gets_504() {
+    let s = TestServer::start(&["--fn-timeout-ms", "300"]).await;
+    s.upload("web", &program(programs::HTTP_ECHO)).await;
+    let res = s.client.get(format!("{}/fn/web/loop", s.url)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+}
+
+#[tokio::test]
+async fn redeploying_under_load_switches_versions_with_no_failed_request() {
+    let s = TestServer::start(&[]).await;
+    s.upload("site", &program(programs::HTTP_ECHO)).await;
+    let versions = [program(programs::CGI), program(programs::HTTP_ECHO)];
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let load = async {
+        let mut statuses = std::collections::BTreeMap::new();
+        let mut bodies = std::collections::BTreeSet::new();
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let res = s.client.get(format!("{}/fn/site/plain", s.url)).send().await.unwrap();
+            *statuses.entry(res.status().as_u16()).or_insert(0) += 1;
+            bodies.insert(res.text().await.unwrap().lines().next().unwrap_or_default().to_string());
+        }
+        (statuses, bodies)
+    };
+    let deploys = async {
+        for i in 0..6 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            s.upload("site", &versions[i % 2]).await;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    };
+    let ((statuses, bodies), ()) = tokio::join!(load, deploys);
+    assert_eq!(statuses.keys().copied().collect::<Vec<_>>(), [200], "{statuses:?}");
+    // Both versions answered: the CGI one ("just text") and the proxy one (an echo).
+    assert!(bodies.contains("just text") && bodies.len() >= 2, "{bodies:?}");
+}

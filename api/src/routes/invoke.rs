@@ -23,14 +23,16 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
+use cloudpipe_runtime::executor::wasm::{HttpOptions, InvokeError};
 use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
 use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_runtime::{JobId, JobOutcome};
-use cloudpipe_types::{JobStatus, LogList};
+use cloudpipe_types::{FunctionKind, JobStatus, LogList};
 use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::logs::StderrLines;
 use crate::{ApiError, AppState, P, Q, read_body};
 
 pub fn router() -> Router<AppState> {
@@ -172,8 +174,11 @@ async fn run(
         .get(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("function {name:?} not found")))?;
-    let _permits = state.invocations.admit(name)?;
+    let permits = state.invocations.admit(name)?;
     let config = state.invocations.config();
+    if meta.kind == FunctionKind::Http {
+        return proxy(state, &meta, name, path, invocation, req, permits).await;
+    }
     let cgi = cgi_env(name, path, &req);
     let body = read_body(req.into_body(), config.max_request_body).await?;
     let outcome = rt
@@ -198,6 +203,81 @@ async fn run(
     *stderr = outcome.stderr.clone();
     cgi_response(&meta, invocation, outcome)
 }
+
+/// Hands the request to a wasi:http proxy function, streaming both ways. The function
+/// sees the path below its mount point (`/fn/hello/echo?x=1` arrives as `/echo?x=1`,
+/// the full path in `x-cloudpipe-original-path`), so a component written for
+/// `wasmtime serve` runs unchanged.
+async fn proxy(
+    state: &AppState,
+    meta: &FunctionMeta,
+    name: &str,
+    path: &str,
+    invocation: &str,
+    req: Request,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) -> Result<Response, ApiError> {
+    let config = state.invocations.config();
+    let (mut parts, body) = req.into_parts();
+    let original = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
+    let inner = match parts.uri.query() {
+        Some(q) => format!("/{path}?{q}"),
+        None => format!("/{path}"),
+    };
+    parts.uri = inner
+        .parse()
+        .map_err(|_| ApiError::bad("invalid_path", "the request path is not a valid URI"))?;
+    if let Ok(v) = HeaderValue::from_str(&original) {
+        parts.headers.insert(ORIGINAL_PATH_HEADER, v);
+    }
+    // Credentials stay with the server: a function never sees the caller's key.
+    parts.headers.remove(header::AUTHORIZATION);
+    let opts = HttpOptions {
+        timeout: config.timeout,
+        memory_bytes: config.memory_bytes,
+        env: Arc::new([
+            ("CLOUDPIPE_FUNCTION".to_string(), name.to_string()),
+            ("CLOUDPIPE_INVOCATION_ID".to_string(), invocation.to_string()),
+        ]),
+        stderr: Arc::new(StderrLines::new(state.logs.clone(), name, invocation)),
+        cancel: state.runtime.scheduler.stopping().child_token(),
+        ..HttpOptions::default()
+    };
+    let req = Request::from_parts(parts, body);
+    let failed = |what: &str| {
+        ApiError::FunctionFailed(format!(
+            "function {name:?} {what} (invocation {invocation}; see its logs)"
+        ))
+    };
+    match state.runtime.executor.handle_http(&meta.id, req, opts).await {
+        Ok(res) => Ok(res.map(|body| {
+            // The limits hold until the response body has streamed out: the permits
+            // live in the body and drop with it.
+            Body::new(http_body_util::BodyExt::map_err(body, move |e| {
+                let _held = &permits;
+                e
+            }))
+        })),
+        Err(InvokeError::Timeout { .. }) => {
+            Err(ApiError::Timeout(format!("function {name:?} timed out (invocation {invocation})")))
+        }
+        Err(InvokeError::NotFound(_)) => {
+            Err(ApiError::NotFound(format!("function {name:?} not found")))
+        }
+        Err(InvokeError::Trap(_)) => Err(failed("trapped")),
+        Err(InvokeError::MemoryLimit(_)) => Err(failed("went over its memory limit")),
+        Err(InvokeError::NoResponse(_)) => Err(failed("gave no response")),
+        Err(InvokeError::Cancelled) => {
+            Err(ApiError::Unavailable("the server is shutting down".into()))
+        }
+        Err(e @ (InvokeError::NotHttp { .. } | InvokeError::Internal(_))) => {
+            Err(ApiError::Internal(e.into()))
+        }
+    }
+}
+
+/// The request header carrying the full original path to a wasi:http function.
+pub const ORIGINAL_PATH_HEADER: &str = "x-cloudpipe-original-path";
 
 /// The CGI/1.1 environment of a request (RFC 3875), as WAGI passes it.
 fn cgi_env(name: &str, path: &str, req: &Request) -> Vec<(String, String)> {

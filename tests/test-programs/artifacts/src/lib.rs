@@ -3,7 +3,7 @@
 //!
 //! Components for wasm32-wasip2, from `tests/test-programs/guest/src/bin/*.rs`:
 //! `HELLO`, `ECHO`, `LOOP_FOREVER`, `MEMORY_BOMB`, `RECURSION`, `FLOOD`,
-//! `EXIT_WITH_CODE`, `SLEEP`. From `tests/test-programs/wat/*.wat`: the preview1 module
+//! `EXIT_WITH_CODE`, `SLEEP`, `CGI`. From `tests/test-programs/wat/*.wat`: the preview1 module
 //! `PROC_EXIT`, and the refused `NO_START`, `UNKNOWN_IMPORT` and `LIBRARY`. The wasi:http
 //! proxy `HTTP_ECHO`, from `tests/test-programs/http-guest` (see its `src/lib.rs`).
 //!
