@@ -17,6 +17,7 @@ use crate::routes::{functions, invoke, jobs, system};
         functions::list_functions,
         functions::get_function,
         functions::delete_function,
+        functions::update_function,
         invoke::get_function_logs,
         jobs::create_job,
         jobs::list_jobs,

@@ -87,11 +87,26 @@ impl FunctionRegistry {
             PrepareError::Invalid(m) => UploadError::Invalid(m),
             PrepareError::Internal(e) => UploadError::Internal(e),
         })?;
-        let meta =
-            FunctionMeta { id, name, kind, size: binary.len() as u64, created_at: now_micros() };
+        let meta = FunctionMeta {
+            id,
+            name,
+            kind,
+            size: binary.len() as u64,
+            created_at: now_micros(),
+            settings: Default::default(),
+        };
         let stored = self.store.put_function(meta, binary).await?;
         tracing::info!(function = stored.name.as_deref().unwrap_or(""), id = %stored.id, kind = stored.kind.as_str(), size = stored.size, "function uploaded");
         Ok(stored)
+    }
+
+    /// Replaces the settings of a name (checked by the caller). `None`: no such name.
+    pub async fn configure(
+        &self,
+        name: &str,
+        settings: cloudpipe_types::FunctionSettings,
+    ) -> anyhow::Result<Option<FunctionMeta>> {
+        self.store.put_settings(name, settings).await
     }
 
     /// A function by name or id.

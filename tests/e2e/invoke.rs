@@ -253,3 +253,108 @@ async fn redeploying_under_load_switches_versions_with_no_failed_request() {
     // Both versions answered: the CGI one ("just text") and the proxy one (an echo).
     assert!(bodies.contains("just text") && bodies.len() >= 2, "{bodies:?}");
 }
+
+#[tokio::test]
+async fn settings_set_on_upload_or_patch_apply_to_the_next_invocation_and_survive_redeploys() {
+    let s = TestServer::start(&[]).await;
+    let (st, f) = s
+        .request(
+            reqwest::Method::POST,
+            "/v1/functions?name=cgi&timeout_ms=300",
+            Some(program(programs::CGI)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{f}");
+    assert_eq!(f["settings"]["timeout_ms"], 300);
+    let t = std::time::Instant::now();
+    let res = s.client.get(format!("{}/fn/cgi/loop", s.url)).send().await.unwrap();
+    assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert!(
+        t.elapsed() < Duration::from_secs(3),
+        "the function's 300 ms applied: {:?}",
+        t.elapsed()
+    );
+
+    let patch = serde_json::json!({"env": {"GREETING": "hi there"}, "public": true});
+    let (st, f) = s
+        .request(reqwest::Method::PATCH, "/v1/functions/cgi", Some(patch.to_string().into_bytes()))
+        .await;
+    assert_eq!(st, StatusCode::OK, "{f}");
+    assert_eq!(f["settings"]["public"], true);
+    assert_eq!(f["settings"]["timeout_ms"], 300, "fields not given are kept");
+    // A new version keeps the name's settings.
+    s.upload("cgi", &program(programs::CGI)).await;
+    let text =
+        s.client.get(format!("{}/fn/cgi/x", s.url)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("GREETING=hi there\n"), "{text}");
+
+    for (path, body, want, want_code) in [
+        (
+            "/v1/functions/cgi",
+            r#"{"timeout_ms": 99999999999}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_settings",
+        ),
+        (
+            "/v1/functions/cgi",
+            r#"{"allowed_outbound_hosts": ["a b"]}"#,
+            StatusCode::BAD_REQUEST,
+            "invalid_settings",
+        ),
+        ("/v1/functions/cgi", r#"{"timeout": 1}"#, StatusCode::BAD_REQUEST, "invalid_json"),
+        ("/v1/functions/nope", r#"{"public": true}"#, StatusCode::NOT_FOUND, "not_found"),
+    ] {
+        let (st, b) = s.request(reqwest::Method::PATCH, path, Some(body.as_bytes().to_vec())).await;
+        assert_eq!((st, code(&b)), (want, want_code), "{path} {body}: {b}");
+    }
+}
+
+/// A one-route HTTP server on loopback for outbound requests: answers `ok`.
+async fn tiny_server() -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let mut buf = vec![0u8; 4096];
+                let _ = conn.read(&mut buf).await;
+                let _ = conn
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                    )
+                    .await;
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn outbound_requests_go_only_to_allowed_hosts() {
+    let s = TestServer::start(&[]).await;
+    s.upload("web", &program(programs::HTTP_ECHO)).await;
+    let port = tiny_server().await;
+    let call = || async {
+        let res = s
+            .client
+            .get(format!("{}/fn/web/outbound?url=http://127.0.0.1:{port}/x", s.url))
+            .send()
+            .await
+            .unwrap();
+        (res.status(), res.text().await.unwrap())
+    };
+    let (st, body) = call().await;
+    assert_eq!(st, StatusCode::BAD_GATEWAY, "refused by default: {body}");
+    assert!(body.contains("HttpRequestDenied"), "{body}");
+
+    let patch = serde_json::json!({"allowed_outbound_hosts": [format!("127.0.0.1:{port}")]});
+    let (st, _) = s
+        .request(reqwest::Method::PATCH, "/v1/functions/web", Some(patch.to_string().into_bytes()))
+        .await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, body) = call().await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(body, "status 200\nok");
+}

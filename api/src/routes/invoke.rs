@@ -75,7 +75,8 @@ impl Default for InvokeConfig {
 pub struct Invocations {
     config: InvokeConfig,
     all: Arc<Semaphore>,
-    per_function: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Each function's limit and its semaphore.
+    per_function: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
 
 impl Invocations {
@@ -91,20 +92,28 @@ impl Invocations {
         &self.config
     }
 
-    /// Both permits, or the error answer (503) when either limit is reached.
+    /// Both permits, or the error answer (503) when either limit is reached. `limit`
+    /// is the function's own (0: the server's default); a changed limit takes effect
+    /// for new invocations at once.
     fn admit(
         &self,
         function: &str,
+        limit: u32,
     ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
-        let sem = self
-            .per_function
-            .lock()
-            .unwrap()
-            .entry(function.to_string())
-            .or_insert_with(|| {
-                Arc::new(Semaphore::new(self.config.max_concurrency_per_function.max(1)))
-            })
-            .clone();
+        let limit = match limit {
+            0 => self.config.max_concurrency_per_function.max(1),
+            n => n as usize,
+        };
+        let sem = {
+            let mut map = self.per_function.lock().unwrap();
+            let entry = map
+                .entry(function.to_string())
+                .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
+            if entry.0 != limit {
+                *entry = (limit, Arc::new(Semaphore::new(limit)));
+            }
+            entry.1.clone()
+        };
         let one = sem.try_acquire_owned().map_err(|_| {
             ApiError::Unavailable(format!(
                 "function {function:?} is at its concurrency limit; retry shortly"
@@ -115,6 +124,11 @@ impl Invocations {
         })?;
         Ok((one, all))
     }
+}
+
+/// A function's limit, or the server's default when it sets none (0).
+fn or_default<T: PartialEq + Default>(own: T, default: T) -> T {
+    if own == T::default() { default } else { own }
 }
 
 pub async fn invoke_function(
@@ -174,12 +188,21 @@ async fn run(
         .get(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("function {name:?} not found")))?;
-    let permits = state.invocations.admit(name)?;
+    let permits = state.invocations.admit(name, meta.settings.max_concurrency)?;
     let config = state.invocations.config();
     if meta.kind == FunctionKind::Http {
         return proxy(state, &meta, name, path, invocation, req, permits).await;
     }
     let cgi = cgi_env(name, path, &req);
+    // The function's own variables, then the request's (which win).
+    let mut env: Vec<(String, String)> = meta
+        .settings
+        .env
+        .iter()
+        .filter(|(k, _)| !cgi.iter().any(|(c, _)| c == *k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    env.extend(cgi);
     let body = read_body(req.into_body(), config.max_request_body).await?;
     let outcome = rt
         .executor
@@ -189,11 +212,14 @@ async fn run(
                 function: name.to_string(),
                 function_id: meta.id.clone(),
                 args: Vec::new(),
-                env: cgi,
+                env,
                 stdin: body,
                 attempt: 1,
-                timeout: config.timeout,
-                memory_bytes: config.memory_bytes,
+                timeout: Duration::from_millis(or_default(
+                    meta.settings.timeout_ms,
+                    config.timeout.as_millis() as u64,
+                )),
+                memory_bytes: or_default(meta.settings.memory_mb << 20, config.memory_bytes),
                 output_cap: config.max_response_body,
             },
             Arc::new(NoLiveOutput),
@@ -232,13 +258,24 @@ async fn proxy(
     }
     // Credentials stay with the server: a function never sees the caller's key.
     parts.headers.remove(header::AUTHORIZATION);
-    let opts = HttpOptions {
-        timeout: config.timeout,
-        memory_bytes: config.memory_bytes,
-        env: Arc::new([
+    let settings = &meta.settings;
+    let env: Vec<(String, String)> = settings
+        .env
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .chain([
             ("CLOUDPIPE_FUNCTION".to_string(), name.to_string()),
             ("CLOUDPIPE_INVOCATION_ID".to_string(), invocation.to_string()),
-        ]),
+        ])
+        .collect();
+    let opts = HttpOptions {
+        timeout: Duration::from_millis(or_default(
+            settings.timeout_ms,
+            config.timeout.as_millis() as u64,
+        )),
+        memory_bytes: or_default(settings.memory_mb << 20, config.memory_bytes),
+        env: env.into(),
+        allowed_outbound_hosts: settings.allowed_outbound_hosts.clone().into(),
         stderr: Arc::new(StderrLines::new(state.logs.clone(), name, invocation)),
         cancel: state.runtime.scheduler.stopping().child_token(),
         ..HttpOptions::default()

@@ -69,6 +69,78 @@ pub struct FunctionInfo {
     pub size: u64,
     /// RFC 3339 time of the first upload of this binary.
     pub created_at: String,
+    /// The settings of the name (defaults when looked up by id).
+    #[serde(default)]
+    pub settings: FunctionSettings,
+}
+
+/// How a named function is invoked over HTTP (`/fn/{name}`). Settings belong to the
+/// name and carry over when a new version is uploaded under it. A limit of 0 means
+/// the server's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct FunctionSettings {
+    /// Environment variables of every invocation.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub timeout_ms: u64,
+    #[serde(default)]
+    pub memory_mb: u64,
+    /// Invocations running at once; past it, 503 with Retry-After.
+    #[serde(default)]
+    pub max_concurrency: u32,
+    /// Invocable without an API key (once accounts exist; until then every function is).
+    #[serde(default)]
+    pub public: bool,
+    /// Where a wasi:http function's outgoing requests may go: `host`, `host:port`,
+    /// `*.domain` or `*`. Empty (the default): nowhere.
+    #[serde(default)]
+    pub allowed_outbound_hosts: Vec<String>,
+}
+
+/// `PATCH /v1/functions/{name}`: each field given replaces that setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSettingsPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub env: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrency: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_outbound_hosts: Option<Vec<String>>,
+}
+
+impl FunctionSettings {
+    /// These settings with `patch` applied.
+    pub fn patched(mut self, patch: FunctionSettingsPatch) -> FunctionSettings {
+        if let Some(v) = patch.env {
+            self.env = v;
+        }
+        if let Some(v) = patch.timeout_ms {
+            self.timeout_ms = v;
+        }
+        if let Some(v) = patch.memory_mb {
+            self.memory_mb = v;
+        }
+        if let Some(v) = patch.max_concurrency {
+            self.max_concurrency = v;
+        }
+        if let Some(v) = patch.public {
+            self.public = v;
+        }
+        if let Some(v) = patch.allowed_outbound_hosts {
+            self.allowed_outbound_hosts = v;
+        }
+        self
+    }
 }
 
 /// A list of functions.

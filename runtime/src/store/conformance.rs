@@ -50,6 +50,7 @@ macro_rules! suite {
             case!(purge_deletes_by_age_and_by_count_with_their_idempotency_keys);
             case!(put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest);
             case!(delete_function_by_name_and_by_id);
+            case!(settings_belong_to_the_name_and_survive_a_new_version);
             case!(data_survives_drop_and_reopen);
             case!(concurrent_inserts_all_land_and_counters_are_exact);
             case!(a_write_that_fails_alone_does_not_fail_its_group);
@@ -338,6 +339,40 @@ pub(crate) async fn release_requeues_a_running_job_without_counting_the_attempt<
     assert_eq!(store.release_job(JobId::new()).await.unwrap(), None);
 }
 
+pub(crate) async fn settings_belong_to_the_name_and_survive_a_new_version<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let settings = cloudpipe_types::FunctionSettings {
+        timeout_ms: 1500,
+        public: true,
+        allowed_outbound_hosts: vec!["example.com".into()],
+        ..Default::default()
+    };
+    assert_eq!(
+        store.put_settings("web", settings.clone()).await.unwrap(),
+        None,
+        "no such name yet"
+    );
+    store.put_function(meta('a', Some("web"), 1), Bytes::from_static(b"one")).await.unwrap();
+    let configured = store.put_settings("web", settings.clone()).await.unwrap().unwrap();
+    assert_eq!(configured.settings, settings);
+    // A new version under the name keeps them; the same version by id has none.
+    store.put_function(meta('b', Some("web"), 2), Bytes::from_static(b"two")).await.unwrap();
+    let got = store.get_function("web").await.unwrap().unwrap();
+    assert_eq!((got.id.as_str(), &got.settings), (meta('b', None, 0).id.as_str(), &settings));
+    assert_eq!(store.get_function(&got.id).await.unwrap().unwrap().settings, Default::default());
+    assert_eq!(store.list_functions().await.unwrap()[0].settings, settings);
+    drop(store);
+    let store = open(dir.path()).unwrap();
+    assert_eq!(store.get_function("web").await.unwrap().unwrap().settings, settings);
+    // Deleting the name deletes its settings.
+    store.delete_function("web").await.unwrap();
+    store.put_function(meta('c', Some("web"), 3), Bytes::from_static(b"three")).await.unwrap();
+    assert_eq!(store.get_function("web").await.unwrap().unwrap().settings, Default::default());
+}
+
 pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(
     open: impl Fn(&Path) -> Result<S>,
 ) {
@@ -477,6 +512,7 @@ fn meta(id: char, name: Option<&str>, created_at: u64) -> FunctionMeta {
         kind: FunctionKind::Command,
         size: 3,
         created_at,
+        settings: Default::default(),
     }
 }
 

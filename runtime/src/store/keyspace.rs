@@ -16,6 +16,7 @@
 //! | functions | `f` id | [`FunctionMeta`] as JSON |
 //! | binaries | `b` id | the binary |
 //! | names | `n` name | function id |
+//! | settings | `s` name | `FunctionSettings` as JSON |
 //!
 //! Job ids are UUIDv7, so the jobs table is in creation order. The queue is ordered by
 //! `created_at`, which a job keeps when recovery puts it back: a requeued job goes
@@ -40,6 +41,7 @@ const COUNTERS: u8 = b'c';
 const FUNCTIONS: u8 = b'f';
 const BINARIES: u8 = b'b';
 const NAMES: u8 = b'n';
+const SETTINGS: u8 = b's';
 
 /// How many entries a scan loads at once.
 const CHUNK: usize = 256;
@@ -109,6 +111,7 @@ fn decode_u64(bytes: &[u8]) -> Result<u64> {
 pub(crate) enum WriteOp {
     PutFunction(FunctionMeta, Bytes),
     DeleteFunction(String),
+    PutSettings(String, Box<cloudpipe_types::FunctionSettings>),
     InsertJob(Box<Job>),
     ClaimJobs { limit: usize, now: Micros },
     FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
@@ -122,6 +125,7 @@ pub(crate) enum WriteOp {
 #[derive(Debug)]
 pub(crate) enum Reply {
     Function(FunctionMeta),
+    MaybeFunction(Option<FunctionMeta>),
     Deleted(Vec<FunctionMeta>),
     Inserted(Inserted),
     Jobs(Vec<Job>),
@@ -135,6 +139,9 @@ pub(crate) enum Reply {
 pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
     Ok(match op {
         WriteOp::PutFunction(meta, binary) => Reply::Function(put_function(tx, meta, binary)?),
+        WriteOp::PutSettings(name, settings) => {
+            Reply::MaybeFunction(put_settings(tx, name, settings)?)
+        }
         WriteOp::DeleteFunction(name_or_id) => Reply::Deleted(delete_function(tx, name_or_id)?),
         WriteOp::InsertJob(job) => Reply::Inserted(insert_job(tx, job)?),
         WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
@@ -403,6 +410,7 @@ fn delete_function(tx: &mut dyn KvWrite, name_or_id: &str) -> Result<Vec<Functio
         // A name: it goes, and so does every version last uploaded under it (the one it
         // points at included) that no other name points at.
         tx.delete(&key(NAMES, name_or_id.as_bytes()))?;
+        tx.delete(&key(SETTINGS, name_or_id.as_bytes()))?;
         let kept: BTreeSet<&str> =
             all_names.iter().filter(|(n, _)| n != name_or_id).map(|(_, id)| id.as_str()).collect();
         let target = all_names.iter().find(|(n, _)| n == name_or_id).map(|(_, id)| id.clone());
@@ -426,6 +434,7 @@ fn delete_function(tx: &mut dyn KvWrite, name_or_id: &str) -> Result<Vec<Functio
         for (name, id) in &all_names {
             if id == name_or_id {
                 tx.delete(&key(NAMES, name.as_bytes()))?;
+                tx.delete(&key(SETTINGS, name.as_bytes()))?;
             }
         }
     }
@@ -478,16 +487,34 @@ pub(crate) fn count_jobs(r: &dyn KvRead) -> Result<BTreeMap<JobStatus, u64>> {
     Ok(counts)
 }
 
-/// By name first (the returned `name` is that name), then by id.
+/// By name first (the returned `name` is that name, with its settings), then by id.
 pub(crate) fn get_function(r: &dyn KvRead, name_or_id: &str) -> Result<Option<FunctionMeta>> {
     if let Some(id) = r.get(&key(NAMES, name_or_id.as_bytes()))? {
         let id = String::from_utf8(id).context("stored function id")?;
-        return Ok(function_by_id(r, &id)?.map(|mut meta| {
-            meta.name = Some(name_or_id.to_string());
-            meta
-        }));
+        return named(r, name_or_id.to_string(), &id);
     }
     function_by_id(r, name_or_id)
+}
+
+/// The version `id` as seen through `name`.
+fn named(r: &dyn KvRead, name: String, id: &str) -> Result<Option<FunctionMeta>> {
+    let Some(mut meta) = function_by_id(r, id)? else { return Ok(None) };
+    if let Some(bytes) = r.get(&key(SETTINGS, name.as_bytes()))? {
+        meta.settings = serde_json::from_slice(&bytes).context("stored function settings")?;
+    }
+    meta.name = Some(name);
+    Ok(Some(meta))
+}
+
+fn put_settings(
+    tx: &mut dyn KvWrite,
+    name: &str,
+    settings: &cloudpipe_types::FunctionSettings,
+) -> Result<Option<FunctionMeta>> {
+    let Some(id) = tx.get(&key(NAMES, name.as_bytes()))? else { return Ok(None) };
+    let id = String::from_utf8(id).context("stored function id")?;
+    put_json(tx, &key(SETTINGS, name.as_bytes()), settings)?;
+    named(&*tx, name.to_string(), &id)
 }
 
 fn function_by_id(r: &dyn KvRead, id: &str) -> Result<Option<FunctionMeta>> {
@@ -502,8 +529,7 @@ pub(crate) fn function_binary(r: &dyn KvRead, id: &str) -> Result<Option<Vec<u8>
 pub(crate) fn list_functions(r: &dyn KvRead) -> Result<Vec<FunctionMeta>> {
     let mut out = Vec::new();
     for (name, id) in names(r)? {
-        if let Some(mut meta) = function_by_id(r, &id)? {
-            meta.name = Some(name);
+        if let Some(meta) = named(r, name, &id)? {
             out.push(meta);
         }
     }

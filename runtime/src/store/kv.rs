@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cloudpipe_types::JobStatus;
+use cloudpipe_types::{FunctionSettings, JobStatus};
 
 use super::keyspace::{self, Reply, WriteOp};
 use super::writer::Writer;
@@ -142,6 +142,18 @@ impl<B: KvBackend> Store for KvStore<B> {
 
     async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>> {
         self.backend.read(|r| keyspace::get_function(r, name_or_id))
+    }
+
+    async fn put_settings(
+        &self,
+        name: &str,
+        settings: FunctionSettings,
+    ) -> Result<Option<FunctionMeta>> {
+        match self.writer.submit(WriteOp::PutSettings(name.to_string(), Box::new(settings))).await?
+        {
+            Reply::MaybeFunction(meta) => Ok(meta),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn function_binary(&self, id: &str) -> Result<Option<Bytes>> {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cloudpipe_types::{FunctionKind, JobStatus};
+use cloudpipe_types::{FunctionKind, FunctionSettings, JobStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::job::{Job, JobId, JobOutcome, Micros};
@@ -42,6 +42,10 @@ pub struct FunctionMeta {
     pub kind: FunctionKind,
     pub size: u64,
     pub created_at: Micros,
+    /// The settings of `name` (kept per name, not in the version's record; defaults
+    /// when looked up by id).
+    #[serde(default, skip_serializing)]
+    pub settings: FunctionSettings,
 }
 
 /// What [`Store::insert_job`] did.
@@ -112,6 +116,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// A function by name (the version the name points at) or by id (`sha256:…`).
     async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>>;
+
+    /// Replaces the settings of a name. Returns the function as it now is, or `None`
+    /// if there is no such name.
+    async fn put_settings(
+        &self,
+        name: &str,
+        settings: FunctionSettings,
+    ) -> Result<Option<FunctionMeta>>;
 
     /// The binary of a version, by id.
     async fn function_binary(&self, id: &str) -> Result<Option<Bytes>>;

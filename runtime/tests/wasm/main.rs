@@ -78,6 +78,7 @@ async fn put(store: &dyn Store, binary: &[u8]) -> String {
         kind: FunctionKind::Command,
         size: binary.len() as u64,
         created_at: 0,
+        settings: Default::default(),
     };
     store.put_function(meta, binary.to_vec().into()).await.unwrap();
     id

@@ -37,7 +37,7 @@ fn main() {
             for name in [
                 "REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "CONTENT_TYPE",
                 "CONTENT_LENGTH", "SERVER_NAME", "SERVER_PORT", "REMOTE_ADDR", "HTTP_X_TEST",
-                "HTTP_AUTHORIZATION",
+                "HTTP_AUTHORIZATION", "GREETING",
             ] {
                 writeln!(out, "{name}={}", var(name)).unwrap();
             }

@@ -1,0 +1,207 @@
+#!/usr/bin/env bash
+# HTTP invocation benchmark: req/s and p50/p99 latency of `/fn/{name}` on the real
+# `cloudpipe` binary, next to the same wasi:http component under `wasmtime serve`,
+# all measured in one run with the same load tool (wrk) over loopback.
+#
+#   bash api/benches/invoke.sh
+#
+# Scenarios (each: a warm-up, then `wrk -t2 -c32 -d10s --latency`):
+#   cloudpipe wasi:http   GET /fn/web/hello    the `http_echo` proxy (HTTP_ECHO), `hello, world\n`
+#   cloudpipe CGI         GET /fn/cgi/plain    the `cgi` command component (CGI), `just text`
+#   cloudpipe CGI hello   GET /fn/hello        the `hello` command component (HELLO), `hello, world`
+#   wasmtime serve        GET /hello           HTTP_ECHO under `wasmtime serve -Scli -W timeout=10s`
+#                                              (skipped if no wasmtime 48 is found)
+# Cloudpipe runs with `--fn-timeout-ms 10000`, i.e. timeouts on, like `-W timeout=10s`.
+#
+# Needs: cargo, curl, wrk (`apt-get install -y wrk`); optional `wasmtime` 48
+# (`cargo install wasmtime-cli@48.0.8 --locked`), found as $WASMTIME or on PATH or in
+# ~/.cargo/bin. Knobs (environment): INVOKE_SECS (10), INVOKE_WARMUP (2),
+# INVOKE_CONNS (32), INVOKE_THREADS (2), INVOKE_NO_BUILD=1 (use the existing build),
+# INVOKE_SCENARIOS (space-separated subset of: proxy cgi hello wasmtime).
+# Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
+# See api/benches/README.md, "HTTP invocation (`invoke.sh`)".
+
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$ROOT"
+
+SECS="${INVOKE_SECS:-10}"
+WARMUP="${INVOKE_WARMUP:-2}"
+CONNS="${INVOKE_CONNS:-32}"
+THREADS="${INVOKE_THREADS:-2}"
+SCENARIOS="${INVOKE_SCENARIOS:-proxy cgi hello wasmtime}"
+TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+
+log() { echo "invoke.sh: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
+command -v curl >/dev/null || die "curl not found"
+
+# --- cleanup: only what this script started --------------------------------------
+PIDS=()
+TMP="$(mktemp -d -t cloudpipe-invoke.XXXXXX)"
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# --- build ----------------------------------------------------------------------
+if [[ "${INVOKE_NO_BUILD:-0}" != 1 ]]; then
+  log "building (cargo build --release -p cloudpipe-api; fixtures via cargo test --no-run)"
+  cargo build --release -p cloudpipe-api >&2
+  cargo test --release -p cloudpipe-api --no-run >&2
+fi
+CLOUDPIPE="$TARGET_DIR/release/cloudpipe"
+[[ -x "$CLOUDPIPE" ]] || die "$CLOUDPIPE not built"
+
+# The fixtures' build script writes `programs.rs` (one `pub const NAME: &str = "path";`
+# per program) into its OUT_DIR; take the newest one that has the wasi:http proxy.
+PROGRAMS=""
+for f in $(ls -t "$TARGET_DIR"/release/build/cloudpipe-test-programs-artifacts-*/out/programs.rs 2>/dev/null); do
+  if grep -q 'pub const HTTP_ECHO' "$f" && grep -q 'pub const CGI' "$f"; then PROGRAMS="$f"; break; fi
+done
+[[ -n "$PROGRAMS" ]] || die "no programs.rs with HTTP_ECHO and CGI under $TARGET_DIR/release/build"
+program() { sed -n "s/^pub const $1: &str = \"\(.*\)\";$/\1/p" "$PROGRAMS"; }
+HTTP_ECHO="$(program HTTP_ECHO)"; CGI="$(program CGI)"; HELLO="$(program HELLO)"
+for f in "$HTTP_ECHO" "$CGI" "$HELLO"; do [[ -f "$f" ]] || die "missing fixture $f"; done
+
+# --- wasmtime (optional) --------------------------------------------------------
+WT="${WASMTIME:-}"
+if [[ -z "$WT" ]]; then
+  WT="$(command -v wasmtime || true)"
+  [[ -z "$WT" && -x "$HOME/.cargo/bin/wasmtime" ]] && WT="$HOME/.cargo/bin/wasmtime"
+fi
+if [[ -n "$WT" ]]; then
+  WT_VERSION="$("$WT" --version 2>/dev/null || true)"
+  [[ "$WT_VERSION" == *" 48."* ]] || log "note: $WT is '$WT_VERSION', not wasmtime 48"
+fi
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
+    || echo $((20000 + RANDOM % 20000))
+}
+
+# Waits (bounded) until URL answers 200 with exactly BODY.
+wait_for() {
+  local url="$1" want="$2" got
+  for _ in $(seq 600); do
+    got="$(curl -sS --max-time 5 "$url" 2>/dev/null || true)"
+    [[ "$got" == "$want" ]] && return 0
+    sleep 0.1
+  done
+  die "$url never answered '$want' (last: '$got')"
+}
+
+# CPU seconds (user+system) of a pid, from /proc/PID/stat.
+TCK="$(getconf CLK_TCK 2>/dev/null || echo 100)"
+cpu_secs() {
+  awk -v tck="$TCK" '{ sub(/^.*\) /, ""); print ($12 + $13) / tck }' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+
+# wrk's duration ("645.00us", "1.23ms", "2.00s") in ms.
+to_ms() {
+  awk -v v="$1" 'BEGIN {
+    if (v ~ /us$/) { sub(/us$/, "", v); printf "%.2f", v / 1000 }
+    else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.2f", v }
+    else if (v ~ /m$/) { sub(/m$/, "", v); printf "%.2f", v * 60000 }
+    else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.2f", v * 1000 }
+    else printf "?" }'
+}
+
+ROWS=()
+declare -A RPS
+
+# run_scenario KEY LABEL URL WANT PID
+run_scenario() {
+  local key="$1" label="$2" url="$3" want="$4" pid="$5" out c0 c1 t0 t1
+  wait_for "$url" "$want"
+  if [[ "$WARMUP" != 0 ]]; then
+    timeout $((WARMUP + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
+  fi
+  log "$label: wrk -t$THREADS -c$CONNS -d${SECS}s --latency $url"
+  c0="$(cpu_secs "$pid")"; t0="$(date +%s.%N)"
+  out="$(timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency "$url")"
+  t1="$(date +%s.%N)"; c1="$(cpu_secs "$pid")"
+  echo "$out" > "$TMP/wrk-$key.txt"
+  [[ -n "${INVOKE_VERBOSE:-}" ]] && echo "$out" >&2
+  local reqs rps p50 p99 errs non2xx cpu_us cores
+  reqs="$(awk '/requests in/ { print $1 }' <<<"$out")"
+  rps="$(awk '/^Requests\/sec:/ { printf "%.0f", $2 }' <<<"$out")"
+  p50="$(to_ms "$(awk '$1 == "50%" { print $2 }' <<<"$out")")"
+  p99="$(to_ms "$(awk '$1 == "99%" { print $2 }' <<<"$out")")"
+  errs="$(awk '/Socket errors:/ { gsub(/,/, ""); print $4 + $6 + $8 + $10 }' <<<"$out")"
+  non2xx="$(awk '/Non-2xx/ { print $4 }' <<<"$out")"
+  cpu_us="$(awk -v a="$c0" -v b="$c1" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.0f", (b - a) * 1e6 / n; else print "-" }')"
+  cores="$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" 'BEGIN { printf "%.2f", (b - a) / (e - s) }')"
+  RPS[$key]="$rps"
+  ROWS+=("| $label | \`/${url#http://127.0.0.1:*/}\` | $reqs | ${errs:-0} | ${non2xx:-0} | $rps | $p50 | $p99 | $cpu_us | $cores |")
+}
+
+want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
+
+# --- cloudpipe ------------------------------------------------------------------
+DATA="$TMP/data"; mkdir -p "$DATA"
+CP_PORT="$(free_port)"
+RUST_LOG="${RUST_LOG:-warn}" "$CLOUDPIPE" serve --listen "127.0.0.1:$CP_PORT" --data-dir "$DATA" \
+  --fn-timeout-ms 10000 </dev/null >"$TMP/cloudpipe.log" 2>&1 &
+CP_PID=$!; PIDS+=("$CP_PID")
+CP="http://127.0.0.1:$CP_PORT"
+for _ in $(seq 600); do
+  curl -sf --max-time 2 "$CP/v1/functions" >/dev/null 2>&1 && break
+  kill -0 "$CP_PID" 2>/dev/null || { cat "$TMP/cloudpipe.log" >&2; die "cloudpipe exited"; }
+  sleep 0.1
+done
+upload() {
+  curl -sS --fail-with-body --max-time 60 --data-binary "@$2" "$CP/v1/functions?name=$1" >"$TMP/upload-$1.json" \
+    || { cat "$TMP/upload-$1.json" >&2; die "uploading $1 failed"; }
+}
+upload web "$HTTP_ECHO"
+upload cgi "$CGI"
+upload hello "$HELLO"
+
+want proxy && run_scenario proxy "cloudpipe, wasi:http" "$CP/fn/web/hello" $'hello, world' "$CP_PID"
+want cgi && run_scenario cgi "cloudpipe, CGI (\`cgi\`)" "$CP/fn/cgi/plain" "just text" "$CP_PID"
+want hello && run_scenario hello "cloudpipe, CGI (\`hello\`)" "$CP/fn/hello" "hello, world" "$CP_PID"
+
+kill "$CP_PID" 2>/dev/null || true
+wait "$CP_PID" 2>/dev/null || true
+
+# --- wasmtime serve -------------------------------------------------------------
+if want wasmtime; then
+  if [[ -n "$WT" ]]; then
+    WT_PORT="$(free_port)"
+    "$WT" serve -Scli -W timeout=10s --addr "127.0.0.1:$WT_PORT" "$HTTP_ECHO" \
+      </dev/null >"$TMP/wasmtime.log" 2>&1 &
+    WT_PID=$!; PIDS+=("$WT_PID")
+    run_scenario wasmtime "wasmtime serve (${WT_VERSION:-?})" "http://127.0.0.1:$WT_PORT/hello" \
+      "hello, world" "$WT_PID"
+    kill "$WT_PID" 2>/dev/null || true
+    wait "$WT_PID" 2>/dev/null || true
+  else
+    log "wasmtime not found: skipping the wasmtime serve row"
+  fi
+fi
+
+# --- table ----------------------------------------------------------------------
+BUSY="$(pgrep -f 'rustc|cargo ' | grep -vc "^$$\$" || true)"
+echo
+echo "wrk -t$THREADS -c$CONNS -d${SECS}s --latency, loopback, $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg); cargo/rustc processes running: $BUSY"
+echo
+echo "| scenario | path | requests | socket errors | non-2xx | req/s | p50 ms | p99 ms | server CPU µs/req | server cores |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+printf '%s\n' "${ROWS[@]}"
+echo
+ratio() { awk -v a="${RPS[$1]:-}" -v b="${RPS[$2]:-}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }'; }
+echo "cloudpipe wasi:http / wasmtime serve: $(ratio proxy wasmtime)× (goal ≥ 1.2)"
+echo "cloudpipe CGI (cgi) / cloudpipe wasi:http: $(ratio cgi proxy)× (goal ≥ 0.8)"
+echo "cloudpipe CGI (hello) / cloudpipe wasi:http: $(ratio hello proxy)×"
