@@ -75,6 +75,8 @@ impl Default for InvokeConfig {
 pub struct Invocations {
     config: InvokeConfig,
     all: Arc<Semaphore>,
+    /// Invocations answered since start, by class of status (2xx, 4xx, 5xx, ...).
+    pub answered: [std::sync::atomic::AtomicU64; 6],
     /// Each function's limit and its semaphore.
     per_function: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
 }
@@ -84,6 +86,7 @@ impl Invocations {
         Invocations {
             all: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             per_function: Mutex::new(HashMap::new()),
+            answered: Default::default(),
             config,
         }
     }
@@ -167,6 +170,8 @@ async fn invoke(state: AppState, name: String, path: String, req: Request) -> Re
         started.elapsed().as_secs_f64() * 1000.0
     );
     state.logs.record(&name, &invocation, &stderr, access);
+    let class = (res.status().as_u16() / 100).min(5) as usize;
+    state.invocations.answered[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     res
 }
 

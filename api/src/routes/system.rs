@@ -72,6 +72,17 @@ pub async fn get_metrics(State(state): State<AppState>) -> Result<impl IntoRespo
     );
     let _ = writeln!(
         out,
+        "# HELP cloudpipe_invocations_total HTTP invocations answered since start, by status class.\n# TYPE cloudpipe_invocations_total counter"
+    );
+    for (class, n) in state.invocations.answered.iter().enumerate().skip(1) {
+        let _ = writeln!(
+            out,
+            "cloudpipe_invocations_total{{code=\"{class}xx\"}} {}",
+            n.load(Ordering::Relaxed)
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP cloudpipe_job_run_seconds Run time of job attempts.\n# TYPE cloudpipe_job_run_seconds histogram"
     );
     for (i, le) in RUN_TIME_BUCKETS.iter().enumerate() {
