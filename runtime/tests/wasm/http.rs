@@ -337,31 +337,3 @@ async fn guest_past_its_memory_cap_gives_memory_limit() {
     };
     assert!(message.contains("32 MiB"), "{message}");
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn zz_scratch_rate() {
-    let h = Arc::new(Harness::new());
-    let id = echo(&h).await;
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..32 {
-        let (h, id) = (h.clone(), id.clone());
-        tasks.push(tokio::spawn(async move {
-            for _ in 0..500 {
-                let (_, body) =
-                    collect(h.executor.handle_http(&id, get("/hello"), options()).await.unwrap())
-                        .await;
-                assert_eq!(body.len(), 13);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
-    eprintln!(
-        "16000 requests in {:?}: {:.0}/s",
-        started.elapsed(),
-        16000.0 / started.elapsed().as_secs_f64()
-    );
-}
