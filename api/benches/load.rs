@@ -204,9 +204,7 @@ impl Client {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-            .unwrap_or(0.0)
+        serve::metric_value(&text, name).unwrap_or(0.0)
     }
 
     /// Waits until no job is queued or running (after a submit-only run).

@@ -3,18 +3,7 @@
 use cloudpipe_test_programs_artifacts as programs;
 use serde_json::json;
 
-use crate::server::{TestServer, program};
-
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024
-}
+use crate::server::{TestServer, peak_rss_mib, program};
 
 #[tokio::test]
 async fn hostile_guests_get_the_right_status_while_others_are_served() {

@@ -5,7 +5,7 @@ use std::time::Duration;
 use cloudpipe_test_programs_artifacts as programs;
 use reqwest::StatusCode;
 
-use crate::server::{TestServer, code, program};
+use crate::server::{TestServer, code, peak_rss_mib, program};
 
 #[tokio::test]
 async fn cgi_functions_get_the_request_and_shape_the_response() {
@@ -138,17 +138,6 @@ async fn unknown_functions_timeouts_and_the_concurrency_limit_get_their_statuses
     assert_eq!(second.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(third.headers()["retry-after"], "1");
-}
-
-/// Peak resident memory of a process, in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024
 }
 
 #[tokio::test]

@@ -6,7 +6,8 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 #[path = "../support/serve.rs"]
-mod serve;
+pub mod serve;
+pub use serve::peak_rss_mib;
 use serve::spawn_serve;
 
 /// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
@@ -124,9 +125,7 @@ impl TestServer {
             .text()
             .await
             .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
+        serve::metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
 }
 

@@ -1,5 +1,7 @@
 //! Starts the real `cloudpipe serve` as a child process on a port the OS picks.
-//! Shared by the end-to-end tests and the load benchmark (`#[path]`-included).
+//! Shared by the end-to-end tests and the load benchmark (`#[path]`-included, so each
+//! includer uses only part of it).
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -57,4 +59,20 @@ pub fn spawn_serve(bin: &str, data_dir: &Path, extra: &[&str]) -> ServeProcess {
             panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
         }
     }
+}
+
+/// A metric's value in Prometheus text (the first line starting with `name`).
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
+}
+
+/// Peak resident memory of a process, in MiB.
+pub fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
 }

@@ -543,7 +543,7 @@ fn follow_stream(
         Event::default().event("log").json_data(l).unwrap_or_default()
     };
     let first: Vec<_> = lines.iter().map(event).map(Ok).collect();
-    let rest = async_stream_lines(move |tx| async move {
+    let rest = super::task_stream(move |tx| async move {
         loop {
             let next = tokio::select! {
                 next = live.recv() => next,
@@ -567,16 +567,6 @@ fn follow_stream(
         }
     });
     futures::StreamExt::chain(futures::stream::iter(first), rest)
-}
-
-fn async_stream_lines<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
 
 #[cfg(test)]

@@ -220,7 +220,7 @@ pub async fn job_events(
     // Subscribe first so nothing between the read and the subscription is missed.
     let mut sub = scheduler.hub().subscribe(jid);
     let job = scheduler.get(jid).await?.ok_or_else(|| not_found(&id))?;
-    let stream = async_stream(move |tx| async move {
+    let stream = super::task_stream(move |tx| async move {
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;
         }
@@ -275,15 +275,4 @@ pub async fn job_events(
         }
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-/// A stream fed by a task through a small channel; the task stops when the client goes.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<Event, Infallible>>
-where
-    F: FnOnce(tokio::sync::mpsc::Sender<Event>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(f(tx));
-    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
 }
