@@ -173,30 +173,27 @@ impl ServeArgs {
     }
 }
 
-/// Resolves on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// Resolves on SIGTERM or Ctrl-C. The handlers are installed here, before the server
+/// says it is serving, so that a signal sent right after that line is never missed
+/// (which would kill the process without a clean shutdown).
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    tracing::info!("shutting down");
+        tracing::info!("shutting down");
+    })
 }
 
 /// The bundled example: a WASI module, kept as WAT source.
 const HELLO_WAT: &str = include_str!("../../examples/hello.wat");
 
 async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
+    let signal = shutdown_signal()?;
     let (listener, state) = args.start().await?;
     let addr = listener.local_addr()?;
     let rt = state.runtime.clone();
@@ -227,7 +224,7 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     println!(
         "  curl -s -XPOST 'http://{addr}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'"
     );
-    cloudpipe_api::serve(listener, state, shutdown_signal()).await
+    cloudpipe_api::serve(listener, state, signal).await
 }
 
 fn main() -> anyhow::Result<()> {
@@ -244,8 +241,9 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         match cli.command {
             Command::Serve(args) => {
+                let signal = shutdown_signal()?;
                 let (listener, state) = args.start().await?;
-                cloudpipe_api::serve(listener, state, shutdown_signal()).await
+                cloudpipe_api::serve(listener, state, signal).await
             }
             Command::Up { serve, once } => up(serve, once).await,
         }
