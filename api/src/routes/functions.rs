@@ -175,6 +175,7 @@ pub async fn delete_function(
     P(name): P<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
     let deleted = state.runtime.registry.delete(&name).await?;
+    state.logs.remove(&name);
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }

@@ -157,7 +157,8 @@ async fn invoke(state: AppState, name: String, path: String, req: Request) -> Re
     let method = req.method().clone();
     let shown_path = req.uri().path().to_string();
     let mut stderr = Vec::new();
-    let mut res = match run(&state, &name, &path, &invocation, req, &mut stderr).await {
+    let mut found = false;
+    let mut res = match run(&state, &name, &path, &invocation, req, &mut stderr, &mut found).await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     };
@@ -169,7 +170,10 @@ async fn invoke(state: AppState, name: String, path: String, req: Request) -> Re
         res.status().as_u16(),
         started.elapsed().as_secs_f64() * 1000.0
     );
-    state.logs.record(&name, &invocation, &stderr, access);
+    // Only functions that exist get a log: any name in a URL must not grow memory.
+    if found {
+        state.logs.record(&name, &invocation, &stderr, access);
+    }
     let class = (res.status().as_u16() / 100).min(5) as usize;
     state.invocations.answered[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     res
@@ -185,6 +189,7 @@ async fn run(
     invocation: &str,
     req: Request,
     stderr: &mut Vec<u8>,
+    found: &mut bool,
 ) -> Result<Response, ApiError> {
     let rt = &state.runtime;
     // Resolved per request, so that a redeploy switches the next request atomically.
@@ -193,6 +198,7 @@ async fn run(
         .get(name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("function {name:?} not found")))?;
+    *found = true;
     let permits = state.invocations.admit(name, meta.settings.max_concurrency)?;
     let config = state.invocations.config();
     if meta.kind == FunctionKind::Http {
