@@ -52,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
             linker.instantiate_async(store, component).await
         })
         .await
+        .map_err(anyhow::Error::from)
         .with_context(|| format!("pre-initialising {input}"))?;
 
     std::fs::write(output, &snapshot).with_context(|| format!("writing {output}"))?;
