@@ -17,6 +17,24 @@ pub enum ApiError {
     BadRequest { code: &'static str, message: String },
     #[error("request body is over the limit of {limit} bytes")]
     TooLarge { limit: usize },
+    /// No credentials, or credentials that are not valid (401).
+    #[error("{1}")]
+    Unauthorized(&'static str, String),
+    /// Valid credentials without the right (403).
+    #[error("{0}")]
+    Forbidden(String),
+    /// The request conflicts with what exists (409).
+    #[error("{1}")]
+    Conflict(&'static str, String),
+    /// Past one of the account's quotas (429).
+    #[error("{0}")]
+    QuotaExceeded(String),
+    /// Too many failed authentications from this address (429).
+    #[error("too many failed authentications from this address; retry in {}s", .0.as_secs() + 1)]
+    TooManyAuthFailures(std::time::Duration),
+    /// The external authentication service did not answer (503).
+    #[error("{0}")]
+    AuthUnavailable(String),
     #[error("{0}")]
     Unavailable(String),
     /// An invoked function failed (non-zero exit, trap, bad output).
@@ -39,6 +57,14 @@ impl ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unauthorized(code, _) => (StatusCode::UNAUTHORIZED, code),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
+            ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            ApiError::TooManyAuthFailures(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures")
+            }
+            ApiError::AuthUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "auth_unavailable"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::FunctionFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_failed"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -56,8 +82,21 @@ impl IntoResponse for ApiError {
         let body =
             ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
         let mut res = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        match &self {
+            ApiError::TooManyAuthFailures(retry) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry.as_secs() + 1));
+            }
+            ApiError::Unauthorized(..) => {
+                res.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"cloudpipe\""),
+                );
+            }
+            _ if status == StatusCode::SERVICE_UNAVAILABLE => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            _ => {}
         }
         res
     }
@@ -70,6 +109,7 @@ impl From<SubmitError> for ApiError {
                 ApiError::NotFound(format!("function {f:?} not found"))
             }
             SubmitError::Invalid(m) => ApiError::bad("invalid_request", m),
+            SubmitError::OverQuota(m) => ApiError::QuotaExceeded(m),
             SubmitError::ShuttingDown => {
                 ApiError::Unavailable("the server is shutting down".into())
             }
@@ -84,6 +124,8 @@ impl From<UploadError> for ApiError {
             UploadError::BadName(_) => ApiError::bad("invalid_name", e.to_string()),
             UploadError::TooLarge { limit, .. } => ApiError::TooLarge { limit },
             UploadError::Invalid(m) => ApiError::bad("invalid_wasm", m),
+            UploadError::NameTaken(_) => ApiError::Conflict("name_taken", e.to_string()),
+            UploadError::OverQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
             UploadError::Internal(e) => ApiError::Internal(e),
         }
     }

@@ -2,8 +2,11 @@
 //! used by the `cloudpipe` binary and by tests.
 //!
 //! # Layout
-//! - [`routes`]: one router per resource (`functions`, `jobs`, `invoke`, `system`),
-//!   merged in [`router`].
+//! - [`routes`]: one router per resource (`accounts`, `functions`, `jobs`, `invoke`,
+//!   `system`), merged in [`router`].
+//! - [`auth`]: API keys, the [`Authenticator`](auth::Authenticator) backends and the
+//!   middleware that authenticates every route but the public ones.
+//! - [`tls`]: the HTTPS listener.
 //! - [`logs`]: the in-memory log ring of each function invoked over HTTP.
 //! - [`error`]: [`ApiError`], the JSON error answers.
 //! - [`openapi`]: the OpenAPI document served at `/v1/openapi.json` (kept in the repo
@@ -14,7 +17,8 @@
 //! # async fn demo() -> anyhow::Result<()> {
 //! use cloudpipe_runtime::{Runtime, RuntimeConfig};
 //! let rt = Runtime::start(RuntimeConfig::new("/tmp/cloudpipe-data")).await?;
-//! let state = cloudpipe_api::AppState::new(rt, cloudpipe_api::ApiConfig::default());
+//! let state = cloudpipe_api::AppState::new(rt, cloudpipe_api::ApiConfig::default())?;
+//! cloudpipe_api::auth::bootstrap(&state, Some("an-admin-key-of-16-or-more-chars")).await?;
 //! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
 //! cloudpipe_api::serve(listener, state, std::future::pending()).await?;
 //! # Ok(()) }
@@ -31,10 +35,13 @@ use axum::http::request::Parts;
 use cloudpipe_runtime::Runtime;
 use serde::de::DeserializeOwned;
 
+pub mod auth;
+pub mod credentials;
 pub mod error;
 pub mod logs;
 pub mod openapi;
 pub mod routes;
+pub mod tls;
 
 pub use error::ApiError;
 
@@ -45,8 +52,15 @@ pub struct ApiConfig {
     pub max_json_body: usize,
     /// Longest `?wait=` a request may ask for.
     pub max_wait: Duration,
-    /// The admin key fixed by `CLOUDPIPE_ADMIN_KEY`, kept for the auth layer.
+    /// The admin key fixed by `CLOUDPIPE_ADMIN_KEY`.
     pub admin_key: Option<String>,
+    /// Quotas of accounts that set none of their own.
+    pub default_quotas: cloudpipe_types::Quotas,
+    /// Validate keys with Cloudpipe's external auth service at this URL (and cache
+    /// valid answers this long) instead of the store alone.
+    pub external_auth: Option<(String, Duration)>,
+    /// Failed authentications allowed per client address per minute (0: no limit).
+    pub auth_failures_per_minute: u32,
     /// Limits of HTTP invocation (`/fn/{name}`).
     pub invoke: routes::invoke::InvokeConfig,
     /// At shutdown, how long open requests and running jobs get to finish; jobs still
@@ -60,6 +74,14 @@ impl Default for ApiConfig {
             max_json_body: 8 << 20,
             max_wait: Duration::from_secs(300),
             admin_key: None,
+            default_quotas: cloudpipe_types::Quotas {
+                max_concurrent_jobs: Some(1000),
+                max_timeout_ms: None,
+                max_memory_mb: None,
+                max_function_bytes: Some(1 << 30),
+            },
+            external_auth: None,
+            auth_failures_per_minute: 30,
             invoke: routes::invoke::InvokeConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -73,35 +95,53 @@ pub struct AppState {
     pub config: Arc<ApiConfig>,
     pub invocations: Arc<routes::invoke::Invocations>,
     pub logs: Arc<logs::FunctionLogs>,
+    pub auth: Arc<auth::Auth>,
 }
 
 impl AppState {
-    pub fn new(runtime: Runtime, config: ApiConfig) -> AppState {
+    /// Fails only on a bad external auth URL.
+    pub fn new(runtime: Runtime, config: ApiConfig) -> anyhow::Result<AppState> {
         let invocations = Arc::new(routes::invoke::Invocations::new(config.invoke.clone()));
-        AppState { runtime, config: Arc::new(config), invocations, logs: Arc::default() }
+        let store = runtime.store.clone();
+        let backend: Arc<dyn auth::Authenticator> = match &config.external_auth {
+            Some((url, ttl)) => Arc::new(auth::ExternalAuth::new(store.clone(), url, *ttl)?),
+            None => Arc::new(auth::BuiltinAuth::new(store.clone())),
+        };
+        let limiter =
+            auth::FailureLimiter::new(config.auth_failures_per_minute, Duration::from_secs(60));
+        let auth =
+            Arc::new(auth::Auth::new(backend, store, config.default_quotas.clone(), limiter));
+        Ok(AppState { runtime, config: Arc::new(config), invocations, logs: Arc::default(), auth })
     }
 }
 
-/// The whole API.
+/// The whole API, every route behind [`auth::require`].
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .merge(routes::accounts::router())
         .merge(routes::functions::router())
         .merge(routes::jobs::router())
         .merge(routes::invoke::router())
         .merge(routes::system::router())
         .fallback(routes::system::not_found)
         .method_not_allowed_fallback(routes::system::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
         .with_state(state)
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets open requests
 /// finish and stops the scheduler: running jobs get a grace period, and those still
 /// running after it go back to the queue, their attempt not counted.
-pub async fn serve(
-    listener: tokio::net::TcpListener,
+pub async fn serve<L>(
+    listener: L,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<()>
+where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+    for<'a> auth::ClientAddr:
+        axum::extract::connect_info::Connected<axum::serve::IncomingStream<'a, L>>,
+{
     let grace = state.config.shutdown_grace;
     let scheduler = state.runtime.scheduler.clone();
     let app = router(state);
@@ -115,7 +155,7 @@ pub async fn serve(
         stopping.cancel();
         signal.cancel();
     });
-    let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let app = app.into_make_service_with_connect_info::<auth::ClientAddr>();
     let server = axum::serve(listener, app).with_graceful_shutdown(stop.clone().cancelled_owned());
     // Long-polls and event streams end when stopping begins; a connection still open
     // past the grace period (a slow upload) does not hold the shutdown up: the

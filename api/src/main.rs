@@ -1,5 +1,6 @@
 //! The `cloudpipe` binary: `serve` runs the API; `up` serves and runs the bundled
-//! example function end to end.
+//! example function end to end; `accounts`, `keys` and `me` talk to a running server's
+//! admin API.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -9,6 +10,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cloudpipe_api::routes::invoke::InvokeConfig;
 use cloudpipe_api::{ApiConfig, AppState};
+use cloudpipe_runtime::account::Tenant;
 use cloudpipe_runtime::store::{Backend, Retention};
 use cloudpipe_runtime::{Runtime, RuntimeConfig};
 use cloudpipe_types::JobSpec;
@@ -33,6 +35,82 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Manage accounts (admin).
+    Accounts {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: AccountsCommand,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Show the account the key belongs to, its quotas and usage.
+    Me {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum AccountsCommand {
+    /// Create an account.
+    Create {
+        name: String,
+        /// Make it an admin.
+        #[arg(long)]
+        admin: bool,
+        /// Jobs queued or running at once.
+        #[arg(long)]
+        max_concurrent_jobs: Option<u64>,
+        /// Longest job timeout, in milliseconds.
+        #[arg(long)]
+        max_timeout_ms: Option<u64>,
+        /// Largest job memory cap, in MiB.
+        #[arg(long)]
+        max_memory_mb: Option<u64>,
+        /// Total bytes of stored function versions.
+        #[arg(long)]
+        max_function_bytes: Option<u64>,
+    },
+    /// List accounts.
+    List,
+    /// Show one account.
+    Show { name: String },
+    /// Disable an account: its keys are refused and its jobs cancelled.
+    Disable { name: String },
+    /// Enable a disabled account.
+    Enable { name: String },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for an account (printed once).
+    Create {
+        account: String,
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// List an account's keys (ids and labels, never secrets).
+    List { account: String },
+    /// Revoke a key by id.
+    Revoke { id: String },
+}
+
+/// Where the server is and which key to use: flags, then the environment, then the
+/// credentials file.
+#[derive(Args, Clone)]
+struct ClientArgs {
+    /// Server URL [default: from the credentials file, else http://127.0.0.1:7070].
+    #[arg(long, env = "CLOUDPIPE_URL")]
+    url: Option<String>,
+    /// API key [default: from the credentials file].
+    #[arg(long, env = "CLOUDPIPE_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Args, Clone)]
@@ -86,9 +164,61 @@ struct ServeArgs {
     /// in milliseconds; jobs still running then go back to the queue.
     #[arg(long, env = "CLOUDPIPE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     shutdown_grace_ms: u64,
-    /// Fixes the admin API key (for automation); used once accounts exist.
+    /// Fixes the admin's API key (for automation; at least 16 characters). Without it
+    /// the first start makes a key, prints it once and writes the credentials file.
     #[arg(long, env = "CLOUDPIPE_ADMIN_KEY", hide_env_values = true)]
     admin_key: Option<String>,
+    /// Where the first start writes the admin's credentials [default:
+    /// $CLOUDPIPE_CREDENTIALS, else ~/.config/cloudpipe/credentials.json].
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// Validate API keys with an external auth service (Cloudpipe's protocol:
+    /// `GET URL/validate?accountName=…&apiKey=…`, 204 valid, 404 invalid).
+    #[arg(long, env = "CLOUDPIPE_AUTH_URL")]
+    auth_url: Option<String>,
+    /// How long a key the external service vouched for is trusted without asking again.
+    #[arg(long, env = "CLOUDPIPE_AUTH_CACHE_SECS", default_value_t = 30)]
+    auth_cache_secs: u64,
+    /// Failed authentications allowed per client address per minute (0: no limit).
+    #[arg(long, env = "CLOUDPIPE_AUTH_FAILURES_PER_MINUTE", default_value_t = 30)]
+    auth_failures_per_minute: u32,
+    /// Default quota: jobs queued or running at once per account (0: none).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_CONCURRENT_JOBS", default_value_t = 1000)]
+    quota_concurrent_jobs: u64,
+    /// Default quota: longest job timeout per account, in ms (0: the server's maximum).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_TIMEOUT_MS", default_value_t = 0)]
+    quota_timeout_ms: u64,
+    /// Default quota: largest job memory per account, in MiB (0: the server's maximum).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_MEMORY_MB", default_value_t = 0)]
+    quota_memory_mb: u64,
+    /// Default quota: bytes of function versions stored per account (0: none).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
+    quota_function_bytes: u64,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "CLOUDPIPE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "CLOUDPIPE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+}
+
+/// Either listener `serve` can run on.
+enum Listener {
+    Plain(tokio::net::TcpListener),
+    Tls(cloudpipe_api::tls::TlsListener),
+}
+
+impl Listener {
+    async fn serve(
+        self,
+        state: AppState,
+        signal: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        match self {
+            Listener::Plain(l) => cloudpipe_api::serve(l, state, signal).await,
+            Listener::Tls(l) => cloudpipe_api::serve(l, state, signal).await,
+        }
+    }
 }
 
 fn default_data_dir() -> PathBuf {
@@ -147,8 +277,20 @@ impl ServeArgs {
     }
 
     fn api_config(&self) -> ApiConfig {
+        let some = |v: u64| (v > 0).then_some(v);
         ApiConfig {
             admin_key: self.admin_key.clone(),
+            default_quotas: cloudpipe_types::Quotas {
+                max_concurrent_jobs: some(self.quota_concurrent_jobs),
+                max_timeout_ms: some(self.quota_timeout_ms),
+                max_memory_mb: some(self.quota_memory_mb),
+                max_function_bytes: some(self.quota_function_bytes),
+            },
+            external_auth: self
+                .auth_url
+                .clone()
+                .map(|u| (u, Duration::from_secs(self.auth_cache_secs))),
+            auth_failures_per_minute: self.auth_failures_per_minute,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             invoke: InvokeConfig {
                 max_concurrency_per_function: self.fn_max_concurrency,
@@ -161,15 +303,55 @@ impl ServeArgs {
         }
     }
 
-    async fn start(&self) -> anyhow::Result<(tokio::net::TcpListener, AppState)> {
+    async fn start(&self) -> anyhow::Result<(Listener, AppState, String)> {
         let config = self.runtime_config()?;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => Some(cloudpipe_api::tls::server_config(cert, key)?),
+            _ => None,
+        };
         let runtime = Runtime::start(config).await?;
-        let listener = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
+        let state = AppState::new(runtime, self.api_config())?;
+        let boot = cloudpipe_api::auth::bootstrap(&state, self.admin_key.as_deref()).await?;
+        let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot listen on {} (use --listen to pick another address)", self.listen)
         })?;
-        let api = self.api_config();
-        tracing::info!(listen = %listener.local_addr()?, data_dir = %self.data_dir.display(), store = %self.store, "cloudpipe serving");
-        Ok((listener, AppState::new(runtime, api)))
+        let addr = tcp.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let host = match addr.ip().is_unspecified() {
+            true => std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port()),
+            false => addr,
+        };
+        let url = format!("{scheme}://{host}");
+        if let Some(key) = boot.new_admin_key {
+            let path = self
+                .credentials_file
+                .clone()
+                .unwrap_or_else(cloudpipe_api::credentials::default_path);
+            let creds = cloudpipe_api::credentials::Credentials {
+                url: url.clone(),
+                account: cloudpipe_runtime::account::ADMIN.into(),
+                api_key: key.clone(),
+            };
+            cloudpipe_api::credentials::write(&path, &creds)?;
+            // Shown once, on the terminal, not through the log.
+            println!(
+                "Created the admin account. Its API key (shown only now):
+
+    {key}
+"
+            );
+            println!(
+                "Saved to {} (mode 0600) for the CLIs.
+",
+                path.display()
+            );
+        }
+        let listener = match tls {
+            Some(config) => Listener::Tls(cloudpipe_api::tls::TlsListener::new(tcp, config)?),
+            None => Listener::Plain(tcp),
+        };
+        tracing::info!(listen = %addr, url = %url, data_dir = %self.data_dir.display(), store = %self.store, auth = state.auth.backend().name(), "cloudpipe serving");
+        Ok((listener, state, url))
     }
 }
 
@@ -194,18 +376,24 @@ const HELLO_WAT: &str = include_str!("../../examples/hello.wat");
 
 async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
-    let (listener, state) = args.start().await?;
-    let addr = listener.local_addr()?;
+    let (listener, state, url) = args.start().await?;
     let rt = state.runtime.clone();
+    let admin = Tenant::admin();
     let wasm = wat::parse_str(HELLO_WAT).context("compiling the bundled example")?;
     let f = rt
         .registry
-        .upload(Some("hello".into()), wasm.into())
+        .upload(&admin, Some("hello".into()), wasm.into())
         .await
         .context("uploading the example")?;
     let spec =
         JobSpec { function: "hello".into(), args: vec!["cloudpipe".into()], ..JobSpec::default() };
-    let job = rt.scheduler.submit(spec).await.context("submitting the example job")?.job().clone();
+    let job = rt
+        .scheduler
+        .submit(spec, &admin)
+        .await
+        .context("submitting the example job")?
+        .job()
+        .clone();
     let done = rt
         .scheduler
         .wait(job.id, Duration::from_secs(30))
@@ -220,11 +408,11 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
         rt.scheduler.shutdown(Duration::from_secs(5)).await;
         return Ok(());
     }
-    println!("\nserving on http://{addr} (Ctrl-C to stop). Try:");
+    println!("\nserving on {url} (Ctrl-C to stop). Try, with the admin's key:");
     println!(
-        "  curl -s -XPOST 'http://{addr}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'"
+        "  curl -s -H \"Authorization: Bearer $CLOUDPIPE_API_KEY\" -XPOST '{url}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'"
     );
-    cloudpipe_api::serve(listener, state, signal).await
+    listener.serve(state, signal).await
 }
 
 fn main() -> anyhow::Result<()> {
@@ -242,10 +430,111 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => {
                 let signal = shutdown_signal()?;
-                let (listener, state) = args.start().await?;
-                cloudpipe_api::serve(listener, state, signal).await
+                let (listener, state, _) = args.start().await?;
+                listener.serve(state, signal).await
             }
             Command::Up { serve, once } => up(serve, once).await,
+            Command::Accounts { client, command } => accounts(client, command).await,
+            Command::Keys { client, command } => keys(client, command).await,
+            Command::Me { client } => client.call(reqwest::Method::GET, "/v1/me", None).await,
         }
     })
+}
+
+impl ClientArgs {
+    /// URL and key: flags and environment first, then the credentials file.
+    fn resolve(&self) -> anyhow::Result<(String, String)> {
+        let path = cloudpipe_api::credentials::default_path();
+        let file = cloudpipe_api::credentials::read(&path)?;
+        let url = self
+            .url
+            .clone()
+            .or_else(|| file.as_ref().map(|c| c.url.clone()))
+            .unwrap_or_else(|| "http://127.0.0.1:7070".into());
+        let key = self.api_key.clone().or_else(|| file.map(|c| c.api_key)).with_context(|| {
+            format!(
+                "no API key: pass --api-key, set CLOUDPIPE_API_KEY, or keep one in {}",
+                path.display()
+            )
+        })?;
+        Ok((url.trim_end_matches('/').to_string(), key))
+    }
+
+    /// One request; prints the JSON answer, or the error's message (exit code 1).
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<()> {
+        let (url, key) = self.resolve()?;
+        let mut req =
+            reqwest::Client::new().request(method, format!("{url}{path}")).bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.with_context(|| format!("cannot reach the server at {url}"))?;
+        let status = res.status();
+        let value: serde_json::Value = res.json().await.unwrap_or(serde_json::Value::Null);
+        if !status.is_success() {
+            let msg = value["error"]["message"].as_str().unwrap_or("no message");
+            let code = value["error"]["code"].as_str().unwrap_or("unknown");
+            anyhow::bail!("{status}: {msg} ({code})");
+        }
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    }
+}
+
+async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    use serde_json::json;
+    match command {
+        AccountsCommand::Create {
+            name,
+            admin,
+            max_concurrent_jobs,
+            max_timeout_ms,
+            max_memory_mb,
+            max_function_bytes,
+        } => {
+            let quotas = cloudpipe_types::Quotas {
+                max_concurrent_jobs,
+                max_timeout_ms,
+                max_memory_mb,
+                max_function_bytes,
+            };
+            let role = if admin { "admin" } else { "user" };
+            let body = json!({"name": name, "role": role, "quotas": quotas});
+            client.call(Method::POST, "/v1/accounts", Some(body)).await
+        }
+        AccountsCommand::List => client.call(Method::GET, "/v1/accounts", None).await,
+        AccountsCommand::Show { name } => {
+            client.call(Method::GET, &format!("/v1/accounts/{name}"), None).await
+        }
+        AccountsCommand::Disable { name } => {
+            let body = json!({"disabled": true});
+            client.call(Method::PATCH, &format!("/v1/accounts/{name}"), Some(body)).await
+        }
+        AccountsCommand::Enable { name } => {
+            let body = json!({"disabled": false});
+            client.call(Method::PATCH, &format!("/v1/accounts/{name}"), Some(body)).await
+        }
+    }
+}
+
+async fn keys(client: ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        KeysCommand::Create { account, label } => {
+            let body = serde_json::json!({ "label": label });
+            client.call(Method::POST, &format!("/v1/accounts/{account}/keys"), Some(body)).await
+        }
+        KeysCommand::List { account } => {
+            client.call(Method::GET, &format!("/v1/accounts/{account}/keys"), None).await
+        }
+        KeysCommand::Revoke { id } => {
+            client.call(Method::DELETE, &format!("/v1/keys/{id}"), None).await
+        }
+    }
 }

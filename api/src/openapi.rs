@@ -4,15 +4,27 @@
 
 use utoipa::OpenApi;
 
-use crate::routes::{functions, invoke, jobs, system};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+
+use crate::routes::{accounts, functions, invoke, jobs, system};
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "Cloudpipe",
-        description = "Compute on demand: Wasm functions run as durable jobs."
+        description = "Compute on demand: Wasm functions run as durable jobs. Every route but /healthz, /v1/openapi.json and public functions under /fn/ needs an API key: `Authorization: Bearer KEY`, or HTTP Basic with the account name and key."
     ),
+    modifiers(&Security),
+    security(("bearer" = []), ("basic" = [])),
     paths(
+        accounts::create_account,
+        accounts::list_accounts,
+        accounts::get_account,
+        accounts::update_account,
+        accounts::create_key,
+        accounts::list_keys,
+        accounts::revoke_key,
+        accounts::get_me,
         functions::create_function,
         functions::list_functions,
         functions::get_function,
@@ -46,9 +58,33 @@ use crate::routes::{functions, invoke, jobs, system};
         cloudpipe_types::Health,
         cloudpipe_types::LogLine,
         cloudpipe_types::LogList,
+        cloudpipe_types::Account,
+        cloudpipe_types::AccountCreate,
+        cloudpipe_types::AccountPatch,
+        cloudpipe_types::AccountList,
+        cloudpipe_types::ApiKeyCreate,
+        cloudpipe_types::ApiKeyInfo,
+        cloudpipe_types::NewApiKey,
+        cloudpipe_types::ApiKeyList,
+        cloudpipe_types::Me,
+        cloudpipe_types::Quotas,
+        cloudpipe_types::Role,
     ))
 )]
 pub struct ApiDoc;
+
+/// The two ways to present an API key.
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components
+            .add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components
+            .add_security_scheme("basic", SecurityScheme::Http(Http::new(HttpAuthScheme::Basic)));
+    }
+}
 
 /// The document as pretty JSON, with a trailing newline (as kept in the repo).
 pub fn document_json() -> String {

@@ -73,6 +73,9 @@ impl FromStr for JobId {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub id: JobId,
+    /// The account that owns the job.
+    #[serde(default = "crate::account::admin_name")]
+    pub account: String,
     /// The function as submitted (a name or `sha256:…`).
     pub function: String,
     /// The exact version, resolved at submit.
@@ -126,6 +129,7 @@ impl Job {
         let ms = |from: Micros, to: Micros| to.saturating_sub(from) as f64 / 1000.0;
         JobRecord {
             id: self.id.to_string(),
+            account: self.account.clone(),
             function: self.function.clone(),
             function_id: Some(self.function_id.clone()),
             status: self.status,
@@ -211,6 +215,7 @@ pub(crate) mod tests {
     pub fn queued_job(function: &str) -> Job {
         Job {
             id: JobId::new(),
+            account: crate::account::ADMIN.to_string(),
             function: function.to_string(),
             function_id: format!("sha256:{}", "0".repeat(64)),
             args: vec!["a".into()],

@@ -1,6 +1,8 @@
 //! Cloudpipe's runtime: everything between the HTTP API and a running function.
 //!
 //! # Layout
+//! - [`account`]: accounts, API keys (stored hashed) and the [`Scope`](account::Scope)
+//!   through which an account sees its functions and jobs.
 //! - [`job`]: the durable job record ([`Job`]) and how an attempt ends ([`JobOutcome`]).
 //! - [`executor`]: the [`Executor`] trait; [`executor::wasm`] runs Wasm components and
 //!   WASI modules in process with wasmtime.
@@ -17,14 +19,16 @@
 //! let dir = tempfile::tempdir()?;
 //! let rt = Runtime::start(RuntimeConfig::new(dir.path())).await?;
 //! let wasm = wat::parse_str(include_str!("../../examples/hello.wat"))?;
-//! rt.registry.upload(Some("hello".into()), wasm.into()).await?;
+//! let admin = cloudpipe_runtime::account::Tenant::admin();
+//! rt.registry.upload(&admin, Some("hello".into()), wasm.into()).await?;
 //! let spec = serde_json::from_str(r#"{"function": "hello", "args": ["docs"]}"#)?;
-//! let job = rt.scheduler.submit(spec).await?.job().clone();
+//! let job = rt.scheduler.submit(spec, &admin).await?.job().clone();
 //! let done = rt.scheduler.wait(job.id, std::time::Duration::from_secs(10)).await?.unwrap();
 //! assert_eq!(done.stdout, b"hello, docs!\n");
 //! # Ok(()) }
 //! ```
 
+pub mod account;
 pub mod executor;
 pub mod job;
 pub mod registry;

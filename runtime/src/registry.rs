@@ -7,9 +7,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
+use crate::account::{Scope, Tenant};
 use crate::executor::{Executor, PrepareError};
 use crate::job::now_micros;
-use crate::store::{FunctionMeta, Store};
+use crate::store::{FunctionMeta, PutFunction, Store};
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +23,12 @@ pub enum UploadError {
     TooLarge { size: usize, limit: usize },
     #[error("{0}")]
     Invalid(String),
+    #[error("the name {0:?} belongs to another account: choose another name")]
+    NameTaken(String),
+    #[error(
+        "storing this version ({size} bytes) would pass the account's quota of {limit} function bytes ({used} used): delete old versions or ask for a larger quota"
+    )]
+    OverQuota { size: u64, used: u64, limit: u64 },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -67,10 +74,11 @@ impl FunctionRegistry {
         self.max_size
     }
 
-    /// Checks, prepares and stores `binary`, pointing `name` at it when given.
-    /// Uploading the same binary again is cheap and returns the same id.
+    /// Checks, prepares and stores `binary` for `owner`, pointing `name` at it when
+    /// given. Uploading the same binary again is cheap and returns the same id.
     pub async fn upload(
         &self,
+        owner: &Tenant,
         name: Option<String>,
         binary: Bytes,
     ) -> Result<FunctionMeta, UploadError> {
@@ -89,37 +97,57 @@ impl FunctionRegistry {
         })?;
         let meta = FunctionMeta {
             id,
-            name,
+            account: owner.account.clone(),
+            name: name.clone(),
             kind,
             size: binary.len() as u64,
             created_at: now_micros(),
             settings: Default::default(),
         };
-        let stored = self.store.put_function(meta, binary).await?;
-        tracing::info!(function = stored.name.as_deref().unwrap_or(""), id = %stored.id, kind = stored.kind.as_str(), size = stored.size, "function uploaded");
+        let size = meta.size;
+        let stored =
+            match self.store.put_function(meta, binary, owner.limits.max_function_bytes).await? {
+                PutFunction::Stored(meta) => meta,
+                PutFunction::NameTaken => {
+                    return Err(UploadError::NameTaken(name.unwrap_or_default()));
+                }
+                PutFunction::OverQuota { used, limit } => {
+                    return Err(UploadError::OverQuota { size, used, limit });
+                }
+            };
+        tracing::info!(account = %stored.account, function = stored.name.as_deref().unwrap_or(""), id = %stored.id, kind = stored.kind.as_str(), size = stored.size, "function uploaded");
         Ok(stored)
     }
 
     /// Replaces the settings of a name (checked by the caller). `None`: no such name.
     pub async fn configure(
         &self,
+        scope: &Scope,
         name: &str,
         settings: cloudpipe_types::FunctionSettings,
     ) -> anyhow::Result<Option<FunctionMeta>> {
-        self.store.put_settings(name, settings).await
+        self.store.put_settings(scope, name, settings).await
     }
 
-    /// A function by name or id.
-    pub async fn get(&self, name_or_id: &str) -> anyhow::Result<Option<FunctionMeta>> {
-        self.store.get_function(name_or_id).await
+    /// A function by name or id, as `scope` sees it.
+    pub async fn get(
+        &self,
+        scope: &Scope,
+        name_or_id: &str,
+    ) -> anyhow::Result<Option<FunctionMeta>> {
+        self.store.get_function(scope, name_or_id).await
     }
 
-    pub async fn list(&self) -> anyhow::Result<Vec<FunctionMeta>> {
-        self.store.list_functions().await
+    pub async fn list(&self, scope: &Scope) -> anyhow::Result<Vec<FunctionMeta>> {
+        self.store.list_functions(scope).await
     }
 
-    pub async fn delete(&self, name_or_id: &str) -> anyhow::Result<Vec<FunctionMeta>> {
-        self.store.delete_function(name_or_id).await
+    pub async fn delete(
+        &self,
+        scope: &Scope,
+        name_or_id: &str,
+    ) -> anyhow::Result<Vec<FunctionMeta>> {
+        self.store.delete_function(scope, name_or_id).await
     }
 }
 

@@ -14,7 +14,7 @@
 //! Live events (status changes, output chunks) go through an in-memory [`Hub`] to
 //! whoever follows a job; nothing is buffered for jobs nobody follows.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,6 +26,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use crate::account::{Limits, Tenant};
 use crate::executor::{Executor, OutputSink, OutputStream, RunRequest};
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
@@ -77,6 +78,9 @@ pub enum SubmitError {
     FunctionNotFound(String),
     #[error("{0}")]
     Invalid(String),
+    /// Past one of the account's limits.
+    #[error("{0}")]
+    OverQuota(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -254,6 +258,40 @@ struct Inner {
     releasing: AtomicBool,
     /// Every task this scheduler spawned, so shutdown can wait for them.
     tasks: tokio_util::task::TaskTracker,
+    active: Active,
+}
+
+/// The queued and running jobs of each account, for its concurrent-jobs quota. A job
+/// joins when it is admitted and leaves when it ends; both are idempotent, so no path
+/// counts a job twice.
+#[derive(Default)]
+struct Active(Mutex<HashMap<String, HashSet<JobId>>>);
+
+impl Active {
+    /// Admits `id` unless `account` already has `limit` jobs.
+    fn admit(&self, account: &str, id: JobId, limit: Option<u64>) -> bool {
+        let mut map = self.0.lock().unwrap();
+        let jobs = map.entry(account.to_string()).or_default();
+        if limit.is_some_and(|l| jobs.len() as u64 >= l) {
+            return false;
+        }
+        jobs.insert(id);
+        true
+    }
+
+    fn leave(&self, account: &str, id: JobId) {
+        let mut map = self.0.lock().unwrap();
+        if let Some(jobs) = map.get_mut(account) {
+            jobs.remove(&id);
+            if jobs.is_empty() {
+                map.remove(account);
+            }
+        }
+    }
+
+    fn count(&self, account: &str) -> u64 {
+        self.0.lock().unwrap().get(account).map_or(0, |j| j.len() as u64)
+    }
 }
 
 impl Scheduler {
@@ -285,7 +323,11 @@ impl Scheduler {
             stopping: CancellationToken::new(),
             releasing: AtomicBool::new(false),
             tasks: tokio_util::task::TaskTracker::new(),
+            active: Active::default(),
         });
+        for (id, account) in inner.store.active_jobs().await? {
+            inner.active.admit(&account, id, None);
+        }
         inner.tasks.spawn(inner.clone().dispatch());
         inner.tasks.spawn(inner.clone().retain());
         Ok(Scheduler { inner })
@@ -307,6 +349,11 @@ impl Scheduler {
         &self.inner.config
     }
 
+    /// Queued and running jobs of `account`.
+    pub fn active_jobs(&self, account: &str) -> u64 {
+        self.inner.active.count(account)
+    }
+
     /// Number of jobs running in this process now.
     pub fn running(&self) -> usize {
         self.inner.running.lock().unwrap().len()
@@ -315,9 +362,11 @@ impl Scheduler {
     /// Validates `spec`, makes the job durable and returns it (already `running` when
     /// a slot was free). A known `idempotency_key` returns the first job instead
     /// ([`Inserted::Existing`]).
-    pub async fn submit(&self, spec: JobSpec) -> Result<Inserted, SubmitError> {
+    pub async fn submit(&self, spec: JobSpec, tenant: &Tenant) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
-        let mut job = self.prepare(spec).await?;
+        let mut job = self.prepare(spec, tenant).await?;
+        self.admit(&job, tenant)?;
+        let (id, account) = (job.id, job.account.clone());
         // Start at once when a slot is free and nothing waits: saves a commit.
         let slot = self.free_slot();
         if slot.is_some() {
@@ -330,7 +379,11 @@ impl Scheduler {
         // task of its own.
         let this = inner.clone();
         let task = inner.tasks.spawn(async move {
-            let inserted = this.store.insert_job(job).await?;
+            let inserted = this.store.insert_job(job).await;
+            if !matches!(inserted, Ok(Inserted::Created(_))) {
+                this.active.leave(&account, id);
+            }
+            let inserted = inserted?;
             match (&inserted, slot) {
                 (Inserted::Created(job), Some(slot)) => {
                     this.metrics.submitted.fetch_add(1, Ordering::Relaxed);
@@ -359,6 +412,7 @@ impl Scheduler {
     pub async fn submit_and_wait(
         &self,
         spec: JobSpec,
+        tenant: &Tenant,
         wait: Duration,
     ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
@@ -367,11 +421,12 @@ impl Scheduler {
             false => None,
         };
         let Some(slot) = slot else {
-            let inserted = self.submit(spec).await?;
+            let inserted = self.submit(spec, tenant).await?;
             return self.wait_inserted(inserted, wait).await;
         };
         let started = tokio::time::Instant::now();
-        let mut job = self.prepare(spec).await?;
+        let mut job = self.prepare(spec, tenant).await?;
+        self.admit(&job, tenant)?;
         job.status = JobStatus::Running;
         job.attempts = 1;
         job.started_at = Some(now_micros());
@@ -401,16 +456,31 @@ impl Scheduler {
         })
     }
 
-    /// Checks a spec and resolves its function: the job, not yet written.
-    async fn prepare(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+    /// Counts `job` against its account's concurrent-jobs quota.
+    fn admit(&self, job: &Job, tenant: &Tenant) -> Result<(), SubmitError> {
+        let limit = tenant.limits.max_concurrent_jobs;
+        match self.inner.active.admit(&job.account, job.id, limit) {
+            true => Ok(()),
+            false => Err(SubmitError::OverQuota(format!(
+                "account {:?} already has {} jobs queued or running, its limit: wait for some to end",
+                job.account,
+                limit.unwrap_or(0)
+            ))),
+        }
+    }
+
+    /// Checks a spec against the server's and the tenant's limits and resolves its
+    /// function in the tenant's scope: the job, not yet written.
+    async fn prepare(&self, spec: JobSpec, tenant: &Tenant) -> Result<Job, SubmitError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
-        let mut job = inner.job_from_spec(spec)?;
+        let mut job = inner.job_from_spec(spec, &tenant.limits)?;
+        job.account = tenant.account.clone();
         let meta = inner
             .store
-            .get_function(&job.function)
+            .get_function(&tenant.scope(), &job.function)
             .await?
             .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
         if meta.kind == cloudpipe_types::FunctionKind::Http {
@@ -479,7 +549,7 @@ impl Scheduler {
                         let job = this.store.cancel_queued_job(id, now_micros()).await?;
                         if let Some(job) = job.as_ref().filter(|j| j.status == JobStatus::Cancelled)
                         {
-                            this.hub.finished(job.clone());
+                            this.ended(job.clone());
                         }
                         anyhow::Ok(job)
                     });
@@ -529,7 +599,7 @@ impl Scheduler {
 }
 
 impl Inner {
-    fn job_from_spec(&self, spec: JobSpec) -> Result<Job, SubmitError> {
+    fn job_from_spec(&self, spec: JobSpec, limits: &Limits) -> Result<Job, SubmitError> {
         let c = &self.config;
         let invalid = |m: String| Err(SubmitError::Invalid(m));
         if spec.function.is_empty() {
@@ -560,14 +630,36 @@ impl Inner {
                 c.max_stdin
             ));
         }
-        let timeout_ms = spec.timeout_ms.unwrap_or(c.default_timeout.as_millis() as u64);
+        let over = |what: &str, asked: u64, limit: u64| {
+            Err(SubmitError::OverQuota(format!(
+                "`{what}` {asked} is over the account's limit of {limit}"
+            )))
+        };
+        let default_timeout = c.default_timeout.as_millis() as u64;
+        let timeout_ms = spec.timeout_ms.unwrap_or(match limits.max_timeout_ms {
+            Some(l) => default_timeout.min(l),
+            None => default_timeout,
+        });
+        if let Some(l) = limits.max_timeout_ms
+            && timeout_ms > l
+        {
+            return over("timeout_ms", timeout_ms, l);
+        }
         if timeout_ms == 0 || timeout_ms > c.max_timeout.as_millis() as u64 {
             return invalid(format!(
                 "`timeout_ms` must be between 1 and {}",
                 c.max_timeout.as_millis()
             ));
         }
-        let memory_mb = spec.memory_mb.unwrap_or(c.default_memory_mb);
+        let memory_mb = spec.memory_mb.unwrap_or(match limits.max_memory_mb {
+            Some(l) => c.default_memory_mb.min(l),
+            None => c.default_memory_mb,
+        });
+        if let Some(l) = limits.max_memory_mb
+            && memory_mb > l
+        {
+            return over("memory_mb", memory_mb, l);
+        }
         if memory_mb == 0 || memory_mb > c.max_memory_mb {
             return invalid(format!("`memory_mb` must be between 1 and {}", c.max_memory_mb));
         }
@@ -593,6 +685,7 @@ impl Inner {
         }
         Ok(Job {
             id: JobId::new(),
+            account: crate::account::ADMIN.to_string(),
             function: spec.function,
             function_id: String::new(),
             args: spec.args,
@@ -711,18 +804,25 @@ impl Inner {
                         } else {
                             done.finish(outcome, now_micros());
                         }
+                        let account = done.account.clone();
                         let inserted = this.store.insert_job(done).await;
                         this.running.lock().unwrap().remove(&id);
-                        if let Ok(Inserted::Created(job)) = &inserted
-                            && job.status.is_terminal()
-                        {
-                            this.hub.finished(job.clone());
+                        match &inserted {
+                            Ok(Inserted::Created(job)) if job.status.is_terminal() => {
+                                this.ended(job.clone())
+                            }
+                            Ok(Inserted::Created(_)) => {}
+                            _ => this.active.leave(&account, id),
                         }
                         let _ = ack.send(inserted);
                     }
                     None => {
+                        let account = job.account.clone();
                         let inserted = this.store.insert_job(job).await;
                         let written = matches!(inserted, Ok(Inserted::Created(_)));
+                        if !written {
+                            this.active.leave(&account, id);
+                        }
                         let _ = ack.send(inserted);
                         if !written {
                             // Not ours to record (a write error): stop the run.
@@ -828,8 +928,16 @@ impl Inner {
         };
         self.running.lock().unwrap().remove(&id);
         if let Some(job) = finished {
-            self.hub.finished(job);
+            self.ended(job);
         }
+    }
+
+    /// A job is terminal: it leaves its account's count and its followers hear.
+    fn ended(&self, job: Job) {
+        if job.status.is_terminal() {
+            self.active.leave(&job.account, job.id);
+        }
+        self.hub.finished(job);
     }
 
     /// Deletes finished jobs past the retention policy, a small batch at a time.

@@ -11,6 +11,7 @@ use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_types::{FunctionInfo, FunctionList, FunctionSettings, FunctionSettingsPatch};
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::{ApiError, AppState, P, Q, parse_json, read_body};
 
 pub fn router() -> Router<AppState> {
@@ -23,6 +24,7 @@ pub fn router() -> Router<AppState> {
 pub(crate) fn info(m: FunctionMeta) -> FunctionInfo {
     FunctionInfo {
         id: m.id,
+        account: m.account,
         name: m.name,
         kind: m.kind,
         size: m.size,
@@ -96,9 +98,11 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
 #[utoipa::path(post, path = "/v1/functions", tag = "functions", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses((status = 201, body = FunctionInfo), (status = 400, body = cloudpipe_types::ErrorBody),
-              (status = 413, body = cloudpipe_types::ErrorBody)))]
+              (status = 409, body = cloudpipe_types::ErrorBody, description = "the name is another account's"),
+              (status = 413, body = cloudpipe_types::ErrorBody), (status = 429, body = cloudpipe_types::ErrorBody)))]
 pub async fn create_function(
     State(state): State<AppState>,
+    caller: Caller,
     Q(params): Q<UploadParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<FunctionInfo>), ApiError> {
@@ -109,7 +113,8 @@ pub async fn create_function(
     }
     let settings = match (&patch, &params.name) {
         (Some(patch), Some(name)) => {
-            let current = registry.get(name).await?.map(|m| m.settings).unwrap_or_default();
+            let current =
+                registry.get(&caller.scope(), name).await?.map(|m| m.settings).unwrap_or_default();
             let settings = current.patched(patch.clone());
             check_settings(&state, &settings)?;
             Some(settings)
@@ -117,17 +122,21 @@ pub async fn create_function(
         _ => None,
     };
     let bytes = read_body(body, registry.max_size()).await?;
-    let mut meta = registry.upload(params.name.clone(), bytes).await?;
+    let mut meta = registry.upload(&caller.tenant(), params.name.clone(), bytes).await?;
     if let (Some(settings), Some(name)) = (settings, &params.name) {
-        meta = registry.configure(name, settings).await?.unwrap_or(meta);
+        meta = registry.configure(&caller.scope(), name, settings).await?.unwrap_or(meta);
     }
     Ok((StatusCode::CREATED, Json(info(meta))))
 }
 
-/// Lists named functions.
+/// Lists the caller's named functions (the admin: everyone's).
 #[utoipa::path(get, path = "/v1/functions", tag = "functions", responses((status = 200, body = FunctionList)))]
-pub async fn list_functions(State(state): State<AppState>) -> Result<Json<FunctionList>, ApiError> {
-    let functions = state.runtime.registry.list().await?.into_iter().map(info).collect();
+pub async fn list_functions(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<FunctionList>, ApiError> {
+    let functions =
+        state.runtime.registry.list(&caller.scope()).await?.into_iter().map(info).collect();
     Ok(Json(FunctionList { functions }))
 }
 
@@ -137,9 +146,10 @@ pub async fn list_functions(State(state): State<AppState>) -> Result<Json<Functi
     responses((status = 200, body = FunctionInfo), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_function(
     State(state): State<AppState>,
+    caller: Caller,
     P(name): P<String>,
 ) -> Result<Json<FunctionInfo>, ApiError> {
-    match state.runtime.registry.get(&name).await? {
+    match state.runtime.registry.get(&caller.scope(), &name).await? {
         Some(m) => Ok(Json(info(m))),
         None => Err(ApiError::NotFound(format!("function {name:?} not found"))),
     }
@@ -152,17 +162,24 @@ pub async fn get_function(
               (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn update_function(
     State(state): State<AppState>,
+    caller: Caller,
     P(name): P<String>,
     body: Body,
 ) -> Result<Json<FunctionInfo>, ApiError> {
     let bytes = read_body(body, state.config.max_json_body).await?;
     let patch: FunctionSettingsPatch = parse_json(&bytes)?;
     let not_found = || ApiError::NotFound(format!("function {name:?} not found"));
-    let current =
-        state.runtime.registry.get(&name).await?.filter(|m| m.name.as_deref() == Some(&name));
+    let scope = caller.scope();
+    let current = state
+        .runtime
+        .registry
+        .get(&scope, &name)
+        .await?
+        .filter(|m| m.name.as_deref() == Some(&name));
     let settings = current.ok_or_else(not_found)?.settings.patched(patch);
     check_settings(&state, &settings)?;
-    let meta = state.runtime.registry.configure(&name, settings).await?.ok_or_else(not_found)?;
+    let meta =
+        state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
 }
 
@@ -172,12 +189,13 @@ pub async fn update_function(
     responses((status = 200, body = FunctionList, description = "what was deleted"), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn delete_function(
     State(state): State<AppState>,
+    caller: Caller,
     P(name): P<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
-    let deleted = state.runtime.registry.delete(&name).await?;
-    state.logs.remove(&name);
+    let deleted = state.runtime.registry.delete(&caller.scope(), &name).await?;
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }
+    state.logs.remove(&name);
     Ok(Json(FunctionList { functions: deleted.into_iter().map(info).collect() }))
 }

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,6 +22,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
+use cloudpipe_runtime::account::Scope;
 use cloudpipe_runtime::executor::wasm::{HttpOptions, InvokeError};
 use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
 use cloudpipe_runtime::store::FunctionMeta;
@@ -32,6 +32,7 @@ use futures::Stream;
 use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::auth::{Caller, ClientAddr, MaybeCaller};
 use crate::logs::StderrLines;
 use crate::{ApiError, AppState, P, Q, read_body};
 
@@ -136,29 +137,38 @@ fn or_default<T: PartialEq + Default>(own: T, default: T) -> T {
 
 pub async fn invoke_function(
     State(state): State<AppState>,
+    MaybeCaller(caller): MaybeCaller,
     P(name): P<String>,
     req: Request,
 ) -> Response {
-    invoke(state, name, String::new(), req).await
+    invoke(state, caller, name, String::new(), req).await
 }
 
 pub async fn invoke_function_path(
     State(state): State<AppState>,
+    MaybeCaller(caller): MaybeCaller,
     P((name, path)): P<(String, String)>,
     req: Request,
 ) -> Response {
-    invoke(state, name, path, req).await
+    invoke(state, caller, name, path, req).await
 }
 
 /// Runs one invocation and records it, whatever its outcome.
-async fn invoke(state: AppState, name: String, path: String, req: Request) -> Response {
+async fn invoke(
+    state: AppState,
+    caller: Option<Caller>,
+    name: String,
+    path: String,
+    req: Request,
+) -> Response {
     let invocation = JobId::new().to_string();
     let started = Instant::now();
     let method = req.method().clone();
     let shown_path = req.uri().path().to_string();
     let mut stderr = Vec::new();
     let mut found = false;
-    let mut res = match run(&state, &name, &path, &invocation, req, &mut stderr, &mut found).await {
+    let run = run(&state, caller.as_ref(), &name, &path, &invocation, req, &mut stderr, &mut found);
+    let mut res = match run.await {
         Ok(res) => res,
         Err(e) => e.into_response(),
     };
@@ -182,8 +192,10 @@ async fn invoke(state: AppState, name: String, path: String, req: Request) -> Re
 /// The response header naming an invocation.
 pub const INVOCATION_HEADER: &str = "x-cloudpipe-invocation";
 
+#[allow(clippy::too_many_arguments)]
 async fn run(
     state: &AppState,
+    caller: Option<&Caller>,
     name: &str,
     path: &str,
     invocation: &str,
@@ -193,11 +205,22 @@ async fn run(
 ) -> Result<Response, ApiError> {
     let rt = &state.runtime;
     // Resolved per request, so that a redeploy switches the next request atomically.
-    let meta = rt
-        .registry
-        .get(name)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("function {name:?} not found")))?;
+    // Public functions answer anyone; the others only their account (and the admin).
+    // Without a key the answer is the same whether the function exists or not.
+    let meta = rt.registry.get(&Scope::All, name).await?;
+    let meta = match (meta, caller) {
+        (Some(m), _) if m.settings.public => m,
+        (Some(m), Some(c)) if c.sees(&m.account) => m,
+        (_, Some(_)) => return Err(ApiError::NotFound(format!("function {name:?} not found"))),
+        (_, None) => {
+            return Err(ApiError::Unauthorized(
+                "unauthenticated",
+                format!(
+                    "function {name:?} needs an API key (send `Authorization: Bearer KEY`), or is not there"
+                ),
+            ));
+        }
+    };
     *found = true;
     let permits = state.invocations.admit(name, meta.settings.max_concurrency)?;
     let config = state.invocations.config();
@@ -338,8 +361,8 @@ fn cgi_env(name: &str, path: &str, req: &Request) -> Vec<(String, String)> {
     };
     let remote = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .get::<ConnectInfo<ClientAddr>>()
+        .map(|c| c.0.0.ip().to_string())
         .unwrap_or_default();
     let path_info = if path.is_empty() && !uri.path().ends_with('/') {
         String::new()
@@ -523,10 +546,11 @@ pub struct LogParams {
     responses((status = 200, body = LogList), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_function_logs(
     State(state): State<AppState>,
+    caller: Caller,
     P(name): P<String>,
     Q(p): Q<LogParams>,
 ) -> Result<Response, ApiError> {
-    if state.runtime.registry.get(&name).await?.is_none() {
+    if state.runtime.registry.get(&caller.scope(), &name).await?.is_none() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }
     let (lines, live) = state.logs.snapshot(&name);

@@ -19,6 +19,7 @@ use cloudpipe_types::{JobEvent, JobList, JobRecord, JobSpec, JobStatus};
 use futures::Stream;
 use serde::Deserialize;
 
+use crate::auth::Caller;
 use crate::{ApiError, AppState, P, Q, parse_json, parse_wait, read_body};
 
 pub fn router() -> Router<AppState> {
@@ -47,8 +48,11 @@ fn not_found(id: &str) -> ApiError {
     ApiError::NotFound(format!("job {id:?} not found"))
 }
 
-async fn load(state: &AppState, id: &str) -> Result<Job, ApiError> {
-    state.runtime.scheduler.get(job_id(id)?).await?.ok_or_else(|| not_found(id))
+/// The job, if the caller may see it: another account's job is "not found", exactly
+/// like a job that does not exist.
+async fn load(state: &AppState, caller: &Caller, id: &str) -> Result<Job, ApiError> {
+    let job = state.runtime.scheduler.get(job_id(id)?).await?;
+    job.filter(|j| caller.sees(&j.account)).ok_or_else(|| not_found(id))
 }
 
 fn wait_of(state: &AppState, p: &WaitParams) -> Result<Duration, ApiError> {
@@ -63,16 +67,18 @@ fn wait_of(state: &AppState, p: &WaitParams) -> Result<Duration, ApiError> {
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs", params(WaitParams), request_body = JobSpec,
     responses((status = 201, body = JobRecord), (status = 200, body = JobRecord, description = "existing job (same idempotency key)"),
               (status = 400, body = cloudpipe_types::ErrorBody), (status = 404, body = cloudpipe_types::ErrorBody),
-              (status = 413, body = cloudpipe_types::ErrorBody)))]
+              (status = 413, body = cloudpipe_types::ErrorBody), (status = 429, body = cloudpipe_types::ErrorBody)))]
 pub async fn create_job(
     State(state): State<AppState>,
+    caller: Caller,
     Q(params): Q<WaitParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     let wait = wait_of(&state, &params)?;
     let bytes = read_body(body, state.config.max_json_body).await?;
     let spec: JobSpec = parse_json(&bytes)?;
-    let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, wait).await? {
+    let tenant = caller.tenant();
+    let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, &tenant, wait).await? {
         Inserted::Created(job) => (job, StatusCode::CREATED),
         Inserted::Existing(job) => (job, StatusCode::OK),
     };
@@ -92,13 +98,16 @@ pub struct ListParams {
     limit: Option<usize>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
+    /// Only jobs of this account (the admin; others see only their own).
+    account: Option<String>,
 }
 
-/// Lists jobs, newest first.
+/// Lists the caller's jobs (the admin: everyone's, or one account's), newest first.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
     responses((status = 200, body = JobList), (status = 400, body = cloudpipe_types::ErrorBody)))]
 pub async fn list_jobs(
     State(state): State<AppState>,
+    caller: Caller,
     Q(p): Q<ListParams>,
 ) -> Result<Json<JobList>, ApiError> {
     let status = match &p.status {
@@ -118,7 +127,12 @@ pub async fn list_jobs(
         ),
         None => None,
     };
-    let filter = JobFilter { status, tag: p.tag, function: p.function, before, limit: limit + 1 };
+    let account = match caller.is_admin() {
+        true => p.account,
+        false => Some(caller.account.clone()),
+    };
+    let filter =
+        JobFilter { account, status, tag: p.tag, function: p.function, before, limit: limit + 1 };
     let mut jobs = state.runtime.store.list_jobs(&filter).await?;
     let next_cursor = if jobs.len() > limit {
         jobs.truncate(limit);
@@ -134,9 +148,10 @@ pub async fn list_jobs(
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
-    Ok(Json(load(&state, &id).await?.to_record()))
+    Ok(Json(load(&state, &caller, &id).await?.to_record()))
 }
 
 /// Long-polls a job: 200 with the record once it has ended, 202 with the record if the
@@ -146,13 +161,14 @@ pub async fn get_job(
               (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_result(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
     Q(mut params): Q<WaitParams>,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     params.wait.get_or_insert_with(|| "30s".into());
     let wait = wait_of(&state, &params)?;
-    let job =
-        state.runtime.scheduler.wait(job_id(&id)?, wait).await?.ok_or_else(|| not_found(&id))?;
+    let job = load(&state, &caller, &id).await?;
+    let job = state.runtime.scheduler.wait(job.id, wait).await?.ok_or_else(|| not_found(&id))?;
     let code = if job.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((code, Json(job.to_record())))
 }
@@ -166,9 +182,10 @@ fn raw(bytes: Vec<u8>) -> Response {
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_stdout(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
 ) -> Result<Response, ApiError> {
-    Ok(raw(load(&state, &id).await?.stdout))
+    Ok(raw(load(&state, &caller, &id).await?.stdout))
 }
 
 /// A job's standard error as raw bytes.
@@ -176,9 +193,10 @@ pub async fn get_job_stdout(
     responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn get_job_stderr(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
 ) -> Result<Response, ApiError> {
-    Ok(raw(load(&state, &id).await?.stderr))
+    Ok(raw(load(&state, &caller, &id).await?.stderr))
 }
 
 /// Cancels a job: a queued job at once, a running one within one epoch tick. A job
@@ -187,9 +205,11 @@ pub async fn get_job_stderr(
     responses((status = 200, body = JobRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn cancel_job(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
-    let job = state.runtime.scheduler.cancel(job_id(&id)?).await?.ok_or_else(|| not_found(&id))?;
+    let job = load(&state, &caller, &id).await?;
+    let job = state.runtime.scheduler.cancel(job.id).await?.ok_or_else(|| not_found(&id))?;
     Ok(Json(job.to_record()))
 }
 
@@ -213,13 +233,14 @@ fn status_event(job: &Job) -> Event {
     responses((status = 200, content_type = "text/event-stream", body = JobEvent), (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn job_events(
     State(state): State<AppState>,
+    caller: Caller,
     P(id): P<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let jid = job_id(&id)?;
     let scheduler = state.runtime.scheduler.clone();
     // Subscribe first so nothing between the read and the subscription is missed.
     let mut sub = scheduler.hub().subscribe(jid);
-    let job = scheduler.get(jid).await?.ok_or_else(|| not_found(&id))?;
+    let job = load(&state, &caller, &id).await?;
     let stream = super::task_stream(move |tx| async move {
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;

@@ -1,5 +1,6 @@
 //! One router per resource, merged in [`crate::router`].
 
+pub mod accounts;
 pub mod functions;
 pub mod invoke;
 pub mod jobs;

@@ -31,9 +31,13 @@ pub async fn get_health(State(state): State<AppState>) -> Json<Health> {
     })
 }
 
-/// Prometheus metrics: jobs by status, queue depth, running jobs, run-time histogram.
+/// Prometheus metrics (the admin's key): jobs by status, queue depth, running jobs, run-time histogram.
 #[utoipa::path(get, path = "/metrics", tag = "system", responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn get_metrics(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
+pub async fn get_metrics(
+    State(state): State<AppState>,
+    caller: crate::auth::Caller,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require_admin()?;
     let counts = state.runtime.store.count_jobs().await?;
     let sched = &state.runtime.scheduler;
     let m = sched.metrics();

@@ -61,6 +61,9 @@ impl FunctionKind {
 pub struct FunctionInfo {
     /// Content address of the binary: `sha256:` and 64 hex digits.
     pub id: String,
+    /// The account that owns it.
+    #[serde(default)]
+    pub account: String,
     /// The name that points at this version, if any (a name points at its newest upload).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
@@ -250,6 +253,9 @@ pub struct JobError {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct JobRecord {
     pub id: String,
+    /// The account that submitted it.
+    #[serde(default)]
+    pub account: String,
     /// The function as submitted (a name or a content address).
     pub function: String,
     /// The exact version run (`sha256:…`), resolved at submit.
@@ -382,4 +388,134 @@ mod tests {
         let err = serde_json::from_str::<JobSpec>(r#"{"function": "f", "argz": []}"#).unwrap_err();
         assert!(err.to_string().contains("argz"), "{err}");
     }
+}
+
+/// What an account may do. The admin sees and manages every account's resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Admin,
+    #[default]
+    User,
+}
+
+/// Limits of one account. On an account, a field left out takes the server's default;
+/// in `GET /v1/me` every field is the limit in force (`null`: no limit).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct Quotas {
+    /// Jobs queued or running at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_jobs: Option<u64>,
+    /// Longest `timeout_ms` of one job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_timeout_ms: Option<u64>,
+    /// Largest `memory_mb` of one job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_memory_mb: Option<u64>,
+    /// Total size of the function versions the account stores, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_function_bytes: Option<u64>,
+}
+
+/// An account (`GET /v1/accounts/{name}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Account {
+    /// `[a-z0-9][a-z0-9_-]{0,62}`; it identifies the account everywhere.
+    pub name: String,
+    pub role: Role,
+    /// A disabled account's keys are refused and its jobs do not run.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Limits set on this account; fields left out take the server's defaults.
+    #[serde(default)]
+    pub quotas: Quotas,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// `POST /v1/accounts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AccountCreate {
+    pub name: String,
+    #[serde(default)]
+    pub role: Role,
+    #[serde(default)]
+    pub quotas: Quotas,
+}
+
+/// `PATCH /v1/accounts/{name}`: each field given replaces that setting.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct AccountPatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quotas: Option<Quotas>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct AccountList {
+    pub accounts: Vec<Account>,
+}
+
+/// `POST /v1/accounts/{name}/keys`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct ApiKeyCreate {
+    /// A note for people (`laptop`, `ci`), at most 128 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+}
+
+/// An API key as listed: never the secret itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiKeyInfo {
+    /// Public id of the key (`key_…`), used to revoke it.
+    pub id: String,
+    pub account: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+}
+
+/// A key just created: the only answer that carries the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct NewApiKey {
+    #[serde(flatten)]
+    pub info: ApiKeyInfo,
+    /// The secret: send it as `Authorization: Bearer KEY`. Shown once; the server
+    /// keeps only its hash.
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ApiKeyList {
+    pub keys: Vec<ApiKeyInfo>,
+}
+
+/// `GET /v1/me`: who the key belongs to and the limits in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct Me {
+    pub account: String,
+    pub role: Role,
+    /// Limits in force (`null`: none).
+    pub quotas: Quotas,
+    /// Jobs queued or running now.
+    pub active_jobs: u64,
+    /// Bytes of function versions stored.
+    pub function_bytes: u64,
 }

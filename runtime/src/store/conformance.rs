@@ -14,7 +14,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cloudpipe_types::{FunctionKind, JobStatus};
 
-use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention, Store};
+use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
+use crate::account::{ADMIN, AccountRecord, KeyRecord, Scope};
 use crate::job::tests::queued_job;
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 
@@ -54,6 +55,9 @@ macro_rules! suite {
             case!(data_survives_drop_and_reopen);
             case!(concurrent_inserts_all_land_and_counters_are_exact);
             case!(a_write_that_fails_alone_does_not_fail_its_group);
+            case!(functions_are_isolated_between_accounts);
+            case!(accounts_and_keys_round_trip);
+            case!(idempotency_keys_are_per_account_and_active_jobs_are_listed);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn reopened_store_after_churn_stays_near_live_data() {
@@ -68,6 +72,22 @@ macro_rules! suite {
     };
 }
 pub(crate) use suite;
+
+/// `put_function` without a quota, for the cases that are not about accounts.
+#[async_trait::async_trait]
+trait Put {
+    async fn put(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta>;
+}
+
+#[async_trait::async_trait]
+impl<S: Store> Put for S {
+    async fn put(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta> {
+        match self.put_function(meta, binary, None).await? {
+            PutFunction::Stored(m) => Ok(m),
+            other => anyhow::bail!("not stored: {other:?}"),
+        }
+    }
+}
 
 fn dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
@@ -351,26 +371,33 @@ pub(crate) async fn settings_belong_to_the_name_and_survive_a_new_version<S: Sto
         ..Default::default()
     };
     assert_eq!(
-        store.put_settings("web", settings.clone()).await.unwrap(),
+        store.put_settings(&Scope::All, "web", settings.clone()).await.unwrap(),
         None,
         "no such name yet"
     );
-    store.put_function(meta('a', Some("web"), 1), Bytes::from_static(b"one")).await.unwrap();
-    let configured = store.put_settings("web", settings.clone()).await.unwrap().unwrap();
+    store.put(meta('a', Some("web"), 1), Bytes::from_static(b"one")).await.unwrap();
+    let configured =
+        store.put_settings(&Scope::All, "web", settings.clone()).await.unwrap().unwrap();
     assert_eq!(configured.settings, settings);
     // A new version under the name keeps them; the same version by id has none.
-    store.put_function(meta('b', Some("web"), 2), Bytes::from_static(b"two")).await.unwrap();
-    let got = store.get_function("web").await.unwrap().unwrap();
+    store.put(meta('b', Some("web"), 2), Bytes::from_static(b"two")).await.unwrap();
+    let got = store.get_function(&Scope::All, "web").await.unwrap().unwrap();
     assert_eq!((got.id.as_str(), &got.settings), (meta('b', None, 0).id.as_str(), &settings));
-    assert_eq!(store.get_function(&got.id).await.unwrap().unwrap().settings, Default::default());
-    assert_eq!(store.list_functions().await.unwrap()[0].settings, settings);
+    assert_eq!(
+        store.get_function(&Scope::All, &got.id).await.unwrap().unwrap().settings,
+        Default::default()
+    );
+    assert_eq!(store.list_functions(&Scope::All).await.unwrap()[0].settings, settings);
     drop(store);
     let store = open(dir.path()).unwrap();
-    assert_eq!(store.get_function("web").await.unwrap().unwrap().settings, settings);
+    assert_eq!(store.get_function(&Scope::All, "web").await.unwrap().unwrap().settings, settings);
     // Deleting the name deletes its settings.
-    store.delete_function("web").await.unwrap();
-    store.put_function(meta('c', Some("web"), 3), Bytes::from_static(b"three")).await.unwrap();
-    assert_eq!(store.get_function("web").await.unwrap().unwrap().settings, Default::default());
+    store.delete_function(&Scope::All, "web").await.unwrap();
+    store.put(meta('c', Some("web"), 3), Bytes::from_static(b"three")).await.unwrap();
+    assert_eq!(
+        store.get_function(&Scope::All, "web").await.unwrap().unwrap().settings,
+        Default::default()
+    );
 }
 
 pub(crate) async fn list_filters_and_pages_newest_first<S: Store>(
@@ -508,6 +535,7 @@ pub(crate) async fn purge_deletes_by_age_and_by_count_with_their_idempotency_key
 fn meta(id: char, name: Option<&str>, created_at: u64) -> FunctionMeta {
     FunctionMeta {
         id: format!("sha256:{}", id.to_string().repeat(64)),
+        account: ADMIN.to_string(),
         name: name.map(str::to_string),
         kind: FunctionKind::Command,
         size: 3,
@@ -525,24 +553,24 @@ pub(crate) async fn put_function_keeps_the_first_created_at_and_the_name_points_
     let store = open(dir.path()).unwrap();
     let v1 = meta('a', Some("hello"), 10);
     let v2 = meta('b', Some("hello"), 30);
-    assert_eq!(store.put_function(v1.clone(), Bytes::from_static(b"one")).await.unwrap(), v1);
-    let again = store.put_function(meta('a', Some("hello"), 20), Bytes::from_static(b"one"));
+    assert_eq!(store.put(v1.clone(), Bytes::from_static(b"one")).await.unwrap(), v1);
+    let again = store.put(meta('a', Some("hello"), 20), Bytes::from_static(b"one"));
     assert_eq!(again.await.unwrap().created_at, 10, "the first upload's time stays");
-    store.put_function(v2.clone(), Bytes::from_static(b"two")).await.unwrap();
+    store.put(v2.clone(), Bytes::from_static(b"two")).await.unwrap();
 
-    assert_eq!(store.get_function("hello").await.unwrap(), Some(v2.clone()));
-    assert_eq!(store.get_function(&v1.id).await.unwrap(), Some(v1.clone()));
-    assert_eq!(store.get_function("nope").await.unwrap(), None);
+    assert_eq!(store.get_function(&Scope::All, "hello").await.unwrap(), Some(v2.clone()));
+    assert_eq!(store.get_function(&Scope::All, &v1.id).await.unwrap(), Some(v1.clone()));
+    assert_eq!(store.get_function(&Scope::All, "nope").await.unwrap(), None);
     assert_eq!(store.function_binary(&v1.id).await.unwrap().unwrap(), &b"one"[..]);
     assert_eq!(store.function_binary(&v2.id).await.unwrap().unwrap(), &b"two"[..]);
     assert_eq!(store.function_binary("sha256:none").await.unwrap(), None);
 
     // An unnamed upload is reachable by id only; a second name for v1 is listed too.
     let anon = meta('c', None, 40);
-    store.put_function(anon.clone(), Bytes::from_static(b"three")).await.unwrap();
-    store.put_function(meta('a', Some("alias"), 50), Bytes::from_static(b"one")).await.unwrap();
-    assert_eq!(store.get_function(&anon.id).await.unwrap(), Some(anon));
-    let listed = store.list_functions().await.unwrap();
+    store.put(anon.clone(), Bytes::from_static(b"three")).await.unwrap();
+    store.put(meta('a', Some("alias"), 50), Bytes::from_static(b"one")).await.unwrap();
+    assert_eq!(store.get_function(&Scope::All, &anon.id).await.unwrap(), Some(anon));
+    let listed = store.list_functions(&Scope::All).await.unwrap();
     let listed: Vec<(Option<&str>, &str, u64)> =
         listed.iter().map(|m| (m.name.as_deref(), m.id.as_str(), m.created_at)).collect();
     assert_eq!(listed, [(Some("alias"), v1.id.as_str(), 10), (Some("hello"), v2.id.as_str(), 30)]);
@@ -550,7 +578,7 @@ pub(crate) async fn put_function_keeps_the_first_created_at_and_the_name_points_
     // A large binary (sled keeps those in separate files).
     let big = meta('d', Some("big"), 60);
     let binary: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-    store.put_function(big.clone(), Bytes::from(binary.clone())).await.unwrap();
+    store.put(big.clone(), Bytes::from(binary.clone())).await.unwrap();
     assert_eq!(store.function_binary(&big.id).await.unwrap().unwrap(), binary);
 }
 
@@ -561,30 +589,40 @@ pub(crate) async fn delete_function_by_name_and_by_id<S: Store>(open: impl Fn(&P
     let new = meta('b', Some("hello"), 20);
     let shared = meta('c', Some("hello"), 30);
     for m in [&old, &new, &shared] {
-        store.put_function(m.clone(), Bytes::from_static(b"bin")).await.unwrap();
+        store.put(m.clone(), Bytes::from_static(b"bin")).await.unwrap();
     }
     // `shared` is also the version of another name; `other` only by id.
-    store.put_function(meta('c', Some("keep"), 40), Bytes::from_static(b"bin")).await.unwrap();
+    store.put(meta('c', Some("keep"), 40), Bytes::from_static(b"bin")).await.unwrap();
     let other = meta('d', Some("other"), 50);
-    store.put_function(other.clone(), Bytes::from_static(b"bin")).await.unwrap();
+    store.put(other.clone(), Bytes::from_static(b"bin")).await.unwrap();
 
-    let mut deleted: Vec<String> =
-        store.delete_function("hello").await.unwrap().into_iter().map(|m| m.id).collect();
+    let mut deleted: Vec<String> = store
+        .delete_function(&Scope::All, "hello")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.id)
+        .collect();
     deleted.sort();
     assert_eq!(deleted, [old.id.clone(), new.id.clone()], "versions no other name uses");
-    assert_eq!(store.get_function("hello").await.unwrap(), None);
-    assert_eq!(store.get_function(&old.id).await.unwrap(), None);
+    assert_eq!(store.get_function(&Scope::All, "hello").await.unwrap(), None);
+    assert_eq!(store.get_function(&Scope::All, &old.id).await.unwrap(), None);
     assert_eq!(store.function_binary(&new.id).await.unwrap(), None);
-    assert_eq!(store.get_function("keep").await.unwrap().unwrap().id, shared.id);
+    assert_eq!(store.get_function(&Scope::All, "keep").await.unwrap().unwrap().id, shared.id);
 
-    let deleted = store.delete_function(&other.id).await.unwrap();
+    let deleted = store.delete_function(&Scope::All, &other.id).await.unwrap();
     assert_eq!(deleted.iter().map(|m| &m.id).collect::<Vec<_>>(), [&other.id]);
-    assert_eq!(store.get_function("other").await.unwrap(), None, "its name goes too");
+    assert_eq!(store.get_function(&Scope::All, "other").await.unwrap(), None, "its name goes too");
     assert_eq!(store.function_binary(&other.id).await.unwrap(), None);
 
-    assert_eq!(store.delete_function("nothing").await.unwrap(), []);
-    let names: Vec<_> =
-        store.list_functions().await.unwrap().into_iter().map(|m| m.name.unwrap()).collect();
+    assert_eq!(store.delete_function(&Scope::All, "nothing").await.unwrap(), []);
+    let names: Vec<_> = store
+        .list_functions(&Scope::All)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|m| m.name.unwrap())
+        .collect();
     assert_eq!(names, ["keep"]);
 }
 
@@ -593,7 +631,7 @@ pub(crate) async fn data_survives_drop_and_reopen<S: Store>(open: impl Fn(&Path)
     let f = meta('a', Some("hello"), 10);
     let (queued, running, done) = {
         let store = open(dir.path()).unwrap();
-        store.put_function(f.clone(), Bytes::from_static(b"wasm")).await.unwrap();
+        store.put(f.clone(), Bytes::from_static(b"wasm")).await.unwrap();
         let done = insert(&store, queued_job("hello")).await;
         let running = insert(&store, queued_job("hello")).await;
         let mut queued = queued_job("hello");
@@ -605,7 +643,7 @@ pub(crate) async fn data_survives_drop_and_reopen<S: Store>(open: impl Fn(&Path)
         (queued, running, done)
     };
     let store = open(dir.path()).unwrap();
-    assert_eq!(store.get_function("hello").await.unwrap(), Some(f.clone()));
+    assert_eq!(store.get_function(&Scope::All, "hello").await.unwrap(), Some(f.clone()));
     assert_eq!(store.function_binary(&f.id).await.unwrap().unwrap(), &b"wasm"[..]);
     for job in [&queued, &running, &done] {
         assert_eq!(store.get_job(job.id).await.unwrap().as_ref(), Some(job));
@@ -761,4 +799,140 @@ pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
     if let Some(max) = max_growth {
         assert!(growth <= max, "{backend} files are {growth:.1}x the live data (max {max}x)");
     }
+}
+
+fn owned(account: &str, id: char, name: Option<&str>) -> FunctionMeta {
+    FunctionMeta { account: account.to_string(), ..meta(id, name, 1) }
+}
+
+pub(crate) async fn functions_are_isolated_between_accounts<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let alice = Scope::Account("alice".into());
+    let bob = Scope::Account("bob".into());
+    let bin = || Bytes::from_static(b"abc");
+    let web = owned("alice", 'a', Some("web"));
+    assert!(matches!(
+        store.put_function(web.clone(), bin(), None).await.unwrap(),
+        PutFunction::Stored(_)
+    ));
+    // Bob uploads the very same binary, and one of his own.
+    store.put_function(owned("bob", 'a', None), bin(), None).await.unwrap();
+    store.put_function(owned("bob", 'b', Some("api")), bin(), None).await.unwrap();
+
+    assert_eq!(store.get_function(&alice, "web").await.unwrap().unwrap().account, "alice");
+    assert_eq!(store.get_function(&bob, "web").await.unwrap(), None);
+    assert_eq!(store.get_function(&alice, "api").await.unwrap(), None);
+    assert_eq!(store.get_function(&alice, &web.id).await.unwrap().unwrap().account, "alice");
+    assert_eq!(store.get_function(&bob, &web.id).await.unwrap().unwrap().account, "bob");
+    assert_eq!(store.get_function(&bob, &meta('z', None, 0).id).await.unwrap(), None);
+    let names = |v: Vec<FunctionMeta>| v.into_iter().map(|m| m.name.unwrap()).collect::<Vec<_>>();
+    assert_eq!(names(store.list_functions(&alice).await.unwrap()), ["web"]);
+    assert_eq!(names(store.list_functions(&bob).await.unwrap()), ["api"]);
+    assert_eq!(names(store.list_functions(&Scope::All).await.unwrap()), ["api", "web"]);
+
+    // A name is its account's: others can neither take, configure nor delete it.
+    let taken = store.put_function(owned("bob", 'b', Some("web")), bin(), None).await.unwrap();
+    assert_eq!(taken, PutFunction::NameTaken);
+    assert_eq!(store.put_settings(&bob, "web", Default::default()).await.unwrap(), None);
+    assert_eq!(store.delete_function(&bob, "web").await.unwrap(), []);
+    assert_eq!(store.get_function(&alice, "web").await.unwrap().unwrap().id, web.id);
+
+    // Bob deleting his copy of the shared binary leaves Alice's.
+    let gone = store.delete_function(&bob, &web.id).await.unwrap();
+    assert_eq!(gone.iter().map(|m| m.account.as_str()).collect::<Vec<_>>(), ["bob"]);
+    assert_eq!(store.function_binary(&web.id).await.unwrap().unwrap(), &b"abc"[..]);
+    assert_eq!(store.get_function(&alice, &web.id).await.unwrap().unwrap().account, "alice");
+
+    // The byte quota counts the account's versions, in the same transaction.
+    assert_eq!(store.function_bytes("alice").await.unwrap(), 3);
+    let over = store.put_function(owned("alice", 'c', None), bin(), Some(5)).await.unwrap();
+    assert_eq!(over, PutFunction::OverQuota { used: 3, limit: 5 });
+    assert_eq!(store.get_function(&alice, &meta('c', None, 0).id).await.unwrap(), None);
+    let again = store.put_function(owned("alice", 'a', Some("web")), bin(), Some(3)).await.unwrap();
+    assert!(matches!(again, PutFunction::Stored(_)), "a version already stored costs nothing");
+
+    store.delete_function(&alice, "web").await.unwrap();
+    assert_eq!(store.function_binary(&web.id).await.unwrap(), None, "no owner left");
+    assert_eq!(store.function_bytes("alice").await.unwrap(), 0);
+}
+
+pub(crate) async fn accounts_and_keys_round_trip<S: Store>(open: impl Fn(&Path) -> Result<S>) {
+    let dir = dir();
+    let account = |name: &str| AccountRecord {
+        name: name.into(),
+        role: cloudpipe_types::Role::User,
+        disabled: false,
+        quotas: Default::default(),
+        created_at: 1,
+    };
+    let key = |id: &str, account: &str, hash: &str| KeyRecord {
+        id: id.into(),
+        account: account.into(),
+        label: None,
+        hash: hash.into(),
+        created_at: 2,
+    };
+    {
+        let store = open(dir.path()).unwrap();
+        assert!(store.insert_account(account("bob")).await.unwrap());
+        assert!(store.insert_account(account("alice")).await.unwrap());
+        assert!(!store.insert_account(account("alice")).await.unwrap(), "names are unique");
+        let mut disabled = account("alice");
+        disabled.disabled = true;
+        assert!(store.update_account(disabled).await.unwrap());
+        assert!(!store.update_account(account("carol")).await.unwrap(), "no such account");
+        assert!(!store.insert_key(key("key_0", "carol", "00")).await.unwrap(), "no account");
+        assert!(store.insert_key(key("key_1", "alice", "aa")).await.unwrap());
+        assert!(store.insert_key(key("key_2", "bob", "bb")).await.unwrap());
+        assert!(store.insert_key(key("key_3", "alice", "cc")).await.unwrap());
+    }
+    let store = open(dir.path()).unwrap();
+    let names: Vec<_> =
+        store.list_accounts().await.unwrap().into_iter().map(|a| (a.name, a.disabled)).collect();
+    assert_eq!(names, [("alice".to_string(), true), ("bob".to_string(), false)]);
+    assert_eq!(store.get_account("carol").await.unwrap(), None);
+    assert_eq!(store.key_by_hash("bb").await.unwrap().unwrap().id, "key_2");
+    assert_eq!(store.key_by_hash("zz").await.unwrap(), None);
+    let ids = |v: Vec<KeyRecord>| v.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    assert_eq!(ids(store.list_keys(Some("alice")).await.unwrap()), ["key_1", "key_3"]);
+    assert_eq!(ids(store.list_keys(None).await.unwrap()), ["key_1", "key_2", "key_3"]);
+    assert_eq!(store.delete_key("key_1").await.unwrap().unwrap().hash, "aa");
+    assert_eq!(store.key_by_hash("aa").await.unwrap(), None, "revoked at once");
+    assert_eq!(store.delete_key("key_1").await.unwrap(), None);
+    assert_eq!(ids(store.list_keys(Some("alice")).await.unwrap()), ["key_3"]);
+}
+
+pub(crate) async fn idempotency_keys_are_per_account_and_active_jobs_are_listed<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let keyed = |account: &str| {
+        let mut j = queued_job("f");
+        j.account = account.into();
+        j.idempotency_key = Some("same".into());
+        j
+    };
+    let a = store.insert_job(keyed("alice")).await.unwrap();
+    let b = store.insert_job(keyed("bob")).await.unwrap();
+    assert!(matches!((&a, &b), (Inserted::Created(_), Inserted::Created(_))));
+    assert_eq!(store.insert_job(keyed("bob")).await.unwrap(), Inserted::Existing(b.job().clone()));
+    let done = insert(&store, queued_job("f")).await;
+    store.claim_jobs(1, 5).await.unwrap(); // alice's, the oldest
+    let mut active = store.active_jobs().await.unwrap();
+    active.sort();
+    let mut want = vec![
+        (a.job().id, "alice".to_string()),
+        (b.job().id, "bob".to_string()),
+        (done.id, ADMIN.to_string()),
+    ];
+    want.sort();
+    assert_eq!(active, want);
+    let filter = JobFilter { account: Some("bob".into()), limit: 10, ..Default::default() };
+    let listed: Vec<_> =
+        store.list_jobs(&filter).await.unwrap().into_iter().map(|j| j.id).collect();
+    assert_eq!(listed, [b.job().id]);
 }

@@ -10,13 +10,20 @@
 //! | jobs | `j` id(16) | [`Job`] as JSON |
 //! | queue | `q` created_at(8) id(16) | empty |
 //! | running | `r` id(16) | empty |
-//! | idempotency | `i` key | id(16) |
+//! | idempotency | `i` account 0 key | id(16) |
 //! | finished | `d` finished_at(8) id(16) | empty |
 //! | counters | `c` status(1) | count(8) |
-//! | functions | `f` id | [`FunctionMeta`] as JSON |
-//! | binaries | `b` id | the binary |
-//! | names | `n` name | function id |
+//! | functions | `f` account 0 id | [`FunctionMeta`] as JSON |
+//! | owners | `v` id 0 account | empty |
+//! | binaries | `b` id | the binary (once, whoever owns it) |
+//! | names | `n` name | [`NameEntry`] as JSON |
 //! | settings | `s` name | `FunctionSettings` as JSON |
+//! | accounts | `a` name | [`AccountRecord`] as JSON |
+//! | keys | `k` sha256 hex of the secret | [`KeyRecord`] as JSON |
+//! | key ids | `K` key id | sha256 hex of the secret |
+//!
+//! Account names and function ids never contain a 0 byte, so `account 0` and `id 0`
+//! are exact prefixes.
 //!
 //! Job ids are UUIDv7, so the jobs table is in creation order. The queue is ordered by
 //! `created_at`, which a job keeps when recovery puts it back: a requeued job goes
@@ -29,7 +36,8 @@ use bytes::Bytes;
 use cloudpipe_types::JobStatus;
 
 use super::kv::{KvRead, KvWrite};
-use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention};
+use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention};
+use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 const JOBS: u8 = b'j';
@@ -42,6 +50,10 @@ const FUNCTIONS: u8 = b'f';
 const BINARIES: u8 = b'b';
 const NAMES: u8 = b'n';
 const SETTINGS: u8 = b's';
+const OWNERS: u8 = b'v';
+const ACCOUNTS: u8 = b'a';
+const KEYS: u8 = b'k';
+const KEY_IDS: u8 = b'K';
 
 /// How many entries a scan loads at once.
 const CHUNK: usize = 256;
@@ -54,6 +66,20 @@ fn key(table: u8, rest: &[u8]) -> Vec<u8> {
     k.push(table);
     k.extend_from_slice(rest);
     k
+}
+
+/// `table a 0 b`
+fn pair_key(table: u8, a: &str, b: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + a.len() + b.len());
+    k.push(table);
+    k.extend_from_slice(a.as_bytes());
+    k.push(0);
+    k.extend_from_slice(b.as_bytes());
+    k
+}
+
+fn idempotency_key(job: &Job) -> Option<Vec<u8>> {
+    job.idempotency_key.as_deref().map(|k| pair_key(IDEMPOTENCY, &job.account, k))
 }
 
 fn job_key(id: JobId) -> Vec<u8> {
@@ -109,9 +135,13 @@ fn decode_u64(bytes: &[u8]) -> Result<u64> {
 /// the other writes small.)
 #[derive(Debug)]
 pub(crate) enum WriteOp {
-    PutFunction(FunctionMeta, Bytes),
-    DeleteFunction(String),
-    PutSettings(String, Box<cloudpipe_types::FunctionSettings>),
+    PutFunction(FunctionMeta, Bytes, Option<u64>),
+    DeleteFunction(Scope, String),
+    PutSettings(Scope, String, Box<cloudpipe_types::FunctionSettings>),
+    InsertAccount(AccountRecord),
+    UpdateAccount(AccountRecord),
+    InsertKey(KeyRecord),
+    DeleteKey(String),
     InsertJob(Box<Job>),
     ClaimJobs { limit: usize, now: Micros },
     FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
@@ -124,7 +154,9 @@ pub(crate) enum WriteOp {
 /// What a [`WriteOp`] returns.
 #[derive(Debug)]
 pub(crate) enum Reply {
-    Function(FunctionMeta),
+    Put(PutFunction),
+    Done(bool),
+    Key(Option<KeyRecord>),
     MaybeFunction(Option<FunctionMeta>),
     Deleted(Vec<FunctionMeta>),
     Inserted(Inserted),
@@ -138,11 +170,19 @@ pub(crate) enum Reply {
 /// to be aborted (the writer then retries the other writes of its group without it).
 pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
     Ok(match op {
-        WriteOp::PutFunction(meta, binary) => Reply::Function(put_function(tx, meta, binary)?),
-        WriteOp::PutSettings(name, settings) => {
-            Reply::MaybeFunction(put_settings(tx, name, settings)?)
+        WriteOp::PutFunction(meta, binary, max) => {
+            Reply::Put(put_function(tx, meta, binary, *max)?)
         }
-        WriteOp::DeleteFunction(name_or_id) => Reply::Deleted(delete_function(tx, name_or_id)?),
+        WriteOp::PutSettings(scope, name, settings) => {
+            Reply::MaybeFunction(put_settings(tx, scope, name, settings)?)
+        }
+        WriteOp::DeleteFunction(scope, name_or_id) => {
+            Reply::Deleted(delete_function(tx, scope, name_or_id)?)
+        }
+        WriteOp::InsertAccount(a) => Reply::Done(insert_account(tx, a)?),
+        WriteOp::UpdateAccount(a) => Reply::Done(update_account(tx, a)?),
+        WriteOp::InsertKey(k) => Reply::Done(insert_key(tx, k)?),
+        WriteOp::DeleteKey(id) => Reply::Key(delete_key(tx, id)?),
         WriteOp::InsertJob(job) => Reply::Inserted(insert_job(tx, job)?),
         WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
         WriteOp::FinishJob { id, outcome, now } => Reply::Job(finish_job(tx, *id, outcome, *now)?),
@@ -195,7 +235,7 @@ fn remove_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
 }
 
 fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
-    let idem_key = job.idempotency_key.as_deref().map(|k| key(IDEMPOTENCY, k.as_bytes()));
+    let idem_key = idempotency_key(job);
     if let Some(idem_key) = &idem_key
         && let Some(id) = tx.get(idem_key)?
         // An entry whose job is gone (never, unless the file was edited) is
@@ -349,8 +389,7 @@ fn purge_finished(
         tx.delete(&dkey)?;
         if let Some(job) = get_job(&*tx, id)? {
             tx.delete(&job_key(id))?;
-            if let Some(k) = &job.idempotency_key {
-                let idem_key = key(IDEMPOTENCY, k.as_bytes());
+            if let Some(idem_key) = idempotency_key(&job) {
                 // Only if it still names this job.
                 if tx.get(&idem_key)?.as_deref() == Some(&id.to_bytes()[..]) {
                     tx.delete(&idem_key)?;
@@ -364,8 +403,32 @@ fn purge_finished(
     Ok(purged)
 }
 
-fn put_function(tx: &mut dyn KvWrite, meta: &FunctionMeta, binary: &[u8]) -> Result<FunctionMeta> {
-    let fkey = key(FUNCTIONS, meta.id.as_bytes());
+/// Where a name points, and whose it is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct NameEntry {
+    account: String,
+    id: String,
+}
+
+fn name_entry(r: &dyn KvRead, name: &str) -> Result<Option<NameEntry>> {
+    r.get(&key(NAMES, name.as_bytes()))?
+        .map(|b| serde_json::from_slice(&b).context("stored function name"))
+        .transpose()
+}
+
+fn put_function(
+    tx: &mut dyn KvWrite,
+    meta: &FunctionMeta,
+    binary: &[u8],
+    max_bytes: Option<u64>,
+) -> Result<PutFunction> {
+    if let Some(name) = &meta.name
+        && let Some(entry) = name_entry(&*tx, name)?
+        && entry.account != meta.account
+    {
+        return Ok(PutFunction::NameTaken);
+    }
+    let fkey = pair_key(FUNCTIONS, &meta.account, &meta.id);
     let stored = match tx.get(&fkey)? {
         Some(bytes) => {
             let mut existing = decode_function(&bytes)?;
@@ -375,19 +438,30 @@ fn put_function(tx: &mut dyn KvWrite, meta: &FunctionMeta, binary: &[u8]) -> Res
             existing
         }
         None => {
-            tx.put(&key(BINARIES, meta.id.as_bytes()), binary)?;
+            if let Some(limit) = max_bytes {
+                let used = function_bytes(&*tx, &meta.account)?;
+                if used.saturating_add(meta.size) > limit {
+                    return Ok(PutFunction::OverQuota { used, limit });
+                }
+            }
+            let bkey = key(BINARIES, meta.id.as_bytes());
+            if tx.get(&bkey)?.is_none() {
+                tx.put(&bkey, binary)?;
+            }
+            tx.put(&pair_key(OWNERS, &meta.id, &meta.account), &[])?;
             meta.clone()
         }
     };
     put_json(tx, &fkey, &stored)?;
     if let Some(name) = &meta.name {
-        tx.put(&key(NAMES, name.as_bytes()), meta.id.as_bytes())?;
+        let entry = NameEntry { account: meta.account.clone(), id: meta.id.clone() };
+        put_json(tx, &key(NAMES, name.as_bytes()), &entry)?;
     }
-    Ok(stored)
+    Ok(PutFunction::Stored(stored))
 }
 
-/// Every name and the id it points at, sorted by name.
-fn names(r: &dyn KvRead) -> Result<Vec<(String, String)>> {
+/// Every name and where it points, sorted by name.
+fn names(r: &dyn KvRead) -> Result<Vec<(String, NameEntry)>> {
     let mut out = Vec::new();
     let mut after: Option<Vec<u8>> = None;
     loop {
@@ -396,53 +470,142 @@ fn names(r: &dyn KvRead) -> Result<Vec<(String, String)>> {
         after = Some(last.clone());
         for (k, v) in entries {
             let name = String::from_utf8(k[1..].to_vec()).context("stored function name")?;
-            let id = String::from_utf8(v).context("stored function id")?;
-            out.push((name, id));
+            let entry = serde_json::from_slice(&v).context("stored function name")?;
+            out.push((name, entry));
         }
     }
     Ok(out)
 }
 
-fn delete_function(tx: &mut dyn KvWrite, name_or_id: &str) -> Result<Vec<FunctionMeta>> {
+/// Every entry under `prefix`.
+fn scan_all(r: &dyn KvRead, prefix: &[u8]) -> Result<Vec<super::kv::Entry>> {
+    let mut out = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let entries = r.scan(prefix, after.as_deref(), false, CHUNK)?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        out.extend(entries);
+    }
+    Ok(out)
+}
+
+/// The versions `account` owns.
+fn versions_of(r: &dyn KvRead, account: &str) -> Result<Vec<FunctionMeta>> {
+    scan_all(r, &pair_key(FUNCTIONS, account, ""))?
+        .iter()
+        .map(|(_, v)| decode_function(v))
+        .collect()
+}
+
+/// The accounts owning version `id`.
+fn owners_of(r: &dyn KvRead, id: &str) -> Result<Vec<String>> {
+    let prefix = pair_key(OWNERS, id, "");
+    scan_all(r, &prefix)?
+        .into_iter()
+        .map(|(k, _)| String::from_utf8(k[prefix.len()..].to_vec()).context("stored owner"))
+        .collect()
+}
+
+fn delete_function(
+    tx: &mut dyn KvWrite,
+    scope: &Scope,
+    name_or_id: &str,
+) -> Result<Vec<FunctionMeta>> {
     let all_names = names(&*tx)?;
     let mut doomed: Vec<FunctionMeta> = Vec::new();
-    if all_names.iter().any(|(n, _)| n == name_or_id) {
-        // A name: it goes, and so does every version last uploaded under it (the one it
-        // points at included) that no other name points at.
+    let named = all_names.iter().find(|(n, e)| n == name_or_id && scope.sees(&e.account));
+    if let Some((_, entry)) = named {
+        // A name: it goes, and so does every version of its account last uploaded
+        // under it (the one it points at included) that no other name points at.
         tx.delete(&key(NAMES, name_or_id.as_bytes()))?;
         tx.delete(&key(SETTINGS, name_or_id.as_bytes()))?;
-        let kept: BTreeSet<&str> =
-            all_names.iter().filter(|(n, _)| n != name_or_id).map(|(_, id)| id.as_str()).collect();
-        let target = all_names.iter().find(|(n, _)| n == name_or_id).map(|(_, id)| id.clone());
-        let mut after: Option<Vec<u8>> = None;
-        loop {
-            let entries = tx.scan(&[FUNCTIONS], after.as_deref(), false, CHUNK)?;
-            let Some((last, _)) = entries.last() else { break };
-            after = Some(last.clone());
-            for (_, v) in entries {
-                let meta = decode_function(&v)?;
-                let uploaded_under = meta.name.as_deref() == Some(name_or_id);
-                let pointed_at = target.as_deref() == Some(meta.id.as_str());
-                if (uploaded_under || pointed_at) && !kept.contains(meta.id.as_str()) {
-                    doomed.push(meta);
-                }
+        let kept: BTreeSet<&str> = all_names
+            .iter()
+            .filter(|(n, e)| n != name_or_id && e.account == entry.account)
+            .map(|(_, e)| e.id.as_str())
+            .collect();
+        for meta in versions_of(&*tx, &entry.account)? {
+            let uploaded_under = meta.name.as_deref() == Some(name_or_id);
+            let pointed_at = meta.id == entry.id;
+            if (uploaded_under || pointed_at) && !kept.contains(meta.id.as_str()) {
+                doomed.push(meta);
             }
         }
-    } else if let Some(bytes) = tx.get(&key(FUNCTIONS, name_or_id.as_bytes()))? {
-        // An id: that version, and every name pointing at it.
-        doomed.push(decode_function(&bytes)?);
-        for (name, id) in &all_names {
-            if id == name_or_id {
-                tx.delete(&key(NAMES, name.as_bytes()))?;
-                tx.delete(&key(SETTINGS, name.as_bytes()))?;
+    } else {
+        // An id: that version of each visible owner, and every name pointing at it.
+        for account in owners_of(&*tx, name_or_id)? {
+            if !scope.sees(&account) {
+                continue;
+            }
+            if let Some(bytes) = tx.get(&pair_key(FUNCTIONS, &account, name_or_id))? {
+                doomed.push(decode_function(&bytes)?);
+            }
+            for (name, e) in &all_names {
+                if e.id == name_or_id && e.account == account {
+                    tx.delete(&key(NAMES, name.as_bytes()))?;
+                    tx.delete(&key(SETTINGS, name.as_bytes()))?;
+                }
             }
         }
     }
     for meta in &doomed {
-        tx.delete(&key(FUNCTIONS, meta.id.as_bytes()))?;
-        tx.delete(&key(BINARIES, meta.id.as_bytes()))?;
+        tx.delete(&pair_key(FUNCTIONS, &meta.account, &meta.id))?;
+        tx.delete(&pair_key(OWNERS, &meta.id, &meta.account))?;
+        if owners_of(&*tx, &meta.id)?.is_empty() {
+            tx.delete(&key(BINARIES, meta.id.as_bytes()))?;
+        }
     }
     Ok(doomed)
+}
+
+fn put_settings(
+    tx: &mut dyn KvWrite,
+    scope: &Scope,
+    name: &str,
+    settings: &cloudpipe_types::FunctionSettings,
+) -> Result<Option<FunctionMeta>> {
+    let Some(entry) = name_entry(&*tx, name)?.filter(|e| scope.sees(&e.account)) else {
+        return Ok(None);
+    };
+    put_json(tx, &key(SETTINGS, name.as_bytes()), settings)?;
+    named(&*tx, name.to_string(), &entry)
+}
+
+fn insert_account(tx: &mut dyn KvWrite, account: &AccountRecord) -> Result<bool> {
+    let k = key(ACCOUNTS, account.name.as_bytes());
+    if tx.get(&k)?.is_some() {
+        return Ok(false);
+    }
+    put_json(tx, &k, account)?;
+    Ok(true)
+}
+
+fn update_account(tx: &mut dyn KvWrite, account: &AccountRecord) -> Result<bool> {
+    let k = key(ACCOUNTS, account.name.as_bytes());
+    if tx.get(&k)?.is_none() {
+        return Ok(false);
+    }
+    put_json(tx, &k, account)?;
+    Ok(true)
+}
+
+fn insert_key(tx: &mut dyn KvWrite, record: &KeyRecord) -> Result<bool> {
+    if tx.get(&key(ACCOUNTS, record.account.as_bytes()))?.is_none() {
+        return Ok(false);
+    }
+    put_json(tx, &key(KEYS, record.hash.as_bytes()), record)?;
+    tx.put(&key(KEY_IDS, record.id.as_bytes()), record.hash.as_bytes())?;
+    Ok(true)
+}
+
+fn delete_key(tx: &mut dyn KvWrite, id: &str) -> Result<Option<KeyRecord>> {
+    let Some(hash) = tx.get(&key(KEY_IDS, id.as_bytes()))? else { return Ok(None) };
+    let hkey = key(KEYS, &hash);
+    let record = tx.get(&hkey)?.map(|b| serde_json::from_slice(&b)).transpose()?;
+    tx.delete(&hkey)?;
+    tx.delete(&key(KEY_IDS, id.as_bytes()))?;
+    Ok(record)
 }
 
 // ---- reads ----
@@ -472,7 +635,8 @@ pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> 
 }
 
 fn matches(filter: &JobFilter, job: &Job) -> bool {
-    filter.status.is_none_or(|s| s == job.status)
+    filter.account.as_ref().is_none_or(|a| *a == job.account)
+        && filter.status.is_none_or(|s| s == job.status)
         && filter.tag.as_ref().is_none_or(|t| job.tags.contains(t))
         && filter.function.as_ref().is_none_or(|f| *f == job.function || *f == job.function_id)
 }
@@ -487,18 +651,35 @@ pub(crate) fn count_jobs(r: &dyn KvRead) -> Result<BTreeMap<JobStatus, u64>> {
     Ok(counts)
 }
 
-/// By name first (the returned `name` is that name, with its settings), then by id.
-pub(crate) fn get_function(r: &dyn KvRead, name_or_id: &str) -> Result<Option<FunctionMeta>> {
-    if let Some(id) = r.get(&key(NAMES, name_or_id.as_bytes()))? {
-        let id = String::from_utf8(id).context("stored function id")?;
-        return named(r, name_or_id.to_string(), &id);
+/// By name first (the returned `name` is that name, with its settings), then by id;
+/// only what `scope` sees.
+pub(crate) fn get_function(
+    r: &dyn KvRead,
+    scope: &Scope,
+    name_or_id: &str,
+) -> Result<Option<FunctionMeta>> {
+    if let Some(entry) = name_entry(r, name_or_id)? {
+        if !scope.sees(&entry.account) {
+            return Ok(None);
+        }
+        return named(r, name_or_id.to_string(), &entry);
     }
-    function_by_id(r, name_or_id)
+    let account = match scope {
+        Scope::Account(a) => a.clone(),
+        Scope::All => match owners_of(r, name_or_id)?.into_iter().next() {
+            Some(a) => a,
+            None => return Ok(None),
+        },
+    };
+    r.get(&pair_key(FUNCTIONS, &account, name_or_id))?.map(|b| decode_function(&b)).transpose()
 }
 
-/// The version `id` as seen through `name`.
-fn named(r: &dyn KvRead, name: String, id: &str) -> Result<Option<FunctionMeta>> {
-    let Some(mut meta) = function_by_id(r, id)? else { return Ok(None) };
+/// The version a name points at, as seen through that name.
+fn named(r: &dyn KvRead, name: String, entry: &NameEntry) -> Result<Option<FunctionMeta>> {
+    let Some(bytes) = r.get(&pair_key(FUNCTIONS, &entry.account, &entry.id))? else {
+        return Ok(None);
+    };
+    let mut meta = decode_function(&bytes)?;
     if let Some(bytes) = r.get(&key(SETTINGS, name.as_bytes()))? {
         meta.settings = serde_json::from_slice(&bytes).context("stored function settings")?;
     }
@@ -506,31 +687,68 @@ fn named(r: &dyn KvRead, name: String, id: &str) -> Result<Option<FunctionMeta>>
     Ok(Some(meta))
 }
 
-fn put_settings(
-    tx: &mut dyn KvWrite,
-    name: &str,
-    settings: &cloudpipe_types::FunctionSettings,
-) -> Result<Option<FunctionMeta>> {
-    let Some(id) = tx.get(&key(NAMES, name.as_bytes()))? else { return Ok(None) };
-    let id = String::from_utf8(id).context("stored function id")?;
-    put_json(tx, &key(SETTINGS, name.as_bytes()), settings)?;
-    named(&*tx, name.to_string(), &id)
-}
-
-fn function_by_id(r: &dyn KvRead, id: &str) -> Result<Option<FunctionMeta>> {
-    r.get(&key(FUNCTIONS, id.as_bytes()))?.map(|b| decode_function(&b)).transpose()
-}
-
 pub(crate) fn function_binary(r: &dyn KvRead, id: &str) -> Result<Option<Vec<u8>>> {
     r.get(&key(BINARIES, id.as_bytes()))
 }
 
-/// Each name with the version it points at (`name` set to that name), sorted by name.
-pub(crate) fn list_functions(r: &dyn KvRead) -> Result<Vec<FunctionMeta>> {
+/// Each name visible in `scope` with the version it points at (`name` set to that
+/// name), sorted by name.
+pub(crate) fn list_functions(r: &dyn KvRead, scope: &Scope) -> Result<Vec<FunctionMeta>> {
     let mut out = Vec::new();
-    for (name, id) in names(r)? {
-        if let Some(meta) = named(r, name, &id)? {
+    for (name, entry) in names(r)? {
+        if scope.sees(&entry.account)
+            && let Some(meta) = named(r, name, &entry)?
+        {
             out.push(meta);
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn function_bytes(r: &dyn KvRead, account: &str) -> Result<u64> {
+    Ok(versions_of(r, account)?.iter().map(|m| m.size).sum())
+}
+
+pub(crate) fn get_account(r: &dyn KvRead, name: &str) -> Result<Option<AccountRecord>> {
+    r.get(&key(ACCOUNTS, name.as_bytes()))?
+        .map(|b| serde_json::from_slice(&b).context("stored account"))
+        .transpose()
+}
+
+pub(crate) fn list_accounts(r: &dyn KvRead) -> Result<Vec<AccountRecord>> {
+    scan_all(r, &[ACCOUNTS])?
+        .iter()
+        .map(|(_, v)| serde_json::from_slice(v).context("stored account"))
+        .collect()
+}
+
+pub(crate) fn key_by_hash(r: &dyn KvRead, hash: &str) -> Result<Option<KeyRecord>> {
+    r.get(&key(KEYS, hash.as_bytes()))?
+        .map(|b| serde_json::from_slice(&b).context("stored key"))
+        .transpose()
+}
+
+pub(crate) fn list_keys(r: &dyn KvRead, account: Option<&str>) -> Result<Vec<KeyRecord>> {
+    let mut out = Vec::new();
+    for (_, hash) in scan_all(r, &[KEY_IDS])? {
+        if let Some(bytes) = r.get(&key(KEYS, &hash))? {
+            let record: KeyRecord = serde_json::from_slice(&bytes).context("stored key")?;
+            if account.is_none_or(|a| a == record.account) {
+                out.push(record);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Id and account of each queued and running job.
+pub(crate) fn active_jobs(r: &dyn KvRead) -> Result<Vec<(JobId, String)>> {
+    let mut out = Vec::new();
+    for table in [QUEUE, RUNNING] {
+        for (k, _) in scan_all(r, &[table])? {
+            if let Some(job) = get_job(r, id_suffix(&k)?)? {
+                out.push((job.id, job.account));
+            }
         }
     }
     Ok(out)

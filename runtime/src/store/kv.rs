@@ -17,7 +17,8 @@ use cloudpipe_types::{FunctionSettings, JobStatus};
 
 use super::keyspace::{self, Reply, WriteOp};
 use super::writer::Writer;
-use super::{FunctionMeta, Inserted, JobFilter, Recovery, Result, Retention, Store};
+use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
+use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 /// One key and its value, as a scan returns them.
@@ -133,24 +134,30 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.backend.name()
     }
 
-    async fn put_function(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta> {
-        match self.writer.submit(WriteOp::PutFunction(meta, binary)).await? {
-            Reply::Function(meta) => Ok(meta),
+    async fn put_function(
+        &self,
+        meta: FunctionMeta,
+        binary: Bytes,
+        max_bytes: Option<u64>,
+    ) -> Result<PutFunction> {
+        match self.writer.submit(WriteOp::PutFunction(meta, binary, max_bytes)).await? {
+            Reply::Put(put) => Ok(put),
             other => Err(unexpected(other)),
         }
     }
 
-    async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>> {
-        self.backend.read(|r| keyspace::get_function(r, name_or_id))
+    async fn get_function(&self, scope: &Scope, name_or_id: &str) -> Result<Option<FunctionMeta>> {
+        self.backend.read(|r| keyspace::get_function(r, scope, name_or_id))
     }
 
     async fn put_settings(
         &self,
+        scope: &Scope,
         name: &str,
         settings: FunctionSettings,
     ) -> Result<Option<FunctionMeta>> {
-        match self.writer.submit(WriteOp::PutSettings(name.to_string(), Box::new(settings))).await?
-        {
+        let op = WriteOp::PutSettings(scope.clone(), name.to_string(), Box::new(settings));
+        match self.writer.submit(op).await? {
             Reply::MaybeFunction(meta) => Ok(meta),
             other => Err(unexpected(other)),
         }
@@ -162,13 +169,65 @@ impl<B: KvBackend> Store for KvStore<B> {
         Ok(binary.map(Bytes::from))
     }
 
-    async fn list_functions(&self) -> Result<Vec<FunctionMeta>> {
-        self.read_blocking(keyspace::list_functions).await
+    async fn list_functions(&self, scope: &Scope) -> Result<Vec<FunctionMeta>> {
+        let scope = scope.clone();
+        self.read_blocking(move |r| keyspace::list_functions(r, &scope)).await
     }
 
-    async fn delete_function(&self, name_or_id: &str) -> Result<Vec<FunctionMeta>> {
-        match self.writer.submit(WriteOp::DeleteFunction(name_or_id.to_string())).await? {
+    async fn delete_function(&self, scope: &Scope, name_or_id: &str) -> Result<Vec<FunctionMeta>> {
+        let op = WriteOp::DeleteFunction(scope.clone(), name_or_id.to_string());
+        match self.writer.submit(op).await? {
             Reply::Deleted(metas) => Ok(metas),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn function_bytes(&self, account: &str) -> Result<u64> {
+        let account = account.to_string();
+        self.read_blocking(move |r| keyspace::function_bytes(r, &account)).await
+    }
+
+    async fn insert_account(&self, account: AccountRecord) -> Result<bool> {
+        match self.writer.submit(WriteOp::InsertAccount(account)).await? {
+            Reply::Done(done) => Ok(done),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn update_account(&self, account: AccountRecord) -> Result<bool> {
+        match self.writer.submit(WriteOp::UpdateAccount(account)).await? {
+            Reply::Done(done) => Ok(done),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_account(&self, name: &str) -> Result<Option<AccountRecord>> {
+        self.backend.read(|r| keyspace::get_account(r, name))
+    }
+
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>> {
+        self.read_blocking(keyspace::list_accounts).await
+    }
+
+    async fn insert_key(&self, key: KeyRecord) -> Result<bool> {
+        match self.writer.submit(WriteOp::InsertKey(key)).await? {
+            Reply::Done(done) => Ok(done),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>> {
+        self.backend.read(|r| keyspace::key_by_hash(r, hash))
+    }
+
+    async fn list_keys(&self, account: Option<&str>) -> Result<Vec<KeyRecord>> {
+        let account = account.map(str::to_string);
+        self.read_blocking(move |r| keyspace::list_keys(r, account.as_deref())).await
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<Option<KeyRecord>> {
+        match self.writer.submit(WriteOp::DeleteKey(id.to_string())).await? {
+            Reply::Key(key) => Ok(key),
             other => Err(unexpected(other)),
         }
     }
@@ -219,6 +278,10 @@ impl<B: KvBackend> Store for KvStore<B> {
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let filter = filter.clone();
         self.read_blocking(move |r| keyspace::list_jobs(r, &filter)).await
+    }
+
+    async fn active_jobs(&self) -> Result<Vec<(JobId, String)>> {
+        self.read_blocking(keyspace::active_jobs).await
     }
 
     async fn count_jobs(&self) -> Result<BTreeMap<JobStatus, u64>> {

@@ -18,6 +18,7 @@ use bytes::Bytes;
 use cloudpipe_types::{FunctionKind, FunctionSettings, JobStatus};
 use serde::{Deserialize, Serialize};
 
+use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 mod keyspace;
@@ -37,6 +38,9 @@ pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 pub struct FunctionMeta {
     /// `sha256:` and 64 lowercase hex digits.
     pub id: String,
+    /// The account that owns this version (and its name).
+    #[serde(default = "crate::account::admin_name")]
+    pub account: String,
     /// The name it was last uploaded under, if any.
     pub name: Option<String>,
     pub kind: FunctionKind,
@@ -65,9 +69,24 @@ impl Inserted {
     }
 }
 
+/// What [`Store::put_function`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutFunction {
+    Stored(FunctionMeta),
+    /// The name belongs to another account; nothing was written.
+    NameTaken,
+    /// The account's versions would pass its byte quota; nothing was written.
+    OverQuota {
+        used: u64,
+        limit: u64,
+    },
+}
+
 /// Filter of [`Store::list_jobs`]; every field that is set must match.
 #[derive(Debug, Clone, Default)]
 pub struct JobFilter {
+    /// The owning account.
+    pub account: Option<String>,
     pub status: Option<JobStatus>,
     /// The job carries this tag.
     pub tag: Option<String>,
@@ -108,19 +127,32 @@ pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> &'static str;
 
     // ---- functions ----
+    //
+    // Names are global (they are the `/fn/{name}` URL) and each belongs to one account;
+    // versions are kept per account (two accounts uploading the same binary each own
+    // a version; the bytes are stored once). A scope sees only its account's names and
+    // versions; `Scope::All` sees every one.
 
-    /// Stores a function version (idempotent by `meta.id`: a second upload of the
-    /// same binary keeps the first `created_at`) and, when `meta.name` is set, points
-    /// that name at it. Returns the stored metadata.
-    async fn put_function(&self, meta: FunctionMeta, binary: Bytes) -> Result<FunctionMeta>;
+    /// Stores a function version for `meta.account` (idempotent by id: a second upload
+    /// of the same binary keeps the first `created_at`) and, when `meta.name` is set,
+    /// points that name at it. `max_bytes` bounds the total size of the account's
+    /// versions, checked in the same transaction.
+    async fn put_function(
+        &self,
+        meta: FunctionMeta,
+        binary: Bytes,
+        max_bytes: Option<u64>,
+    ) -> Result<PutFunction>;
 
-    /// A function by name (the version the name points at) or by id (`sha256:…`).
-    async fn get_function(&self, name_or_id: &str) -> Result<Option<FunctionMeta>>;
+    /// A function by name (the version the name points at) or by id (`sha256:…`), as
+    /// seen in `scope`.
+    async fn get_function(&self, scope: &Scope, name_or_id: &str) -> Result<Option<FunctionMeta>>;
 
-    /// Replaces the settings of a name. Returns the function as it now is, or `None`
-    /// if there is no such name.
+    /// Replaces the settings of a name visible in `scope`. Returns the function as it
+    /// now is, or `None` if there is no such name.
     async fn put_settings(
         &self,
+        scope: &Scope,
         name: &str,
         settings: FunctionSettings,
     ) -> Result<Option<FunctionMeta>>;
@@ -128,13 +160,42 @@ pub trait Store: Send + Sync + 'static {
     /// The binary of a version, by id.
     async fn function_binary(&self, id: &str) -> Result<Option<Bytes>>;
 
-    /// Every named function (the version each name points at), sorted by name.
-    async fn list_functions(&self) -> Result<Vec<FunctionMeta>>;
+    /// Every named function visible in `scope` (the version each name points at),
+    /// sorted by name.
+    async fn list_functions(&self, scope: &Scope) -> Result<Vec<FunctionMeta>>;
 
-    /// Deletes a name and every version uploaded under it that no other name points
-    /// at; or, given an id, that version and any name pointing at it. Returns what
-    /// was deleted (empty: nothing matched).
-    async fn delete_function(&self, name_or_id: &str) -> Result<Vec<FunctionMeta>>;
+    /// Deletes a name and every version of its account uploaded under it that no other
+    /// name points at; or, given an id, that version and any name pointing at it.
+    /// Returns what was deleted (empty: nothing matched in `scope`).
+    async fn delete_function(&self, scope: &Scope, name_or_id: &str) -> Result<Vec<FunctionMeta>>;
+
+    /// Total size of the versions `account` stores, in bytes.
+    async fn function_bytes(&self, account: &str) -> Result<u64>;
+
+    // ---- accounts and keys ----
+
+    /// Creates an account; `false` (and nothing written) if the name exists.
+    async fn insert_account(&self, account: AccountRecord) -> Result<bool>;
+
+    /// Replaces an existing account; `false` if there is none by that name.
+    async fn update_account(&self, account: AccountRecord) -> Result<bool>;
+
+    async fn get_account(&self, name: &str) -> Result<Option<AccountRecord>>;
+
+    /// Every account, sorted by name.
+    async fn list_accounts(&self) -> Result<Vec<AccountRecord>>;
+
+    /// Stores a key (its account must exist: `false` otherwise).
+    async fn insert_key(&self, key: KeyRecord) -> Result<bool>;
+
+    /// The key whose secret hashes to `hash` (hex SHA-256).
+    async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>>;
+
+    /// Keys of `account`, or every key, sorted by id.
+    async fn list_keys(&self, account: Option<&str>) -> Result<Vec<KeyRecord>>;
+
+    /// Revokes a key: it is gone at once. Returns it, or `None` if unknown.
+    async fn delete_key(&self, id: &str) -> Result<Option<KeyRecord>>;
 
     // ---- jobs ----
 
@@ -143,7 +204,7 @@ pub trait Store: Send + Sync + 'static {
     /// scheduler has a free slot, or already finished when it ran before it was
     /// written (a waiting client's short job): each saves a commit. If
     /// `job.idempotency_key` is already known, nothing is written and the existing
-    /// job is returned.
+    /// job is returned. Idempotency keys are per account.
     async fn insert_job(&self, job: Job) -> Result<Inserted>;
 
     /// Takes up to `limit` queued jobs, oldest first, and marks them running:
@@ -169,6 +230,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Jobs matching `filter`, newest first.
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+
+    /// Id and account of every queued or running job.
+    async fn active_jobs(&self) -> Result<Vec<(JobId, String)>>;
 
     /// Number of jobs in each status (kept as counters, not counted by a scan).
     async fn count_jobs(&self) -> Result<BTreeMap<JobStatus, u64>>;

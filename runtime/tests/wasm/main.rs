@@ -74,13 +74,14 @@ async fn put(store: &dyn Store, binary: &[u8]) -> String {
     let id = format!("sha256:{}", hex::encode(Sha256::digest(binary)));
     let meta = FunctionMeta {
         id: id.clone(),
+        account: "admin".into(),
         name: None,
         kind: FunctionKind::Command,
         size: binary.len() as u64,
         created_at: 0,
         settings: Default::default(),
     };
-    store.put_function(meta, binary.to_vec().into()).await.unwrap();
+    store.put_function(meta, binary.to_vec().into(), None).await.unwrap();
     id
 }
 
