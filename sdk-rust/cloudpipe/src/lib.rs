@@ -66,3 +66,5 @@ pub use config::{Config, Credentials, DEFAULT_URL};
 pub use error::{Error, Result};
 pub use retry::RetryPolicy;
 pub use sse::JobEvents;
+/// The HTTP method of an [`Invocation`].
+pub use reqwest::Method;

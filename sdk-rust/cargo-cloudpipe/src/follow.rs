@@ -1,0 +1,181 @@
+//! Following a job to its end: live output from its events, Ctrl-C to cancel, and
+//! the exit code it ended with.
+
+use std::io::Write;
+
+use anyhow::Context;
+use cloudpipe::{Client, JobEvent, JobRecord, JobStatus};
+
+use crate::ui::Ui;
+
+/// Ctrl-C (SIGINT), caught from the moment this exists: a job must never be left
+/// running because the signal came between its submit and the wait for it.
+pub struct Interrupts {
+    #[cfg(unix)]
+    sig: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    pub fn catch() -> anyhow::Result<Interrupts> {
+        #[cfg(unix)]
+        {
+            let sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                .context("installing the Ctrl-C handler")?;
+            Ok(Interrupts { sig })
+        }
+        #[cfg(not(unix))]
+        Ok(Interrupts {})
+    }
+
+    /// Resolves at the next Ctrl-C.
+    pub async fn next(&mut self) {
+        #[cfg(unix)]
+        self.sig.recv().await;
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// What to do on Ctrl-C while following.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnInterrupt {
+    /// Cancel the job, then keep following it to its (cancelled) end.
+    Cancel,
+    /// Stop following; the job runs on.
+    Leave,
+}
+
+/// The job's output so far, to find what the live events missed.
+#[derive(Default)]
+struct Seen {
+    stdout: String,
+    stderr: String,
+}
+
+/// Follows a job: prints its stdout and stderr as they come, and returns its final
+/// record (`None` when the user left it running).
+pub async fn follow(
+    client: &Client,
+    id: &str,
+    ui: Ui,
+    interrupts: &mut Interrupts,
+    on_interrupt: OnInterrupt,
+) -> anyhow::Result<Option<JobRecord>> {
+    let mut seen = Seen::default();
+    let mut cancelled = false;
+    let mut events = client.events(id).await.context("following the job")?;
+    let record = loop {
+        let ev = tokio::select! {
+            ev = events.next() => ev,
+            () = interrupts.next() => {
+                if on_interrupt == OnInterrupt::Leave {
+                    ui.status("Leaving", format_args!("job {id} running (`cargo cloudpipe logs {id}` follows it again)"));
+                    return Ok(None);
+                }
+                if cancelled {
+                    ui.status("Leaving", format_args!("job {id} (cancel requested)"));
+                    return Ok(None);
+                }
+                cancelled = true;
+                ui.status("Cancelling", format_args!("job {id} (Ctrl-C again to stop waiting)"));
+                let r = client.cancel(id).await.context("cancelling the job")?;
+                if r.status.is_terminal() {
+                    break r;
+                }
+                continue;
+            }
+        };
+        match ev {
+            Ok(Some(JobEvent::Stdout { data })) => {
+                write_out(&mut std::io::stdout(), &data)?;
+                seen.stdout.push_str(&data);
+            }
+            Ok(Some(JobEvent::Stderr { data })) => {
+                write_out(&mut std::io::stderr(), &data)?;
+                seen.stderr.push_str(&data);
+            }
+            Ok(Some(JobEvent::Status { status, record })) => {
+                if status.is_terminal() {
+                    match record {
+                        Some(r) => break *r,
+                        None => break client.job(id).await?,
+                    }
+                }
+                if status == JobStatus::Running {
+                    ui.status("Running", format_args!("job {id}"));
+                }
+            }
+            // The stream ended early (a restart, a proxy): the record has the end.
+            Ok(None) | Err(_) => break client.wait(id, None).await?,
+        }
+    };
+    print_missed(&record, &seen, ui)?;
+    Ok(Some(record))
+}
+
+fn write_out(w: &mut impl Write, data: &str) -> anyhow::Result<()> {
+    w.write_all(data.as_bytes()).and_then(|_| w.flush()).context("writing the job's output")
+}
+
+/// Prints what the final record holds beyond what came live: output written before
+/// the events stream was open (the stream has no replay), or all of it when the job
+/// ended before.
+fn print_missed(record: &JobRecord, seen: &Seen, ui: Ui) -> anyhow::Result<()> {
+    for (full, live, is_out) in
+        [(&record.stdout, &seen.stdout, true), (&record.stderr, &seen.stderr, false)]
+    {
+        let rest = match full.strip_prefix(live.as_str()) {
+            Some(rest) => rest,
+            None if full.ends_with(live.as_str()) || full.len() < live.len() => {
+                // The start came before the stream opened and was not shown live.
+                ui.warn(format_args!(
+                    "the job's {} began before it was followed; all of it: `cargo cloudpipe result {}`",
+                    if is_out { "stdout" } else { "stderr" },
+                    record.id
+                ));
+                ""
+            }
+            None => "",
+        };
+        if is_out {
+            write_out(&mut std::io::stdout(), rest)?;
+        } else {
+            write_out(&mut std::io::stderr(), rest)?;
+        }
+    }
+    Ok(())
+}
+
+/// The process exit code for a job's end: its own exit code, 130 when cancelled
+/// (as for a command stopped by Ctrl-C), 1 for other failures.
+pub fn exit_code(record: &JobRecord) -> i32 {
+    match (record.status, record.exit_code) {
+        (JobStatus::Succeeded, _) => 0,
+        (JobStatus::Cancelled, _) => 130,
+        (_, Some(c)) if c != 0 => c.clamp(1, 255),
+        _ => 1,
+    }
+}
+
+/// One status line about how the job ended, with the error when there is one.
+pub fn report_end(record: &JobRecord, ui: Ui) {
+    let took = record.run_ms.map(|ms| format!(" in {ms:.1} ms")).unwrap_or_default();
+    match (&record.error, record.status) {
+        (None, JobStatus::Succeeded) => {
+            ui.status("Finished", format_args!("job {} succeeded{took}", record.id));
+        }
+        (Some(e), st) => ui.warn(format_args!(
+            "job {} {}{took}: {} ({})",
+            record.id,
+            st.as_str(),
+            e.message,
+            e.kind
+        )),
+        (None, st) => ui.warn(format_args!(
+            "job {} {} with exit code {}",
+            record.id,
+            st.as_str(),
+            record.exit_code.map_or("none".to_string(), |c| c.to_string())
+        )),
+    }
+}
