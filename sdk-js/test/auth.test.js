@@ -1,0 +1,39 @@
+// Credentials against the real server (started with CLOUDPIPE_ADMIN_KEY).
+
+import assert from 'node:assert/strict';
+import { after, before, test } from 'node:test';
+
+import { AuthenticationError, Cloudpipe } from '../src/index.js';
+import { ADMIN_KEY, startServer } from '../testing/server.js';
+
+let server;
+
+before(async () => {
+  server = await startServer();
+});
+
+after(async () => {
+  await server?.stop();
+});
+
+test('the admin key is accepted', async () => {
+  const cp = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY });
+  assert.ok(Array.isArray(await cp.functions.list()));
+  const page = await cp.jobs.list({ limit: 1 });
+  assert.deepEqual(page.jobs, []);
+});
+
+test('a wrong key is refused with 401 and an AuthenticationError', async () => {
+  const cp = new Cloudpipe({ url: server.url, apiKey: 'not-a-key-this-server-knows' });
+  const err = await cp.jobs.list().catch((e) => e);
+  assert.ok(err instanceof AuthenticationError, `expected a 401, got ${err}`);
+  assert.equal(err.status, 401);
+  assert.equal(typeof err.code, 'string');
+});
+
+test('no key at all is refused with 401 too', async () => {
+  const cp = new Cloudpipe({ url: server.url });
+  const err = await cp.submit(() => 1).catch((e) => e);
+  assert.ok(err instanceof AuthenticationError, `expected a 401, got ${err}`);
+  assert.equal(err.status, 401);
+});
