@@ -68,15 +68,24 @@ fn target_installed(sysroot: &Path) -> anyhow::Result<()> {
 
 /// Runs `cargo build --release --target wasm32-wasip2`, its progress and diagnostics
 /// going straight to stderr, and returns the binary it built.
-pub fn build(args: &BuildArgs) -> anyhow::Result<Built> {
+pub fn build(args: &BuildArgs, quiet: bool) -> anyhow::Result<Built> {
     check_target(&crate_dir(args))?;
     let mut cmd = Command::new(cargo());
-    cmd.args(["build", "--release", "--target", TARGET, "--message-format=json-render-diagnostics"]);
+    cmd.args([
+        "build",
+        "--release",
+        "--target",
+        TARGET,
+        "--message-format=json-render-diagnostics",
+    ]);
     if let Some(m) = &args.manifest_path {
         cmd.arg("--manifest-path").arg(m);
     }
     if let Some(b) = &args.bin {
         cmd.args(["--bin", b]);
+    }
+    if quiet {
+        cmd.arg("--quiet");
     }
     let mut child = cmd
         .stdout(Stdio::piped())
@@ -119,9 +128,13 @@ pub fn function_name(bin: &str) -> anyhow::Result<String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
     if !ok {
-        bail!("{bin:?} is not a usable function name (a-z, 0-9, `_` and `-`, at most 63): give one with --name");
+        bail!(
+            "{bin:?} is not a usable function name (a-z, 0-9, `_` and `-`, at most 63): give one with --name"
+        );
     }
     Ok(name)
 }

@@ -26,7 +26,9 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use cloudpipe::{Client, Config, Credentials, FunctionSettingsPatch, Invocation, JobQuery, JobSpec, JobStatus};
+use cloudpipe::{
+    Client, Config, Credentials, FunctionSettingsPatch, Invocation, JobQuery, JobSpec, JobStatus,
+};
 
 use crate::build::BuildArgs;
 use crate::follow::{Interrupts, OnInterrupt};
@@ -40,7 +42,13 @@ struct Cli {
     #[arg(long, global = true, env = "CLOUDPIPE_URL", value_name = "URL")]
     url: Option<String>,
     /// The API key (else CLOUDPIPE_API_KEY, the credentials file).
-    #[arg(long, global = true, env = "CLOUDPIPE_API_KEY", hide_env_values = true, value_name = "KEY")]
+    #[arg(
+        long,
+        global = true,
+        env = "CLOUDPIPE_API_KEY",
+        hide_env_values = true,
+        value_name = "KEY"
+    )]
     api_key: Option<String>,
     /// No status lines on stderr.
     #[arg(long, short, global = true)]
@@ -203,13 +211,14 @@ fn main() {
     }
     let cli = Cli::parse_from(argv);
     let ui = Ui::new(cli.quiet);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the runtime: {e}");
-            std::process::exit(2);
-        }
-    };
+    let rt =
+        match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("error: cannot start the runtime: {e}");
+                std::process::exit(2);
+            }
+        };
     let (url, key) = (cli.url.clone(), cli.api_key.clone());
     let code = match rt.block_on(run(cli, ui)) {
         Ok(code) => code,
@@ -238,13 +247,17 @@ async fn run(cli: Cli, ui: Ui) -> anyhow::Result<i32> {
                 (_, true) => scaffold::Style::Http,
                 _ => scaffold::Style::Command,
             };
-            let dir = scaffold::create(&PathBuf::from(&a.name), &a.name, style, a.guest_path.as_deref())?;
+            let dir =
+                scaffold::create(&PathBuf::from(&a.name), &a.name, style, a.guest_path.as_deref())?;
             let next = match style {
                 scaffold::Style::Command => "cargo cloudpipe submit -- world",
                 scaffold::Style::Typed => "cargo cloudpipe submit --fn add 3 4",
                 scaffold::Style::Http => "cargo cloudpipe deploy",
             };
-            ui.status("Created", format_args!("function crate `{}`; try: cd {} && {next}", a.name, dir.display()));
+            ui.status(
+                "Created",
+                format_args!("function crate `{}`; try: cd {} && {next}", a.name, dir.display()),
+            );
             Ok(0)
         }
         Cmd::Submit(a) => submit(&cli, a, ui).await,
@@ -303,14 +316,18 @@ async fn build_and_upload(
 ) -> anyhow::Result<String> {
     preflight(client).await?;
     let build = build.clone();
-    let built = tokio::task::spawn_blocking(move || build::build(&build)).await??;
+    let quiet = ui.is_quiet();
+    let built = tokio::task::spawn_blocking(move || build::build(&build, quiet)).await??;
     let name = match name {
         Some(n) => build::function_name(n)?,
         None => build::function_name(&built.name)?,
     };
-    let wasm = std::fs::read(&built.wasm).with_context(|| format!("reading {}", built.wasm.display()))?;
+    let wasm =
+        std::fs::read(&built.wasm).with_context(|| format!("reading {}", built.wasm.display()))?;
     let detail = format!("{name} ({}) to {}", ui::size(wasm.len()), client.url());
-    let info = ui.progress("Uploading", &detail, client.upload_function_with(Some(&name), wasm, settings)).await?;
+    let info = ui
+        .progress("Uploading", &detail, client.upload_function_with(Some(&name), wasm, settings))
+        .await?;
     ui.status("Uploaded", format_args!("{name} as {}", info.id));
     Ok(name)
 }
@@ -327,7 +344,9 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
             let values: Vec<serde_json::Value> = a
                 .args
                 .iter()
-                .map(|s| serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone())))
+                .map(|s| {
+                    serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.clone()))
+                })
                 .collect();
             (vec![f.clone()], Some(serde_json::to_string(&values)?))
         }
@@ -353,11 +372,19 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
             Ok(s) => spec.stdin = Some(s),
             Err(e) => {
                 use base64::Engine;
-                spec.stdin_base64 = Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()));
+                spec.stdin_base64 =
+                    Some(base64::engine::general_purpose::STANDARD.encode(e.as_bytes()));
             }
         }
     }
-    let name = build_and_upload(&client, &a.build, a.name.as_deref(), &FunctionSettingsPatch::default(), ui).await?;
+    let name = build_and_upload(
+        &client,
+        &a.build,
+        a.name.as_deref(),
+        &FunctionSettingsPatch::default(),
+        ui,
+    )
+    .await?;
     spec.function = name;
     // From here on Ctrl-C cancels the job rather than killing this process.
     let mut interrupts = Interrupts::catch()?;
@@ -433,9 +460,11 @@ async fn invoke(client: &Client, a: &InvokeArgs) -> anyhow::Result<i32> {
         None if a.data.is_some() => cloudpipe::Method::POST,
         None => cloudpipe::Method::GET,
     };
-    let mut inv = Invocation { method, path: a.path.clone(), headers: Vec::new(), body: body.into() };
+    let mut inv =
+        Invocation { method, path: a.path.clone(), headers: Vec::new(), body: body.into() };
     for h in &a.headers {
-        let (k, v) = h.split_once(':').with_context(|| format!("--header {h:?}: use `Name: value`"))?;
+        let (k, v) =
+            h.split_once(':').with_context(|| format!("--header {h:?}: use `Name: value`"))?;
         inv = inv.header(k.trim(), v.trim());
     }
     let res = client.invoke(&a.name, inv).await?;
@@ -452,6 +481,10 @@ async fn invoke(client: &Client, a: &InvokeArgs) -> anyhow::Result<i32> {
         if let Err(e) = res.clone().error_for_status()
             && e.code().is_some_and(|c| !c.starts_with("http_"))
         {
+            if e.is_auth() {
+                // The server's own refusal, not the function's answer.
+                return Err(e.into());
+            }
             drop(out);
             eprintln!("error: {e}");
             return Ok(1);
@@ -480,15 +513,24 @@ async fn jobs(client: &Client, a: &JobsArgs) -> anyhow::Result<i32> {
     writeln!(out, "{:<36}  {:<10}  {:>4}  {:<24}  FUNCTION", "ID", "STATUS", "EXIT", "CREATED")?;
     for j in &list.jobs {
         let exit = j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
-        writeln!(out, "{:<36}  {:<10}  {exit:>4}  {:<24}  {}", j.id, j.status.as_str(), j.created_at, j.function)?;
+        writeln!(
+            out,
+            "{:<36}  {:<10}  {exit:>4}  {:<24}  {}",
+            j.id,
+            j.status.as_str(),
+            j.created_at,
+            j.function
+        )?;
     }
     Ok(0)
 }
 
 async fn login(cli: &Cli, a: &LoginArgs, ui: Ui) -> anyhow::Result<i32> {
-    let path = Credentials::path().context("no place for the credentials file: set HOME or CLOUDPIPE_CREDENTIALS")?;
+    let path = Credentials::path()
+        .context("no place for the credentials file: set HOME or CLOUDPIPE_CREDENTIALS")?;
     let existing = Credentials::load(&path)?.unwrap_or_default();
-    let url = cli.url.clone().or(existing.url).unwrap_or_else(|| cloudpipe::DEFAULT_URL.to_string());
+    let url =
+        cli.url.clone().or(existing.url).unwrap_or_else(|| cloudpipe::DEFAULT_URL.to_string());
     let key = match &cli.api_key {
         Some(k) => k.clone(),
         None => {
@@ -504,9 +546,14 @@ async fn login(cli: &Cli, a: &LoginArgs, ui: Ui) -> anyhow::Result<i32> {
     if key.is_empty() {
         bail!("no API key given (use --api-key, CLOUDPIPE_API_KEY or type it on stdin)");
     }
-    let client = Client::new(Config { url: url.clone(), api_key: Some(key.clone()), account: None })?;
+    let client =
+        Client::new(Config { url: url.clone(), api_key: Some(key.clone()), account: None })?;
     preflight(&client).await?;
-    let creds = Credentials { url: Some(url.clone()), account: a.account.clone().or(existing.account), api_key: Some(key) };
+    let creds = Credentials {
+        url: Some(url.clone()),
+        account: a.account.clone().or(existing.account),
+        api_key: Some(key),
+    };
     creds.save(&path)?;
     ui.status("Logged in", format_args!("to {url}; credentials in {}", path.display()));
     Ok(0)

@@ -33,7 +33,10 @@ fn guest_dependency(guest_path: Option<&Path>) -> anyhow::Result<String> {
                 .canonicalize()
                 .with_context(|| format!("the cloudpipe-guest crate at {}", p.display()))?;
             if !p.join("Cargo.toml").is_file() {
-                bail!("{} holds no Cargo.toml: give the cloudpipe-guest crate's directory", p.display());
+                bail!(
+                    "{} holds no Cargo.toml: give the cloudpipe-guest crate's directory",
+                    p.display()
+                );
             }
             let text = p.to_str().context("the cloudpipe-guest path is not UTF-8")?;
             Ok(format!("cloudpipe-guest = {{ path = {} }}", toml_string(text)))
@@ -58,11 +61,15 @@ fn toml_string(s: &str) -> String {
 }
 
 /// Creates the crate `name` in a new directory `dir`.
-pub fn create(dir: &Path, name: &str, style: Style, guest_path: Option<&Path>) -> anyhow::Result<PathBuf> {
-    crate::build::function_name(name)
-        .ok()
-        .filter(|n| n == name)
-        .with_context(|| format!("{name:?} is not a usable name: use a-z, 0-9, `_` and `-` (at most 63)"))?;
+pub fn create(
+    dir: &Path,
+    name: &str,
+    style: Style,
+    guest_path: Option<&Path>,
+) -> anyhow::Result<PathBuf> {
+    crate::build::function_name(name).ok().filter(|n| n == name).with_context(|| {
+        format!("{name:?} is not a usable name: use a-z, 0-9, `_` and `-` (at most 63)")
+    })?;
     if dir.exists() {
         bail!("{} already exists", dir.display());
     }
@@ -90,7 +97,8 @@ strip = "debuginfo"
         Style::Typed => TYPED.to_string(),
         Style::Http => HTTP.replace("@NAME@", name),
     };
-    std::fs::create_dir_all(dir.join("src")).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::create_dir_all(dir.join("src"))
+        .with_context(|| format!("creating {}", dir.display()))?;
     std::fs::write(dir.join("Cargo.toml"), manifest)?;
     std::fs::write(dir.join("src/main.rs"), main)?;
     std::fs::write(dir.join(".gitignore"), "/target\n")?;

@@ -17,6 +17,10 @@ impl Ui {
         Ui { quiet, tty: std::io::stderr().is_terminal() }
     }
 
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
     /// A status line in cargo's style: a right-aligned verb, then the detail.
     pub fn status(&self, verb: &str, detail: impl std::fmt::Display) {
         if self.quiet {
@@ -79,8 +83,14 @@ impl Ui {
 /// Prints an error for people: what went wrong and, when known, what to do.
 pub fn report(err: &anyhow::Error, url: &str, has_key: bool) {
     let mut msg = format!("error: {err}");
+    let mut last = err.to_string();
     for cause in err.chain().skip(1) {
-        msg.push_str(&format!("\n  caused by: {cause}"));
+        // Errors that repeat their source's text add nothing.
+        let text = cause.to_string();
+        if !last.contains(&text) {
+            msg.push_str(&format!("\n  caused by: {text}"));
+        }
+        last = text;
     }
     if let Some(e) = err.chain().find_map(|c| c.downcast_ref::<cloudpipe::Error>()) {
         if e.is_unreachable() {

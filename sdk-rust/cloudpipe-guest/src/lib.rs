@@ -168,7 +168,9 @@ fn dispatch(argv: &[String], stdin: &str) -> Result<String, Error> {
     };
     let args = if stdin.trim().is_empty() {
         rest.iter()
-            .map(|a| serde_json::from_str(a).unwrap_or_else(|_| serde_json::Value::String(a.clone())))
+            .map(|a| {
+                serde_json::from_str(a).unwrap_or_else(|_| serde_json::Value::String(a.clone()))
+            })
             .collect()
     } else {
         parse_args(stdin)?
@@ -198,7 +200,10 @@ fn kind_of(v: &serde_json::Value) -> &'static str {
     }
 }
 
-fn invoke(f: &'static __private::Registered, args: Vec<serde_json::Value>) -> Result<String, Error> {
+fn invoke(
+    f: &'static __private::Registered,
+    args: Vec<serde_json::Value>,
+) -> Result<String, Error> {
     if args.len() != f.arity {
         let sig: Vec<String> = f.params.iter().map(|(n, t)| format!("{n}: {t}")).collect();
         return Err(Error::new(format!(
@@ -210,7 +215,8 @@ fn invoke(f: &'static __private::Registered, args: Vec<serde_json::Value>) -> Re
             args.len()
         )));
     }
-    let out = (f.call)(__private::Args { function: f, values: args.into_iter().map(Some).collect() })?;
+    let out =
+        (f.call)(__private::Args { function: f, values: args.into_iter().map(Some).collect() })?;
     serde_json::to_string(&out).map_err(|e| Error::new(format!("encoding the result: {e}")))
 }
 

@@ -64,7 +64,12 @@ pub struct Invocation {
 impl Invocation {
     /// A `GET` of this path below the function.
     pub fn get(path: impl Into<String>) -> Invocation {
-        Invocation { method: Method::GET, path: path.into(), headers: Vec::new(), body: Bytes::new() }
+        Invocation {
+            method: Method::GET,
+            path: path.into(),
+            headers: Vec::new(),
+            body: Bytes::new(),
+        }
     }
 
     /// A `POST` of this body to this path below the function.
@@ -208,7 +213,8 @@ impl Client {
             let wait = match req.send().await {
                 Ok(res) => {
                     let st = res.status();
-                    if st != StatusCode::TOO_MANY_REQUESTS && st != StatusCode::SERVICE_UNAVAILABLE {
+                    if st != StatusCode::TOO_MANY_REQUESTS && st != StatusCode::SERVICE_UNAVAILABLE
+                    {
                         return Ok(res);
                     }
                     let after = res
@@ -264,7 +270,11 @@ impl Client {
     /// println!("uploaded {}", info.id); // sha256:…
     /// # Ok(()) }
     /// ```
-    pub async fn upload_function(&self, name: &str, wasm: impl Into<Bytes>) -> Result<FunctionInfo> {
+    pub async fn upload_function(
+        &self,
+        name: &str,
+        wasm: impl Into<Bytes>,
+    ) -> Result<FunctionInfo> {
         self.upload_function_with(Some(name), wasm, &FunctionSettingsPatch::default()).await
     }
 
@@ -355,7 +365,11 @@ impl Client {
 
     /// Submits a job and waits until it ends (or `timeout` passes: then the record
     /// is the latest, not terminal).
-    pub async fn submit_and_wait(&self, spec: &JobSpec, timeout: Option<Duration>) -> Result<JobRecord> {
+    pub async fn submit_and_wait(
+        &self,
+        spec: &JobSpec,
+        timeout: Option<Duration>,
+    ) -> Result<JobRecord> {
         let start = Instant::now();
         let first = timeout.map_or(POLL, |t| t.min(POLL));
         let url = self.endpoint(&["v1", "jobs"], &[("wait", wait_param(first))]);
@@ -377,7 +391,8 @@ impl Client {
     pub async fn wait(&self, id: &str, timeout: Option<Duration>) -> Result<JobRecord> {
         let deadline = timeout.map(|t| Instant::now() + t);
         loop {
-            let left = deadline.map_or(POLL, |d| d.saturating_duration_since(Instant::now()).min(POLL));
+            let left =
+                deadline.map_or(POLL, |d| d.saturating_duration_since(Instant::now()).min(POLL));
             let url = self.endpoint(&["v1", "jobs", id, "result"], &[("wait", wait_param(left))]);
             let job: JobRecord = self.json(Method::GET, url, None).await?;
             if job.status.is_terminal() || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -404,7 +419,8 @@ impl Client {
     pub async fn events(&self, id: &str) -> Result<JobEvents> {
         let url = self.endpoint(&["v1", "jobs", id, "events"], &[]);
         let res = self.send(Method::GET, url.clone(), None).await?;
-        let ct = res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+        let ct =
+            res.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
         if !ct.starts_with("text/event-stream") {
             return Err(Error::Protocol {
                 url: url.to_string(),
@@ -443,7 +459,8 @@ impl Client {
 
     /// A job's standard output as raw bytes (the record's `stdout` is lossy text).
     pub async fn stdout(&self, id: &str) -> Result<Bytes> {
-        let res = self.send(Method::GET, self.endpoint(&["v1", "jobs", id, "stdout"], &[]), None).await?;
+        let res =
+            self.send(Method::GET, self.endpoint(&["v1", "jobs", id, "stdout"], &[]), None).await?;
         let url = res.url().to_string();
         res.bytes().await.map_err(|e| Error::Request { url, source: e })
     }
@@ -479,7 +496,8 @@ impl Client {
         let res = self.send_raw(inv.method.clone(), url.clone(), body, &inv.headers).await?;
         let status = res.status().as_u16();
         let headers = res.headers().clone();
-        let body = res.bytes().await.map_err(|e| Error::Request { url: url.to_string(), source: e })?;
+        let body =
+            res.bytes().await.map_err(|e| Error::Request { url: url.to_string(), source: e })?;
         Ok(InvokeResponse { status, headers, body })
     }
 }
@@ -489,9 +507,13 @@ fn wait_param(d: Duration) -> String {
     format!("{}ms", d.as_millis())
 }
 
-async fn decode<T: serde::de::DeserializeOwned>(url: &Url, res: reqwest::Response) -> Result<(u16, T)> {
+async fn decode<T: serde::de::DeserializeOwned>(
+    url: &Url,
+    res: reqwest::Response,
+) -> Result<(u16, T)> {
     let status = res.status().as_u16();
-    let bytes = res.bytes().await.map_err(|e| Error::Request { url: url.to_string(), source: e })?;
+    let bytes =
+        res.bytes().await.map_err(|e| Error::Request { url: url.to_string(), source: e })?;
     serde_json::from_slice(&bytes).map(|v| (status, v)).map_err(|e| Error::Protocol {
         url: url.to_string(),
         message: format!("{e} in {:?}", String::from_utf8_lossy(&bytes[..bytes.len().min(200)])),
@@ -509,7 +531,10 @@ mod tests {
     #[test]
     fn endpoints_escape_names_and_keep_a_base_path() {
         let c = client("https://example.com/cp");
-        assert_eq!(c.endpoint(&["v1", "jobs", "a/b c"], &[]).as_str(), "https://example.com/cp/v1/jobs/a%2Fb%20c");
+        assert_eq!(
+            c.endpoint(&["v1", "jobs", "a/b c"], &[]).as_str(),
+            "https://example.com/cp/v1/jobs/a%2Fb%20c"
+        );
         let u = c.endpoint(&["v1", "jobs"], &[("tag", "x&y".into())]);
         assert_eq!(u.as_str(), "https://example.com/cp/v1/jobs?tag=x%26y");
         assert_eq!(client("http://h:1/").function_url("web"), "http://h:1/fn/web");

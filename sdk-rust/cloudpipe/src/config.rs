@@ -55,9 +55,9 @@ impl Credentials {
                 return Err(Error::Config(format!("cannot read {}: {e}", path.display())));
             }
         };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| Error::Config(format!("{} is not a credentials file: {e}", path.display())))
+        serde_json::from_str(&text).map(Some).map_err(|e| {
+            Error::Config(format!("{} is not a credentials file: {e}", path.display()))
+        })
     }
 
     /// Writes a credentials file, readable and writable by its owner only (mode 0600
@@ -158,7 +158,11 @@ mod tests {
     #[test]
     fn flags_beat_env_beat_file_beat_default() {
         let s = |v: &str| Some(v.to_string());
-        let c = Config::layer([None, s("http://env"), s("http://file")], [s("flag"), s("env"), None], None);
+        let c = Config::layer(
+            [None, s("http://env"), s("http://file")],
+            [s("flag"), s("env"), None],
+            None,
+        );
         assert_eq!((c.url.as_str(), c.api_key.as_deref()), ("http://env", Some("flag")));
         let c = Config::layer([None, None, None], [None, None, s("file")], s("admin"));
         assert_eq!((c.url.as_str(), c.api_key.as_deref()), (DEFAULT_URL, Some("file")));

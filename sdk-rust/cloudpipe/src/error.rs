@@ -98,7 +98,10 @@ mod tests {
 
     #[test]
     fn api_error_bodies_keep_code_and_message() {
-        let e = Error::from_answer(404, br#"{"error":{"code":"not_found","message":"job \"x\" not found"}}"#);
+        let e = Error::from_answer(
+            404,
+            br#"{"error":{"code":"not_found","message":"job \"x\" not found"}}"#,
+        );
         assert_eq!(e.code(), Some("not_found"));
         assert!(e.is_not_found());
         assert_eq!(e.to_string(), "job \"x\" not found (HTTP 404, not_found)");

@@ -64,7 +64,7 @@ pub use cloudpipe_types::{
 };
 pub use config::{Config, Credentials, DEFAULT_URL};
 pub use error::{Error, Result};
-pub use retry::RetryPolicy;
-pub use sse::JobEvents;
 /// The HTTP method of an [`Invocation`].
 pub use reqwest::Method;
+pub use retry::RetryPolicy;
+pub use sse::JobEvents;

@@ -56,7 +56,8 @@ impl SseParser {
                 }
                 self.after_cr = false;
             }
-            let Some(rel) = self.buf[self.scanned..].iter().position(|b| *b == b'\n' || *b == b'\r')
+            let Some(rel) =
+                self.buf[self.scanned..].iter().position(|b| *b == b'\n' || *b == b'\r')
             else {
                 self.scanned = self.buf.len();
                 return None;
@@ -138,9 +139,11 @@ impl JobEvents {
                 if !matches!(ev.event.as_str(), "status" | "stdout" | "stderr") {
                     continue;
                 }
-                let parsed: JobEvent = serde_json::from_str(&ev.data).map_err(|e| {
-                    Error::Protocol { url: self.url.clone(), message: format!("bad {} event: {e}", ev.event) }
-                })?;
+                let parsed: JobEvent =
+                    serde_json::from_str(&ev.data).map_err(|e| Error::Protocol {
+                        url: self.url.clone(),
+                        message: format!("bad {} event: {e}", ev.event),
+                    })?;
                 return Ok(Some(parsed));
             }
             if self.done {

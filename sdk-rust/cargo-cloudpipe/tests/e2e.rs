@@ -1,0 +1,346 @@
+//! End-to-end: the real `cargo cloudpipe` binary against the real `cloudpipe serve`,
+//! on crates made by `cargo cloudpipe new` in a temporary directory.
+//!
+//! The server binary is built once per run (`cargo build -p cloudpipe-api --bin
+//! cloudpipe`); the guests build for wasm32-wasip2 into one shared target directory
+//! (`target/cloudpipe-guests`), so their dependencies compile once.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const KEY: &str = "e2e-admin-key-0123456789abcdef";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The `cloudpipe` server binary, built once per test run.
+fn server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "-p", "cloudpipe-api", "--bin", "cloudpipe", "--message-format=json"])
+            .current_dir(workspace())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build for the server");
+        assert!(out.status.success(), "building the server failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cloudpipe")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo named no cloudpipe executable")
+    })
+}
+
+/// Where every guest of every test builds: beside the server's own build output.
+fn guests_target() -> PathBuf {
+    // server_bin() is TARGET/debug/cloudpipe.
+    server_bin().parent().unwrap().parent().unwrap().join("cloudpipe-guests")
+}
+
+/// A `cloudpipe serve` with its own data directory and admin key, and a scratch
+/// directory for the crates and credentials of one test.
+struct Env {
+    server: Child,
+    url: String,
+    tmp: tempfile::TempDir,
+}
+
+impl Env {
+    fn start() -> Env {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut server = Command::new(server_bin())
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("data"))
+            .env("CLOUDPIPE_ADMIN_KEY", KEY)
+            .env("CLOUDPIPE_CREDENTIALS", tmp.path().join("server-credentials.json"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cloudpipe serve");
+        let lines = lines_of(server.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut log = String::new();
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = lines.recv_timeout(left) else {
+                let _ = server.kill();
+                panic!("cloudpipe serve did not start:\n{log}");
+            };
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("cloudpipe serving")
+                && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+            {
+                break format!("http://{addr}");
+            }
+        };
+        // Keep draining the log so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Env { server, url, tmp }
+    }
+
+    fn dir(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// `cargo cloudpipe ARGS` in `cwd`, configured by environment for this server.
+    fn cmd(&self, cwd: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-cloudpipe"));
+        c.arg("cloudpipe")
+            .args(args)
+            .current_dir(cwd)
+            .env("CLOUDPIPE_URL", &self.url)
+            .env("CLOUDPIPE_API_KEY", KEY)
+            .env("CLOUDPIPE_CREDENTIALS", self.dir().join("credentials.json"))
+            .env("CARGO_TARGET_DIR", guests_target())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, cwd: &Path, args: &[&str]) -> Output {
+        self.cmd(cwd, args).output().expect("running cargo-cloudpipe")
+    }
+
+    /// `cargo cloudpipe new NAME STYLE...` in the scratch directory; the crate's path.
+    fn new_crate(&self, name: &str, style: &[&str]) -> PathBuf {
+        let guest = workspace().join("sdk-rust/cloudpipe-guest");
+        let mut args = vec!["new", name, "--guest-path", guest.to_str().unwrap()];
+        args.extend(style);
+        let out = self.run(self.dir(), &args);
+        assert_ok(&out, "new");
+        self.dir().join(name)
+    }
+
+    /// A GET of the API with the admin key.
+    fn api(&self, path: &str) -> serde_json::Value {
+        let res = http::get(&format!("{}{path}", self.url), KEY);
+        serde_json::from_str(&res).unwrap_or_else(|e| panic!("{path}: {e}: {res}"))
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// A tiny blocking GET over the workspace's async reqwest, for checks from outside
+/// the CLI.
+mod http {
+    pub fn get(url: &str, key: &str) -> String {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            let res = ::reqwest::Client::new().get(url).bearer_auth(key).send().await.unwrap();
+            let status = res.status();
+            let text = res.text().await.unwrap();
+            assert!(status.is_success(), "GET {url}: {status} {text}");
+            text
+        })
+    }
+}
+
+fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn assert_ok(out: &Output, what: &str) {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn command_submit_prints_output_and_propagates_the_exit_code() {
+    let env = Env::start();
+    let dir = env.new_crate("hello", &[]);
+
+    let out = env.run(&dir, &["submit", "--", "a", "b"]);
+    assert_ok(&out, "submit");
+    assert_eq!(text(&out.stdout), "hello, a!\nhello, b!\n");
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("Uploaded hello as sha256:"), "{stderr}");
+
+    // Without arguments the function prints its usage and exits 1: so does submit.
+    let out = env.run(&dir, &["submit"]);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "");
+    assert!(text(&out.stderr).contains("usage: hello NAME..."), "{}", text(&out.stderr));
+
+    // Detached, then read back with `result`.
+    let out = env.run(&dir, &["submit", "--detach", "-q", "--", "z"]);
+    assert_ok(&out, "submit --detach");
+    let id = text(&out.stdout).trim().to_string();
+    let out = env.run(&dir, &["result", &id]);
+    assert_ok(&out, "result");
+    assert_eq!(text(&out.stdout), "hello, z!\n");
+
+    // A server that is not there is named, with what to do.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let out = env.run(&dir, &["jobs", "--url", &format!("http://{closed}")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("cannot reach the Cloudpipe server")
+            && stderr.contains("Is the server running?"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn typed_add_of_3_and_4_returns_7() {
+    let env = Env::start();
+    let dir = env.new_crate("calc", &["--typed"]);
+
+    let out = env.run(&dir, &["submit", "--fn", "add", "3", "4"]);
+    assert_ok(&out, "submit --fn add");
+    assert_eq!(text(&out.stdout), "7\n");
+
+    let out = env.run(&dir, &["submit", "--wait", "-q", "--fn", "add", "40", "2"]);
+    assert_ok(&out, "submit --wait");
+    assert_eq!(text(&out.stdout), "42\n");
+
+    // A returned Err fails the job, its message on stderr.
+    let out = env.run(&dir, &["submit", "--fn", "greet", "\"\""]);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("error: greet needs a name"), "{}", text(&out.stderr));
+
+    // So do arguments of the wrong type.
+    let out = env.run(&dir, &["submit", "-q", "--fn", "add", "3", "four"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(text(&out.stderr).contains("argument 2 (`b: i64`)"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn deploy_then_invoke_over_http() {
+    let env = Env::start();
+    let dir = env.new_crate("web", &["--http"]);
+    let creds = env.dir().join("credentials.json");
+
+    // Log in, then work from the credentials file alone.
+    let out = env.run(&dir, &["login", "--url", &env.url, "--api-key", KEY, "--account", "admin"]);
+    assert_ok(&out, "login");
+    let saved: serde_json::Value = serde_json::from_slice(&std::fs::read(&creds).unwrap()).unwrap();
+    assert_eq!(
+        (saved["url"].as_str(), saved["api_key"].as_str()),
+        (Some(env.url.as_str()), Some(KEY))
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&creds).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+    let from_file = |args: &[&str]| {
+        let mut c = env.cmd(&dir, args);
+        c.env_remove("CLOUDPIPE_URL").env_remove("CLOUDPIPE_API_KEY");
+        c.output().unwrap()
+    };
+
+    let out = from_file(&["deploy"]);
+    assert_ok(&out, "deploy");
+    let url = text(&out.stdout).trim().to_string();
+    assert_eq!(url, format!("{}/fn/web", env.url));
+
+    let body = http::get(&format!("{url}/hello?name=you"), KEY);
+    assert_eq!(body, "hello, you!\n");
+
+    let out = from_file(&["invoke", "web", "/hello?name=me"]);
+    assert_ok(&out, "invoke");
+    assert_eq!(text(&out.stdout), "hello, me!\n");
+    let out = from_file(&["invoke", "web", "/echo", "-d", "ping"]);
+    assert_eq!(text(&out.stdout), "ping");
+    let out = from_file(&["invoke", "web", "/nowhere"]);
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(1), "not found\n".to_string()));
+
+    // A wrong key is refused, and the error says what to do.
+    let out = env
+        .cmd(&dir, &["invoke", "web", "/hello"])
+        .env("CLOUDPIPE_API_KEY", "wrong-key-0123456789")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "stdout: {}", text(&out.stdout));
+    assert!(text(&out.stderr).contains("cargo cloudpipe login"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn ctrl_c_during_submit_cancels_the_job() {
+    let env = Env::start();
+    let dir = env.new_crate("sleeper", &[]);
+    std::fs::write(
+        dir.join("src/main.rs"),
+        r#"use std::io::Write;
+use std::time::Duration;
+fn main() {
+    // Late enough that `submit` follows the job by then.
+    std::thread::sleep(Duration::from_millis(500));
+    println!("started");
+    std::io::stdout().flush().unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+    println!("not cancelled");
+}
+"#,
+    )
+    .unwrap();
+    let mut child =
+        env.cmd(&dir, &["submit"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    match stdout.recv_timeout(Duration::from_secs(300)) {
+        Ok(line) => assert_eq!(line, "started"),
+        Err(_) => {
+            let _ = child.kill();
+            panic!(
+                "the job never said it started; stderr:\n{}",
+                stderr.try_iter().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+    let jobs = env.api("/v1/jobs?function=sleeper");
+    assert_eq!(jobs["jobs"][0]["status"], "running", "{jobs}");
+    let id = jobs["jobs"][0]["id"].as_str().unwrap().to_string();
+
+    let ok =
+        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -INT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "cargo cloudpipe did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = stderr.iter().collect::<Vec<_>>().join("\n");
+    assert_eq!(status.code(), Some(130), "stderr:\n{log}");
+    assert!(log.contains(&format!("Cancelling job {id}")), "{log}");
+
+    let job = env.api(&format!("/v1/jobs/{id}"));
+    assert_eq!(job["status"], "cancelled", "{job}");
+    assert!(!job["stdout"].as_str().unwrap().contains("not cancelled"));
+}
