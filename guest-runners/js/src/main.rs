@@ -116,7 +116,8 @@ impl Engine {
 /// and Rust set up lazily on first use is in the snapshot already.
 fn warm_up<'js>(ctx: &Ctx<'js>, kit: &Object<'js>) {
     let parse: Function = kit.get("parse").expect("kit.parse");
-    let parsed: Value = parse.call((r#"{"source": "async (a, b) => [a + b]", "args": [1, 2]}"#,)).unwrap();
+    let parsed: Value =
+        parse.call((r#"{"source": "async (a, b) => [a + b]", "args": [1, 2]}"#,)).unwrap();
     let (source, args) = source_and_args(parsed);
     let f: Function = ctx.eval_with_options(wrap(&source), options(SOURCE_NAME)).unwrap();
     let start: Function = kit.get("start").unwrap();
@@ -128,7 +129,11 @@ fn warm_up<'js>(ctx: &Ctx<'js>, kit: &Object<'js>) {
 /// The function that `source` evaluates to: a function expression (arrow, `function`,
 /// `async`, a class), or a method written in shorthand (`name(a) {…}`, what
 /// `toString()` gives for an object's method), taken from an object literal.
-fn evaluate<'js>(ctx: &Ctx<'js>, kit: &Object<'js>, source: &str) -> Result<Function<'js>, Failure> {
+fn evaluate<'js>(
+    ctx: &Ctx<'js>,
+    kit: &Object<'js>,
+    source: &str,
+) -> Result<Function<'js>, Failure> {
     let value: Value = match ctx.eval_with_options(wrap(source), options(SOURCE_NAME)) {
         Ok(v) => v,
         Err(_) => {
@@ -150,13 +155,14 @@ fn evaluate<'js>(ctx: &Ctx<'js>, kit: &Object<'js>, source: &str) -> Result<Func
 
 /// `source` as the one method of an object literal, if it is one.
 fn method<'js>(ctx: &Ctx<'js>, source: &str) -> Option<Function<'js>> {
-    let object: Object = match ctx.eval_with_options(format!("({{{source}\n}})"), options(SOURCE_NAME)) {
-        Ok(o) => o,
-        Err(_) => {
-            let _ = ctx.catch();
-            return None;
-        }
-    };
+    let object: Object =
+        match ctx.eval_with_options(format!("({{{source}\n}})"), options(SOURCE_NAME)) {
+            Ok(o) => o,
+            Err(_) => {
+                let _ = ctx.catch();
+                return None;
+            }
+        };
     let mut values = object.values::<Value>();
     let only = values.next()?.ok()?;
     if values.next().is_some() {
@@ -249,11 +255,7 @@ fn thrown<'js>(ctx: &Ctx<'js>, kit: &Object<'js>) -> String {
     })
 }
 
-fn call<'js>(
-    ctx: &Ctx<'js>,
-    kit: &Object<'js>,
-    input: &str,
-) -> Result<String, Failure> {
+fn call<'js>(ctx: &Ctx<'js>, kit: &Object<'js>, input: &str) -> Result<String, Failure> {
     let random = || bindings::random::wasi::random::random::get_random_u64();
     let (a, b) = (random(), random());
     let seed: Function = kit.get("seed").expect("kit.seed");
