@@ -152,17 +152,20 @@ want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 # --- cloudpipe ------------------------------------------------------------------
 DATA="$TMP/data"; mkdir -p "$DATA"
 CP_PORT="$(free_port)"
-RUST_LOG="${RUST_LOG:-warn}" "$CLOUDPIPE" serve --listen "127.0.0.1:$CP_PORT" --data-dir "$DATA" \
+KEY="cpk_invoke_bench_admin_key"
+CLOUDPIPE_ADMIN_KEY="$KEY" RUST_LOG="${RUST_LOG:-warn}" "$CLOUDPIPE" serve --listen "127.0.0.1:$CP_PORT" --data-dir "$DATA" \
   --fn-timeout-ms 10000 </dev/null >"$TMP/cloudpipe.log" 2>&1 &
 CP_PID=$!; PIDS+=("$CP_PID")
 CP="http://127.0.0.1:$CP_PORT"
 for _ in $(seq 600); do
-  curl -sf --max-time 2 "$CP/v1/functions" >/dev/null 2>&1 && break
+  curl -sf --max-time 2 "$CP/healthz" >/dev/null 2>&1 && break
   kill -0 "$CP_PID" 2>/dev/null || { cat "$TMP/cloudpipe.log" >&2; die "cloudpipe exited"; }
   sleep 0.1
 done
+# Public functions: invoked without a key, as `wasmtime serve` answers anyone.
 upload() {
-  curl -sS --fail-with-body --max-time 60 --data-binary "@$2" "$CP/v1/functions?name=$1" >"$TMP/upload-$1.json" \
+  curl -sS --fail-with-body --max-time 60 -H "Authorization: Bearer $KEY" --data-binary "@$2" \
+    "$CP/v1/functions?name=$1&public=true" >"$TMP/upload-$1.json" \
     || { cat "$TMP/upload-$1.json" >&2; die "uploading $1 failed"; }
 }
 upload web "$HTTP_ECHO"

@@ -423,7 +423,11 @@ fn main() {
     for store in &stores {
         let srv = Server::start(store, concurrency);
         let client = Arc::new(Client {
-            http: reqwest::Client::builder().pool_max_idle_per_host(1024).build().expect("client"),
+            http: reqwest::Client::builder()
+                .pool_max_idle_per_host(1024)
+                .default_headers(serve::admin_headers())
+                .build()
+                .expect("client"),
             url: srv.url.clone(),
         });
         rt.block_on(async {

@@ -376,7 +376,7 @@ impl Caller {
     pub fn require_admin(&self) -> Result<(), ApiError> {
         match self.is_admin() {
             true => Ok(()),
-            false => Err(ApiError::Forbidden("this needs the admin's key".into())),
+            false => Err(ApiError::Forbidden("forbidden", "this needs the admin's key".into())),
         }
     }
 }
@@ -466,7 +466,10 @@ impl Auth {
             }
         };
         if account.disabled {
-            return Err(ApiError::Forbidden(format!("account {name:?} is disabled")));
+            return Err(ApiError::Forbidden(
+                "account_disabled",
+                format!("account {name:?} is disabled"),
+            ));
         }
         Ok(Caller { limits: self.limits(&account), role: account.role, account: name })
     }
@@ -527,7 +530,7 @@ pub async fn require(State(state): State<AppState>, mut req: Request, next: Next
             next.run(req).await
         }
         Err(e) => {
-            if let (Some(ip), ApiError::Unauthorized(..) | ApiError::Forbidden(_)) = (ip, &e) {
+            if let (Some(ip), ApiError::Unauthorized(..) | ApiError::Forbidden(..)) = (ip, &e) {
                 auth.limiter.failed(ip);
                 tracing::info!(client = %ip, "authentication failed");
             }

@@ -91,7 +91,7 @@ mod tests {
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
         let back = read(&path).unwrap().unwrap();
-        assert_eq!((back.url, back.account, back.api_key), (c.url, c.account, c.api_key));
+        assert_eq!((&back.url, &back.account, &back.api_key), (&c.url, &c.account, &c.api_key));
         assert!(read(&dir.path().join("none")).unwrap().is_none());
         assert!(!format!("{c:?}").contains("\"k\""));
     }

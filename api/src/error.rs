@@ -21,8 +21,8 @@ pub enum ApiError {
     #[error("{1}")]
     Unauthorized(&'static str, String),
     /// Valid credentials without the right (403).
-    #[error("{0}")]
-    Forbidden(String),
+    #[error("{1}")]
+    Forbidden(&'static str, String),
     /// The request conflicts with what exists (409).
     #[error("{1}")]
     Conflict(&'static str, String),
@@ -58,7 +58,7 @@ impl ApiError {
             ApiError::BadRequest { code, .. } => (StatusCode::BAD_REQUEST, code),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
             ApiError::Unauthorized(code, _) => (StatusCode::UNAUTHORIZED, code),
-            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Forbidden(code, _) => (StatusCode::FORBIDDEN, code),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::TooManyAuthFailures(_) => {

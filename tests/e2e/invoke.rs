@@ -5,7 +5,7 @@ use std::time::Duration;
 use cloudpipe_test_programs_artifacts as programs;
 use reqwest::StatusCode;
 
-use crate::server::{TestServer, code, peak_rss_mib, program};
+use crate::server::{ADMIN_KEY, TestServer, admin_client, code, peak_rss_mib, program};
 
 #[tokio::test]
 async fn cgi_functions_get_the_request_and_shape_the_response() {
@@ -17,7 +17,8 @@ async fn cgi_functions_get_the_request_and_shape_the_response() {
         .post(format!("{}/fn/cgi/some/path?x=1&y=%20", s.url))
         .header("x-test", "hello")
         .header("content-type", "text/csv")
-        .header("authorization", "Bearer secret")
+        // A key the server accepts: it is still kept from the function.
+        .header("authorization", format!("Bearer {ADMIN_KEY}"))
         .body("a,b")
         .send()
         .await
@@ -59,8 +60,7 @@ async fn cgi_functions_get_the_request_and_shape_the_response() {
     assert_eq!(res.status(), StatusCode::NOT_FOUND);
     assert_eq!(res.text().await.unwrap(), "nope");
 
-    let no_redirects =
-        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let no_redirects = admin_client();
     let res = no_redirects.get(format!("{}/fn/cgi/redirect", s.url)).send().await.unwrap();
     assert_eq!(res.status(), StatusCode::FOUND);
     assert_eq!(res.headers()["location"], "/fn/cgi/elsewhere");

@@ -10,7 +10,10 @@
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
 //! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
+//! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
+//!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
 
+mod auth;
 mod bad_requests;
 mod cli;
 mod durability;

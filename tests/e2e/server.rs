@@ -7,8 +7,8 @@ use serde_json::{Value, json};
 
 #[path = "../support/serve.rs"]
 pub mod serve;
-pub use serve::peak_rss_mib;
 use serve::spawn_serve;
+pub use serve::{ADMIN_KEY, admin_headers, peak_rss_mib};
 
 /// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
 pub struct TestServer {
@@ -32,13 +32,7 @@ impl TestServer {
     /// A server over an existing data directory (which the caller keeps alive).
     pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
         let p = spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir, extra);
-        TestServer {
-            child: p.child,
-            url: p.url,
-            _tmp: None,
-            client: reqwest::Client::new(),
-            log: p.log,
-        }
+        TestServer { child: p.child, url: p.url, _tmp: None, client: admin_client(), log: p.log }
     }
 
     pub fn pid(&self) -> u32 {
@@ -139,6 +133,15 @@ impl Drop for TestServer {
 fn unsafe_free_sigterm(pid: u32) {
     let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success();
     assert!(ok, "kill -TERM {pid}");
+}
+
+/// A client that sends the admin's key.
+pub fn admin_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .default_headers(admin_headers())
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
 }
 
 pub fn is_terminal(job: &Value) -> bool {

@@ -9,6 +9,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// The admin's key of every server these helpers start (`CLOUDPIPE_ADMIN_KEY`).
+pub const ADMIN_KEY: &str = "cpk_test_admin_key_for_the_e2e_suite";
+
+/// Default headers carrying [`ADMIN_KEY`], for a `reqwest::ClientBuilder`.
+pub fn admin_headers() -> reqwest::header::HeaderMap {
+    let mut h = reqwest::header::HeaderMap::new();
+    h.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    h
+}
+
 /// Lines of the server's log kept for failure messages.
 const MAX_LOG_LINES: usize = 10_000;
 
@@ -20,14 +30,28 @@ pub struct ServeProcess {
     pub log: Arc<Mutex<Vec<String>>>,
 }
 
-/// Runs `bin serve --listen 127.0.0.1:0 --data-dir DIR EXTRA...` and waits for its
-/// "cloudpipe serving listen=ADDR" log line.
+/// Runs `bin serve --listen 127.0.0.1:0 --data-dir DIR EXTRA...` with the admin's key
+/// set to [`ADMIN_KEY`] and waits for its "cloudpipe serving listen=ADDR" log line.
 pub fn spawn_serve(bin: &str, data_dir: &Path, extra: &[&str]) -> ServeProcess {
+    spawn_serve_with(bin, data_dir, extra, &[("CLOUDPIPE_ADMIN_KEY", ADMIN_KEY)])
+}
+
+/// [`spawn_serve`] with the given environment (nothing of the admin key unless given).
+pub fn spawn_serve_with(
+    bin: &str,
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> ServeProcess {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "info")
+        .env_remove("CLOUDPIPE_ADMIN_KEY")
+        // A first start without a key writes credentials: never into the real home.
+        .env("CLOUDPIPE_CREDENTIALS", data_dir.join("credentials.json"))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -41,7 +65,7 @@ pub fn spawn_serve(bin: &str, data_dir: &Path, extra: &[&str]) -> ServeProcess {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if line.contains("cloudpipe serving")
-                && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+                && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("url="))
                 && let Some(tx) = tx.take()
             {
                 let _ = tx.send(addr.to_string());
@@ -53,7 +77,7 @@ pub fn spawn_serve(bin: &str, data_dir: &Path, extra: &[&str]) -> ServeProcess {
         }
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
-        Ok(addr) => ServeProcess { child, url: format!("http://{addr}"), log },
+        Ok(url) => ServeProcess { child, url, log },
         Err(_) => {
             let _ = child.kill();
             panic!("cloudpipe did not start:\n{}", log.lock().unwrap().join("\n"));
