@@ -5,39 +5,13 @@
 //! cloudpipe`); the guests build for wasm32-wasip2 into one shared target directory
 //! (`target/cloudpipe-guests`), so their dependencies compile once.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
-use std::sync::mpsc;
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const KEY: &str = "e2e-admin-key-0123456789abcdef";
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-/// The `cloudpipe` server binary, built once per test run.
-fn server_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "-p", "cloudpipe-api", "--bin", "cloudpipe", "--message-format=json"])
-            .current_dir(workspace())
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("running cargo build for the server");
-        assert!(out.status.success(), "building the server failed");
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cloudpipe")
-            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-            .expect("cargo named no cloudpipe executable")
-    })
-}
+#[path = "../../test-support/server.rs"]
+mod server;
+use server::{KEY, Server, lines_of, server_bin, workspace};
 
 /// Where every guest of every test builds: beside the server's own build output.
 fn guests_target() -> PathBuf {
@@ -45,48 +19,18 @@ fn guests_target() -> PathBuf {
     server_bin().parent().unwrap().parent().unwrap().join("cloudpipe-guests")
 }
 
-/// A `cloudpipe serve` with its own data directory and admin key, and a scratch
-/// directory for the crates and credentials of one test.
+/// A server, and a scratch directory for the crates and credentials of one test.
 struct Env {
-    server: Child,
+    _server: Server,
     url: String,
     tmp: tempfile::TempDir,
 }
 
 impl Env {
     fn start() -> Env {
-        let tmp = tempfile::tempdir().unwrap();
-        let mut server = Command::new(server_bin())
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(tmp.path().join("data"))
-            .env("CLOUDPIPE_ADMIN_KEY", KEY)
-            .env("CLOUDPIPE_CREDENTIALS", tmp.path().join("server-credentials.json"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudpipe serve");
-        let lines = lines_of(server.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut log = String::new();
-        let url = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = lines.recv_timeout(left) else {
-                let _ = server.kill();
-                panic!("cloudpipe serve did not start:\n{log}");
-            };
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("cloudpipe serving")
-                && let Some(addr) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
-            {
-                break format!("http://{addr}");
-            }
-        };
-        // Keep draining the log so the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Env { server, url, tmp }
+        let server = Server::start();
+        let url = server.url.clone();
+        Env { _server: server, url, tmp: tempfile::tempdir().unwrap() }
     }
 
     fn dir(&self) -> &Path {
@@ -128,13 +72,6 @@ impl Env {
     }
 }
 
-impl Drop for Env {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-    }
-}
-
 /// A tiny blocking GET over the workspace's async reqwest, for checks from outside
 /// the CLI.
 mod http {
@@ -148,18 +85,6 @@ mod http {
             text
         })
     }
-}
-
-fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 fn text(b: &[u8]) -> String {

@@ -1,0 +1,149 @@
+//! The client against the real `cloudpipe serve`: every call, its errors, and its
+//! retries while the server comes up.
+
+use std::time::{Duration, Instant};
+
+use cloudpipe::{
+    Client, Config, Error, Invocation, JobEvent, JobQuery, JobSpec, JobStatus, RetryPolicy,
+};
+use cloudpipe_test_programs_artifacts as programs;
+
+#[path = "../../test-support/server.rs"]
+mod server;
+use server::{KEY, Server};
+
+fn client(url: &str) -> Client {
+    Client::new(Config { api_key: Some(KEY.into()), ..Config::new(url) }).unwrap()
+}
+
+fn spec(function: &str, args: &[&str]) -> JobSpec {
+    JobSpec {
+        function: function.into(),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..JobSpec::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_functions_and_invocations_through_the_client() {
+    let server = Server::start();
+    let c = client(&server.url);
+
+    let info = c.upload_function("hello", programs::read(programs::HELLO)).await.unwrap();
+    assert!(info.id.starts_with("sha256:"), "{info:?}");
+    assert_eq!(c.function("hello").await.unwrap().id, info.id);
+    c.upload_function("sleep", programs::read(programs::SLEEP)).await.unwrap();
+    c.upload_function("cgi", programs::read(programs::CGI)).await.unwrap();
+    let names: Vec<String> =
+        c.functions().await.unwrap().into_iter().filter_map(|f| f.name).collect();
+    assert!(names.contains(&"sleep".to_string()), "{names:?}");
+
+    // Submit and wait.
+    let done = c.submit_and_wait(&spec("hello", &[]), None).await.unwrap();
+    assert_eq!((done.status, done.stdout.as_str()), (JobStatus::Succeeded, "hello, world\n"));
+
+    // Follow a job live: its status, then its output as it comes, then its end.
+    let job = c.submit(&spec("sleep", &["1"])).await.unwrap();
+    let mut events = c.events(&job.id).await.unwrap();
+    let mut out = String::new();
+    let mut last = None;
+    while let Some(ev) = events.next().await.unwrap() {
+        match ev {
+            JobEvent::Stdout { data } => out.push_str(&data),
+            JobEvent::Stderr { .. } => {}
+            JobEvent::Status { status, record } => last = Some((status, record)),
+        }
+    }
+    let (status, record) = last.expect("no status event");
+    assert_eq!(status, JobStatus::Succeeded);
+    let record = record.expect("the last event carries the record");
+    assert_eq!(record.stdout, "sleeping\nwoke up\n");
+    // At least the line written a second after the start came live.
+    assert!(out.ends_with("woke up\n"), "{out:?}");
+
+    // Cancel, and list by function.
+    let job = c.submit(&spec("sleep", &["60"])).await.unwrap();
+    c.cancel(&job.id).await.unwrap();
+    let job = c.wait(&job.id, Some(Duration::from_secs(30))).await.unwrap();
+    assert_eq!(job.status, JobStatus::Cancelled);
+    let q = JobQuery {
+        function: Some("sleep".into()),
+        status: Some(JobStatus::Cancelled),
+        ..JobQuery::default()
+    };
+    let list = c.jobs(&q).await.unwrap();
+    assert_eq!(list.jobs.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()]);
+
+    // Raw stdout.
+    assert_eq!(&c.stdout(&done.id).await.unwrap()[..], b"hello, world\n");
+
+    // Invocation over HTTP, whatever the status.
+    let res = c.invoke("cgi", Invocation::get("/plain")).await.unwrap();
+    assert_eq!((res.status, res.text().as_str()), (200, "just text"));
+    assert!(res.invocation().is_some());
+    let res = c.invoke("cgi", Invocation::get("/status")).await.unwrap();
+    assert_eq!((res.status, res.text().as_str()), (404, "nope"));
+    let res = c.invoke("cgi", Invocation::post("/binary", vec![0u8, 1, 2])).await.unwrap();
+    assert_eq!(&res.body[..], [0u8, 1, 2]);
+
+    // Typed errors with the API's codes.
+    let e = c.job("0190b1c2-0000-7000-8000-000000000000").await.unwrap_err();
+    assert!(e.is_not_found() && e.code() == Some("not_found"), "{e:?}");
+    let e = c.submit(&spec("no-such-function", &[])).await.unwrap_err();
+    assert_eq!(e.status(), Some(404), "{e:?}");
+    let e = c.upload_function("bad", b"not wasm".to_vec()).await.unwrap_err();
+    assert_eq!((e.status(), e.code()), (Some(400), Some("invalid_wasm")), "{e:?}");
+    let wrong = Client::new(Config {
+        api_key: Some("wrong-key-0123456789".into()),
+        ..Config::new(&server.url)
+    })
+    .unwrap();
+    let e = wrong.jobs(&JobQuery::default()).await.unwrap_err();
+    assert!(e.is_auth(), "{e:?}");
+
+    // The blocking facade, from a thread of its own.
+    let url = server.url.clone();
+    let stdout = tokio::task::spawn_blocking(move || {
+        let c = cloudpipe::blocking::Client::new(Config {
+            api_key: Some(KEY.into()),
+            ..Config::new(url)
+        })
+        .unwrap();
+        let job = c.submit_and_wait(&spec("hello", &[]), None).unwrap();
+        let events: Vec<JobEvent> = c.events(&job.id).unwrap().map(Result::unwrap).collect();
+        assert!(
+            matches!(events.last(), Some(JobEvent::Status { status: JobStatus::Succeeded, .. })),
+            "{events:?}"
+        );
+        job.stdout
+    })
+    .await
+    .unwrap();
+    assert_eq!(stdout, "hello, world\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_errors_are_retried_until_the_server_is_up() {
+    // Built first, so that the wait below is the server's start alone.
+    server::server_bin();
+    // A free port; the server takes it a moment after the first request failed.
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let starter = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(300));
+        Server::start_on(&addr.to_string())
+    });
+    let policy = RetryPolicy {
+        max_retries: 40,
+        initial_backoff: Duration::from_millis(100),
+        max_backoff: Duration::from_millis(500),
+        ..RetryPolicy::default()
+    };
+    let c = client(&format!("http://{addr}")).with_retry(policy);
+    let start = Instant::now();
+    let list = c.jobs(&JobQuery::default()).await;
+    let _server = starter.join().unwrap();
+    let list =
+        list.unwrap_or_else(|e: Error| panic!("no answer after {:?}: {e:?}", start.elapsed()));
+    assert!(list.jobs.is_empty());
+    assert!(start.elapsed() >= Duration::from_millis(300));
+}

@@ -1,0 +1,113 @@
+//! The real `cloudpipe serve` for the SDK's tests (`#[path]`-included by the test
+//! binaries of `cloudpipe` and `cargo-cloudpipe`, each using part of it).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The admin key every test server is started with.
+pub const KEY: &str = "sdk-test-admin-key-0123456789abcdef";
+
+/// The workspace's root directory.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The `cloudpipe` server binary, built once per test binary (a no-op when it is up
+/// to date: cargo has released its lock by the time tests run).
+pub fn server_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "-p", "cloudpipe-api", "--bin", "cloudpipe", "--message-format=json"])
+            .current_dir(workspace())
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("running cargo build for the server");
+        assert!(out.status.success(), "building the server failed");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "cloudpipe")
+            .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+            .expect("cargo named no cloudpipe executable")
+    })
+}
+
+/// A `cloudpipe serve` child with its own data directory, started with [`KEY`] as
+/// its admin key; killed on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    _data: tempfile::TempDir,
+}
+
+impl Server {
+    /// A server on a port the OS picks.
+    pub fn start() -> Server {
+        Server::start_on("127.0.0.1:0")
+    }
+
+    /// A server listening on `addr`; waits until it serves.
+    pub fn start_on(addr: &str) -> Server {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = Command::new(server_bin())
+            .args(["serve", "--listen", addr, "--data-dir"])
+            .arg(data.path().join("data"))
+            .env("CLOUDPIPE_ADMIN_KEY", KEY)
+            // Where the server writes its credentials file on first start: not $HOME.
+            .env("CLOUDPIPE_CREDENTIALS", data.path().join("server-credentials.json"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting cloudpipe serve");
+        let lines = lines_of(child.stderr.take().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut log = String::new();
+        let url = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(line) = lines.recv_timeout(left) else {
+                let _ = child.kill();
+                panic!("cloudpipe serve did not start:\n{log}");
+            };
+            log.push_str(&line);
+            log.push('\n');
+            if line.contains("cloudpipe serving")
+                && let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
+            {
+                break format!("http://{a}");
+            }
+        };
+        // Keep draining the log so that the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Server { child, url, _data: data }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The lines of a reader, as they come, through a channel (so callers can time out).
+pub fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
