@@ -126,6 +126,14 @@ fn command_submit_prints_output_and_propagates_the_exit_code() {
     assert_ok(&out, "result");
     assert_eq!(text(&out.stdout), "hello, z!\n");
 
+    // A build that fails shows cargo's own diagnostics, and nothing is submitted.
+    std::fs::write(dir.join("src/main.rs"), "fn main() { let x: u8 = \"no\"; }\n").unwrap();
+    let out = env.run(&dir, &["submit"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("error[E0308]: mismatched types"), "{stderr}");
+    assert!(stderr.contains("the build failed"), "{stderr}");
+
     // A server that is not there is named, with what to do.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let out = env.run(&dir, &["jobs", "--url", &format!("http://{closed}")]);
