@@ -61,6 +61,9 @@ cargo build --locked --profile preinit -p cloudpipe-runner-js-preinit
 mkdir -p dist
 plain="$CARGO_TARGET_DIR/wasm32-wasip2/release/runner-js.wasm"
 cp "$plain" dist/runner-js-plain.wasm
-"$CARGO_TARGET_DIR/preinit/cloudpipe-runner-js-preinit" "$plain" dist/runner-js.wasm.tmp
+# The pre-initialiser checks its output by running one job on it.
+"$CARGO_TARGET_DIR/preinit/cloudpipe-runner-js-preinit" "$plain" dist/runner-js.wasm.tmp \
+  --check '{"source": "async (a, b) => { await null; return [a + b, typeof Math.random()] }", "args": [3, 4]}' \
+  $'[7,"number"]\n'
 mv dist/runner-js.wasm.tmp dist/runner-js.wasm
 echo "build.sh: wrote $here/dist/runner-js.wasm" >&2
