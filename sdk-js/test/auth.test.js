@@ -1,4 +1,6 @@
-// Credentials against the real server (started with CLOUDPIPE_ADMIN_KEY).
+// Credentials against the real server (started with CLOUDPIPE_ADMIN_KEY, whose
+// account is `admin`). These need the server's authentication (issue #4): a server
+// without it accepts any request.
 
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
@@ -36,4 +38,12 @@ test('no key at all is refused with 401 too', async () => {
   const err = await cp.submit(() => 1).catch((e) => e);
   assert.ok(err instanceof AuthenticationError, `expected a 401, got ${err}`);
   assert.equal(err.status, 401);
+});
+
+test('an account name with its key goes as Basic credentials and is accepted', async () => {
+  const cp = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY, account: 'admin' });
+  assert.ok(Array.isArray(await cp.functions.list()));
+  const wrong = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY, account: 'someone-else' });
+  const err = await wrong.functions.list().catch((e) => e);
+  assert.ok(err instanceof AuthenticationError, `expected a 401, got ${err}`);
 });
