@@ -126,6 +126,8 @@ export interface JobFilter extends Signalled {
   tag?: string;
   /** A function name as submitted, or a `sha256:` id. */
   function?: string;
+  /** Only this account's jobs (the admin; other accounts see only their own). */
+  account?: string;
   /** 1–1000, default 100. */
   limit?: number;
   /** `nextCursor` of the previous page. */

@@ -362,12 +362,13 @@ class Jobs {
 
   /**
    * One page of jobs, newest first: `{jobs: Job[], nextCursor}`. The filter's fields
-   * (`status`, `tag`, `function`, `limit` 1–1000, `cursor`) each narrow the list.
+   * (`status`, `tag`, `function`, `account` (the admin only; others see their own),
+   * `limit` 1–1000, `cursor`) each narrow the list.
    */
-  async list({ status, tag, function: fn, limit, cursor, signal } = {}) {
+  async list({ status, tag, function: fn, account, limit, cursor, signal } = {}) {
     const t = this._c._t;
     const page = await t.json('GET', '/v1/jobs', {
-      query: { status, tag, function: fn, limit, cursor },
+      query: { status, tag, function: fn, account, limit, cursor },
       idempotent: true,
       signal,
     });
