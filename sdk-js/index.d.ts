@@ -63,6 +63,24 @@ export interface Health {
   store: string;
 }
 
+export interface Quotas {
+  max_concurrent_jobs?: number | null;
+  max_timeout_ms?: number | null;
+  max_memory_mb?: number | null;
+  max_function_bytes?: number | null;
+}
+
+export interface Me {
+  account: string;
+  role: 'admin' | 'user';
+  /** Limits in force (`null`: none). */
+  quotas: Quotas;
+  /** Jobs queued or running now. */
+  active_jobs: number;
+  /** Bytes of function versions stored. */
+  function_bytes: number;
+}
+
 // ---- options ------------------------------------------------------------------------
 
 export interface RetryPolicy {
@@ -179,6 +197,9 @@ export declare class Cloudpipe {
 
   /** An HTTP request to a function's endpoint (`/fn/{name}{path}`); its answer whatever the status. */
   invoke(name: string, options?: InvokeOptions): Promise<InvokeResponse>;
+
+  /** Who the key belongs to and the limits in force (`/v1/me`). */
+  me(options?: Signalled): Promise<Me>;
 
   /** The server's `/healthz`. */
   health(): Promise<Health>;

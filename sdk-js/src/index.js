@@ -210,6 +210,11 @@ export class Cloudpipe {
     return new InvokeResponse(res.status, res.headers, new Uint8Array(await res.arrayBuffer()));
   }
 
+  /** Who the key belongs to and the limits in force (`/v1/me`): `{account, role, quotas, active_jobs, function_bytes}`. */
+  async me({ signal } = {}) {
+    return this._t.json('GET', '/v1/me', { idempotent: true, signal });
+  }
+
   /** The server's `/healthz`. */
   async health() {
     return this._t.json('GET', '/healthz', { idempotent: true });

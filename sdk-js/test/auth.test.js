@@ -20,6 +20,9 @@ after(async () => {
 
 test('the admin key is accepted', async () => {
   const cp = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY });
+  const me = await cp.me();
+  assert.equal(me.account, 'admin');
+  assert.equal(me.role, 'admin');
   assert.ok(Array.isArray(await cp.functions.list()));
   const page = await cp.jobs.list({ limit: 1 });
   assert.deepEqual(page.jobs, []);
