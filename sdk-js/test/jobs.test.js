@@ -202,7 +202,7 @@ describe('limits', () => {
 describe('following jobs', () => {
   test('events stream live output and end with the terminal record', async () => {
     const job = await cp.submit(async () => {
-      for (let i = 0; i < 3; i++) {
+      for (let i = 0; i < 5; i++) {
         console.log(`tick ${i}`);
         await new Promise((resolve) => setTimeout(resolve, 100));
       }
@@ -215,7 +215,9 @@ describe('following jobs', () => {
     assert.equal(last.status, 'succeeded');
     assert.equal(last.record.stdout, '"done"\n');
     const live = events.filter((e) => e.event === 'stderr').map((e) => e.data).join('');
-    assert.match(live, /tick 2/);
+    // The stream follows from when it opened: the last lines arrive live.
+    assert.match(live, /tick 4/);
+    assert.match(last.record.stderr, /tick 0\ntick 1\ntick 2\ntick 3\ntick 4\n/);
     assert.equal(await job.result(), 'done');
   });
 
