@@ -117,33 +117,51 @@ fn write_out(w: &mut impl Write, data: &str) -> anyhow::Result<()> {
     w.write_all(data.as_bytes()).and_then(|_| w.flush()).context("writing the job's output")
 }
 
-/// Prints what the final record holds beyond what came live: output written before
-/// the events stream was open (the stream has no replay), or all of it when the job
-/// ended before.
+/// Prints what the final record holds beyond what came live: all of it when the job
+/// ended before the events stream opened, the tail when the stream ended first.
 fn print_missed(record: &JobRecord, seen: &Seen, ui: Ui) -> anyhow::Result<()> {
-    for (full, live, is_out) in
-        [(&record.stdout, &seen.stdout, true), (&record.stderr, &seen.stderr, false)]
+    for (full, live, name) in
+        [(&record.stdout, &seen.stdout, "stdout"), (&record.stderr, &seen.stderr, "stderr")]
     {
-        let rest = match full.strip_prefix(live.as_str()) {
-            Some(rest) => rest,
-            None if full.ends_with(live.as_str()) || full.len() < live.len() => {
-                // The start came before the stream opened and was not shown live.
+        let rest = match unseen(full, live) {
+            Unseen::Rest(rest) => rest,
+            Unseen::HeadMissed => {
+                // The events stream has no replay: what the job wrote between its
+                // start and the stream's opening was not shown.
                 ui.warn(format_args!(
-                    "the job's {} began before it was followed; all of it: `cargo cloudpipe result {}`",
-                    if is_out { "stdout" } else { "stderr" },
+                    "the start of the job's {name} came before it was followed; all of it: \
+                     `cargo cloudpipe result {}`",
                     record.id
                 ));
                 ""
             }
-            None => "",
         };
-        if is_out {
+        if name == "stdout" {
             write_out(&mut std::io::stdout(), rest)?;
         } else {
             write_out(&mut std::io::stderr(), rest)?;
         }
     }
     Ok(())
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Unseen<'a> {
+    /// What follows the live output in the record (often nothing).
+    Rest(&'a str),
+    /// The live output is the record's end: its start was never shown.
+    HeadMissed,
+}
+
+/// Compares a stream's full text in the record with what came live. Anything else
+/// (the record cut at the output cap, a character split across live chunks) has
+/// nothing left to add.
+fn unseen<'a>(full: &'a str, live: &str) -> Unseen<'a> {
+    match full.strip_prefix(live) {
+        Some(rest) => Unseen::Rest(rest),
+        None if full.ends_with(live) => Unseen::HeadMissed,
+        None => Unseen::Rest(""),
+    }
 }
 
 /// The process exit code for a job's end: its own exit code, 130 when cancelled
@@ -177,5 +195,20 @@ pub fn report_end(record: &JobRecord, ui: Ui) {
             st.as_str(),
             record.exit_code.map_or("none".to_string(), |c| c.to_string())
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_record_fills_in_what_the_stream_did_not_show() {
+        assert_eq!(unseen("7\n", ""), Unseen::Rest("7\n"));
+        assert_eq!(unseen("a\nb\n", "a\n"), Unseen::Rest("b\n"));
+        assert_eq!(unseen("a\nb\n", "a\nb\n"), Unseen::Rest(""));
+        assert_eq!(unseen("a\nb\n", "b\n"), Unseen::HeadMissed);
+        // Cut at the cap: the stream showed more than the record kept.
+        assert_eq!(unseen("a\n", "a\nb\n"), Unseen::Rest(""));
     }
 }
