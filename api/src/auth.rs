@@ -353,6 +353,7 @@ pub struct Caller {
     pub account: String,
     pub role: Role,
     pub limits: Limits,
+    pub allow_network: bool,
 }
 
 impl Caller {
@@ -370,7 +371,12 @@ impl Caller {
     }
 
     pub fn tenant(&self) -> Tenant {
-        Tenant { account: self.account.clone(), admin: self.is_admin(), limits: self.limits }
+        Tenant {
+            account: self.account.clone(),
+            admin: self.is_admin(),
+            limits: self.limits,
+            allow_network: self.allow_network,
+        }
     }
 
     pub fn require_admin(&self) -> Result<(), ApiError> {
@@ -455,6 +461,7 @@ impl Auth {
                 role: Role::User,
                 disabled: false,
                 quotas: Quotas::default(),
+                allow_network: false,
                 created_at: 0,
             },
             // A key whose account is gone.
@@ -471,7 +478,12 @@ impl Auth {
                 format!("account {name:?} is disabled"),
             ));
         }
-        Ok(Caller { limits: self.limits(&account), role: account.role, account: name })
+        Ok(Caller {
+            limits: self.limits(&account),
+            role: account.role,
+            allow_network: account.allow_network,
+            account: name,
+        })
     }
 }
 
@@ -563,6 +575,7 @@ pub async fn bootstrap(state: &AppState, admin_key: Option<&str>) -> anyhow::Res
                 role: Role::Admin,
                 disabled: false,
                 quotas: Quotas::default(),
+                allow_network: false,
                 created_at: now_micros(),
             })
             .await?;

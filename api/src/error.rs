@@ -110,6 +110,7 @@ impl From<SubmitError> for ApiError {
             }
             SubmitError::Invalid(m) => ApiError::bad("invalid_request", m),
             SubmitError::OverQuota(m) => ApiError::QuotaExceeded(m),
+            SubmitError::Unavailable(m) => ApiError::Unavailable(m),
             SubmitError::ShuttingDown => {
                 ApiError::Unavailable("the server is shutting down".into())
             }

@@ -90,6 +90,7 @@ impl ExecutorRun {
             timeout: Duration::from_secs(10),
             memory_bytes: 64 << 20,
             output_cap: 1 << 20,
+            ..Default::default()
         };
         let outcome =
             self.executor.run(req, Arc::new(NoLiveOutput), CancellationToken::new()).await;

@@ -25,6 +25,9 @@ pub struct AccountRecord {
     pub disabled: bool,
     /// Limits set on this account; unset fields take the server's defaults.
     pub quotas: Quotas,
+    /// Policy: the account's containers may use the network.
+    #[serde(default)]
+    pub allow_network: bool,
     pub created_at: Micros,
 }
 
@@ -94,12 +97,19 @@ pub struct Tenant {
     /// An admin sees every account's functions.
     pub admin: bool,
     pub limits: Limits,
+    /// The account's containers get a network (an admin policy, never a job flag).
+    pub allow_network: bool,
 }
 
 impl Tenant {
     /// The admin account, without limits.
     pub fn admin() -> Tenant {
-        Tenant { account: ADMIN.to_string(), admin: true, limits: Limits::default() }
+        Tenant {
+            account: ADMIN.to_string(),
+            admin: true,
+            limits: Limits::default(),
+            allow_network: false,
+        }
     }
 
     /// What this tenant sees.

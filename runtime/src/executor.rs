@@ -1,7 +1,9 @@
 //! The [`Executor`] trait: what runs a job. Each implementation owns its isolation and
 //! its limits; the scheduler only hands it a [`RunRequest`] and a cancellation token.
 //!
-//! Implementations live beside this file: [`wasm`] (wasmtime + WASI 0.2, in process).
+//! Implementations live beside this file: [`wasm`] (wasmtime + WASI 0.2, in process)
+//! and [`docker`] (containers through the Docker Engine API); [`Executors`] picks one
+//! per job by the job's `executor` field.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,11 +15,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::job::JobOutcome;
 
+pub mod docker;
 pub mod wasm;
 
 /// Everything an executor needs for one attempt of one job.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RunRequest {
+    /// The executor that runs it (`wasm`, `docker`).
+    pub executor: String,
     /// The job id (also given to the guest as `CLOUDPIPE_JOB_ID`).
     pub job_id: String,
     /// argv\[0\] and `CLOUDPIPE_FUNCTION`: the function as submitted.
@@ -38,6 +43,22 @@ pub struct RunRequest {
     /// Cap on each of stdout and stderr kept in the outcome, in bytes; past it the
     /// output is cut and flagged truncated (the guest keeps running).
     pub output_cap: usize,
+    /// `docker`: what to run and how.
+    pub container: Option<ContainerRequest>,
+}
+
+/// The container of a `docker` job.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerRequest {
+    pub image: String,
+    /// argv; empty: the image's own command. The job's args are appended.
+    pub command: Vec<String>,
+    /// CPU limit in billionths of a CPU.
+    pub nano_cpus: Option<u64>,
+    /// Copy this file out at exit and make it the result (stdout).
+    pub result_file: Option<String>,
+    /// Network access (an account policy; none by default).
+    pub network: bool,
 }
 
 /// Which output stream a live chunk belongs to.
@@ -92,4 +113,67 @@ pub trait Executor: Send + Sync + 'static {
         live: Arc<dyn OutputSink>,
         cancel: CancellationToken,
     ) -> JobOutcome;
+
+    /// Whether jobs can run now; `Err` says why not (an engine that is down, say).
+    async fn available(&self) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// The executors of a process, chosen per job by name.
+pub struct Executors {
+    executors: Vec<Arc<dyn Executor>>,
+}
+
+impl Executors {
+    /// The first executor is the default, and the one that prepares uploads.
+    pub fn new(executors: Vec<Arc<dyn Executor>>) -> Executors {
+        assert!(!executors.is_empty(), "at least one executor");
+        Executors { executors }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Executor>> {
+        self.executors.iter().find(|e| e.name() == name)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.executors.iter().map(|e| e.name()).collect()
+    }
+
+    pub fn default_name(&self) -> &'static str {
+        self.executors[0].name()
+    }
+
+    /// Whether `name` can take jobs now (`None`: no such executor here).
+    pub async fn available(&self, name: &str) -> Option<Result<(), String>> {
+        Some(self.get(name)?.available().await)
+    }
+}
+
+#[async_trait]
+impl Executor for Executors {
+    fn name(&self) -> &'static str {
+        self.default_name()
+    }
+
+    async fn prepare(&self, id: &str, binary: &[u8]) -> Result<FunctionKind, PrepareError> {
+        self.executors[0].prepare(id, binary).await
+    }
+
+    async fn run(
+        &self,
+        req: RunRequest,
+        live: Arc<dyn OutputSink>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
+        let name = if req.executor.is_empty() { self.default_name() } else { &req.executor };
+        match self.get(name) {
+            Some(e) => e.clone().run(req, live, cancel).await,
+            None => JobOutcome::error(
+                cloudpipe_types::JobStatus::Failed,
+                "executor_unavailable",
+                format!("this server has no {name:?} executor"),
+            ),
+        }
+    }
 }

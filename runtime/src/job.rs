@@ -90,8 +90,11 @@ pub struct Job {
     pub timeout_ms: u64,
     pub memory_mb: u64,
     pub max_attempts: u32,
-    /// The executor that runs the job (`wasm`).
+    /// The executor that runs the job (`wasm`, `docker`).
     pub executor: String,
+    /// `docker`: the image, command, CPU limit, result file and network policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerSpec>,
 
     pub status: JobStatus,
     /// How many times the job was started (incremented durably *before* each start).
@@ -150,6 +153,20 @@ impl Job {
             executor: self.executor.clone(),
         }
     }
+}
+
+/// The container of a `docker` job, as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    pub image: String,
+    #[serde(default)]
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub nano_cpus: Option<u64>,
+    #[serde(default)]
+    pub result_file: Option<String>,
+    #[serde(default)]
+    pub network: bool,
 }
 
 /// How one attempt ended, as an executor reports it.
@@ -227,6 +244,7 @@ pub(crate) mod tests {
             memory_mb: 64,
             max_attempts: 3,
             executor: "wasm".into(),
+            container: None,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),

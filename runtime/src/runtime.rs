@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::executor::Executors;
+use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -18,6 +20,8 @@ pub struct RuntimeConfig {
     pub backend: Backend,
     pub scheduler: SchedulerConfig,
     pub wasm: WasmConfig,
+    /// The docker executor (`instance` is derived from `data_dir`).
+    pub docker: DockerConfig,
     /// Largest function binary accepted, in bytes.
     pub max_function_bytes: usize,
 }
@@ -30,16 +34,19 @@ impl RuntimeConfig {
             backend: Backend::default(),
             scheduler: SchedulerConfig::default(),
             wasm: WasmConfig::default(),
+            docker: DockerConfig::default(),
             max_function_bytes: 64 << 20,
         }
     }
 }
 
-/// The store, the executor, the registry and the scheduler of one process.
+/// The store, the executors, the registry and the scheduler of one process.
 #[derive(Clone)]
 pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub executor: Arc<WasmExecutor>,
+    pub docker: Arc<DockerExecutor>,
+    pub executors: Arc<Executors>,
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
 }
@@ -66,8 +73,30 @@ impl Runtime {
         );
         let registry =
             FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
+        let mut docker_config = config.docker.clone();
+        docker_config.instance = instance_id(&config.data_dir);
+        let docker = Arc::new(DockerExecutor::new(docker_config));
+        // Containers left by a previous life of this server (killed with them running)
+        // go before any job starts; their jobs are requeued by the store's recovery.
+        if std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists()
+        {
+            match tokio::time::timeout(std::time::Duration::from_secs(10), docker.reap()).await {
+                Ok(Ok(0)) | Ok(Err(_)) => {}
+                Ok(Ok(n)) => tracing::warn!(containers = n, "removed containers left by a crash"),
+                Err(_) => tracing::warn!("the Docker engine did not answer; containers not reaped"),
+            }
+        }
+        let executors = Arc::new(Executors::new(vec![executor.clone(), docker.clone()]));
         let scheduler =
-            Scheduler::start(store.clone(), executor.clone(), config.scheduler.clone()).await?;
-        Ok(Runtime { store, executor, registry, scheduler })
+            Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
+        Ok(Runtime { store, executor, docker, executors, registry, scheduler })
     }
+}
+
+/// A stable id of the server owning `data_dir`, for labelling what it makes outside
+/// itself (containers).
+fn instance_id(data_dir: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..8])
 }

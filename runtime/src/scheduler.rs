@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::account::{Limits, Tenant};
-use crate::executor::{Executor, OutputSink, OutputStream, RunRequest};
+use crate::executor::{ContainerRequest, Executor, Executors, OutputSink, OutputStream, RunRequest};
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
 use crate::store::{Inserted, Retention, Store};
@@ -81,6 +81,9 @@ pub enum SubmitError {
     /// Past one of the account's limits.
     #[error("{0}")]
     OverQuota(String),
+    /// The job's executor cannot take jobs now.
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
     #[error(transparent)]
@@ -242,7 +245,7 @@ pub struct Scheduler {
 
 struct Inner {
     store: Arc<dyn Store>,
-    executor: Arc<dyn Executor>,
+    executor: Arc<Executors>,
     config: SchedulerConfig,
     slots: Arc<Semaphore>,
     /// Wakes the dispatcher: a job was queued.
@@ -299,7 +302,7 @@ impl Scheduler {
     /// Call once per process, inside a tokio runtime.
     pub async fn start(
         store: Arc<dyn Store>,
-        executor: Arc<dyn Executor>,
+        executor: Arc<Executors>,
         config: SchedulerConfig,
     ) -> anyhow::Result<Scheduler> {
         let rec = store.recover(now_micros()).await?;
@@ -478,6 +481,23 @@ impl Scheduler {
         }
         let mut job = inner.job_from_spec(spec, &tenant.limits)?;
         job.account = tenant.account.clone();
+        if let Some(c) = &mut job.container {
+            c.network = tenant.allow_network;
+        }
+        if job.executor != inner.executor.default_name() {
+            return match inner.executor.available(&job.executor).await {
+                Some(Ok(())) => Ok(job),
+                Some(Err(why)) => Err(SubmitError::Unavailable(format!(
+                    "the {} executor is unavailable: {why}",
+                    job.executor
+                ))),
+                None => Err(SubmitError::Invalid(format!(
+                    "unknown executor {:?}: this server runs {}",
+                    job.executor,
+                    inner.executor.names().join(", ")
+                ))),
+            };
+        }
         let meta = inner
             .store
             .get_function(&tenant.scope(), &job.function)
@@ -602,7 +622,27 @@ impl Inner {
     fn job_from_spec(&self, spec: JobSpec, limits: &Limits) -> Result<Job, SubmitError> {
         let c = &self.config;
         let invalid = |m: String| Err(SubmitError::Invalid(m));
-        if spec.function.is_empty() {
+        let executor = spec.executor.clone().unwrap_or_else(|| self.executor.default_name().into());
+        let container = match executor.as_str() {
+            "docker" => Some(container_spec(&spec).map_err(SubmitError::Invalid)?),
+            _ => {
+                if spec.image.is_some()
+                    || !spec.command.is_empty()
+                    || spec.cpus.is_some()
+                    || spec.result_source.is_some()
+                {
+                    return invalid(format!(
+                        "`image`, `command`, `cpus` and `result_source` are for `\"executor\": \"docker\"`, not {executor:?}"
+                    ));
+                }
+                None
+            }
+        };
+        let function = match &container {
+            Some(c) => c.image.clone(),
+            None => spec.function.clone(),
+        };
+        if container.is_none() && spec.function.is_empty() {
             return invalid("`function` must name a function or give its id (sha256:…)".into());
         }
         if spec.function.starts_with("sha256:") && !is_function_id(&spec.function) {
@@ -686,7 +726,7 @@ impl Inner {
         Ok(Job {
             id: JobId::new(),
             account: crate::account::ADMIN.to_string(),
-            function: spec.function,
+            function,
             function_id: String::new(),
             args: spec.args,
             env: spec.env,
@@ -696,7 +736,8 @@ impl Inner {
             timeout_ms,
             memory_mb,
             max_attempts,
-            executor: self.executor.name().to_string(),
+            executor,
+            container,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),
@@ -850,6 +891,14 @@ impl Inner {
 
     fn run_request(&self, job: &Job) -> RunRequest {
         RunRequest {
+            executor: job.executor.clone(),
+            container: job.container.as_ref().map(|c| ContainerRequest {
+                image: c.image.clone(),
+                command: c.command.clone(),
+                nano_cpus: c.nano_cpus,
+                result_file: c.result_file.clone(),
+                network: c.network,
+            }),
             job_id: job.id.to_string(),
             function: job.function.clone(),
             function_id: job.function_id.clone(),
@@ -968,4 +1017,39 @@ impl Inner {
 /// it for every job costs more than the job.
 fn run_span(job: &Job) -> tracing::Span {
     tracing::debug_span!("runtime.run_job", job_id = %job.id, function = %job.function, attempt = job.attempts)
+}
+
+/// The container of a `docker` job spec, checked.
+fn container_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
+    let image = spec.image.clone().filter(|i| !i.trim().is_empty()).ok_or_else(|| {
+        "a docker job needs `image` (an image present on the Docker engine)".to_string()
+    })?;
+    if image.len() > 512 || image.contains(char::is_whitespace) {
+        return Err(format!("{image:?} is not an image reference"));
+    }
+    if !spec.function.is_empty() {
+        return Err("a docker job runs `image` and `command`, not `function`".into());
+    }
+    if spec.command.len() > 4096 || spec.command.iter().any(|a| a.contains('\0')) {
+        return Err("`command`: at most 4096 arguments, without NUL".into());
+    }
+    let nano_cpus = match spec.cpus {
+        None => None,
+        Some(c) if c.is_finite() && c > 0.0 && c <= 1024.0 => Some((c * 1e9) as u64),
+        Some(c) => return Err(format!("`cpus` {c} must be more than 0 and at most 1024")),
+    };
+    let result_file = match spec.result_source.as_deref() {
+        None | Some("stdout") => None,
+        Some(s) => match s.strip_prefix("file:") {
+            Some(p) if p.starts_with('/') && !p.contains('\0') && p.len() <= 4096 => {
+                Some(p.to_string())
+            }
+            _ => {
+                return Err(format!(
+                    "`result_source` {s:?}: use `stdout` or `file:/absolute/path`"
+                ));
+            }
+        },
+    };
+    Ok(crate::job::ContainerSpec { image, command: spec.command.clone(), nano_cpus, result_file, network: false })
 }

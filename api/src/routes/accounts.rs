@@ -37,6 +37,7 @@ fn account(a: AccountRecord) -> Account {
         role: a.role,
         disabled: a.disabled,
         quotas: a.quotas,
+        allow_network: a.allow_network,
         created_at: rfc3339(a.created_at),
     }
 }
@@ -83,6 +84,7 @@ pub async fn create_account(
         role: req.role,
         disabled: false,
         quotas: req.quotas,
+        allow_network: req.allow_network,
         created_at: now_micros(),
     };
     if !state.runtime.store.insert_account(record.clone()).await? {
@@ -142,6 +144,9 @@ pub async fn update_account(
     }
     if let Some(q) = patch.quotas {
         record.quotas = q;
+    }
+    if let Some(n) = patch.allow_network {
+        record.allow_network = n;
     }
     if !state.runtime.store.update_account(record.clone()).await? {
         return Err(account_not_found(&name));

@@ -255,6 +255,7 @@ async fn run(
                 )),
                 memory_bytes: or_default(meta.settings.memory_mb << 20, config.memory_bytes),
                 output_cap: config.max_response_body,
+                ..Default::default()
             },
             Arc::new(NoLiveOutput),
             Default::default(),

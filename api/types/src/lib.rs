@@ -154,12 +154,30 @@ pub struct FunctionList {
 }
 
 /// A job as submitted by a client (`POST /v1/jobs`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
-    /// A function name, or a content address `sha256:…` for one exact version.
+    /// A function name, or a content address `sha256:…` for one exact version (the
+    /// `wasm` executor).
+    #[serde(default)]
     pub function: String,
+    /// What runs the job: `wasm` (the default) or `docker`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
+    /// `docker`: the image, present on the engine (nothing is pulled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// `docker`: the command (argv); `args` are appended. Without it, the image's own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
+    /// `docker`: CPUs the container may use (e.g. 0.5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<f64>,
+    /// `docker`: where the result comes from: `stdout` (the default) or
+    /// `file:/path/in/container`, copied out when the container exits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result_source: Option<String>,
     /// Arguments after argv\[0\] (argv\[0\] is the function name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
@@ -433,6 +451,9 @@ pub struct Account {
     /// Limits set on this account; fields left out take the server's defaults.
     #[serde(default)]
     pub quotas: Quotas,
+    /// Policy: the account's containers may use the network (off by default).
+    #[serde(default)]
+    pub allow_network: bool,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -447,6 +468,8 @@ pub struct AccountCreate {
     pub role: Role,
     #[serde(default)]
     pub quotas: Quotas,
+    #[serde(default)]
+    pub allow_network: bool,
 }
 
 /// `PATCH /v1/accounts/{name}`: each field given replaces that setting.
@@ -458,6 +481,8 @@ pub struct AccountPatch {
     pub disabled: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quotas: Option<Quotas>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_network: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

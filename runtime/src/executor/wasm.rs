@@ -34,7 +34,7 @@
 //! let req = RunRequest {
 //!     job_id: "job-1".into(), function: "hello".into(), function_id: id.into(),
 //!     args: vec![], env: vec![], stdin: Default::default(), attempt: 1,
-//!     timeout: std::time::Duration::from_secs(10), memory_bytes: 64 << 20, output_cap: 1 << 20,
+//!     timeout: std::time::Duration::from_secs(10), memory_bytes: 64 << 20, output_cap: 1 << 20, ..Default::default()
 //! };
 //! let outcome = executor.run(req, Arc::new(NoLiveOutput), Default::default()).await;
 //! println!("{}", String::from_utf8_lossy(&outcome.stdout));

@@ -866,6 +866,7 @@ pub(crate) async fn accounts_and_keys_round_trip<S: Store>(open: impl Fn(&Path) 
         role: cloudpipe_types::Role::User,
         disabled: false,
         quotas: Default::default(),
+        allow_network: false,
         created_at: 1,
     };
     let key = |id: &str, account: &str, hash: &str| KeyRecord {

@@ -98,6 +98,7 @@ fn request(function: &str, function_id: &str) -> RunRequest {
         timeout: Duration::from_secs(30),
         memory_bytes: 64 << 20,
         output_cap: 1 << 20,
+        ..Default::default()
     }
 }
 

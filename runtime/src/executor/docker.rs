@@ -1,0 +1,442 @@
+//! The `docker` executor: a job in a container, through the Docker Engine API
+//! (bollard, over the engine's socket; never the CLI).
+//!
+//! Safe by default, whatever the job asks: no network (unless the account's policy
+//! allows it), every capability dropped, `no-new-privileges`, a read-only root with a
+//! tmpfs `/tmp`, a pids limit, a memory limit without swap, and a non-root user. stdin
+//! is streamed in; stdout and stderr are streamed out live and kept capped; timeout and
+//! cancel kill the container; the container is always removed. Containers carry the
+//! labels `cloudpipe.instance` (this server's data directory) and `cloudpipe.job`, so
+//! that a server restarted after `kill -9` removes what its previous life left behind
+//! ([`DockerExecutor::reap`]) while the store puts those jobs back in the queue.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    AttachContainerOptionsBuilder, CreateContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+};
+use cloudpipe_types::{FunctionKind, JobError, JobStatus};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio_util::sync::CancellationToken;
+
+use super::{Executor, OutputSink, OutputStream, PrepareError, RunRequest};
+use crate::job::JobOutcome;
+
+/// Label naming the server (its data directory) that made a container.
+pub const INSTANCE_LABEL: &str = "cloudpipe.instance";
+/// Label naming the job a container runs.
+pub const JOB_LABEL: &str = "cloudpipe.job";
+
+/// Settings of the docker executor; plain data.
+#[derive(Debug, Clone)]
+pub struct DockerConfig {
+    /// The engine's socket; `None`: `DOCKER_HOST`, else `/var/run/docker.sock`.
+    pub socket: Option<String>,
+    /// `uid:gid` the container runs as.
+    pub user: String,
+    /// Most processes (and threads) in one container: a fork bomb stops here.
+    pub pids_limit: i64,
+    /// Size of the tmpfs mounted at `/tmp`, the only writable place.
+    pub tmp_size: String,
+    /// Identifies this server's containers (see [`INSTANCE_LABEL`]).
+    pub instance: String,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            socket: None,
+            user: "65534:65534".into(),
+            pids_limit: 256,
+            tmp_size: "64m".into(),
+            instance: "default".into(),
+        }
+    }
+}
+
+pub struct DockerExecutor {
+    config: DockerConfig,
+    client: tokio::sync::OnceCell<Docker>,
+}
+
+/// A failed attempt with an error kind and message.
+fn failed(kind: &str, message: impl Into<String>) -> JobOutcome {
+    JobOutcome::error(JobStatus::Failed, kind, message)
+}
+
+impl DockerExecutor {
+    pub fn new(config: DockerConfig) -> DockerExecutor {
+        DockerExecutor { config, client: tokio::sync::OnceCell::new() }
+    }
+
+    /// The engine's client, connected and version-negotiated on first use (a failure
+    /// is not cached: the engine may come up later).
+    async fn client(&self) -> Result<&Docker, String> {
+        self.client
+            .get_or_try_init(|| async {
+                let docker = match &self.config.socket {
+                    Some(s) => Docker::connect_with_unix(s, 120, bollard::API_DEFAULT_VERSION),
+                    None => Docker::connect_with_local_defaults(),
+                }
+                .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
+                let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+                    .await
+                    .map_err(|_| "the Docker engine did not answer".to_string())?
+                    .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
+                Ok(docker)
+            })
+            .await
+    }
+
+    /// Removes every container this server made, whatever its state: after a crash,
+    /// the jobs they ran are recovered by the store; their containers must go.
+    pub async fn reap(&self) -> Result<usize, String> {
+        let docker = self.client().await?;
+        let filters =
+            HashMap::from([("label", vec![format!("{INSTANCE_LABEL}={}", self.config.instance)])]);
+        let list = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let containers = docker.list_containers(Some(list)).await.map_err(|e| e.to_string())?;
+        let mut removed = 0;
+        for c in containers {
+            if let Some(id) = c.id {
+                let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+                if docker.remove_container(&id, Some(force)).await.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    fn create_body(&self, req: &RunRequest) -> ContainerCreateBody {
+        let c = req.container.clone().unwrap_or_default();
+        let mut cmd = c.command.clone();
+        cmd.extend(req.args.iter().cloned());
+        let mut env: Vec<String> = req.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        env.push(format!("CLOUDPIPE_JOB_ID={}", req.job_id));
+        env.push(format!("CLOUDPIPE_FUNCTION={}", c.image));
+        env.push(format!("CLOUDPIPE_ATTEMPT={}", req.attempt));
+        let memory = req.memory_bytes.min(i64::MAX as u64) as i64;
+        let host = HostConfig {
+            network_mode: Some(if c.network { "bridge" } else { "none" }.into()),
+            cap_drop: Some(vec!["ALL".into()]),
+            security_opt: Some(vec!["no-new-privileges".into()]),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_string(),
+                format!("rw,nosuid,nodev,size={}", self.config.tmp_size),
+            )])),
+            pids_limit: Some(self.config.pids_limit),
+            memory: Some(memory),
+            memory_swap: Some(memory),
+            nano_cpus: c.nano_cpus.map(|n| n.min(i64::MAX as u64) as i64),
+            ..Default::default()
+        };
+        ContainerCreateBody {
+            image: Some(c.image.clone()),
+            cmd: (!cmd.is_empty()).then_some(cmd),
+            env: Some(env),
+            user: Some(self.config.user.clone()),
+            labels: Some(HashMap::from([
+                (INSTANCE_LABEL.to_string(), self.config.instance.clone()),
+                (JOB_LABEL.to_string(), req.job_id.clone()),
+            ])),
+            attach_stdin: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
+            tty: Some(false),
+            network_disabled: Some(!c.network),
+            host_config: Some(host),
+            ..Default::default()
+        }
+    }
+
+    async fn attempt(
+        &self,
+        docker: &Docker,
+        id: &str,
+        req: &RunRequest,
+        live: &Arc<dyn OutputSink>,
+        cancel: &CancellationToken,
+    ) -> JobOutcome {
+        let attach = AttachContainerOptionsBuilder::new()
+            .stream(true)
+            .stdin(true)
+            .stdout(true)
+            .stderr(true)
+            .build();
+        let attached = match docker.attach_container(id, Some(attach)).await {
+            Ok(a) => a,
+            Err(e) => return failed("executor", format!("attaching to the container: {e}")),
+        };
+        let mut output = attached.output;
+        let mut input = attached.input;
+        if let Err(e) = docker.start_container(id, None).await {
+            return failed("executor", format!("starting the container: {e}"));
+        }
+        let deadline = tokio::time::Instant::now() + req.timeout;
+        // stdin goes in beside the output coming out, so neither side can block the
+        // other; closing it is the container's EOF.
+        let stdin = req.stdin.clone();
+        let writer = tokio::spawn(async move {
+            let _ = input.write_all(&stdin).await;
+            let _ = input.shutdown().await;
+        });
+        let mut out = Capped::new(req.output_cap);
+        let mut err = Capped::new(req.output_cap);
+        let mut ended_by: Option<JobStatus> = None;
+        loop {
+            tokio::select! {
+                chunk = output.next() => match chunk {
+                    Some(Ok(bollard::container::LogOutput::StdOut { message })) => {
+                        out.push(&message, OutputStream::Stdout, live);
+                    }
+                    Some(Ok(bollard::container::LogOutput::StdErr { message })) => {
+                        err.push(&message, OutputStream::Stderr, live);
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => break,
+                },
+                _ = tokio::time::sleep_until(deadline), if ended_by.is_none() => {
+                    ended_by = Some(JobStatus::TimedOut);
+                    self.kill(docker, id).await;
+                }
+                _ = cancel.cancelled(), if ended_by.is_none() => {
+                    ended_by = Some(JobStatus::Cancelled);
+                    self.kill(docker, id).await;
+                }
+            }
+        }
+        writer.abort();
+        let state = match docker.inspect_container(id, None).await {
+            Ok(i) => i.state.unwrap_or_default(),
+            Err(e) => return failed("executor", format!("inspecting the container: {e}")),
+        };
+        let code = state.exit_code.map(|c| c as i32);
+        let mut outcome = JobOutcome {
+            exit_code: code,
+            stdout: out.bytes,
+            stderr: err.bytes,
+            stdout_truncated: out.truncated,
+            stderr_truncated: err.truncated,
+            ..JobOutcome::default()
+        };
+        let error = |kind: &str, message: String| Some(JobError { kind: kind.into(), message });
+        match ended_by {
+            Some(JobStatus::TimedOut) => {
+                outcome.status = JobStatus::TimedOut;
+                outcome.exit_code = None;
+                outcome.error = error(
+                    "timeout",
+                    format!("killed after the timeout of {} ms", req.timeout.as_millis()),
+                );
+            }
+            Some(_) => {
+                outcome.status = JobStatus::Cancelled;
+                outcome.exit_code = None;
+                outcome.error = error("cancelled", "cancelled while running".into());
+            }
+            None if state.oom_killed == Some(true) => {
+                outcome.status = JobStatus::Failed;
+                outcome.error = error(
+                    "memory_limit",
+                    format!(
+                        "killed by the memory limit of {} MiB",
+                        req.memory_bytes >> 20
+                    ),
+                );
+            }
+            None if code == Some(0) => outcome.status = JobStatus::Succeeded,
+            None => {
+                outcome.status = JobStatus::Failed;
+                let c = code.unwrap_or(-1);
+                outcome.error = error("exit", format!("exited with code {c}"));
+            }
+        }
+        if outcome.status == JobStatus::Succeeded
+            && let Some(path) = req.container.as_ref().and_then(|c| c.result_file.as_deref())
+        {
+            match self.copy_out(docker, id, path, req.output_cap).await {
+                Ok((bytes, truncated)) => {
+                    outcome.stdout = bytes;
+                    outcome.stdout_truncated = truncated;
+                }
+                Err(m) => {
+                    outcome.status = JobStatus::Failed;
+                    outcome.error = error("result_missing", m);
+                }
+            }
+        }
+        outcome
+    }
+
+    async fn kill(&self, docker: &Docker, id: &str) {
+        let kill = KillContainerOptionsBuilder::new().signal("KILL").build();
+        let _ = docker.kill_container(id, Some(kill)).await;
+    }
+
+    /// The content of one regular file of the (stopped) container, capped.
+    async fn copy_out(
+        &self,
+        docker: &Docker,
+        id: &str,
+        path: &str,
+        cap: usize,
+    ) -> Result<(Vec<u8>, bool), String> {
+        let opts = DownloadFromContainerOptionsBuilder::new().path(path).build();
+        let mut stream = docker.download_from_container(id, Some(opts));
+        // The archive of one file is the file plus headers; read a little past the cap.
+        let limit = cap.saturating_add(64 << 10);
+        let mut tar_bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| format!("result file {path:?} not found: {e}"))?;
+            if tar_bytes.len() < limit {
+                tar_bytes.extend_from_slice(&chunk);
+            }
+        }
+        let mut archive = tar::Archive::new(&tar_bytes[..]);
+        let entries = archive.entries().map_err(|e| format!("reading the result: {e}"))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| format!("reading the result: {e}"))?;
+            if entry.header().entry_type().is_file() {
+                let size = entry.header().size().unwrap_or(0) as usize;
+                let mut bytes = Vec::with_capacity(size.min(cap));
+                let _ = std::io::Read::read_to_end(
+                    &mut std::io::Read::take(&mut entry, cap as u64),
+                    &mut bytes,
+                );
+                return Ok((bytes, size > cap));
+            }
+        }
+        Err(format!("result file {path:?} is not a regular file"))
+    }
+}
+
+/// One output stream kept up to a cap; everything kept is also sent live.
+struct Capped {
+    bytes: Vec<u8>,
+    cap: usize,
+    truncated: bool,
+}
+
+impl Capped {
+    fn new(cap: usize) -> Capped {
+        Capped { bytes: Vec::new(), cap, truncated: false }
+    }
+
+    fn push(&mut self, data: &[u8], stream: OutputStream, live: &Arc<dyn OutputSink>) {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        let kept = &data[..data.len().min(room)];
+        if kept.len() < data.len() {
+            self.truncated = true;
+        }
+        if !kept.is_empty() {
+            self.bytes.extend_from_slice(kept);
+            live.chunk(stream, kept);
+        }
+    }
+}
+
+#[async_trait]
+impl Executor for DockerExecutor {
+    fn name(&self) -> &'static str {
+        "docker"
+    }
+
+    async fn prepare(&self, _id: &str, _binary: &[u8]) -> Result<FunctionKind, PrepareError> {
+        Err(PrepareError::Invalid("the docker executor runs images, not uploaded binaries".into()))
+    }
+
+    async fn available(&self) -> Result<(), String> {
+        let docker = self.client().await?;
+        match tokio::time::timeout(Duration::from_secs(2), docker.ping()).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("the Docker engine does not answer: {e}")),
+            Err(_) => Err("the Docker engine does not answer".into()),
+        }
+    }
+
+    async fn run(
+        &self,
+        req: RunRequest,
+        live: Arc<dyn OutputSink>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
+        let docker = match self.client().await {
+            Ok(d) => d.clone(),
+            Err(e) => return failed("executor_unavailable", e),
+        };
+        let name = format!("cloudpipe-{}-{}", req.job_id, req.attempt);
+        let create = CreateContainerOptionsBuilder::new().name(&name).build();
+        let body = self.create_body(&req);
+        let mut created = docker.create_container(Some(create.clone()), body.clone()).await;
+        if let Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) =
+            &created
+        {
+            // A container of this very attempt left by an earlier life of the server.
+            let force = RemoveContainerOptionsBuilder::new().force(true).build();
+            let _ = docker.remove_container(&name, Some(force)).await;
+            created = docker.create_container(Some(create), body).await;
+        }
+        let id = match created {
+            Ok(c) => c.id,
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 404,
+                message,
+            }) => {
+                return failed(
+                    "image_not_found",
+                    format!("image not on the Docker engine (nothing is pulled): {message}"),
+                );
+            }
+            Err(e) => return failed("executor", format!("creating the container: {e}")),
+        };
+        // Removed whatever happens, even if this future is dropped half-way.
+        let remover = Remover { docker: docker.clone(), id: id.clone(), done: false };
+        let outcome = self.attempt(&docker, &id, &req, &live, &cancel).await;
+        remover.remove().await;
+        outcome
+    }
+}
+
+/// Removes a container when dropped (from a task) unless [`Remover::remove`] did.
+struct Remover {
+    docker: Docker,
+    id: String,
+    done: bool,
+}
+
+impl Remover {
+    async fn remove(mut self) {
+        let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        if let Err(e) = self.docker.remove_container(&self.id, Some(force)).await {
+            tracing::warn!(container = %self.id, error = %e, "removing a container failed");
+        }
+        self.done = true;
+    }
+}
+
+impl Drop for Remover {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (docker, id) = (self.docker.clone(), std::mem::take(&mut self.id));
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let force = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+                let _ = docker.remove_container(&id, Some(force)).await;
+            });
+        }
+    }
+}
