@@ -61,6 +61,9 @@ pub struct ApiConfig {
     pub external_auth: Option<(String, Duration)>,
     /// Failed authentications allowed per client address per minute (0: no limit).
     pub auth_failures_per_minute: u32,
+    /// The image of Cloudpipe v1 jobs (`POST /v1/job`), whose `cmd` runs in it under
+    /// `/bin/sh -c`.
+    pub v1_image: String,
     /// Limits of HTTP invocation (`/fn/{name}`).
     pub invoke: routes::invoke::InvokeConfig,
     /// At shutdown, how long open requests and running jobs get to finish; jobs still
@@ -82,6 +85,7 @@ impl Default for ApiConfig {
             },
             external_auth: None,
             auth_failures_per_minute: 30,
+            v1_image: "cloudpipe/runner:latest".into(),
             invoke: routes::invoke::InvokeConfig::default(),
             shutdown_grace: Duration::from_secs(10),
         }

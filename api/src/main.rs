@@ -194,6 +194,9 @@ struct ServeArgs {
     /// Default quota: bytes of function versions stored per account (0: none).
     #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
     quota_function_bytes: u64,
+    /// The image Cloudpipe v1 jobs (`POST /v1/job`) run in (present on the engine).
+    #[arg(long, env = "CLOUDPIPE_V1_IMAGE", default_value = "cloudpipe/runner:latest")]
+    v1_image: String,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, env = "CLOUDPIPE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -291,6 +294,7 @@ impl ServeArgs {
                 .clone()
                 .map(|u| (u, Duration::from_secs(self.auth_cache_secs))),
             auth_failures_per_minute: self.auth_failures_per_minute,
+            v1_image: self.v1_image.clone(),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
             invoke: InvokeConfig {
                 max_concurrency_per_function: self.fn_max_concurrency,

@@ -1,0 +1,135 @@
+//! A Docker engine for the tests, and the test image.
+//!
+//! [`ensure_engine`] starts `dockerd` when its socket does not answer (the CI machines
+//! have the package but no running daemon) and waits for it; [`ensure_image`] builds
+//! the test image from Debian's busybox-static with `docker import` (there is no image
+//! registry here). When neither can be done the tests fail, saying what to install:
+//! they never skip.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The image every docker test runs: busybox, a `nobody` user, nothing else.
+pub const TEST_IMAGE: &str = "cloudpipe-test/busybox:1";
+
+fn docker_answers() -> bool {
+    Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes sure a Docker engine answers on the default socket, starting one if needed.
+/// Panics, saying what is missing, when it cannot.
+pub fn ensure_engine() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        if docker_answers() {
+            return Ok(());
+        }
+        if !Path::new("/usr/sbin/dockerd").exists() && which("dockerd").is_none() {
+            return Err("dockerd is not installed: apt-get install -y docker.io".into());
+        }
+        // Started detached: it outlives this test process, and the next test run
+        // finds it answering.
+        let log = std::fs::File::create(std::env::temp_dir().join("cloudpipe-test-dockerd.log"))
+            .map_err(|e| e.to_string())?;
+        Command::new("setsid")
+            .arg("dockerd")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("starting dockerd: {e}"))?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if docker_answers() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        Err("dockerd did not answer within 60 s (see the temp dir's cloudpipe-test-dockerd.log)".into())
+    });
+    if let Err(e) = ready {
+        panic!("THE DOCKER TESTS CANNOT RUN: {e}");
+    }
+}
+
+fn which(cmd: &str) -> Option<std::path::PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.exists())
+}
+
+/// Makes sure [`TEST_IMAGE`] exists: a root file system of busybox-static, imported.
+pub fn ensure_image() {
+    static READY: OnceLock<Result<(), String>> = OnceLock::new();
+    ensure_engine();
+    let ready = READY.get_or_init(|| {
+        let present = Command::new("docker")
+            .args(["image", "inspect", TEST_IMAGE])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if present {
+            return Ok(());
+        }
+        let busybox = ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.exists())
+            .ok_or("busybox is not installed: apt-get install -y busybox-static")?;
+        let root = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let r = root.path();
+        for d in ["bin", "tmp", "etc", "data"] {
+            std::fs::create_dir_all(r.join(d)).map_err(|e| e.to_string())?;
+        }
+        std::fs::copy(busybox, r.join("bin/busybox")).map_err(|e| e.to_string())?;
+        let applets = Command::new(busybox).arg("--list").output().map_err(|e| e.to_string())?;
+        for applet in String::from_utf8_lossy(&applets.stdout).lines() {
+            if applet != "busybox" {
+                let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(applet));
+            }
+        }
+        std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+            .map_err(|e| e.to_string())?;
+        std::fs::write(r.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").map_err(|e| e.to_string())?;
+        std::fs::write(r.join("data/answer.txt"), "42\n").map_err(|e| e.to_string())?;
+        let tar = Command::new("tar")
+            .args(["-C"])
+            .arg(r)
+            .args(["-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| e.to_string())?;
+        let out = Command::new("docker")
+            .args(["import", "--change", "ENV PATH=/bin", "-", TEST_IMAGE])
+            .stdin(tar.stdout.ok_or("tar's stdout")?)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!("docker import failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Ok(())
+    });
+    if let Err(e) = ready {
+        panic!("THE DOCKER TESTS CANNOT RUN: {e}");
+    }
+}
+
+/// Containers of any server whose label says it is a Cloudpipe job's.
+pub fn job_containers(job_id: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label=cloudpipe.job={job_id}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
+}
