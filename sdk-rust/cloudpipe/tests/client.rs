@@ -147,3 +147,45 @@ async fn connection_errors_are_retried_until_the_server_is_up() {
     assert!(list.jobs.is_empty());
     assert!(start.elapsed() >= Duration::from_millis(300));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_answers_are_retried_after_their_retry_after() {
+    let server = Server::start();
+    let c = client(&server.url);
+    let one_at_a_time =
+        cloudpipe::FunctionSettingsPatch { max_concurrency: Some(1), ..Default::default() };
+    c.upload_function_with(Some("cgi"), programs::read(programs::CGI), &one_at_a_time)
+        .await
+        .unwrap();
+
+    // `/sleep` holds the function's only slot for a second.
+    let holder = {
+        let c = c.clone();
+        tokio::spawn(async move { c.invoke("cgi", Invocation::get("/sleep")).await.unwrap() })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Without retries the 503 comes back as it is.
+    let res = c
+        .clone()
+        .with_retry(RetryPolicy::none())
+        .invoke("cgi", Invocation::get("/plain"))
+        .await
+        .unwrap();
+    assert_eq!(res.status, 503, "{}", res.text());
+    assert!(res.headers.contains_key("retry-after"));
+
+    // With retries, the call waits for Retry-After (1 s) and gets through once the
+    // slot is free; its own backoff alone (10 ms, then 20 ms) would have given up.
+    let quick = RetryPolicy {
+        max_retries: 2,
+        initial_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(20),
+        ..RetryPolicy::default()
+    };
+    let start = Instant::now();
+    let res = c.clone().with_retry(quick).invoke("cgi", Invocation::get("/plain")).await.unwrap();
+    assert_eq!((res.status, res.text().as_str()), (200, "just text"));
+    assert!(start.elapsed() >= Duration::from_millis(900), "{:?}", start.elapsed());
+    assert_eq!(holder.await.unwrap().status, 200);
+}
