@@ -125,6 +125,15 @@ fn command_submit_prints_output_and_propagates_the_exit_code() {
     let out = env.run(&dir, &["result", &id]);
     assert_ok(&out, "result");
     assert_eq!(text(&out.stdout), "hello, z!\n");
+    let out = env.run(&dir, &["logs", &id]);
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(0), "hello, z!\n".to_string()));
+    let out = env.run(&dir, &["jobs", "--function", "hello", "--status", "succeeded"]);
+    let listed = text(&out.stdout);
+    assert_eq!(listed.lines().count(), 3, "a header and two jobs:\n{listed}");
+    assert!(listed.lines().nth(1).unwrap().starts_with(&format!("{id}  succeeded")), "{listed}");
+    // Cancelling a job that has ended leaves it as it was.
+    let out = env.run(&dir, &["cancel", &id]);
+    assert_eq!(text(&out.stdout), format!("{id} succeeded\n"));
 
     // A build that fails shows cargo's own diagnostics, and nothing is submitted.
     std::fs::write(dir.join("src/main.rs"), "fn main() { let x: u8 = \"no\"; }\n").unwrap();
