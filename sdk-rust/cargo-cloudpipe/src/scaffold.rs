@@ -90,6 +90,10 @@ edition = "2024"
 [profile.release]
 opt-level = "s"
 strip = "debuginfo"
+
+# A workspace of its own: the function builds for wasm32-wasip2 with the profile
+# above, even when created inside another workspace.
+[workspace]
 "#
     );
     let main = match style {
