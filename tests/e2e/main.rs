@@ -12,10 +12,12 @@
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
+//! - `docker`: the docker executor against a real engine (started when needed).
 
 mod auth;
 mod bad_requests;
 mod cli;
+mod docker;
 mod durability;
 mod functions;
 mod hostile;

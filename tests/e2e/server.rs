@@ -29,6 +29,21 @@ impl TestServer {
         s
     }
 
+    /// A server with a fresh data directory, extra flags and extra environment.
+    pub async fn start_env(extra: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut all = vec![("CLOUDPIPE_ADMIN_KEY", ADMIN_KEY)];
+        all.extend_from_slice(env);
+        let p = serve::spawn_serve_with(env!("CARGO_BIN_EXE_cloudpipe"), tmp.path(), extra, &all);
+        TestServer {
+            child: p.child,
+            url: p.url,
+            _tmp: Some(tmp),
+            client: admin_client(),
+            log: p.log,
+        }
+    }
+
     /// A server over an existing data directory (which the caller keeps alive).
     pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
         let p = spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir, extra);

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 /// The image every docker test runs: busybox, a `nobody` user, nothing else.
-pub const TEST_IMAGE: &str = "cloudpipe-test/busybox:1";
+pub const TEST_IMAGE: &str = "cloudpipe-test/busybox:2";
 
 fn docker_answers() -> bool {
     Command::new("docker")
@@ -53,7 +53,8 @@ pub fn ensure_engine() {
             }
             std::thread::sleep(Duration::from_millis(250));
         }
-        Err("dockerd did not answer within 60 s (see the temp dir's cloudpipe-test-dockerd.log)".into())
+        Err("dockerd did not answer within 60 s (see the temp dir's cloudpipe-test-dockerd.log)"
+            .into())
     });
     if let Err(e) = ready {
         panic!("THE DOCKER TESTS CANNOT RUN: {e}");
@@ -93,15 +94,22 @@ pub fn ensure_image() {
             std::fs::create_dir_all(r.join(d)).map_err(|e| e.to_string())?;
         }
         std::fs::copy(busybox, r.join("bin/busybox")).map_err(|e| e.to_string())?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(r.join("tmp"), std::fs::Permissions::from_mode(0o1777))
+            .map_err(|e| e.to_string())?;
         let applets = Command::new(busybox).arg("--list").output().map_err(|e| e.to_string())?;
         for applet in String::from_utf8_lossy(&applets.stdout).lines() {
             if applet != "busybox" {
                 let _ = std::os::unix::fs::symlink("busybox", r.join("bin").join(applet));
             }
         }
-        std::fs::write(r.join("etc/passwd"), "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n")
+        std::fs::write(
+            r.join("etc/passwd"),
+            "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+        )
+        .map_err(|e| e.to_string())?;
+        std::fs::write(r.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")
             .map_err(|e| e.to_string())?;
-        std::fs::write(r.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").map_err(|e| e.to_string())?;
         std::fs::write(r.join("data/answer.txt"), "42\n").map_err(|e| e.to_string())?;
         let tar = Command::new("tar")
             .args(["-C"])

@@ -5,7 +5,8 @@
 //! allows it), every capability dropped, `no-new-privileges`, a read-only root with a
 //! tmpfs `/tmp`, a pids limit, a memory limit without swap, and a non-root user. stdin
 //! is streamed in; stdout and stderr are streamed out live and kept capped; timeout and
-//! cancel kill the container; the container is always removed. Containers carry the
+//! cancel kill the container; the container is always removed. A result file
+//! (`result_source: file:/tmp/…`) is copied out after exit. Containers carry the
 //! labels `cloudpipe.instance` (this server's data directory) and `cloudpipe.job`, so
 //! that a server restarted after `kill -9` removes what its previous life left behind
 //! ([`DockerExecutor::reap`]) while the store puts those jobs back in the queue.
@@ -16,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bollard::Docker;
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder,
     DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder,
@@ -130,10 +131,22 @@ impl DockerExecutor {
             cap_drop: Some(vec!["ALL".into()]),
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
-            tmpfs: Some(HashMap::from([(
-                "/tmp".to_string(),
-                format!("rw,nosuid,nodev,size={}", self.config.tmp_size),
-            )])),
+            // `/tmp` is the one writable place: a tmpfs, or, when a result file is to be
+            // copied out after exit (when a tmpfs is already gone), an anonymous volume
+            // removed with the container.
+            tmpfs: c.result_file.is_none().then(|| {
+                HashMap::from([(
+                    "/tmp".to_string(),
+                    format!("rw,nosuid,nodev,mode=1777,size={}", self.config.tmp_size),
+                )])
+            }),
+            mounts: c.result_file.is_some().then(|| {
+                vec![Mount {
+                    target: Some("/tmp".into()),
+                    typ: Some(MountType::VOLUME),
+                    ..Default::default()
+                }]
+            }),
             pids_limit: Some(self.config.pids_limit),
             memory: Some(memory),
             memory_swap: Some(memory),
