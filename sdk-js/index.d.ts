@@ -104,7 +104,7 @@ export interface JobOptions {
   tags?: string[];
   /** How many times the job may be started in all (server default 3). */
   maxAttempts?: number;
-  /** The function that runs JS jobs (default `runner-js`). */
+  /** The function that runs JS jobs (default the built-in `runner:js`). */
   runner?: string;
 }
 
@@ -115,7 +115,7 @@ export interface CloudpipeOptions {
   apiKey?: string;
   /** With `apiKey`: sent as Basic `account:key` instead. */
   account?: string;
-  /** The function that runs JS jobs (default `runner-js`). */
+  /** The function that runs JS jobs (default the built-in `runner:js`). */
   runner?: string;
   retry?: Partial<RetryPolicy>;
   /** A `fetch` to use instead of the global one. */

@@ -194,6 +194,10 @@ struct ServeArgs {
     /// Default quota: bytes of function versions stored per account (0: none).
     #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
     quota_function_bytes: u64,
+    /// The JS runner component (guest-runners/js, `build.sh`): registered as the
+    /// built-in `runner:js` that every account may run.
+    #[arg(long, env = "CLOUDPIPE_RUNNER_JS")]
+    runner_js: Option<PathBuf>,
     /// The image Cloudpipe v1 jobs (`POST /v1/job`) run in (present on the engine).
     #[arg(long, env = "CLOUDPIPE_V1_IMAGE", default_value = "cloudpipe/runner:latest")]
     v1_image: String,
@@ -316,6 +320,18 @@ impl ServeArgs {
         let runtime = Runtime::start(config).await?;
         let state = AppState::new(runtime, self.api_config())?;
         let boot = cloudpipe_api::auth::bootstrap(&state, self.admin_key.as_deref()).await?;
+        if let Some(path) = &self.runner_js {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading the JS runner {}", path.display()))?;
+            let rt = &state.runtime;
+            let meta = rt
+                .registry
+                .upload(&Tenant::admin(), None, bytes.into())
+                .await
+                .with_context(|| format!("loading the JS runner {}", path.display()))?;
+            rt.scheduler.add_builtin("runner:js", &meta.id);
+            tracing::info!(id = %meta.id, "built-in function runner:js ready");
+        }
         let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot listen on {} (use --listen to pick another address)", self.listen)
         })?;

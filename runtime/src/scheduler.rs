@@ -262,6 +262,8 @@ struct Inner {
     /// Every task this scheduler spawned, so shutdown can wait for them.
     tasks: tokio_util::task::TaskTracker,
     active: Active,
+    /// Functions every account may run by a reserved name (`runner:js`) → their ids.
+    builtins: std::sync::RwLock<HashMap<String, String>>,
 }
 
 /// The queued and running jobs of each account, for its concurrent-jobs quota. A job
@@ -327,6 +329,7 @@ impl Scheduler {
             releasing: AtomicBool::new(false),
             tasks: tokio_util::task::TaskTracker::new(),
             active: Active::default(),
+            builtins: Default::default(),
         });
         for (id, account) in inner.store.active_jobs().await? {
             inner.active.admit(&account, id, None);
@@ -350,6 +353,12 @@ impl Scheduler {
 
     pub fn config(&self) -> &SchedulerConfig {
         &self.inner.config
+    }
+
+    /// Makes the stored version `id` runnable by every account as `name` (a name no
+    /// upload can take, e.g. `runner:js`).
+    pub fn add_builtin(&self, name: &str, id: &str) {
+        self.inner.builtins.write().unwrap().insert(name.to_string(), id.to_string());
     }
 
     /// Queued and running jobs of `account`.
@@ -498,9 +507,15 @@ impl Scheduler {
                 ))),
             };
         }
+        let builtin = inner.builtins.read().unwrap().get(&job.function).cloned();
+        let scope = match builtin {
+            Some(_) => crate::account::Scope::All,
+            None => tenant.scope(),
+        };
+        let lookup = builtin.as_deref().unwrap_or(&job.function);
         let meta = inner
             .store
-            .get_function(&tenant.scope(), &job.function)
+            .get_function(&scope, lookup)
             .await?
             .ok_or_else(|| SubmitError::FunctionNotFound(job.function.clone()))?;
         if meta.kind == cloudpipe_types::FunctionKind::Http {

@@ -71,13 +71,13 @@ export class Cloudpipe {
    * @param {string} options.url        the server, e.g. `http://127.0.0.1:7070`
    * @param {string} [options.apiKey]   sent as `Authorization: Bearer KEY`
    * @param {string} [options.account]  with `apiKey`: sent as Basic `account:key` instead
-   * @param {string} [options.runner]   the function that runs JS jobs (default `runner-js`)
+   * @param {string} [options.runner]   the function that runs JS jobs (default the built-in `runner:js`)
    * @param {object} [options.retry]    overrides of `DEFAULT_RETRY`
    * @param {Function} [options.fetch]  a `fetch` to use instead of the global one
    * @param {object} [options.job]      defaults of every job: `timeoutMs`, `memoryMb`, `tags`, `maxAttempts`
    */
   constructor(options = {}) {
-    const { url, apiKey, account, fetch, retry, runner = 'runner-js', job = {} } = options;
+    const { url, apiKey, account, fetch, retry, runner = 'runner:js', job = {} } = options;
     this._t = options._transport ?? new Transport({ url, apiKey, account, fetch, retry });
     this._job = { runner, ...job };
     this.functions = new Functions(this._t);

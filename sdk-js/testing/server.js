@@ -23,8 +23,11 @@ export const repoRoot = resolve(dirname(fileURLToPath(import.meta.url)), '..', '
 /** The admin key the test servers start with (`CLOUDPIPE_ADMIN_KEY`). */
 export const ADMIN_KEY = 'sdk-js-test-admin-key-0123456789';
 
-/** The name the runner is uploaded under. */
-export const RUNNER = 'runner-js';
+/** The built-in name of the runner (the server registers it from `--runner-js`). */
+export const RUNNER = 'runner:js';
+
+/** The name the runner is also uploaded under, to invoke it over HTTP. */
+export const UPLOADED_RUNNER = 'runner-js';
 
 function loud(lines) {
   const bar = '='.repeat(80);
@@ -96,10 +99,10 @@ export async function startServer({ env = {}, args = [] } = {}) {
         const line = buffered.slice(0, nl).replace(/\x1b\[[0-9;]*m/g, '');
         buffered = buffered.slice(nl + 1);
         if (log.length < 10000) log.push(line);
-        const m = line.includes('cloudpipe serving') && line.match(/listen=(\S+)/);
+        const m = line.includes('cloudpipe serving') && line.match(/url=(\S+)/);
         if (m) {
           clearTimeout(timer);
-          resolvePromise(`http://${m[1]}`);
+          resolvePromise(m[1]);
         }
       }
     });
@@ -125,13 +128,21 @@ export async function startServer({ env = {}, args = [] } = {}) {
   };
 }
 
-/** A server with the runner uploaded, and an admin client of it. */
+/** The runner's path (it must exist: see `runnerBytes`). */
+export function runnerPath() {
+  return process.env.CLOUDPIPE_RUNNER_JS ?? join(repoRoot, 'guest-runners', 'js', 'dist', 'runner-js.wasm');
+}
+
+/**
+ * A server with the runner built in (`--runner-js`, as `runner:js`) and also uploaded
+ * under a name (for HTTP invocation), and an admin client of it.
+ */
 export async function startWithRunner() {
   const bytes = runnerBytes();
-  const server = await startServer();
-  const cp = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY, runner: RUNNER });
+  const server = await startServer({ args: ['--runner-js', runnerPath()] });
+  const cp = new Cloudpipe({ url: server.url, apiKey: ADMIN_KEY });
   try {
-    await cp.functions.upload(RUNNER, bytes);
+    await cp.functions.upload(UPLOADED_RUNNER, bytes);
   } catch (e) {
     await server.stop();
     throw e;
