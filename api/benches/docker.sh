@@ -33,7 +33,7 @@ fi
 
 cargo build --release --bin cloudpipe -q
 TMP="$(mktemp -d)"; KEY="cpk_docker_bench_admin_key"
-CLOUDPIPE_ADMIN_KEY="$KEY" CLOUDPIPE_CREDENTIALS="$TMP/creds.json" RUST_LOG=warn \
+CLOUDPIPE_ADMIN_KEY="$KEY" CLOUDPIPE_CREDENTIALS="$TMP/creds.json" RUST_LOG=warn,cloudpipe=info \
   target/release/cloudpipe serve --listen 127.0.0.1:0 --data-dir "$TMP/data" 2>"$TMP/log" >/dev/null &
 CP_PID=$!
 trap 'kill $CP_PID 2>/dev/null; rm -rf "$TMP"' EXIT
