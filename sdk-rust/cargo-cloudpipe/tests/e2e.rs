@@ -168,6 +168,21 @@ fn typed_add_of_3_and_4_returns_7() {
     assert_ok(&out, "submit --wait");
     assert_eq!(text(&out.stdout), "42\n");
 
+    // The uploaded crate, called from the client library.
+    let config =
+        cloudpipe::Config { api_key: Some(KEY.into()), ..cloudpipe::Config::new(&env.url) };
+    let client = cloudpipe::blocking::Client::new(config).unwrap();
+    assert_eq!(client.call::<i64>("calc", "add", (3, 4)).unwrap(), 7);
+    let greeting: String = client.call("calc", "greet", ("you",)).unwrap();
+    assert_eq!(greeting, "hello, you!");
+    match client.call::<String>("calc", "greet", ("",)) {
+        Err(cloudpipe::Error::JobFailed(job)) => {
+            assert_eq!(job.exit_code, Some(1));
+            assert!(job.stderr.contains("greet needs a name"), "{job:?}");
+        }
+        other => panic!("expected a failed job, got {other:?}"),
+    }
+
     // A returned Err fails the job, its message on stderr.
     let out = env.run(&dir, &["submit", "--fn", "greet", "\"\""]);
     assert_eq!(out.status.code(), Some(1), "stderr:\n{}", text(&out.stderr));

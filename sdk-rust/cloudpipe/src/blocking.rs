@@ -86,6 +86,16 @@ impl Client {
         self.rt.block_on(self.inner.submit_and_wait(spec, timeout))
     }
 
+    /// See [`crate::Client::call`].
+    pub fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        function: &str,
+        name: &str,
+        args: impl serde::Serialize,
+    ) -> Result<T> {
+        self.rt.block_on(self.inner.call(function, name, args))
+    }
+
     /// See [`crate::Client::job`].
     pub fn job(&self, id: &str) -> Result<JobRecord> {
         self.rt.block_on(self.inner.job(id))

@@ -380,6 +380,49 @@ impl Client {
         self.wait(&job.id, timeout.map(|t| t.saturating_sub(start.elapsed()))).await
     }
 
+    /// Runs a typed function (`#[cloudpipe_guest::function]`) and returns its result:
+    /// submits `function` (the uploaded name) with `name` as its first argument and
+    /// `args` as the JSON array on stdin, waits, and parses stdout. `args` is a tuple:
+    /// `(3, 4)`, `(x,)` for one argument, `()` for none (a lone value that is not a
+    /// sequence is taken as the one argument).
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
+    /// let sum: i64 = client.call("calc", "add", (3, 4)).await?;
+    /// assert_eq!(sum, 7);
+    /// # Ok(()) }
+    /// ```
+    pub async fn call<T: serde::de::DeserializeOwned>(
+        &self,
+        function: &str,
+        name: &str,
+        args: impl serde::Serialize,
+    ) -> Result<T> {
+        let mut args = serde_json::to_value(args)
+            .map_err(|e| Error::Config(format!("the arguments do not serialize: {e}")))?;
+        if !args.is_array() {
+            // One argument that is not a tuple.
+            args = serde_json::Value::Array(if args.is_null() { vec![] } else { vec![args] });
+        }
+        let spec = JobSpec {
+            function: function.to_string(),
+            args: vec![name.to_string()],
+            stdin: Some(args.to_string()),
+            ..JobSpec::default()
+        };
+        let job = self.submit_and_wait(&spec, None).await?;
+        if job.status != JobStatus::Succeeded {
+            return Err(Error::JobFailed(Box::new(job)));
+        }
+        serde_json::from_str(&job.stdout).map_err(|e| Error::Protocol {
+            url: self.endpoint(&["v1", "jobs", &job.id], &[]).to_string(),
+            message: format!(
+                "the result of {name} is not the JSON expected: {e}: {:?}",
+                job.stdout
+            ),
+        })
+    }
+
     /// A job's record as it is now.
     pub async fn job(&self, id: &str) -> Result<JobRecord> {
         self.json(Method::GET, self.endpoint(&["v1", "jobs", id], &[]), None).await

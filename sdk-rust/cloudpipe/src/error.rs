@@ -33,6 +33,10 @@ pub enum Error {
     /// The server's answer was not what the API promises.
     #[error("unexpected answer from {url}: {message}")]
     Protocol { url: String, message: String },
+    /// A job run through [`Client::call`](crate::Client::call) did not succeed; the
+    /// record has its exit code, stderr and error.
+    #[error("job {} {}: {}", .0.id, .0.status.as_str(), failure(.0))]
+    JobFailed(Box<cloudpipe_types::JobRecord>),
     /// The client's configuration is unusable (a bad URL, an unreadable credentials file).
     #[error("{0}")]
     Config(String),
@@ -86,6 +90,16 @@ impl Error {
                 Error::Api { status, code: format!("http_{status}"), message }
             }
         }
+    }
+}
+
+/// Why a job failed, in a line: its error, else the last line of its stderr.
+fn failure(r: &cloudpipe_types::JobRecord) -> String {
+    let last = r.stderr.lines().rev().find(|l| !l.trim().is_empty());
+    match (&r.error, last) {
+        (_, Some(line)) => line.trim().to_string(),
+        (Some(e), None) => e.message.clone(),
+        (None, None) => format!("exit code {}", r.exit_code.unwrap_or(-1)),
     }
 }
 
