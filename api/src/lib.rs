@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`routes`]: one router per resource (`accounts`, `functions`, `jobs`, `invoke`,
-//!   `system`), merged in [`router`].
+//!   `system`, and `v1compat`: Cloudpipe v1's `/v1/job` API), merged in [`router`].
 //! - [`auth`]: API keys, the [`Authenticator`](auth::Authenticator) backends and the
 //!   middleware that authenticates every route but the public ones.
 //! - [`tls`]: the HTTPS listener.
@@ -123,10 +123,12 @@ impl AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(routes::accounts::router())
+        .merge(routes::batches::router())
         .merge(routes::functions::router())
         .merge(routes::jobs::router())
         .merge(routes::invoke::router())
         .merge(routes::system::router())
+        .merge(routes::v1compat::router())
         .fallback(routes::system::not_found)
         .method_not_allowed_fallback(routes::system::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))

@@ -49,6 +49,10 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Run a batch: one job of FUNCTION per stdin line, the line's words appended to
+    /// its args (cloudtask style); a live progress line, a closing summary, exit code 0
+    /// only when every input succeeded.
+    Batch(BatchArgs),
     /// Show the account the key belongs to, its quotas and usage.
     Me {
         #[command(flatten)]
@@ -85,6 +89,39 @@ enum AccountsCommand {
     Disable { name: String },
     /// Enable a disabled account.
     Enable { name: String },
+}
+
+#[derive(Args)]
+struct BatchArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+    /// The function every input runs.
+    #[arg(long, required_unless_present_any = ["resume", "retry"])]
+    function: Option<String>,
+    /// Most jobs running at once.
+    #[arg(long, default_value_t = 8)]
+    split: u32,
+    /// Extra attempts of an input that failed or timed out.
+    #[arg(long, default_value_t = 0)]
+    retries: u32,
+    /// Timeout of each job (`30s`, `500ms`, `2m`).
+    #[arg(long)]
+    timeout: Option<String>,
+    /// Stop after this many inputs failed in a row.
+    #[arg(long)]
+    strikes: Option<u32>,
+    /// URL called once with the summary when the batch ends.
+    #[arg(long)]
+    hook: Option<String>,
+    /// Run the pending inputs of a stopped batch instead of starting one.
+    #[arg(long, conflicts_with_all = ["retry", "function"])]
+    resume: Option<String>,
+    /// Run the failed and timed-out inputs of a batch again.
+    #[arg(long, conflicts_with_all = ["resume", "function"])]
+    retry: Option<String>,
+    /// Arguments before each input's words.
+    #[arg(last = true)]
+    args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -457,6 +494,10 @@ fn main() -> anyhow::Result<()> {
             Command::Accounts { client, command } => accounts(client, command).await,
             Command::Keys { client, command } => keys(client, command).await,
             Command::Me { client } => client.call(reqwest::Method::GET, "/v1/me", None).await,
+            Command::Batch(args) => {
+                let code = batch(args).await?;
+                std::process::exit(code);
+            }
         }
     })
 }
@@ -557,4 +598,127 @@ async fn keys(client: ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
             client.call(Method::DELETE, &format!("/v1/keys/{id}"), None).await
         }
     }
+}
+
+/// `cloudpipe batch`: starts (or resumes, or retries) a batch and follows it to the end.
+/// Returns the process's exit code.
+async fn batch(args: BatchArgs) -> anyhow::Result<i32> {
+    use std::io::{IsTerminal, Read, Write};
+    let (url, key) = args.client.resolve()?;
+    let http = reqwest::Client::new();
+    let send = |req: reqwest::RequestBuilder| {
+        let key = key.clone();
+        async move {
+            let res = req.bearer_auth(key).send().await.context("cannot reach the server")?;
+            let status = res.status();
+            let v: serde_json::Value = res.json().await.unwrap_or_default();
+            if !status.is_success() {
+                anyhow::bail!(
+                    "{status}: {} ({})",
+                    v["error"]["message"].as_str().unwrap_or("no message"),
+                    v["error"]["code"].as_str().unwrap_or("unknown")
+                );
+            }
+            Ok(v)
+        }
+    };
+    let created = if let Some(id) = &args.resume {
+        send(http.post(format!("{url}/v1/batches/{id}/resume"))).await?
+    } else if let Some(id) = &args.retry {
+        send(http.post(format!("{url}/v1/batches/{id}/retry"))).await?
+    } else {
+        let mut input = String::new();
+        std::io::stdin().read_to_string(&mut input).context("reading inputs from stdin")?;
+        let timeout_ms = match &args.timeout {
+            Some(t) => Some(
+                cloudpipe_api::parse_wait(t)
+                    .map_err(|e| anyhow::anyhow!("--timeout: {e}"))?
+                    .as_millis() as u64,
+            ),
+            None => None,
+        };
+        let spec = serde_json::json!({
+            "template": {"function": args.function, "args": args.args},
+            "input_text": input,
+            "split": args.split,
+            "retries": args.retries,
+            "timeout_ms": timeout_ms,
+            "strikes": args.strikes,
+            "hook": args.hook,
+        });
+        send(http.post(format!("{url}/v1/batches")).json(&spec)).await?
+    };
+    let id = created["id"].as_str().context("the server sent no batch id")?.to_string();
+    eprintln!("batch {id}: {} inputs, split {}", created["total"], created["split"]);
+    let tty = std::io::stderr().is_terminal();
+    let mut ctrl_c = std::pin::pin!(tokio::signal::ctrl_c());
+    let mut last_line = String::new();
+    let mut last_print = std::time::Instant::now();
+    let done = loop {
+        let b = send(http.get(format!("{url}/v1/batches/{id}"))).await?;
+        let c = &b["counts"];
+        let total = b["total"].as_u64().unwrap_or(0);
+        let n = |k: &str| c[k].as_u64().unwrap_or(0);
+        let finished = n("ok") + n("failed") + n("timed_out") + n("cancelled");
+        let line = format!(
+            "{} ok, {} failed, {} timed out, {} running, {} pending",
+            n("ok"),
+            n("failed"),
+            n("timed_out"),
+            n("running"),
+            n("pending")
+        );
+        if tty {
+            let width = 30usize;
+            let filled = (finished as usize * width).checked_div(total as usize).unwrap_or(0);
+            eprint!(
+                "\r[{}{}] {finished}/{total}  {line}   ",
+                "#".repeat(filled),
+                ".".repeat(width - filled)
+            );
+            let _ = std::io::stderr().flush();
+        } else if line != last_line && last_print.elapsed() >= Duration::from_secs(1) {
+            eprintln!("{line}");
+            last_print = std::time::Instant::now();
+        }
+        last_line = line;
+        if b["status"] != "running" {
+            break b;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = &mut ctrl_c => {
+                eprintln!("\ncancelling batch {id} ...");
+                send(http.post(format!("{url}/v1/batches/{id}/cancel"))).await?;
+                eprintln!("cancelled; run what is left with: cloudpipe batch --resume {id}");
+                return Ok(130);
+            }
+        }
+    };
+    if tty {
+        eprintln!();
+    }
+    let c = &done["counts"];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    let total = done["total"].as_u64().unwrap_or(0);
+    let ok = n("ok");
+    let summary = if ok == total {
+        format!("{ok}/{total} OK")
+    } else {
+        format!(
+            "{ok}/{total} !OK - {} pending, {} timeouts, {} errors, {ok} OK",
+            n("pending"),
+            n("timed_out"),
+            n("failed") + n("cancelled")
+        )
+    };
+    println!("{summary}");
+    eprintln!(
+        "batch {id} {}: wall {:.1} s, job time {:.1} s, efficiency {:.0}%",
+        done["status"].as_str().unwrap_or("?"),
+        done["wall_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        done["job_ms"].as_f64().unwrap_or(0.0) / 1000.0,
+        done["efficiency"].as_f64().unwrap_or(0.0) * 100.0
+    );
+    Ok(if ok == total { 0 } else { 1 })
 }

@@ -6,7 +6,7 @@ use utoipa::OpenApi;
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use crate::routes::{accounts, functions, invoke, jobs, system};
+use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -25,6 +25,12 @@ use crate::routes::{accounts, functions, invoke, jobs, system};
         accounts::list_keys,
         accounts::revoke_key,
         accounts::get_me,
+        batches::create_batch,
+        batches::list_batches,
+        batches::get_batch,
+        batches::resume_batch,
+        batches::retry_batch,
+        batches::cancel_batch,
         functions::create_function,
         functions::list_functions,
         functions::get_function,
@@ -42,6 +48,11 @@ use crate::routes::{accounts, functions, invoke, jobs, system};
         system::get_health,
         system::get_metrics,
         system::get_openapi,
+        v1compat::submit_v1_jobs,
+        v1compat::list_v1_jobs,
+        v1compat::kill_v1_jobs,
+        v1compat::kill_all_v1_jobs,
+        v1compat::get_v1_queue_stats,
     ),
     components(schemas(
         cloudpipe_types::FunctionInfo,
@@ -69,6 +80,21 @@ use crate::routes::{accounts, functions, invoke, jobs, system};
         cloudpipe_types::Me,
         cloudpipe_types::Quotas,
         cloudpipe_types::Role,
+        cloudpipe_types::BatchSpec,
+        cloudpipe_types::BatchStatus,
+        cloudpipe_types::BatchCounts,
+        cloudpipe_types::BatchRecord,
+        cloudpipe_types::BatchList,
+        v1compat::V1SubmitRequest,
+        v1compat::V1JobSpec,
+        v1compat::V1Tags,
+        v1compat::V1Submitted,
+        v1compat::V1Job,
+        v1compat::V1JobList,
+        v1compat::V1Ok,
+        v1compat::V1QueueStats,
+        v1compat::V1ErrorBody,
+        v1compat::V1ErrorDetail,
     ))
 )]
 pub struct ApiDoc;

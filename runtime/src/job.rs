@@ -95,6 +95,9 @@ pub struct Job {
     /// `docker`: the image, command, CPU limit, result file and network policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerSpec>,
+    /// The batch input this job runs, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<BatchRef>,
 
     pub status: JobStatus,
     /// How many times the job was started (incremented durably *before* each start).
@@ -133,6 +136,8 @@ impl Job {
         JobRecord {
             id: self.id.to_string(),
             account: self.account.clone(),
+            batch: self.batch.as_ref().map(|b| b.id.clone()),
+            batch_index: self.batch.as_ref().map(|b| b.index),
             function: self.function.clone(),
             function_id: Some(self.function_id.clone()),
             status: self.status,
@@ -153,6 +158,15 @@ impl Job {
             executor: self.executor.clone(),
         }
     }
+}
+
+/// Which input of which batch a job runs, and which try of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRef {
+    pub id: String,
+    pub index: u64,
+    /// The retry round (`POST /v1/batches/{id}/retry` starts a new one).
+    pub round: u32,
 }
 
 /// The container of a `docker` job, as stored.
@@ -245,6 +259,7 @@ pub(crate) mod tests {
             max_attempts: 3,
             executor: "wasm".into(),
             container: None,
+            batch: None,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),

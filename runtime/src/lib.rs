@@ -3,6 +3,8 @@
 //! # Layout
 //! - [`account`]: accounts, API keys (stored hashed) and the [`Scope`](account::Scope)
 //!   through which an account sees its functions and jobs.
+//! - [`batch`]: [`Batches`](batch::Batches), cloudtask-style runs of one template over
+//!   many inputs (split, retries, strikes, resume, retry, report hook).
 //! - [`job`]: the durable job record ([`Job`]) and how an attempt ends ([`JobOutcome`]).
 //! - [`executor`]: the [`Executor`] trait; [`executor::wasm`] runs Wasm components and
 //!   WASI modules in process with wasmtime.
@@ -29,6 +31,7 @@
 //! ```
 
 pub mod account;
+pub mod batch;
 pub mod executor;
 pub mod job;
 pub mod registry;

@@ -49,6 +49,7 @@ pub struct Runtime {
     pub executors: Arc<Executors>,
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
+    pub batches: crate::batch::Batches,
 }
 
 impl Runtime {
@@ -78,8 +79,7 @@ impl Runtime {
         let docker = Arc::new(DockerExecutor::new(docker_config));
         // Containers left by a previous life of this server (killed with them running)
         // go before any job starts; their jobs are requeued by the store's recovery.
-        if std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists()
-        {
+        if std::env::var_os("DOCKER_HOST").is_some() || Path::new("/var/run/docker.sock").exists() {
             match tokio::time::timeout(std::time::Duration::from_secs(10), docker.reap()).await {
                 Ok(Ok(0)) | Ok(Err(_)) => {}
                 Ok(Ok(n)) => tracing::warn!(containers = n, "removed containers left by a crash"),
@@ -89,7 +89,8 @@ impl Runtime {
         let executors = Arc::new(Executors::new(vec![executor.clone(), docker.clone()]));
         let scheduler =
             Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
-        Ok(Runtime { store, executor, docker, executors, registry, scheduler })
+        let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
+        Ok(Runtime { store, executor, docker, executors, registry, scheduler, batches })
     }
 }
 

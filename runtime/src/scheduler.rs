@@ -27,7 +27,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::account::{Limits, Tenant};
-use crate::executor::{ContainerRequest, Executor, Executors, OutputSink, OutputStream, RunRequest};
+use crate::executor::{
+    ContainerRequest, Executor, Executors, OutputSink, OutputStream, RunRequest,
+};
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
 use crate::store::{Inserted, Retention, Store};
@@ -375,8 +377,18 @@ impl Scheduler {
     /// a slot was free). A known `idempotency_key` returns the first job instead
     /// ([`Inserted::Existing`]).
     pub async fn submit(&self, spec: JobSpec, tenant: &Tenant) -> Result<Inserted, SubmitError> {
+        self.submit_in(spec, tenant, None).await
+    }
+
+    /// [`Scheduler::submit`] of a batch's job.
+    pub async fn submit_in(
+        &self,
+        spec: JobSpec,
+        tenant: &Tenant,
+        batch: Option<crate::job::BatchRef>,
+    ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
-        let mut job = self.prepare(spec, tenant).await?;
+        let mut job = self.prepare(spec, tenant, batch).await?;
         self.admit(&job, tenant)?;
         let (id, account) = (job.id, job.account.clone());
         // Start at once when a slot is free and nothing waits: saves a commit.
@@ -427,17 +439,28 @@ impl Scheduler {
         tenant: &Tenant,
         wait: Duration,
     ) -> Result<Inserted, SubmitError> {
+        self.submit_and_wait_in(spec, tenant, None, wait).await
+    }
+
+    /// [`Scheduler::submit_and_wait`] of a batch's job.
+    pub async fn submit_and_wait_in(
+        &self,
+        spec: JobSpec,
+        tenant: &Tenant,
+        batch: Option<crate::job::BatchRef>,
+        wait: Duration,
+    ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
         let slot = match spec.idempotency_key.is_none() && !wait.is_zero() {
             true => self.free_slot(),
             false => None,
         };
         let Some(slot) = slot else {
-            let inserted = self.submit(spec, tenant).await?;
+            let inserted = self.submit_in(spec, tenant, batch).await?;
             return self.wait_inserted(inserted, wait).await;
         };
         let started = tokio::time::Instant::now();
-        let mut job = self.prepare(spec, tenant).await?;
+        let mut job = self.prepare(spec, tenant, batch).await?;
         self.admit(&job, tenant)?;
         job.status = JobStatus::Running;
         job.attempts = 1;
@@ -468,6 +491,11 @@ impl Scheduler {
         })
     }
 
+    /// Checks a spec as a submit would, without submitting it.
+    pub async fn check(&self, spec: JobSpec, tenant: &Tenant) -> Result<(), SubmitError> {
+        self.prepare(spec, tenant, None).await.map(|_| ())
+    }
+
     /// Counts `job` against its account's concurrent-jobs quota.
     fn admit(&self, job: &Job, tenant: &Tenant) -> Result<(), SubmitError> {
         let limit = tenant.limits.max_concurrent_jobs;
@@ -483,13 +511,19 @@ impl Scheduler {
 
     /// Checks a spec against the server's and the tenant's limits and resolves its
     /// function in the tenant's scope: the job, not yet written.
-    async fn prepare(&self, spec: JobSpec, tenant: &Tenant) -> Result<Job, SubmitError> {
+    async fn prepare(
+        &self,
+        spec: JobSpec,
+        tenant: &Tenant,
+        batch: Option<crate::job::BatchRef>,
+    ) -> Result<Job, SubmitError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
         let mut job = inner.job_from_spec(spec, &tenant.limits)?;
         job.account = tenant.account.clone();
+        job.batch = batch;
         if let Some(c) = &mut job.container {
             c.network = tenant.allow_network;
         }
@@ -753,6 +787,7 @@ impl Inner {
             max_attempts,
             executor,
             container,
+            batch: None,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),
@@ -1066,5 +1101,11 @@ fn container_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
             }
         },
     };
-    Ok(crate::job::ContainerSpec { image, command: spec.command.clone(), nano_cpus, result_file, network: false })
+    Ok(crate::job::ContainerSpec {
+        image,
+        command: spec.command.clone(),
+        nano_cpus,
+        result_file,
+        network: false,
+    })
 }

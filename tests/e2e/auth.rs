@@ -93,6 +93,10 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     assert_eq!(st, StatusCode::CREATED, "{job}");
     assert_eq!(job["account"], "alice");
     let job_id = job["id"].as_str().unwrap().to_string();
+    let batch = br#"{"template":{"function":"alice-fn"},"inputs":[["x"]]}"#.to_vec();
+    let (st, batch) = call(&s, Some(&a), Method::POST, "/v1/batches", Some(batch)).await;
+    assert_eq!(st, StatusCode::CREATED, "{batch}");
+    let batch_id = batch["id"].as_str().unwrap().to_string();
     let (st, _) = call(&s, Some(&a), Method::GET, "/fn/alice-fn", None).await;
     assert_eq!(st, StatusCode::OK);
 
@@ -133,6 +137,11 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("POST", "/v1/accounts/{name}/keys") | ("GET", "/v1/accounts/{name}/keys") => NotFound,
             ("DELETE", "/v1/keys/{id}") => NotFound,
             ("GET", "/v1/me") => OwnOnly,
+            ("GET", "/v1/batches") => OwnOnly,
+            // A batch of A's function: there is no such function for B.
+            ("POST", "/v1/batches") => NotFound,
+            ("GET", "/v1/batches/{id}") => NotFound,
+            ("POST", p) if p.starts_with("/v1/batches/{id}/") => NotFound,
             ("GET", "/v1/functions") | ("GET", "/v1/jobs") => OwnOnly,
             // Uploading under A's name: the name is taken (names are global URLs).
             ("POST", "/v1/functions") => Status(StatusCode::CONFLICT, "name_taken"),
@@ -143,6 +152,13 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("GET", p) if p.starts_with("/v1/jobs/{id}") => NotFound,
             ("POST", "/v1/jobs/{id}/cancel") => NotFound,
             (_, "/fn/{name}") | (_, "/fn/{name}/{path}") => NotFound,
+            // Cloudpipe v1's API. A submit creates B's own job: a bad one here, so
+            // that no engine is needed.
+            ("POST", "/v1/job") => Status(StatusCode::BAD_REQUEST, "JCMD"),
+            // Asked for A's job by jid: B's (empty) list.
+            ("GET", "/v1/job") | ("GET", "/v1/job/queue_stats") => OwnOnly,
+            ("POST", "/v1/job/kill") => NotFound,
+            ("POST", "/v1/job/kill_all") => OwnOnly,
             _ => return None,
         })
     };
@@ -155,13 +171,26 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
 
     let fill = |p: &str| {
         let name = if p.starts_with("/v1/accounts") { "alice" } else { "alice-fn" };
-        let id = if p.starts_with("/v1/keys") { alice_key_id.as_str() } else { job_id.as_str() };
+        let id = if p.starts_with("/v1/keys") {
+            alice_key_id.as_str()
+        } else if p.starts_with("/v1/batches") {
+            batch_id.as_str()
+        } else {
+            job_id.as_str()
+        };
         p.replace("{name}", name).replace("{id}", id).replace("{path}", "x")
     };
+    // A's job as v1 names it: its id's 128 bits.
+    let jid = u128::from_str_radix(&job_id.replace('-', ""), 16).unwrap();
     let body_for = |m: &Method, p: &str| -> Option<Vec<u8>> {
         match (m.as_str(), p) {
+            ("POST", "/v1/job") => Some(br#"{"jobs":[{"name":"no command"}]}"#.to_vec()),
+            ("POST", "/v1/job/kill") => Some(format!("jid={jid}").into_bytes()),
             ("POST", "/v1/functions") => Some(program(programs::HELLO)),
             ("POST", "/v1/jobs") => Some(br#"{"function":"alice-fn"}"#.to_vec()),
+            ("POST", "/v1/batches") => {
+                Some(br#"{"template":{"function":"alice-fn"},"inputs":[["y"]]}"#.to_vec())
+            }
             ("POST", "/v1/accounts") => Some(br#"{"name":"mallory"}"#.to_vec()),
             ("PATCH", "/v1/accounts/{name}") => Some(br#"{"disabled":true}"#.to_vec()),
             ("PATCH", "/v1/functions/{name}") => Some(br#"{"public":true}"#.to_vec()),
@@ -180,6 +209,7 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
         let path = match (m.as_str(), p.as_str()) {
             ("POST", "/v1/functions") => "/v1/functions?name=alice-fn".to_string(),
             ("GET", "/v1/jobs/{id}/result") => format!("/v1/jobs/{job_id}/result?wait=1ms"),
+            ("GET", "/v1/job") => format!("/v1/job?jid={jid}"),
             _ => fill(p),
         };
         let public = matches!(expected(m, p), Some(Public));

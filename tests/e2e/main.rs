@@ -12,10 +12,13 @@
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
+//! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed).
+//! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
 
 mod auth;
 mod bad_requests;
+mod batches;
 mod cli;
 mod docker;
 mod durability;
@@ -24,3 +27,4 @@ mod hostile;
 mod invoke;
 mod jobs;
 mod server;
+mod v1compat;

@@ -100,6 +100,8 @@ pub struct ListParams {
     cursor: Option<String>,
     /// Only jobs of this account (the admin; others see only their own).
     account: Option<String>,
+    /// Only jobs of this batch.
+    batch: Option<String>,
 }
 
 /// Lists the caller's jobs (the admin: everyone's, or one account's), newest first.
@@ -131,8 +133,15 @@ pub async fn list_jobs(
         true => p.account,
         false => Some(caller.account.clone()),
     };
-    let filter =
-        JobFilter { account, status, tag: p.tag, function: p.function, before, limit: limit + 1 };
+    let filter = JobFilter {
+        account,
+        batch: p.batch,
+        status,
+        tag: p.tag,
+        function: p.function,
+        before,
+        limit: limit + 1,
+    };
     let mut jobs = state.runtime.store.list_jobs(&filter).await?;
     let next_cursor = if jobs.len() > limit {
         jobs.truncate(limit);

@@ -1,10 +1,12 @@
 //! One router per resource, merged in [`crate::router`].
 
 pub mod accounts;
+pub mod batches;
 pub mod functions;
 pub mod invoke;
 pub mod jobs;
 pub mod system;
+pub mod v1compat;
 
 /// A server-sent event stream fed by a task through a small channel; the task sees
 /// the client leave through its sender (`closed()`, or a failed send).

@@ -274,6 +274,11 @@ pub struct JobRecord {
     /// The account that submitted it.
     #[serde(default)]
     pub account: String,
+    /// The batch it belongs to, and the index of its input there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_index: Option<u64>,
     /// The function as submitted (a name or a content address).
     pub function: String,
     /// The exact version run (`sha256:…`), resolved at submit.
@@ -543,4 +548,96 @@ pub struct Me {
     pub active_jobs: u64,
     /// Bytes of function versions stored.
     pub function_bytes: u64,
+}
+
+/// `POST /v1/batches`: one job template run over many inputs, cloudtask-style.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct BatchSpec {
+    /// The job every input runs (any executor); each input's words are appended to
+    /// its `args`. Its `idempotency_key` must be unset.
+    pub template: JobSpec,
+    /// The inputs as argument lists: one job each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inputs: Option<Vec<Vec<String>>>,
+    /// The inputs as text: one job per non-empty line, split into words on whitespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_text: Option<String>,
+    /// Most jobs of the batch running at once (default 8).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split: Option<u32>,
+    /// Timeout of each job in milliseconds (overrides the template's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Extra attempts of an input whose job failed or timed out (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// Stop launching jobs after this many inputs failed in a row (0 or absent: never).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strikes: Option<u32>,
+    /// Called once when the batch ends: `POST` of the batch record as JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+}
+
+/// Where a batch is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum BatchStatus {
+    /// Jobs are being launched.
+    Running,
+    /// Every input ran to an end (successes and failures alike).
+    Finished,
+    /// Stopped by its strikes; pending inputs can be resumed.
+    Struck,
+    /// Cancelled; pending inputs can be resumed.
+    Cancelled,
+}
+
+/// How many inputs are where.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BatchCounts {
+    /// Not launched yet (or waiting for a retry, or left by a stop).
+    pub pending: u64,
+    pub running: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub timed_out: u64,
+    pub cancelled: u64,
+}
+
+/// A batch (`GET /v1/batches/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BatchRecord {
+    pub id: String,
+    pub account: String,
+    pub status: BatchStatus,
+    /// Number of inputs.
+    pub total: u64,
+    pub counts: BatchCounts,
+    pub split: u32,
+    pub retries: u32,
+    pub strikes: u32,
+    /// RFC 3339.
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
+    /// From creation to the end (or to now).
+    pub wall_ms: f64,
+    /// The run time of all its jobs' attempts, summed.
+    pub job_ms: f64,
+    /// `job_ms / (wall_ms × split)`: how busy the split kept its slots.
+    pub efficiency: f64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hook: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct BatchList {
+    pub batches: Vec<BatchRecord>,
 }

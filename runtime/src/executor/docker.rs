@@ -20,8 +20,8 @@ use bollard::Docker;
 use bollard::models::{ContainerCreateBody, HostConfig, Mount, MountType};
 use bollard::query_parameters::{
     AttachContainerOptionsBuilder, CreateContainerOptionsBuilder,
-    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    DownloadFromContainerOptionsBuilder, KillContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder,
 };
 use cloudpipe_types::{FunctionKind, JobError, JobStatus};
 use futures::StreamExt;
@@ -88,10 +88,11 @@ impl DockerExecutor {
                     None => Docker::connect_with_local_defaults(),
                 }
                 .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
-                let docker = tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
-                    .await
-                    .map_err(|_| "the Docker engine did not answer".to_string())?
-                    .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
+                let docker =
+                    tokio::time::timeout(Duration::from_secs(5), docker.negotiate_version())
+                        .await
+                        .map_err(|_| "the Docker engine did not answer".to_string())?
+                        .map_err(|e| format!("cannot reach the Docker engine: {e}"))?;
                 Ok(docker)
             })
             .await
@@ -263,10 +264,7 @@ impl DockerExecutor {
                 outcome.status = JobStatus::Failed;
                 outcome.error = error(
                     "memory_limit",
-                    format!(
-                        "killed by the memory limit of {} MiB",
-                        req.memory_bytes >> 20
-                    ),
+                    format!("killed by the memory limit of {} MiB", req.memory_bytes >> 20),
                 );
             }
             None if code == Some(0) => outcome.status = JobStatus::Succeeded,

@@ -21,6 +21,7 @@
 //! | accounts | `a` name | [`AccountRecord`] as JSON |
 //! | keys | `k` sha256 hex of the secret | [`KeyRecord`] as JSON |
 //! | key ids | `K` key id | sha256 hex of the secret |
+//! | batches | `B` batch id | [`BatchState`] as JSON |
 //!
 //! Account names and function ids never contain a 0 byte, so `account 0` and `id 0`
 //! are exact prefixes.
@@ -38,6 +39,7 @@ use cloudpipe_types::JobStatus;
 use super::kv::{KvRead, KvWrite};
 use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention};
 use crate::account::{AccountRecord, KeyRecord, Scope};
+use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 const JOBS: u8 = b'j';
@@ -54,6 +56,7 @@ const OWNERS: u8 = b'v';
 const ACCOUNTS: u8 = b'a';
 const KEYS: u8 = b'k';
 const KEY_IDS: u8 = b'K';
+const BATCHES: u8 = b'B';
 
 /// How many entries a scan loads at once.
 const CHUNK: usize = 256;
@@ -142,6 +145,7 @@ pub(crate) enum WriteOp {
     UpdateAccount(AccountRecord),
     InsertKey(KeyRecord),
     DeleteKey(String),
+    PutBatch(Box<BatchState>),
     InsertJob(Box<Job>),
     ClaimJobs { limit: usize, now: Micros },
     FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
@@ -183,6 +187,10 @@ pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
         WriteOp::UpdateAccount(a) => Reply::Done(update_account(tx, a)?),
         WriteOp::InsertKey(k) => Reply::Done(insert_key(tx, k)?),
         WriteOp::DeleteKey(id) => Reply::Key(delete_key(tx, id)?),
+        WriteOp::PutBatch(b) => {
+            put_json(tx, &key(BATCHES, b.id.as_bytes()), b)?;
+            Reply::Done(true)
+        }
         WriteOp::InsertJob(job) => Reply::Inserted(insert_job(tx, job)?),
         WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
         WriteOp::FinishJob { id, outcome, now } => Reply::Job(finish_job(tx, *id, outcome, *now)?),
@@ -636,6 +644,7 @@ pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> 
 
 fn matches(filter: &JobFilter, job: &Job) -> bool {
     filter.account.as_ref().is_none_or(|a| *a == job.account)
+        && filter.batch.as_ref().is_none_or(|b| job.batch.as_ref().is_some_and(|jb| jb.id == *b))
         && filter.status.is_none_or(|s| s == job.status)
         && filter.tag.as_ref().is_none_or(|t| job.tags.contains(t))
         && filter.function.as_ref().is_none_or(|f| *f == job.function || *f == job.function_id)
@@ -749,6 +758,23 @@ pub(crate) fn active_jobs(r: &dyn KvRead) -> Result<Vec<(JobId, String)>> {
             if let Some(job) = get_job(r, id_suffix(&k)?)? {
                 out.push((job.id, job.account));
             }
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) fn get_batch(r: &dyn KvRead, id: &str) -> Result<Option<BatchState>> {
+    r.get(&key(BATCHES, id.as_bytes()))?
+        .map(|b| serde_json::from_slice(&b).context("stored batch"))
+        .transpose()
+}
+
+pub(crate) fn list_batches(r: &dyn KvRead, account: Option<&str>) -> Result<Vec<BatchState>> {
+    let mut out = Vec::new();
+    for (_, v) in scan_all(r, &[BATCHES])? {
+        let b: BatchState = serde_json::from_slice(&v).context("stored batch")?;
+        if account.is_none_or(|a| a == b.account) {
+            out.push(b);
         }
     }
     Ok(out)

@@ -19,6 +19,7 @@ use super::keyspace::{self, Reply, WriteOp};
 use super::writer::Writer;
 use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
 use crate::account::{AccountRecord, KeyRecord, Scope};
+use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 /// One key and its value, as a scan returns them.
@@ -185,6 +186,23 @@ impl<B: KvBackend> Store for KvStore<B> {
     async fn function_bytes(&self, account: &str) -> Result<u64> {
         let account = account.to_string();
         self.read_blocking(move |r| keyspace::function_bytes(r, &account)).await
+    }
+
+    async fn put_batch(&self, batch: BatchState) -> Result<()> {
+        match self.writer.submit(WriteOp::PutBatch(Box::new(batch))).await? {
+            Reply::Done(_) => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_batch(&self, id: &str) -> Result<Option<BatchState>> {
+        let id = id.to_string();
+        self.read_blocking(move |r| keyspace::get_batch(r, &id)).await
+    }
+
+    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>> {
+        let account = account.map(str::to_string);
+        self.read_blocking(move |r| keyspace::list_batches(r, account.as_deref())).await
     }
 
     async fn insert_account(&self, account: AccountRecord) -> Result<bool> {

@@ -19,6 +19,7 @@ use cloudpipe_types::{FunctionKind, FunctionSettings, JobStatus};
 use serde::{Deserialize, Serialize};
 
 use crate::account::{AccountRecord, KeyRecord, Scope};
+use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 mod keyspace;
@@ -87,6 +88,8 @@ pub enum PutFunction {
 pub struct JobFilter {
     /// The owning account.
     pub account: Option<String>,
+    /// Jobs of this batch.
+    pub batch: Option<String>,
     pub status: Option<JobStatus>,
     /// The job carries this tag.
     pub tag: Option<String>,
@@ -171,6 +174,16 @@ pub trait Store: Send + Sync + 'static {
 
     /// Total size of the versions `account` stores, in bytes.
     async fn function_bytes(&self, account: &str) -> Result<u64>;
+
+    // ---- batches ----
+
+    /// Creates or replaces a batch.
+    async fn put_batch(&self, batch: BatchState) -> Result<()>;
+
+    async fn get_batch(&self, id: &str) -> Result<Option<BatchState>>;
+
+    /// Batches of `account` (every batch: `None`), oldest first.
+    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>>;
 
     // ---- accounts and keys ----
 

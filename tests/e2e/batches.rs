@@ -1,0 +1,270 @@
+//! Batches: split, retries, strikes, resume after `kill -9`, retry, cancel, the hook,
+//! and the `cloudpipe batch` CLI. The `sleep` guest sleeps argv[1] seconds, and fails
+//! (a panic) when argv[1] is not a number: inputs choose success or failure.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use cloudpipe_test_programs_artifacts as programs;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::server::{ADMIN_KEY, TestServer, code, program};
+
+async fn start_batch(s: &TestServer, spec: Value) -> String {
+    let (st, b) = s.post_json("/v1/batches", &spec).await;
+    assert_eq!(st, StatusCode::CREATED, "{b}");
+    b["id"].as_str().unwrap().to_string()
+}
+
+/// Polls the batch until it is no longer running; returns it and the most jobs seen
+/// running at once.
+async fn until_done(s: &TestServer, id: &str) -> (Value, u64) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut most = 0;
+    loop {
+        let (st, b) = s.get(&format!("/v1/batches/{id}")).await;
+        assert_eq!(st, StatusCode::OK, "{b}");
+        most = most.max(b["counts"]["running"].as_u64().unwrap());
+        if b["status"] != "running" {
+            return (b, most);
+        }
+        assert!(Instant::now() < deadline, "batch did not end: {b}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Jobs of a batch: (input index, status), oldest first.
+async fn batch_jobs(s: &TestServer, id: &str) -> Vec<(u64, String)> {
+    let (st, list) = s.get(&format!("/v1/jobs?batch={id}&limit=1000")).await;
+    assert_eq!(st, StatusCode::OK, "{list}");
+    let mut jobs: Vec<(u64, String)> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| (j["batch_index"].as_u64().unwrap(), j["status"].as_str().unwrap().to_string()))
+        .collect();
+    jobs.reverse();
+    jobs
+}
+
+#[tokio::test]
+async fn split_bounds_the_running_jobs_and_every_input_runs_once() {
+    let s = TestServer::start(&[]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    let id = start_batch(
+        &s,
+        json!({"template": {"function": "nap"}, "input_text": "1\n1\n\n1\n1\n1\n1\n", "split": 2}),
+    )
+    .await;
+    let (b, most) = until_done(&s, &id).await;
+    assert_eq!(b["status"], "finished", "{b}");
+    assert_eq!(b["total"], 6);
+    assert_eq!(b["counts"]["ok"], 6, "{b}");
+    assert_eq!(most, 2, "never more than the split running, and the split used: {b}");
+    assert!(b["wall_ms"].as_f64().unwrap() >= 3000.0, "6 one-second jobs 2 at a time: {b}");
+    let eff = b["efficiency"].as_f64().unwrap();
+    assert!((0.5..=1.01).contains(&eff), "efficiency {eff}: {b}");
+    let jobs = batch_jobs(&s, &id).await;
+    let mut indexes: Vec<u64> = jobs.iter().map(|(i, _)| *i).collect();
+    indexes.sort();
+    assert_eq!(indexes, [0, 1, 2, 3, 4, 5]);
+}
+
+#[tokio::test]
+async fn failed_inputs_are_retried_strikes_stop_the_batch_and_resume_and_retry_continue() {
+    let s = TestServer::start(&[]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    // Input 1 always fails: tried 1 + 2 retries = 3 times.
+    let id = start_batch(
+        &s,
+        json!({"template": {"function": "nap"}, "inputs": [["0"], ["bad"], ["0"]], "retries": 2, "split": 1}),
+    )
+    .await;
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!(b["status"], "finished");
+    assert_eq!(
+        (b["counts"]["ok"].as_u64(), b["counts"]["failed"].as_u64()),
+        (Some(2), Some(1)),
+        "{b}"
+    );
+    let tries = batch_jobs(&s, &id).await.iter().filter(|(i, _)| *i == 1).count();
+    assert_eq!(tries, 3);
+
+    // Three failures in a row strike the batch; the rest stays pending.
+    let inputs: Vec<Value> = (0..10).map(|_| json!(["bad"])).collect();
+    let id = start_batch(
+        &s,
+        json!({"template": {"function": "nap"}, "inputs": inputs, "strikes": 3, "split": 1}),
+    )
+    .await;
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!(b["status"], "struck", "{b}");
+    assert_eq!(
+        (b["counts"]["failed"].as_u64(), b["counts"]["pending"].as_u64()),
+        (Some(3), Some(7))
+    );
+    // Resume runs pending inputs (and strikes again after three more).
+    let (st, r) = s.post_json(&format!("/v1/batches/{id}/resume"), &json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{r}");
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!(
+        (b["counts"]["failed"].as_u64(), b["counts"]["pending"].as_u64()),
+        (Some(6), Some(4)),
+        "{b}"
+    );
+    // Retry puts the failed ones back to pending for a new round.
+    let (st, _) = s.post_json(&format!("/v1/batches/{id}/retry"), &json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!(b["status"], "struck");
+    assert_eq!(b["counts"]["failed"], 3, "the retried ones strike again: {b}");
+    assert_eq!(b["counts"]["pending"], 7);
+}
+
+#[tokio::test]
+async fn a_batch_interrupted_by_kill_9_continues_with_nothing_lost_or_counted_twice() {
+    let data = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start_in(data.path(), &[]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    let inputs: Vec<Value> = (0..12).map(|_| json!(["1"])).collect();
+    let id =
+        start_batch(&s, json!({"template": {"function": "nap"}, "inputs": inputs, "split": 3}))
+            .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, mid) = s.get(&format!("/v1/batches/{id}")).await;
+    assert!(mid["counts"]["ok"].as_u64().unwrap() >= 3, "{mid}");
+    s.kill9();
+    let s = TestServer::start_in(data.path(), &[]).await;
+    let (b, most) = until_done(&s, &id).await;
+    assert_eq!(b["status"], "finished", "{b}");
+    assert_eq!(b["counts"]["ok"], 12, "every input ends once: {b}");
+    assert!(most <= 3, "{most}");
+    let jobs = batch_jobs(&s, &id).await;
+    for i in 0..12u64 {
+        let ok = jobs.iter().filter(|(j, st)| *j == i && st == "succeeded").count();
+        assert_eq!(ok, 1, "input {i} succeeded {ok} times: {jobs:?}");
+    }
+}
+
+#[tokio::test]
+async fn cancel_leaves_the_batch_resumable_and_the_hook_is_called_once() {
+    let hits = Arc::new(AtomicUsize::new(0));
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
+    let app = {
+        let (hits, bodies) = (hits.clone(), bodies.clone());
+        axum::Router::new().route(
+            "/hook",
+            axum::routing::post(move |axum::Json(v): axum::Json<Value>| {
+                let (hits, bodies) = (hits.clone(), bodies.clone());
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    bodies.lock().unwrap().push(v);
+                    "ok"
+                }
+            }),
+        )
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let s = TestServer::start(&[]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    let inputs: Vec<Value> = (0..6).map(|_| json!(["2"])).collect();
+    let id = start_batch(
+        &s,
+        json!({"template": {"function": "nap"}, "inputs": inputs, "split": 2, "hook": hook}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, b) = s.post_json(&format!("/v1/batches/{id}/cancel"), &json!({})).await;
+    assert_eq!(st, StatusCode::OK, "{b}");
+    assert_eq!(b["status"], "cancelled", "{b}");
+    assert_eq!(b["counts"]["pending"], 6, "cancelled inputs are pending again: {b}");
+    let (st, b) = s.post_json(&format!("/v1/batches/{id}/resume"), &json!({})).await;
+    assert_eq!((st, b["status"].as_str()), (StatusCode::OK, Some("running")));
+    let (st, body) = s.post_json(&format!("/v1/batches/{id}/resume"), &json!({})).await;
+    assert_eq!((st, code(&body)), (StatusCode::CONFLICT, "batch_running"));
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!(b["counts"]["ok"], 6, "{b}");
+    // Once, at the end (a cancel is a pause, not an end).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits.load(Ordering::SeqCst) < 1 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(hits.load(Ordering::SeqCst), 1);
+    let last = bodies.lock().unwrap().last().cloned().unwrap();
+    assert_eq!((last["id"].as_str(), last["counts"]["ok"].as_u64()), (Some(id.as_str()), Some(6)));
+}
+
+#[tokio::test]
+async fn bad_batches_get_clear_errors() {
+    let s = TestServer::start(&[]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    for (spec, want) in [
+        (json!({"template": {"function": "nap"}}), StatusCode::BAD_REQUEST),
+        (json!({"template": {"function": "nap"}, "inputs": []}), StatusCode::BAD_REQUEST),
+        (
+            json!({"template": {"function": "nap"}, "inputs": [["1"]], "split": 0}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"template": {"function": "nap", "idempotency_key": "k"}, "inputs": [["1"]]}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            json!({"template": {"function": "nap"}, "inputs": [["1"]], "hook": "ftp://x"}),
+            StatusCode::BAD_REQUEST,
+        ),
+        (json!({"template": {"function": "missing"}, "inputs": [["1"]]}), StatusCode::NOT_FOUND),
+        (
+            json!({"template": {"function": "nap"}, "inputs": [["1"]], "bogus": 1}),
+            StatusCode::BAD_REQUEST,
+        ),
+    ] {
+        let (st, body) = s.post_json("/v1/batches", &spec).await;
+        assert_eq!(st, want, "{spec}: {body}");
+    }
+    let (st, _) = s.get("/v1/batches/nope").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+/// `cloudpipe batch`: inputs on stdin, a closing summary, the exit code.
+#[test]
+fn the_batch_cli_runs_stdin_lines_and_exits_non_zero_on_failures() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt.block_on(async {
+        let s = TestServer::start(&[]).await;
+        s.upload("nap", &program(programs::SLEEP)).await;
+        s
+    });
+    let run = |input: &str, extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
+            .args(["batch", "--function", "nap", "--split", "4", "--timeout", "30s"])
+            .args(extra)
+            .env("CLOUDPIPE_URL", &s.url)
+            .env("CLOUDPIPE_API_KEY", ADMIN_KEY)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    let (code, text) = run("0\n0\n0\n", &[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("3/3 OK"), "{text}");
+    let (code, text) = run("0\nbad\n0\nbad\n", &["--retries", "1"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("2/4 !OK - 0 pending, 0 timeouts, 2 errors, 2 OK"), "{text}");
+    drop(s);
+}
