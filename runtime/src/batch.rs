@@ -644,7 +644,7 @@ impl Inner {
             Ok(inserted) => {
                 let job = inserted.job().clone();
                 match job.status.is_terminal() {
-                    true => (i, Ended::Job(job)),
+                    true => (i, Ended::Job(Box::new(job))),
                     false => (i, Ended::Launched(job.id)),
                 }
             }
@@ -657,7 +657,7 @@ impl Inner {
     async fn await_job(self: Arc<Self>, i: usize, id: JobId) -> (usize, Ended) {
         loop {
             match self.scheduler.wait(id, Duration::from_secs(3600)).await {
-                Ok(Some(job)) if job.status.is_terminal() => return (i, Ended::Job(job)),
+                Ok(Some(job)) if job.status.is_terminal() => return (i, Ended::Job(Box::new(job))),
                 Ok(Some(_)) => continue,
                 Ok(None) => return (i, Ended::Refused("its job vanished".into())),
                 Err(e) => {
@@ -698,7 +698,7 @@ impl Inner {
 
 /// How a batch input's run came back to the driver.
 enum Ended {
-    Job(Job),
+    Job(Box<Job>),
     Launched(JobId),
     Busy,
     Refused(String),

@@ -79,10 +79,8 @@ async fn containers_get_stdin_env_args_and_give_output_and_exit_codes() {
 
     let job = s.run(json!({"executor": "docker", "image": "cloudpipe-test/absent:0"})).await;
     assert_eq!(job["error"]["kind"], "image_not_found", "{job}");
-    // Every container is gone.
-    for j in [&job] {
-        assert!(job_containers(j["id"].as_str().unwrap()).is_empty());
-    }
+    // Its container is gone.
+    assert!(job_containers(job["id"].as_str().unwrap()).is_empty());
 }
 
 #[tokio::test]
