@@ -68,8 +68,8 @@ pub struct V1SubmitRequest {
     pub jobs: Vec<V1JobSpec>,
 }
 
-/// One v1 job. Fields of v1's protocol that mean nothing here (`core`, `profile`,
-/// `result_type`'s interpretation) are accepted; others are refused.
+/// One v1 job. Every field of v1's protocol is accepted (`core` and `profile` mean
+/// nothing here and are ignored); a field v1 did not have is refused.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct V1JobSpec {
