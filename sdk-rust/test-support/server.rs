@@ -23,7 +23,9 @@ pub fn server_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        without_test_env(&mut cmd);
+        let out = cmd
             .args(["build", "-p", "cloudpipe-api", "--bin", "cloudpipe", "--message-format=json"])
             .current_dir(workspace())
             .stderr(Stdio::inherit())
@@ -37,6 +39,28 @@ pub fn server_bin() -> &'static Path {
             .find_map(|m| m["executable"].as_str().map(PathBuf::from))
             .expect("cargo named no cloudpipe executable")
     })
+}
+
+/// Removes what cargo sets for a test process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, ...)
+/// from a command that runs cargo: build scripts that watch these variables (ring's
+/// does) would otherwise rebuild on every switch between the outer and the nested build.
+pub fn without_test_env(cmd: &mut Command) {
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        let set_for_tests = matches!(
+            k,
+            "CARGO_MANIFEST_DIR"
+                | "CARGO_MANIFEST_PATH"
+                | "CARGO_CRATE_NAME"
+                | "CARGO_TARGET_TMPDIR"
+                | "CARGO_PRIMARY_PACKAGE"
+                | "OUT_DIR"
+        ) || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_");
+        if set_for_tests {
+            cmd.env_remove(k);
+        }
+    }
 }
 
 /// A `cloudpipe serve` child with its own data directory, started with [`KEY`] as

@@ -40,6 +40,7 @@ impl Env {
     /// `cargo cloudpipe ARGS` in `cwd`, configured by environment for this server.
     fn cmd(&self, cwd: &Path, args: &[&str]) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_cargo-cloudpipe"));
+        server::without_test_env(&mut c);
         c.arg("cloudpipe")
             .args(args)
             .current_dir(cwd)
