@@ -6,7 +6,7 @@ use std::process::Command;
 fn client_tree_has_no_wasmtime_store_or_axum() {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let out = Command::new(cargo)
-        .args(["tree", "-p", "cloudpipe", "-e", "normal", "--prefix", "none", "--offline"])
+        .args(["tree", "-p", "cloudpipe", "-e", "normal", "--prefix", "none"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("running cargo tree");
