@@ -103,11 +103,19 @@ pub enum LiveEvent {
 /// Fan-out of a job's life to whoever follows it, only for jobs someone follows:
 /// [`LiveEvent`]s for event streams, and the final job alone for waiters (which are
 /// far more common, so they get a one-shot channel rather than a broadcast one).
+///
+/// The first [`REPLAY_BYTES`] of each output stream of a running job are kept, so that a
+/// follower who arrives after the job started still sees its output from the start.
 #[derive(Default)]
 pub struct Hub {
     channels: Mutex<HashMap<JobId, broadcast::Sender<LiveEvent>>>,
     waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<Arc<Job>>>>>,
+    /// Output so far of running jobs (stdout, stderr), each capped.
+    replay: Mutex<HashMap<JobId, (Vec<u8>, Vec<u8>)>>,
 }
+
+/// Bytes of each stream of a running job kept for late followers.
+pub const REPLAY_BYTES: usize = 64 << 10;
 
 /// A follower's end of a job's events; stops the fan-out when the last one drops.
 pub struct Subscription {
@@ -163,14 +171,42 @@ impl Hub {
     /// Events of job `id` from now on. Subscribe *before* reading the job, so that
     /// nothing between the read and the subscription is missed.
     pub fn subscribe(self: &Arc<Self>, id: JobId) -> Subscription {
-        let rx = self
-            .channels
-            .lock()
-            .unwrap()
-            .entry(id)
-            .or_insert_with(|| broadcast::channel(256).0)
-            .subscribe();
-        Subscription { rx: Some(rx), hub: self.clone(), id }
+        self.subscribe_with_replay(id).0
+    }
+
+    /// [`Hub::subscribe`], with the output the job wrote before (up to [`REPLAY_BYTES`]
+    /// per stream): nothing is in both.
+    pub fn subscribe_with_replay(self: &Arc<Self>, id: JobId) -> (Subscription, Vec<LiveEvent>) {
+        let mut channels = self.channels.lock().unwrap();
+        let rx = channels.entry(id).or_insert_with(|| broadcast::channel(256).0).subscribe();
+        // Output is published under the channels' lock: the replay and the live
+        // events meet without a gap or an overlap.
+        let mut replay = Vec::new();
+        if let Some((out, err)) = self.replay.lock().unwrap().get(&id) {
+            for (stream, bytes) in [(OutputStream::Stdout, out), (OutputStream::Stderr, err)] {
+                if !bytes.is_empty() {
+                    replay.push(LiveEvent::Output(stream, Bytes::copy_from_slice(bytes)));
+                }
+            }
+        }
+        drop(channels);
+        (Subscription { rx: Some(rx), hub: self.clone(), id }, replay)
+    }
+
+    fn started(&self, id: JobId) {
+        self.replay.lock().unwrap().insert(id, Default::default());
+    }
+
+    fn output(&self, id: JobId, stream: OutputStream, data: &[u8]) {
+        let channels = self.channels.lock().unwrap();
+        if let Some((out, err)) = self.replay.lock().unwrap().get_mut(&id) {
+            let kept = if stream == OutputStream::Stdout { out } else { err };
+            let room = REPLAY_BYTES.saturating_sub(kept.len());
+            kept.extend_from_slice(&data[..data.len().min(room)]);
+        }
+        if let Some(tx) = channels.get(&id) {
+            let _ = tx.send(LiveEvent::Output(stream, Bytes::copy_from_slice(data)));
+        }
     }
 
     fn watch_end(self: &Arc<Self>, id: JobId) -> EndWatch {
@@ -188,6 +224,7 @@ impl Hub {
 
     /// The job ended: tell its waiters and followers.
     fn finished(&self, job: Job) {
+        self.replay.lock().unwrap().remove(&job.id);
         let job = Arc::new(job);
         let waiters = self.waiters.lock().unwrap().remove(&job.id);
         for tx in waiters.into_iter().flatten() {
@@ -204,7 +241,7 @@ struct LiveSink {
 
 impl OutputSink for LiveSink {
     fn chunk(&self, stream: OutputStream, data: &[u8]) {
-        self.hub.publish(self.id, || LiveEvent::Output(stream, Bytes::copy_from_slice(data)));
+        self.hub.output(self.id, stream, data);
     }
 }
 
@@ -966,6 +1003,7 @@ impl Inner {
     async fn execute(&self, req: RunRequest, cancel: CancellationToken) -> JobOutcome {
         let id: JobId = req.job_id.parse().expect("job ids are UUIDs");
         self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
+        self.hub.started(id);
         let sink = Arc::new(LiveSink { hub: self.hub.clone(), id });
         let started = Instant::now();
         // A panic inside an executor is our bug, not the guest's: the job fails with
@@ -1002,6 +1040,7 @@ impl Inner {
     /// Writes the outcome of a running job and tells its followers.
     async fn record(&self, id: JobId, outcome: JobOutcome) {
         if self.released(&outcome) {
+            self.hub.replay.lock().unwrap().remove(&id);
             if let Err(e) = self.store.release_job(id).await {
                 tracing::warn!(
                     error = format!("{e:#}"),

@@ -70,6 +70,30 @@ async fn a_job_can_be_followed_as_server_sent_events() {
 }
 
 #[tokio::test]
+async fn a_late_follower_gets_the_output_written_before_it_came_once() {
+    let s = TestServer::start(&[]).await;
+    s.upload("sleep", &program(programs::SLEEP)).await;
+    let (_, job) = s.post_json("/v1/jobs", &json!({"function": "sleep", "args": ["2"]})).await;
+    let id = job["id"].as_str().unwrap();
+    // "sleeping" is printed at once; follow well after it.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let res = s.client.get(format!("{}/v1/jobs/{id}/events", s.url)).send().await.unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(20), res.text()).await.unwrap().unwrap();
+    let stdout: String = text
+        .split("\n\n")
+        .filter(|ev| ev.contains("event: stdout"))
+        .filter_map(|ev| ev.lines().find_map(|l| l.strip_prefix("data:")))
+        .map(|d| {
+            serde_json::from_str::<serde_json::Value>(d.trim()).unwrap()["data"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(stdout, "sleeping\nwoke up\n", "{text}");
+}
+
+#[tokio::test]
 async fn result_long_polls_until_the_job_ends() {
     let s = TestServer::start(&[]).await;
     s.upload("sleep", &program(programs::SLEEP)).await;

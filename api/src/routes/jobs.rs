@@ -248,11 +248,26 @@ pub async fn job_events(
     let jid = job_id(&id)?;
     let scheduler = state.runtime.scheduler.clone();
     // Subscribe first so nothing between the read and the subscription is missed.
-    let mut sub = scheduler.hub().subscribe(jid);
+    let (mut sub, replay) = scheduler.hub().subscribe_with_replay(jid);
     let job = load(&state, &caller, &id).await?;
     let stream = super::task_stream(move |tx| async move {
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;
+        }
+        // What the job wrote before this follower came.
+        for ev in replay {
+            let ev = match ev {
+                LiveEvent::Output(OutputStream::Stdout, b) => {
+                    sse(&JobEvent::Stdout { data: String::from_utf8_lossy(&b).into_owned() })
+                }
+                LiveEvent::Output(OutputStream::Stderr, b) => {
+                    sse(&JobEvent::Stderr { data: String::from_utf8_lossy(&b).into_owned() })
+                }
+                LiveEvent::Status(..) => continue,
+            };
+            if tx.send(ev).await.is_err() {
+                return;
+            }
         }
         let stopping = scheduler.stopping().clone();
         loop {
