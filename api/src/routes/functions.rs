@@ -34,6 +34,7 @@ pub(crate) fn info(m: FunctionMeta) -> FunctionInfo {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct UploadParams {
     /// Name to point at this version (`[a-z0-9][a-z0-9_-]{0,62}`).

@@ -536,6 +536,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogParams {
     /// `1` or `true`: keep the stream open and send new lines as server-sent events.

@@ -380,7 +380,8 @@ pub(crate) async fn settings_belong_to_the_name_and_survive_a_new_version<S: Sto
         store.put_settings(&Scope::All, "web", settings.clone()).await.unwrap().unwrap();
     assert_eq!(configured.settings, settings);
     // A new version under the name keeps them; the same version by id has none.
-    store.put(meta('b', Some("web"), 2), Bytes::from_static(b"two")).await.unwrap();
+    let put = store.put(meta('b', Some("web"), 2), Bytes::from_static(b"two")).await.unwrap();
+    assert_eq!(put.settings, settings, "an upload answers with the name's settings");
     let got = store.get_function(&Scope::All, "web").await.unwrap().unwrap();
     assert_eq!((got.id.as_str(), &got.settings), (meta('b', None, 0).id.as_str(), &settings));
     assert_eq!(

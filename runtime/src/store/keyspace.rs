@@ -464,6 +464,10 @@ fn put_function(
     if let Some(name) = &meta.name {
         let entry = NameEntry { account: meta.account.clone(), id: meta.id.clone() };
         put_json(tx, &key(NAMES, name.as_bytes()), &entry)?;
+        // As seen through the name: with the name's settings, which it keeps.
+        if let Some(named) = named(&*tx, name.clone(), &entry)? {
+            return Ok(PutFunction::Stored(named));
+        }
     }
     Ok(PutFunction::Stored(stored))
 }
