@@ -10,10 +10,13 @@
 //! - `scaffold`: `new` (command, typed and HTTP crates).
 //! - `follow`: live output of a job, Ctrl-C to cancel, its exit code.
 //! - `ui`: status lines, the upload spinner, errors explained.
+//! - `batch`: one function over many inputs, its progress, and its summary.
 //!
 //! Exit codes: the job's own for `submit` and `result` (130 when it was cancelled);
-//! 2 when `cargo cloudpipe` itself failed.
+//! for `batch` 0 when every input succeeded, 1 otherwise, 130 on Ctrl-C; 2 when
+//! `cargo cloudpipe` itself failed.
 
+mod batch;
 mod build;
 mod follow;
 mod scaffold;
@@ -93,6 +96,9 @@ enum Cmd {
     },
     /// Store the server's URL and an API key in the credentials file.
     Login(LoginArgs),
+    /// Run a function once per line of stdin (its words appended to the arguments),
+    /// a few at a time; prints `x/y OK` at the end and exits 0 only if all succeeded.
+    Batch(batch::BatchArgs),
 }
 
 #[derive(Args)]
@@ -191,6 +197,9 @@ struct JobsArgs {
     /// Only jobs of this function.
     #[arg(long = "function")]
     function: Option<String>,
+    /// Only jobs of this batch.
+    #[arg(long)]
+    batch: Option<String>,
     /// At most this many.
     #[arg(long, default_value_t = 20)]
     limit: usize,
@@ -297,6 +306,7 @@ async fn run(cli: Cli, ui: Ui) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Login(a) => login(&cli, a, ui).await,
+        Cmd::Batch(a) => batch::run(&client(&cli)?, a, ui).await,
     }
 }
 
@@ -505,6 +515,7 @@ async fn jobs(client: &Client, a: &JobsArgs) -> anyhow::Result<i32> {
         status,
         tag: a.tag.clone(),
         function: a.function.clone(),
+        batch: a.batch.clone(),
         limit: Some(a.limit),
         cursor: None,
     };

@@ -21,6 +21,11 @@ impl Ui {
         self.quiet
     }
 
+    /// stderr is a terminal.
+    pub fn is_tty(&self) -> bool {
+        self.tty
+    }
+
     /// A status line in cargo's style: a right-aligned verb, then the detail.
     pub fn status(&self, verb: &str, detail: impl std::fmt::Display) {
         if self.quiet {

@@ -302,3 +302,96 @@ fn main() {
     assert_eq!(job["status"], "cancelled", "{job}");
     assert!(!job["stdout"].as_str().unwrap().contains("not cancelled"));
 }
+
+#[test]
+fn batch_runs_stdin_lines_summarises_and_exits_non_zero_on_failures() {
+    let env = Env::start();
+    let dir = env.new_crate("work", &[]);
+    std::fs::write(
+        dir.join("src/main.rs"),
+        r#"fn main() {
+    let arg = std::env::args().nth(1).unwrap_or_default();
+    if arg == "bad" {
+        eprintln!("bad input");
+        std::process::exit(1);
+    }
+    if let Ok(secs) = arg.parse::<u64>() {
+        std::thread::sleep(std::time::Duration::from_secs(secs));
+    }
+    println!("done {arg}");
+}
+"#,
+    )
+    .unwrap();
+    let batch = |args: &[&str], input: &str| {
+        use std::io::Write;
+        let mut child = env
+            .cmd(&dir, &[&["batch"], args].concat())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let batch_id = |stderr: &str| {
+        let line = stderr.lines().find(|l| l.contains(" batch ")).expect("no batch line");
+        line.split("batch ").nth(1).unwrap().split(':').next().unwrap().to_string()
+    };
+
+    // Without --function the crate here is built and uploaded, as `submit` does.
+    let out = batch(&["--split", "4", "--timeout", "30s"], "a\nbad\n\nb\nbad\nc\n");
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{stderr}");
+    assert_eq!(text(&out.stdout), "3/5 !OK - 0 pending, 0 timeouts, 2 errors, 3 OK\n", "{stderr}");
+    assert!(stderr.contains("Uploaded work as sha256:"), "{stderr}");
+    let id = batch_id(&stderr);
+    let out = env.run(&dir, &["jobs", "--batch", &id]);
+    assert_eq!(text(&out.stdout).lines().count(), 6, "a header and 5 jobs:\n{}", text(&out.stdout));
+
+    // --retry runs the two failures again (they fail again); --function names an
+    // uploaded function, and `--` gives arguments before each input's words.
+    let out = batch(&["-q", "--retry", &id], "");
+    assert_eq!(out.status.code(), Some(1), "stderr:\n{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "3/5 !OK - 0 pending, 0 timeouts, 2 errors, 3 OK\n");
+    let out = batch(&["--function", "work", "--retries", "1", "--", "x"], "0\n0\n");
+    assert_eq!(out.status.code(), Some(0), "stderr:\n{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "2/2 OK\n");
+
+    // Ctrl-C cancels the batch and says how to resume it.
+    let mut child = env
+        .cmd(&dir, &["batch", "--function", "work"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"60\n60\n").unwrap();
+    }
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let started = stderr.recv_timeout(Duration::from_secs(60)).expect("the batch never started");
+    let id = batch_id(&started);
+    let ok =
+        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok, "kill -INT");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "cargo cloudpipe batch did not stop after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let log = stderr.iter().collect::<Vec<_>>().join("\n");
+    assert_eq!(status.code(), Some(130), "stderr:\n{log}");
+    assert!(log.contains(&format!("cargo cloudpipe batch --resume {id}")), "{log}");
+    let b = env.api(&format!("/v1/batches/{id}"));
+    assert_eq!(
+        (b["status"].as_str(), b["counts"]["pending"].as_u64()),
+        (Some("cancelled"), Some(2))
+    );
+}

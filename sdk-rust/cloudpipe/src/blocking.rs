@@ -18,7 +18,10 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use cloudpipe_types::{FunctionInfo, FunctionSettingsPatch, JobEvent, JobList, JobRecord, JobSpec};
+use cloudpipe_types::{
+    BatchRecord, BatchSpec, FunctionInfo, FunctionSettingsPatch, JobEvent, JobList, JobRecord,
+    JobSpec,
+};
 
 use crate::{Config, Error, Invocation, InvokeResponse, JobQuery, Result, RetryPolicy};
 
@@ -114,6 +117,55 @@ impl Client {
     /// See [`crate::Client::jobs`].
     pub fn jobs(&self, query: &JobQuery) -> Result<JobList> {
         self.rt.block_on(self.inner.jobs(query))
+    }
+
+    /// See [`crate::Client::create_batch`].
+    ///
+    /// ```no_run
+    /// use cloudpipe::{BatchSpec, JobSpec};
+    /// let client = cloudpipe::blocking::Client::from_env()?;
+    /// let spec = BatchSpec {
+    ///     template: JobSpec { function: "resize".into(), ..JobSpec::default() },
+    ///     inputs: Some(vec![vec!["a.png".into()], vec!["b.png".into()]]),
+    ///     ..BatchSpec::default()
+    /// };
+    /// let batch = client.create_batch(&spec)?;
+    /// let done = client.wait_batch(&batch.id, None)?;
+    /// println!("{}/{} OK", done.counts.ok, done.total);
+    /// # Ok::<(), cloudpipe::Error>(())
+    /// ```
+    pub fn create_batch(&self, spec: &BatchSpec) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.create_batch(spec))
+    }
+
+    /// See [`crate::Client::batch`].
+    pub fn batch(&self, id: &str) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.batch(id))
+    }
+
+    /// See [`crate::Client::batches`].
+    pub fn batches(&self) -> Result<Vec<BatchRecord>> {
+        self.rt.block_on(self.inner.batches())
+    }
+
+    /// See [`crate::Client::resume_batch`].
+    pub fn resume_batch(&self, id: &str) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.resume_batch(id))
+    }
+
+    /// See [`crate::Client::retry_batch`].
+    pub fn retry_batch(&self, id: &str) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.retry_batch(id))
+    }
+
+    /// See [`crate::Client::cancel_batch`].
+    pub fn cancel_batch(&self, id: &str) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.cancel_batch(id))
+    }
+
+    /// See [`crate::Client::wait_batch`].
+    pub fn wait_batch(&self, id: &str, timeout: Option<Duration>) -> Result<BatchRecord> {
+        self.rt.block_on(self.inner.wait_batch(id, timeout))
     }
 
     /// See [`crate::Client::invoke`].

@@ -4,8 +4,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use cloudpipe_types::{
-    FunctionInfo, FunctionList, FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec,
-    JobStatus,
+    BatchList, BatchRecord, BatchSpec, BatchStatus, FunctionInfo, FunctionList,
+    FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec, JobStatus,
 };
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
@@ -16,6 +16,9 @@ use crate::{Config, Error, Result, RetryPolicy};
 
 /// The longest a single long-poll asks the server to hold (the server may cap it lower).
 const POLL: Duration = Duration::from_secs(30);
+
+/// How often [`Client::wait_batch`] looks at a batch (batches have no long-poll).
+const BATCH_POLL: Duration = Duration::from_millis(250);
 
 /// A client of one Cloudpipe server. Cheap to clone (clones share one connection
 /// pool); make one per server and keep it.
@@ -44,6 +47,8 @@ pub struct JobQuery {
     pub tag: Option<String>,
     /// A function name as submitted, or a `sha256:` id.
     pub function: Option<String>,
+    /// The jobs of this batch (see [`Client::create_batch`]).
+    pub batch: Option<String>,
     /// At most this many (the server allows 1 to 1000; 100 when absent).
     pub limit: Option<usize>,
     /// The `next_cursor` of the previous page.
@@ -491,6 +496,9 @@ impl Client {
         if let Some(f) = &query.function {
             q.push(("function", f.clone()));
         }
+        if let Some(b) = &query.batch {
+            q.push(("batch", b.clone()));
+        }
         if let Some(l) = query.limit {
             q.push(("limit", l.to_string()));
         }
@@ -498,6 +506,127 @@ impl Client {
             q.push(("cursor", c.clone()));
         }
         self.json(Method::GET, self.endpoint(&["v1", "jobs"], &q), None).await
+    }
+
+    /// Starts a batch: the `template` job run once per input (each input's words
+    /// appended to the template's `args`), at most `split` at once, each failure tried
+    /// again up to `retries` times. Returns the batch's record at once (status
+    /// `running`); follow it with [`Client::wait_batch`] or [`Client::batch`], and list
+    /// its jobs with a [`JobQuery`] whose `batch` is its id.
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
+    /// use cloudpipe::{BatchSpec, JobQuery, JobSpec};
+    /// let spec = BatchSpec {
+    ///     template: JobSpec { function: "resize".into(), args: vec!["--width=64".into()], ..JobSpec::default() },
+    ///     // One job per line, split into words: `resize --width=64 a.png`, ...
+    ///     input_text: Some("a.png\nb.png\nc.png\n".into()),
+    ///     split: Some(2),
+    ///     retries: Some(1),
+    ///     timeout_ms: Some(30_000),
+    ///     ..BatchSpec::default()
+    /// };
+    /// let batch = client.create_batch(&spec).await?;
+    /// let done = client.wait_batch(&batch.id, None).await?;
+    /// println!("{}/{} OK", done.counts.ok, done.total);
+    /// let q = JobQuery { batch: Some(batch.id.clone()), ..JobQuery::default() };
+    /// for job in client.jobs(&q).await?.jobs {
+    ///     println!("{:?} {}", job.batch_index, job.status.as_str());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_batch(&self, spec: &BatchSpec) -> Result<BatchRecord> {
+        let url = self.endpoint(&["v1", "batches"], &[]);
+        self.json(Method::POST, url, Client::json_body(spec)).await
+    }
+
+    /// A batch's record as it is now: its status and how many inputs are where.
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client, id: &str) -> cloudpipe::Result<()> {
+    /// let b = client.batch(id).await?;
+    /// println!("{} ok, {} failed, {} pending of {}", b.counts.ok, b.counts.failed, b.counts.pending, b.total);
+    /// # Ok(()) }
+    /// ```
+    pub async fn batch(&self, id: &str) -> Result<BatchRecord> {
+        self.json(Method::GET, self.endpoint(&["v1", "batches", id], &[]), None).await
+    }
+
+    /// The batches of the key's account (the admin's key: everyone's), oldest first.
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
+    /// for b in client.batches().await? {
+    ///     println!("{} {:?} {}/{}", b.id, b.status, b.counts.ok, b.total);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub async fn batches(&self) -> Result<Vec<BatchRecord>> {
+        let list: BatchList =
+            self.json(Method::GET, self.endpoint(&["v1", "batches"], &[]), None).await?;
+        Ok(list.batches)
+    }
+
+    /// Runs the pending inputs of a stopped batch (cancelled, or struck by its
+    /// `strikes`); a batch still running is a conflict (409).
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client, id: &str) -> cloudpipe::Result<()> {
+    /// let b = client.resume_batch(id).await?;
+    /// let done = client.wait_batch(&b.id, None).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn resume_batch(&self, id: &str) -> Result<BatchRecord> {
+        let url = self.endpoint(&["v1", "batches", id, "resume"], &[]);
+        self.json(Method::POST, url, None).await
+    }
+
+    /// Runs the failed and timed-out inputs of an ended batch again, each with a
+    /// fresh set of `retries`.
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client, id: &str) -> cloudpipe::Result<()> {
+    /// let b = client.retry_batch(id).await?;
+    /// let done = client.wait_batch(&b.id, None).await?;
+    /// assert_eq!(done.counts.failed + done.counts.timed_out, 0, "failed again");
+    /// # Ok(()) }
+    /// ```
+    pub async fn retry_batch(&self, id: &str) -> Result<BatchRecord> {
+        let url = self.endpoint(&["v1", "batches", id, "retry"], &[]);
+        self.json(Method::POST, url, None).await
+    }
+
+    /// Stops launching a batch's jobs and cancels its running ones; their inputs stay
+    /// pending, so [`Client::resume_batch`] runs them later. Returns the stopped
+    /// batch (an ended batch unchanged).
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client, id: &str) -> cloudpipe::Result<()> {
+    /// let b = client.cancel_batch(id).await?;
+    /// println!("{} inputs left for a resume", b.counts.pending);
+    /// # Ok(()) }
+    /// ```
+    pub async fn cancel_batch(&self, id: &str) -> Result<BatchRecord> {
+        let url = self.endpoint(&["v1", "batches", id, "cancel"], &[]);
+        self.json(Method::POST, url, None).await
+    }
+
+    /// Waits until a batch stops running (finished, struck or cancelled) and returns
+    /// its record; with a `timeout`, returns the latest record (still `running`) once
+    /// it passes. Batches have no long-poll: this looks every 250 ms.
+    pub async fn wait_batch(&self, id: &str, timeout: Option<Duration>) -> Result<BatchRecord> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            let b = self.batch(id).await?;
+            if b.status != BatchStatus::Running {
+                return Ok(b);
+            }
+            let left = deadline.map_or(BATCH_POLL, |d| d.saturating_duration_since(Instant::now()));
+            if left.is_zero() {
+                return Ok(b);
+            }
+            tokio::time::sleep(left.min(BATCH_POLL)).await;
+        }
     }
 
     /// A job's standard output as raw bytes (the record's `stdout` is lossy text).

@@ -59,8 +59,9 @@ pub mod sse;
 
 pub use client::{Client, Invocation, InvokeResponse, JobQuery};
 pub use cloudpipe_types::{
-    ErrorBody, FunctionInfo, FunctionKind, FunctionSettings, FunctionSettingsPatch, JobError,
-    JobEvent, JobList, JobRecord, JobSpec, JobStatus,
+    BatchCounts, BatchList, BatchRecord, BatchSpec, BatchStatus, ErrorBody, FunctionInfo,
+    FunctionKind, FunctionSettings, FunctionSettingsPatch, JobError, JobEvent, JobList, JobRecord,
+    JobSpec, JobStatus,
 };
 pub use config::{Config, Credentials, DEFAULT_URL};
 pub use error::{Error, Result};

@@ -4,7 +4,8 @@
 use std::time::{Duration, Instant};
 
 use cloudpipe::{
-    Client, Config, Error, Invocation, JobEvent, JobQuery, JobSpec, JobStatus, RetryPolicy,
+    BatchSpec, BatchStatus, Client, Config, Error, Invocation, JobEvent, JobQuery, JobSpec,
+    JobStatus, RetryPolicy,
 };
 use cloudpipe_test_programs_artifacts as programs;
 
@@ -120,6 +121,68 @@ async fn jobs_functions_and_invocations_through_the_client() {
     .await
     .unwrap();
     assert_eq!(stdout, "hello, world\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_through_the_client() {
+    let server = Server::start();
+    let c = client(&server.url);
+    c.upload_function("sleep", programs::read(programs::SLEEP)).await.unwrap();
+
+    // Three inputs of a second, two at a time, and one that fails (`sleep bad` panics).
+    let inputs = ["1", "1", "1", "bad"].map(|a| vec![a.to_string()]).to_vec();
+    let bspec = BatchSpec {
+        template: spec("sleep", &[]),
+        inputs: Some(inputs),
+        split: Some(2),
+        ..BatchSpec::default()
+    };
+    let b = c.create_batch(&bspec).await.unwrap();
+    assert_eq!((b.status, b.total, b.split), (BatchStatus::Running, 4, 2), "{b:?}");
+    let e = c.resume_batch(&b.id).await.unwrap_err();
+    assert_eq!(e.status(), Some(409), "a running batch is not resumed: {e:?}");
+
+    // Cancelled while its first jobs sleep: what did not end is pending again.
+    let stopped = c.cancel_batch(&b.id).await.unwrap();
+    assert_eq!(stopped.status, BatchStatus::Cancelled, "{stopped:?}");
+    assert_eq!(stopped.counts.running, 0, "{stopped:?}");
+    assert!(stopped.counts.pending >= 2, "{stopped:?}");
+    assert_eq!(c.batch(&b.id).await.unwrap().status, BatchStatus::Cancelled);
+    let listed = c.batches().await.unwrap();
+    assert_eq!(listed.iter().map(|b| b.id.as_str()).collect::<Vec<_>>(), [b.id.as_str()]);
+    let q = JobQuery { batch: Some(b.id.clone()), ..JobQuery::default() };
+    let jobs = c.jobs(&q).await.unwrap().jobs;
+    assert!(!jobs.is_empty() && jobs.iter().all(|j| j.batch.as_ref() == Some(&b.id)), "{jobs:?}");
+    assert!(jobs.iter().any(|j| j.status == JobStatus::Cancelled), "{jobs:?}");
+
+    // Resumed, it runs what was left to the end.
+    let resumed = c.resume_batch(&b.id).await.unwrap();
+    assert_eq!(resumed.status, BatchStatus::Running);
+    let done = c.wait_batch(&b.id, Some(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(done.status, BatchStatus::Finished, "{done:?}");
+    assert_eq!((done.counts.ok, done.counts.failed, done.counts.pending), (3, 1, 0), "{done:?}");
+
+    // Retried (from the blocking facade), the failed input runs once more, and fails.
+    let (url, id) = (server.url.clone(), b.id.clone());
+    let again = tokio::task::spawn_blocking(move || {
+        let c = cloudpipe::blocking::Client::new(Config {
+            api_key: Some(KEY.into()),
+            ..Config::new(url)
+        })
+        .unwrap();
+        c.retry_batch(&id).unwrap();
+        c.wait_batch(&id, Some(Duration::from_secs(30))).unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!((again.status, again.counts.ok, again.counts.failed), (BatchStatus::Finished, 3, 1));
+    let failed = JobQuery { status: Some(JobStatus::Failed), ..q };
+    let jobs = c.jobs(&failed).await.unwrap().jobs;
+    assert_eq!(jobs.len(), 2, "two tries of `bad`: {jobs:?}");
+    assert!(jobs.iter().all(|j| j.batch_index == Some(3)), "{jobs:?}");
+
+    let e = c.batch("no-such-batch").await.unwrap_err();
+    assert!(e.is_not_found(), "{e:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
