@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::job::JobOutcome;
 
 pub mod docker;
+pub mod vm;
 pub mod wasm;
 
 /// Everything an executor needs for one attempt of one job.

@@ -7,6 +7,7 @@ use anyhow::Context;
 
 use crate::executor::Executors;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
+use crate::executor::vm::{VmConfig, VmExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -22,6 +23,8 @@ pub struct RuntimeConfig {
     pub wasm: WasmConfig,
     /// The docker executor (`instance` is derived from `data_dir`).
     pub docker: DockerConfig,
+    /// The vm executor (`instance` and `run_dir` are derived from `data_dir`).
+    pub vm: VmConfig,
     /// Largest function binary accepted, in bytes.
     pub max_function_bytes: usize,
 }
@@ -35,6 +38,7 @@ impl RuntimeConfig {
             scheduler: SchedulerConfig::default(),
             wasm: WasmConfig::default(),
             docker: DockerConfig::default(),
+            vm: VmConfig::from_env(),
             max_function_bytes: 64 << 20,
         }
     }
@@ -46,6 +50,7 @@ pub struct Runtime {
     pub store: Arc<dyn Store>,
     pub executor: Arc<WasmExecutor>,
     pub docker: Arc<DockerExecutor>,
+    pub vm: Arc<VmExecutor>,
     pub executors: Arc<Executors>,
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
@@ -86,11 +91,24 @@ impl Runtime {
                 Err(_) => tracing::warn!("the Docker engine did not answer; containers not reaped"),
             }
         }
-        let executors = Arc::new(Executors::new(vec![executor.clone(), docker.clone()]));
+        let mut vm_config = config.vm.clone();
+        vm_config.instance = instance_id(&config.data_dir);
+        vm_config.run_dir = config.data_dir.join("vm");
+        let vm = Arc::new(VmExecutor::new(vm_config));
+        // QEMU processes left by a previous life of this server go too.
+        match vm.reap() {
+            0 => {}
+            n => tracing::warn!(processes = n, "killed QEMU processes left by a crash"),
+        }
+        if vm.configured() {
+            vm.warm_up();
+        }
+        let executors =
+            Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
         let scheduler =
             Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
         let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
-        Ok(Runtime { store, executor, docker, executors, registry, scheduler, batches })
+        Ok(Runtime { store, executor, docker, vm, executors, registry, scheduler, batches })
     }
 }
 

@@ -711,6 +711,7 @@ impl Inner {
         let executor = spec.executor.clone().unwrap_or_else(|| self.executor.default_name().into());
         let container = match executor.as_str() {
             "docker" => Some(container_spec(&spec).map_err(SubmitError::Invalid)?),
+            "vm" => Some(vm_spec(&spec).map_err(SubmitError::Invalid)?),
             _ => {
                 if spec.image.is_some()
                     || !spec.command.is_empty()
@@ -1145,6 +1146,30 @@ fn container_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
         command: spec.command.clone(),
         nano_cpus,
         result_file,
+        network: false,
+    })
+}
+
+/// The command of a `vm` job spec, checked: it runs as a container without an image
+/// (`function` is `vm`).
+fn vm_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
+    if !spec.function.is_empty() || spec.image.is_some() {
+        return Err("a vm job runs `command` (in busybox), not `function` or `image`".into());
+    }
+    if spec.cpus.is_some() || spec.result_source.is_some() {
+        return Err("`cpus` and `result_source` are for docker jobs, not vm jobs".into());
+    }
+    if spec.command.is_empty() {
+        return Err("a vm job needs `command` (argv, e.g. [\"sh\", \"-c\", \"echo hi\"])".into());
+    }
+    if spec.command.len() > 4096 || spec.command.iter().any(|a| a.contains('\0')) {
+        return Err("`command`: at most 4096 arguments, without NUL".into());
+    }
+    Ok(crate::job::ContainerSpec {
+        image: "vm".into(),
+        command: spec.command.clone(),
+        nano_cpus: None,
+        result_file: None,
         network: false,
     })
 }

@@ -15,6 +15,7 @@
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed).
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
+//! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
 
 mod auth;
 mod bad_requests;
@@ -28,3 +29,4 @@ mod invoke;
 mod jobs;
 mod server;
 mod v1compat;
+mod vm;
