@@ -11,7 +11,8 @@
 //!   for `G`), `O` stdout bytes, `E` stderr bytes, `X` exit (`i32` status: the exit
 //!   code, or minus the signal; then one byte: 1 if the guest's OOM killer ran).
 //! - host → guest: `J` the job (see [`Job::parse`]), `G` go (after an armed job),
-//!   `W` warm up (run a shell once, then answer `w` and keep waiting for the job).
+//!   `W` warm up (its payload is entropy; run a shell once, then answer `w` and keep
+//!   waiting for the job).
 //!
 //! Per job the agent sets the clock from the host, mixes the host's entropy into the
 //! kernel's pool and reseeds the CRNG (every clone of one snapshot starts with the
@@ -163,7 +164,8 @@ fn serve(path: &str) -> io::Result<()> {
     let job = loop {
         match read_frame(&mut port)? {
             (b'J', payload) => break Job::parse(&payload)?,
-            (b'W', _) => {
+            (b'W', entropy) => {
+                add_entropy(&entropy);
                 warm();
                 link.send(b'w', &[])?;
             }
@@ -199,21 +201,28 @@ fn prepare(job: &Job) {
         tv_nsec: (job.unix_nanos % 1_000_000_000) as libc::c_long,
     };
     unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
-    if job.entropy.is_empty() {
+    add_entropy(&job.entropy);
+}
+
+/// Mixes the host's `entropy` into the kernel's pool, credited (so that a CRNG not yet
+/// initialised, as in a template booted without an entropy source, becomes ready
+/// instead of running its jitter dance for a second), and reseeds the CRNG.
+fn add_entropy(entropy: &[u8]) {
+    if entropy.is_empty() {
         return;
     }
     if let Ok(random) = File::options().write(true).open("/dev/urandom") {
         // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-        let mut info = Vec::with_capacity(8 + job.entropy.len());
-        info.extend_from_slice(&((job.entropy.len() * 8) as i32).to_ne_bytes());
-        info.extend_from_slice(&(job.entropy.len() as i32).to_ne_bytes());
-        info.extend_from_slice(&job.entropy);
+        let mut info = Vec::with_capacity(8 + entropy.len());
+        info.extend_from_slice(&((entropy.len() * 8) as i32).to_ne_bytes());
+        info.extend_from_slice(&(entropy.len() as i32).to_ne_bytes());
+        info.extend_from_slice(entropy);
         info.resize(info.len().next_multiple_of(4), 0);
         const RNDADDENTROPY: libc::Ioctl = 0x4008_5203_u32 as libc::Ioctl;
         const RNDRESEEDCRNG: libc::Ioctl = 0x5207;
         unsafe {
             if libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) != 0 {
-                let _ = (&random).write_all(&job.entropy);
+                let _ = (&random).write_all(entropy);
             }
             libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG);
         }

@@ -436,7 +436,9 @@ impl Vm {
     /// pauses it.
     async fn warm(&mut self) -> anyhow::Result<()> {
         self.resume().await?;
-        self.send(b'W', &[]).await?;
+        let mut entropy = [0u8; 64];
+        fill_random(&mut entropy);
+        self.send(b'W', &entropy).await?;
         self.expect(b'w', RESTORE_TIMEOUT).await?;
         self.pause().await
     }
@@ -960,11 +962,13 @@ impl VmExecutor {
     /// `CLOUDPIPE_CLONES`), started together: each gets its job and waits until all
     /// are armed. The timeout counts from the start of the call.
     pub async fn fan_out(&self, req: RunRequest, n: usize) -> anyhow::Result<FanOut> {
+        let started = Instant::now();
         let reservation = self.reserve(n, req.timeout).await?;
-        self.fan_out_on(reservation, req, Instant::now()).await
+        self.fan_out_on(reservation, req, started).await
     }
 
-    /// [`VmExecutor::fan_out`] on reserved clones.
+    /// [`VmExecutor::fan_out`] on reserved clones; `started` is when the caller began
+    /// (the timeout and the timings count from it).
     pub async fn fan_out_on(
         &self,
         reservation: Reservation,
@@ -1021,11 +1025,14 @@ impl VmExecutor {
         Ok(started.elapsed())
     }
 
-    /// Takes a clone from the pool (waiting for one if the pool is filling), runs
-    /// `command` and returns the time from having the clone to its first output.
+    /// Waits until the pool is full and its filler idle, takes a clone from it, runs
+    /// `command` and returns the time to its first output.
     pub async fn pooled_to_first_output(&self, command: &[&str]) -> anyhow::Result<Duration> {
         let deadline = Instant::now() + RESTORE_TIMEOUT;
-        while self.pooled() == 0 && Instant::now() < deadline {
+        while (self.pooled() < self.inner.config.pool_size.max(1)
+            || self.inner.filling.load(Ordering::Acquire))
+            && Instant::now() < deadline
+        {
             self.inner.refill();
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
