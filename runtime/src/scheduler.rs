@@ -110,9 +110,12 @@ pub enum LiveEvent {
 pub struct Hub {
     channels: Mutex<HashMap<JobId, broadcast::Sender<LiveEvent>>>,
     waiters: Mutex<HashMap<JobId, Vec<oneshot::Sender<Arc<Job>>>>>,
-    /// Output so far of running jobs (stdout, stderr), each capped.
-    replay: Mutex<HashMap<JobId, (Vec<u8>, Vec<u8>)>>,
+    /// Output so far of running jobs, each stream capped.
+    replay: Mutex<HashMap<JobId, Replay>>,
 }
+
+/// The stdout and stderr a running job wrote so far (see [`REPLAY_BYTES`]).
+type Replay = (Vec<u8>, Vec<u8>);
 
 /// Bytes of each stream of a running job kept for late followers.
 pub const REPLAY_BYTES: usize = 64 << 10;
