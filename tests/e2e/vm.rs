@@ -270,15 +270,38 @@ async fn a_restart_after_kill_9_kills_the_qemu_processes_left_behind() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    let left = qemu_pids(data.path());
     first.child.kill().unwrap();
     first.child.wait().unwrap();
-    let left = qemu_pids(data.path());
-    assert!(!left.is_empty(), "QEMU processes outlive a server killed with kill -9");
+    // QEMU dies with the server (PR_SET_PDEATHSIG).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while left.iter().any(|p| qemu_pids(data.path()).contains(p)) {
+        assert!(Instant::now() < deadline, "QEMU processes outlived the server: {left:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // One that escaped anyway (its parent thread's death missed, say) carries the
+    // server's label: the restarted server kills it before running anything.
+    let instance = {
+        use sha2::Digest;
+        let path = std::fs::canonicalize(data.path()).unwrap();
+        let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+        digest[..8].iter().map(|b| format!("{b:02x}")).collect::<String>()
+    };
+    let mut stray = std::process::Command::new("qemu-system-x86_64")
+        .args(["-machine", "none", "-display", "none", "-nodefaults", "-S", "-name"])
+        .arg(format!("cloudpipe-vm-{instance}"))
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(stray.try_wait().unwrap().is_none(), "the stray QEMU runs");
 
     let second = spawn_serve_with(bin, data.path(), &[], &env);
-    let alive: Vec<u32> =
-        left.iter().copied().filter(|p| qemu_pids(data.path()).contains(p)).collect();
-    assert!(alive.is_empty(), "the restarted server killed {left:?}; alive: {alive:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stray.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the restarted server did not kill the stray QEMU");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let log = second.log.lock().unwrap().join("\n");
     assert!(log.contains("killed QEMU processes left by a crash"), "{log}");
     // The job runs again, in a new clone, and finishes.

@@ -21,11 +21,13 @@
 //! is reported as `memory_limit`. The timeout and cancel kill the clone.
 //!
 //! # Reaping
-//! Every QEMU process of this server carries `-name cloudpipe-vm-<instance>` (the
-//! instance derived from the data directory) and a pidfile under the data directory;
-//! [`VmExecutor::reap`] (run at start) kills every process carrying this server's
-//! label, so a server restarted after `kill -9` leaves none behind. A clone dropped
-//! anywhere (timeout, cancel, panic) is killed by its `Drop`.
+//! Each QEMU process is a child in its own process group with `PR_SET_PDEATHSIG`: it
+//! dies with the server, `kill -9` included. Beside that, every one carries `-name
+//! cloudpipe-vm-<instance>` (the instance derived from the data directory) and a
+//! pidfile under the data directory; [`VmExecutor::reap`] (run at start) kills every
+//! process carrying this server's label, so a server restarted after a crash leaves
+//! none behind whatever happened. A clone dropped anywhere (timeout, cancel, panic) is
+//! killed by its `Drop`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -133,6 +135,8 @@ struct Inner {
     /// Restored, warmed and paused clones.
     pool: Mutex<VecDeque<Vm>>,
     filling: AtomicBool,
+    /// [`Inner::check`] passed once (it runs QEMU; not on every submission).
+    checked: AtomicBool,
     seq: AtomicU64,
 }
 
@@ -323,6 +327,21 @@ impl Vm {
             .stderr(std::fs::File::create(&log).context("creating the VM's log")?)
             .process_group(0)
             .kill_on_drop(true);
+        #[allow(unsafe_code)]
+        // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork and
+        // exec. QEMU gets SIGKILL when the thread that started it (a runtime worker,
+        // living as long as the server) dies, `kill -9` of the server included; if the
+        // server died before the prctl, QEMU kills itself.
+        unsafe {
+            let parent = libc::getpid();
+            cmd.pre_exec(move || {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+                if libc::getppid() != parent {
+                    libc::kill(libc::getpid(), libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
         let mut child =
             cmd.spawn().with_context(|| format!("starting {}", inner.config.qemu.display()))?;
         let stdin = child.stdin.take().unwrap();
@@ -688,6 +707,8 @@ impl Inner {
             "1".into(),
             "-display".into(),
             "none".into(),
+            // A guest that reboots (a kernel panic) ends its QEMU instead of booting again.
+            "-no-reboot".into(),
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-kernel".into(),
@@ -891,6 +912,7 @@ impl VmExecutor {
                 template: tokio::sync::OnceCell::new(),
                 pool: Mutex::new(VecDeque::new()),
                 filling: AtomicBool::new(false),
+                checked: AtomicBool::new(false),
                 seq: AtomicU64::new(0),
             }),
         }
@@ -1076,7 +1098,12 @@ impl Executor for VmExecutor {
     }
 
     async fn available(&self) -> Result<(), String> {
-        self.inner.check()
+        if self.inner.checked.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        self.inner.check()?;
+        self.inner.checked.store(true, Ordering::Release);
+        Ok(())
     }
 
     async fn run(
