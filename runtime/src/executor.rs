@@ -1,9 +1,10 @@
 //! The [`Executor`] trait: what runs a job. Each implementation owns its isolation and
 //! its limits; the scheduler only hands it a [`RunRequest`] and a cancellation token.
 //!
-//! Implementations live beside this file: [`wasm`] (wasmtime + WASI 0.2, in process)
-//! and [`docker`] (containers through the Docker Engine API); [`Executors`] picks one
-//! per job by the job's `executor` field.
+//! Implementations live beside this file: [`wasm`] (wasmtime + WASI 0.2, in process),
+//! [`docker`] (containers through the Docker Engine API) and [`vm`] (QEMU microVMs
+//! cloned from a snapshot); [`Executors`] picks one per job by the job's `executor`
+//! field.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +45,7 @@ pub struct RunRequest {
     /// Cap on each of stdout and stderr kept in the outcome, in bytes; past it the
     /// output is cut and flagged truncated (the guest keeps running).
     pub output_cap: usize,
-    /// `docker`: what to run and how.
+    /// `docker`: what to run and how; `vm`: `command` (the image is `vm`).
     pub container: Option<ContainerRequest>,
 }
 
