@@ -142,7 +142,7 @@ async fn vm_jobs_get_stdin_env_args_and_give_output_and_exit_codes() {
 }
 
 #[tokio::test]
-async fn a_vm_job_past_its_timeout_is_killed_and_memory_is_capped() {
+async fn a_vm_job_past_its_timeout_or_cancelled_is_killed_and_memory_is_capped() {
     let s = server("1").await;
     let started = Instant::now();
     let job =
@@ -151,6 +151,25 @@ async fn a_vm_job_past_its_timeout_is_killed_and_memory_is_capped() {
     assert_eq!(job["error"]["kind"], "timeout");
     assert_eq!(job["stdout"], "before\n", "output before the kill is kept");
     assert!(started.elapsed() < Duration::from_secs(25), "{:?}", started.elapsed());
+
+    // Cancel kills a running clone.
+    let (st, job) = s.post_json("/v1/jobs", &sh("echo started; sleep 30")).await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, j) = s.get(&format!("/v1/jobs/{id}")).await;
+        if j["status"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ran: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (st, _) = s.post_json(&format!("/v1/jobs/{id}/cancel"), &json!({})).await;
+    assert_eq!(st, StatusCode::OK);
+    let done = s.wait_terminal(&id).await;
+    assert_eq!(done["status"], "cancelled", "{done}");
 
     // The job's memory limit caps its address space inside the guest.
     let job = s
