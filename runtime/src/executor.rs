@@ -122,6 +122,32 @@ pub trait Executor: Send + Sync + 'static {
     }
 }
 
+/// One output stream of an executor kept up to a cap; everything kept is also sent
+/// live. (The wasm executor has its own, written into by the guest's WASI streams.)
+pub(crate) struct Capped {
+    pub bytes: Vec<u8>,
+    cap: usize,
+    pub truncated: bool,
+}
+
+impl Capped {
+    pub fn new(cap: usize) -> Capped {
+        Capped { bytes: Vec::new(), cap, truncated: false }
+    }
+
+    pub fn push(&mut self, data: &[u8], stream: OutputStream, live: &Arc<dyn OutputSink>) {
+        let room = self.cap.saturating_sub(self.bytes.len());
+        let kept = &data[..data.len().min(room)];
+        if kept.len() < data.len() {
+            self.truncated = true;
+        }
+        if !kept.is_empty() {
+            self.bytes.extend_from_slice(kept);
+            live.chunk(stream, kept);
+        }
+    }
+}
+
 /// The executors of a process, chosen per job by name.
 pub struct Executors {
     executors: Vec<Arc<dyn Executor>>,

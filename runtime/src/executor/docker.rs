@@ -28,7 +28,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, OutputSink, OutputStream, PrepareError, RunRequest};
+use super::{Capped, Executor, OutputSink, OutputStream, PrepareError, RunRequest};
 use crate::job::JobOutcome;
 
 /// Label naming the server (its data directory) that made a container.
@@ -330,31 +330,6 @@ impl DockerExecutor {
             }
         }
         Err(format!("result file {path:?} is not a regular file"))
-    }
-}
-
-/// One output stream kept up to a cap; everything kept is also sent live.
-struct Capped {
-    bytes: Vec<u8>,
-    cap: usize,
-    truncated: bool,
-}
-
-impl Capped {
-    fn new(cap: usize) -> Capped {
-        Capped { bytes: Vec::new(), cap, truncated: false }
-    }
-
-    fn push(&mut self, data: &[u8], stream: OutputStream, live: &Arc<dyn OutputSink>) {
-        let room = self.cap.saturating_sub(self.bytes.len());
-        let kept = &data[..data.len().min(room)];
-        if kept.len() < data.len() {
-            self.truncated = true;
-        }
-        if !kept.is_empty() {
-            self.bytes.extend_from_slice(kept);
-            live.chunk(stream, kept);
-        }
     }
 }
 

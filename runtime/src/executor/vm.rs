@@ -45,7 +45,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, NoLiveOutput, OutputSink, OutputStream, PrepareError, RunRequest};
+use super::{Capped, Executor, NoLiveOutput, OutputSink, OutputStream, PrepareError, RunRequest};
 use crate::job::JobOutcome;
 
 /// Largest frame accepted from a guest (its job can write to the serial port itself).
@@ -564,31 +564,6 @@ impl Vm {
 /// `path` quoted for `sh -c` (QEMU runs `exec:` migrations through the shell).
 fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
-}
-
-/// One output stream kept up to a cap; everything kept is also sent live.
-struct Capped {
-    bytes: Vec<u8>,
-    cap: usize,
-    truncated: bool,
-}
-
-impl Capped {
-    fn new(cap: usize) -> Capped {
-        Capped { bytes: Vec::new(), cap, truncated: false }
-    }
-
-    fn push(&mut self, data: &[u8], stream: OutputStream, live: &Arc<dyn OutputSink>) {
-        let room = self.cap.saturating_sub(self.bytes.len());
-        let kept = &data[..data.len().min(room)];
-        if kept.len() < data.len() {
-            self.truncated = true;
-        }
-        if !kept.is_empty() {
-            self.bytes.extend_from_slice(kept);
-            live.chunk(stream, kept);
-        }
-    }
 }
 
 impl Inner {
