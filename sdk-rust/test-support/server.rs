@@ -17,11 +17,29 @@ pub fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-/// The `cloudpipe` server binary, built once per test binary (a no-op when it is up
-/// to date: cargo has released its lock by the time tests run).
+/// The `cloudpipe` server binary. `cargo test --workspace` has built it (for
+/// cloudpipe-api's tests) and it is used as it is when newer than the server's
+/// sources; otherwise (these crates tested alone, after an edit) it is built here.
+/// Building it here with `-p cloudpipe-api` resolves features for that package alone,
+/// which would recompile wasmtime: the workspace's own build is preferred.
 pub fn server_bin() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
+        let root = workspace();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("target"));
+        let built = target.join("debug").join("cloudpipe");
+        let newest_source = ["api/src", "api/types/src", "runtime/src", "Cargo.lock"]
+            .iter()
+            .filter_map(|p| newest_mtime(&root.join(p)))
+            .max();
+        let built_at = std::fs::metadata(&built).and_then(|m| m.modified()).ok();
+        if let (Some(b), Some(s)) = (built_at, newest_source)
+            && b >= s
+        {
+            return built;
+        }
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         without_test_env(&mut cmd);
@@ -134,4 +152,13 @@ pub fn lines_of(r: impl Read + Send + 'static) -> mpsc::Receiver<String> {
         }
     });
     rx
+}
+
+/// The newest modification time of a file or of anything under a directory.
+fn newest_mtime(path: &Path) -> Option<std::time::SystemTime> {
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.is_file() {
+        return meta.modified().ok();
+    }
+    std::fs::read_dir(path).ok()?.filter_map(|e| newest_mtime(&e.ok()?.path())).max()
 }
