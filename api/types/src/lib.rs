@@ -162,13 +162,15 @@ pub struct JobSpec {
     /// `wasm` executor).
     #[serde(default)]
     pub function: String,
-    /// What runs the job: `wasm` (the default) or `docker`.
+    /// What runs the job: `wasm` (the default), `docker`, or `vm` (a clone of a
+    /// snapshotted microVM; `command`, `args`, `env`, `stdin`, `timeout_ms`, `memory_mb`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<String>,
     /// `docker`: the image, present on the engine (nothing is pulled).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
-    /// `docker`: the command (argv); `args` are appended. Without it, the image's own.
+    /// `docker` and `vm`: the command (argv); `args` are appended. Without it, the
+    /// image's own (docker).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub command: Vec<String>,
     /// `docker`: CPUs the container may use (e.g. 0.5).
