@@ -100,6 +100,12 @@ pub struct AppState {
     pub invocations: Arc<routes::invoke::Invocations>,
     pub logs: Arc<logs::FunctionLogs>,
     pub auth: Arc<auth::Auth>,
+    /// This node's name (the cluster's, or the host's on one machine).
+    pub node: String,
+    /// When this process started.
+    pub started_at: cloudpipe_runtime::job::Micros,
+    /// Follows live events of jobs running on other nodes of a cluster.
+    pub relay: reqwest::Client,
 }
 
 impl AppState {
@@ -115,12 +121,50 @@ impl AppState {
             auth::FailureLimiter::new(config.auth_failures_per_minute, Duration::from_secs(60));
         let auth =
             Arc::new(auth::Auth::new(backend, store, config.default_quotas.clone(), limiter));
-        Ok(AppState { runtime, config: Arc::new(config), invocations, logs: Arc::default(), auth })
+        let node = match &runtime.cluster {
+            Some(cluster) => cluster.node().to_string(),
+            None => host_name(),
+        };
+        let relay = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .redirect(reqwest::redirect::Policy::none())
+            .build()?;
+        Ok(AppState {
+            runtime,
+            config: Arc::new(config),
+            invocations,
+            logs: Arc::default(),
+            auth,
+            node,
+            started_at: cloudpipe_runtime::job::now_micros(),
+            relay,
+        })
     }
 }
 
-/// The whole API, every route behind [`auth::require`].
+/// The machine's host name (`localhost` if it has none that reads as text).
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// The whole API, every route behind [`auth::require`]. A worker node of a cluster
+/// serves only `/healthz`, `/metrics` and the live events of its jobs (which API
+/// nodes relay).
 pub fn router(state: AppState) -> Router {
+    if state.runtime.cluster.as_ref().is_some_and(|c| !c.role().serves_api()) {
+        return Router::new()
+            .route("/healthz", axum::routing::get(routes::system::get_health))
+            .route("/metrics", axum::routing::get(routes::system::get_metrics))
+            .route("/v1/jobs/{id}/events", axum::routing::get(routes::jobs::job_events))
+            .fallback(routes::system::not_found)
+            .method_not_allowed_fallback(routes::system::method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
+            .with_state(state);
+    }
     Router::new()
         .merge(routes::accounts::router())
         .merge(routes::batches::router())
@@ -173,6 +217,7 @@ where
         }
     }
     scheduler.shutdown(grace).await;
+    scheduler.leave_cluster().await;
     Ok(())
 }
 

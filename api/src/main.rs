@@ -158,9 +158,32 @@ struct ServeArgs {
     /// Where the store and the compiled-function cache live.
     #[arg(long, env = "CLOUDPIPE_DATA_DIR", default_value_os_t = default_data_dir())]
     data_dir: PathBuf,
-    /// Store backend: redb (default) or sled.
-    #[arg(long, env = "CLOUDPIPE_STORE", default_value = "redb", value_parser = ["redb", "sled"])]
+    /// Store: `redb` (default) or `sled`, embedded in --data-dir for one machine; or
+    /// a PostgreSQL URL (`postgres://user:password@host:port/db`) shared by the nodes
+    /// of a cluster.
+    #[arg(long, env = "CLOUDPIPE_STORE", default_value = "redb", hide_env_values = true)]
     store: String,
+    /// With a PostgreSQL store: what this node does. `all` serves the API and runs
+    /// jobs; `api` only serves; `worker` only runs jobs (and serves /healthz,
+    /// /metrics and the live events of its jobs).
+    #[arg(long, env = "CLOUDPIPE_ROLE", default_value = "all", value_parser = ["all", "api", "worker"])]
+    role: String,
+    /// With a PostgreSQL store: this node's name, unique in the cluster [default: the
+    /// host name and a random suffix].
+    #[arg(long, env = "CLOUDPIPE_NODE")]
+    node: Option<String>,
+    /// With a PostgreSQL store: the URL other nodes reach this one at, to relay live
+    /// output of its jobs [default: the URL it listens on].
+    #[arg(long, env = "CLOUDPIPE_ADVERTISE_URL")]
+    advertise_url: Option<String>,
+    /// With a PostgreSQL store: how long a node's claim on a job holds without a
+    /// heartbeat, in milliseconds. A node that dies loses its jobs to the others after
+    /// this (plus up to a third of it).
+    #[arg(long, env = "CLOUDPIPE_LEASE_MS", default_value_t = 5_000)]
+    lease_ms: u64,
+    /// With a PostgreSQL store: connections this node keeps to the database.
+    #[arg(long, env = "CLOUDPIPE_DB_CONNECTIONS", default_value_t = 16)]
+    db_connections: usize,
     /// Jobs running at once.
     #[arg(long, env = "CLOUDPIPE_CONCURRENCY", default_value_t = 64)]
     concurrency: usize,
@@ -265,6 +288,13 @@ impl Listener {
     }
 }
 
+/// The host name and a random suffix, so that a node restarted on the same host is a
+/// new node (the old one's jobs go back to the queue when its leases run out).
+fn default_node_name() -> String {
+    let id = cloudpipe_runtime::JobId::new().to_bytes();
+    format!("{}-{}", cloudpipe_api::host_name(), hex::encode(&id[12..]))
+}
+
 fn default_data_dir() -> PathBuf {
     match std::env::var_os("XDG_DATA_HOME") {
         Some(d) => PathBuf::from(d).join("cloudpipe"),
@@ -276,7 +306,7 @@ fn default_data_dir() -> PathBuf {
 }
 
 impl ServeArgs {
-    fn runtime_config(&self) -> anyhow::Result<RuntimeConfig> {
+    fn runtime_config(&self, url: &str) -> anyhow::Result<RuntimeConfig> {
         anyhow::ensure!(
             (1..=100_000).contains(&self.concurrency),
             "--concurrency must be 1 to 100000"
@@ -303,7 +333,42 @@ impl ServeArgs {
             "--default-memory-mb is over --max-memory-mb"
         );
         let mut c = RuntimeConfig::new(&self.data_dir);
-        c.backend = Backend::parse(&self.store).context("unknown --store")?;
+        let role = cloudpipe_runtime::cluster::Role::parse(&self.role).context("unknown --role")?;
+        if self.store.starts_with("postgres://") || self.store.starts_with("postgresql://") {
+            anyhow::ensure!(
+                (300..=600_000).contains(&self.lease_ms),
+                "--lease-ms must be 300 to 600000"
+            );
+            anyhow::ensure!(
+                (2..=1000).contains(&self.db_connections),
+                "--db-connections must be 2 to 1000"
+            );
+            let name = self.node.clone().unwrap_or_else(default_node_name);
+            anyhow::ensure!(
+                !name.is_empty() && name.len() <= 128 && !name.contains(char::is_whitespace),
+                "--node must be 1 to 128 characters without spaces"
+            );
+            let mut node = cloudpipe_runtime::cluster::NodeConfig::new(name);
+            node.role = role;
+            node.advertise_url =
+                Some(self.advertise_url.clone().unwrap_or_else(|| url.to_string()));
+            node.lease = Duration::from_millis(self.lease_ms);
+            node.max_connections = self.db_connections;
+            c.postgres = Some(cloudpipe_runtime::store::postgres::PgConfig {
+                url: self.store.clone(),
+                schema: None,
+                node,
+            });
+        } else {
+            c.backend = Backend::parse(&self.store).with_context(|| {
+                format!("--store {:?}: use redb, sled or a postgres:// URL", self.store)
+            })?;
+            anyhow::ensure!(
+                role == cloudpipe_runtime::cluster::Role::All,
+                "--role {} needs a PostgreSQL store (--store postgres://…): one machine does everything",
+                self.role
+            );
+        }
         let s = &mut c.scheduler;
         s.concurrency = self.concurrency;
         s.default_timeout = Duration::from_millis(self.default_timeout_ms);
@@ -349,11 +414,22 @@ impl ServeArgs {
     }
 
     async fn start(&self) -> anyhow::Result<(Listener, AppState, String)> {
-        let config = self.runtime_config()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(cloudpipe_api::tls::server_config(cert, key)?),
             _ => None,
         };
+        // Bound first: a cluster node advertises the address it got.
+        let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
+            format!("cannot listen on {} (use --listen to pick another address)", self.listen)
+        })?;
+        let addr = tcp.local_addr()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let host = match addr.ip().is_unspecified() {
+            true => std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port()),
+            false => addr,
+        };
+        let url = format!("{scheme}://{host}");
+        let config = self.runtime_config(&url)?;
         let runtime = Runtime::start(config).await?;
         let state = AppState::new(runtime, self.api_config())?;
         let boot = cloudpipe_api::auth::bootstrap(&state, self.admin_key.as_deref()).await?;
@@ -369,16 +445,6 @@ impl ServeArgs {
             rt.scheduler.add_builtin("runner:js", &meta.id);
             tracing::info!(id = %meta.id, "built-in function runner:js ready");
         }
-        let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
-            format!("cannot listen on {} (use --listen to pick another address)", self.listen)
-        })?;
-        let addr = tcp.local_addr()?;
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let host = match addr.ip().is_unspecified() {
-            true => std::net::SocketAddr::new([127, 0, 0, 1].into(), addr.port()),
-            false => addr,
-        };
-        let url = format!("{scheme}://{host}");
         if let Some(key) = boot.new_admin_key {
             let path = self
                 .credentials_file
@@ -407,7 +473,7 @@ impl ServeArgs {
             Some(config) => Listener::Tls(cloudpipe_api::tls::TlsListener::new(tcp, config)?),
             None => Listener::Plain(tcp),
         };
-        tracing::info!(listen = %addr, url = %url, data_dir = %self.data_dir.display(), store = %self.store, auth = state.auth.backend().name(), "cloudpipe serving");
+        tracing::info!(listen = %addr, url = %url, data_dir = %self.data_dir.display(), store = state.runtime.store.backend(), node = %state.node, role = %self.role, auth = state.auth.backend().name(), "cloudpipe serving");
         Ok((listener, state, url))
     }
 }

@@ -48,6 +48,7 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat
         system::get_health,
         system::get_metrics,
         system::get_openapi,
+        system::list_nodes,
         v1compat::submit_v1_jobs,
         v1compat::list_v1_jobs,
         v1compat::kill_v1_jobs,
@@ -55,6 +56,8 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat
         v1compat::get_v1_queue_stats,
     ),
     components(schemas(
+        cloudpipe_types::NodeInfo,
+        cloudpipe_types::NodeList,
         cloudpipe_types::FunctionInfo,
         cloudpipe_types::FunctionKind,
         cloudpipe_types::FunctionList,

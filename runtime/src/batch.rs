@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::account::{Limits, Tenant};
+use crate::cluster::{Cluster, ClusterEvent};
 use crate::job::{BatchRef, Job, JobId, Micros, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
 use crate::store::{JobFilter, Store};
@@ -149,6 +150,9 @@ struct Handle {
     stop: CancellationToken,
 }
 
+/// How often a cluster node looks for batches whose driver stopped.
+const BATCH_TAKEOVER_POLL: Duration = Duration::from_millis(500);
+
 /// The batches of a process: creates them, drives the running ones, answers reads.
 #[derive(Clone)]
 pub struct Batches {
@@ -172,8 +176,12 @@ impl Batches {
         let b = Batches {
             inner: Arc::new(Inner { store, scheduler, running: Mutex::default(), hooks }),
         };
+        let cluster = b.inner.scheduler.cluster().cloned();
         for state in b.inner.store.list_batches(None).await? {
             match state.status {
+                // In a cluster, a running batch belongs to the node holding its lease;
+                // those whose node died are taken over below.
+                BatchStatus::Running if cluster.is_some() => {}
                 BatchStatus::Running => {
                     tracing::info!(batch = %state.id, "continuing a batch after a restart");
                     b.launch(state, false).await?;
@@ -186,7 +194,76 @@ impl Batches {
                 _ => {}
             }
         }
+        if let Some(cluster) = cluster {
+            tokio::spawn(b.clone().take_over(cluster.clone()));
+            tokio::spawn(b.clone().follow_cancels(cluster));
+        }
         Ok(b)
+    }
+
+    /// In a cluster: drives every running batch whose driver's lease ran out (its node
+    /// died or stopped), and keeps looking while the process lives.
+    async fn take_over(self, cluster: Arc<dyn Cluster>) {
+        let stopping = self.inner.scheduler.stopping().clone();
+        loop {
+            if let Ok(orphans) = cluster.orphaned_batches().await {
+                for id in orphans {
+                    if self.inner.running.lock().unwrap().contains_key(&id) {
+                        continue;
+                    }
+                    match cluster.claim_batch(&id).await {
+                        Ok(true) => {}
+                        _ => continue,
+                    }
+                    match self.inner.store.get_batch(&id).await {
+                        Ok(Some(state)) if state.status == BatchStatus::Running => {
+                            tracing::info!(batch = %id, node = cluster.node(), "taking over a batch whose driver stopped");
+                            if let Err(e) = self.launch(state, false).await {
+                                tracing::error!(batch = %id, error = format!("{e:#}"), "taking over a batch failed");
+                                let _ = cluster.release_batch(&id).await;
+                            }
+                        }
+                        _ => {
+                            let _ = cluster.release_batch(&id).await;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = stopping.cancelled() => return,
+                _ = tokio::time::sleep(BATCH_TAKEOVER_POLL) => {}
+            }
+        }
+    }
+
+    /// In a cluster: cancels the batches driven here that a client cancelled through
+    /// another node.
+    async fn follow_cancels(self, cluster: Arc<dyn Cluster>) {
+        let mut events = cluster.subscribe();
+        loop {
+            match events.recv().await {
+                Ok(ClusterEvent::BatchCancel(id)) => {
+                    let stop = self.inner.running.lock().unwrap().get(&id).map(|h| h.stop.clone());
+                    if let Some(stop) = stop {
+                        stop.cancel();
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
+    /// Takes the driver lease of a batch this node starts (clusters only).
+    async fn lease(&self, id: &str) -> Result<(), BatchError> {
+        if let Some(cluster) = self.inner.scheduler.cluster()
+            && !cluster.claim_batch(id).await?
+        {
+            return Err(BatchError::Conflict(format!(
+                "batch {id:?} is driven by another node; retry when it stops"
+            )));
+        }
+        Ok(())
     }
 
     /// Checks and stores a new batch, then starts it.
@@ -268,6 +345,7 @@ impl Batches {
             },
         )?;
         self.inner.store.put_batch(state.clone()).await?;
+        self.lease(&state.id).await?;
         tracing::info!(batch = %state.id, account = %state.account, inputs = state.inputs.len(), split, "batch started");
         let id = state.id.clone();
         self.launch(state, false).await?;
@@ -360,6 +438,7 @@ impl Batches {
         state.finished_at = None;
         state.final_counts = None;
         state.hook_called = false;
+        self.lease(id).await?;
         self.inner.store.put_batch(state.clone()).await?;
         self.launch(state, true).await?;
         self.get(id, None).await?.ok_or_else(not_found)
@@ -383,6 +462,20 @@ impl Batches {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+            // Driven by another node: it stops the batch and writes it.
+            None if state.status == BatchStatus::Running
+                && let Some(cluster) = self.inner.scheduler.cluster() =>
+            {
+                cluster.request_batch_cancel(id).await?;
+                for _ in 0..600 {
+                    match self.inner.store.get_batch(id).await? {
+                        Some(s) if s.status == BatchStatus::Running => {
+                            tokio::time::sleep(Duration::from_millis(10)).await
+                        }
+                        _ => break,
+                    }
                 }
             }
             None if state.status == BatchStatus::Running => {
@@ -524,8 +617,11 @@ impl Inner {
                 }
                 _ = stopping.cancelled(), if !stopping.is_cancelled() => {
                     // The server stops: leave the batch running in the store; it
-                    // continues at the next start.
+                    // continues at the next start (in a cluster, on another node now).
                     self.running.lock().unwrap().remove(&state.id);
+                    if let Some(cluster) = self.scheduler.cluster() {
+                        let _ = cluster.release_batch(&state.id).await;
+                    }
                     return;
                 }
             };
@@ -605,6 +701,9 @@ impl Inner {
             }
         }
         self.running.lock().unwrap().remove(&state.id);
+        if let Some(cluster) = self.scheduler.cluster() {
+            let _ = cluster.release_batch(&state.id).await;
+        }
         tracing::info!(batch = %state.id, status = ?state.status, ok = counts.ok, failed = counts.failed, timed_out = counts.timed_out, pending = counts.pending, "batch ended");
         // The report goes out when the batch is over, not when it is only paused by
         // a cancel (it can be resumed).

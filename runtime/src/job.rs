@@ -98,6 +98,10 @@ pub struct Job {
     /// The batch input this job runs, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<BatchRef>,
+    /// The node that runs the job or ran its last attempt (clusters only; a single
+    /// node leaves it unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 
     pub status: JobStatus,
     /// How many times the job was started (incremented durably *before* each start).
@@ -156,6 +160,7 @@ impl Job {
             queue_ms: self.started_at.map(|s| ms(self.created_at, s)),
             run_ms: self.started_at.zip(self.finished_at).map(|(s, f)| ms(s, f)),
             executor: self.executor.clone(),
+            node: self.node.clone(),
         }
     }
 }
@@ -260,6 +265,7 @@ pub(crate) mod tests {
             executor: "wasm".into(),
             container: None,
             batch: None,
+            node: None,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),

@@ -32,6 +32,7 @@
 
 pub mod account;
 pub mod batch;
+pub mod cluster;
 pub mod executor;
 pub mod job;
 pub mod registry;

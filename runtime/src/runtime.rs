@@ -5,12 +5,14 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::cluster::Cluster;
 use crate::executor::Executors;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::vm::{VmConfig, VmExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
+use crate::store::postgres::{PgConfig, PgStore};
 use crate::store::{self, Backend, Store};
 
 /// Everything needed to start a [`Runtime`]; plain data.
@@ -27,6 +29,8 @@ pub struct RuntimeConfig {
     pub vm: VmConfig,
     /// Largest function binary accepted, in bytes.
     pub max_function_bytes: usize,
+    /// A PostgreSQL store shared with other nodes, instead of the embedded `backend`.
+    pub postgres: Option<PgConfig>,
 }
 
 impl RuntimeConfig {
@@ -40,6 +44,7 @@ impl RuntimeConfig {
             docker: DockerConfig::default(),
             vm: VmConfig::from_env(),
             max_function_bytes: 64 << 20,
+            postgres: None,
         }
     }
 }
@@ -55,21 +60,35 @@ pub struct Runtime {
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
     pub batches: crate::batch::Batches,
+    /// The other nodes, when the store is PostgreSQL.
+    pub cluster: Option<Arc<dyn Cluster>>,
 }
 
 impl Runtime {
     /// Opens the store (compacting it), recovers jobs cut off by a crash and starts
     /// running queued jobs. Call inside a tokio runtime.
     pub async fn start(config: RuntimeConfig) -> anyhow::Result<Runtime> {
-        let store_dir = config.data_dir.join("store").join(config.backend.as_str());
         let cache_dir = config.data_dir.join("cache");
-        for d in [&store_dir, &cache_dir] {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-        }
-        let backend = config.backend;
-        let store = tokio::task::spawn_blocking(move || store::open(backend, &store_dir))
-            .await?
-            .context("opening the store")?;
+        std::fs::create_dir_all(&cache_dir)
+            .with_context(|| format!("creating {}", cache_dir.display()))?;
+        let (store, cluster): (Arc<dyn Store>, Option<Arc<dyn Cluster>>) = match &config.postgres {
+            Some(pg) => {
+                let pg = Arc::new(
+                    PgStore::open(pg.clone()).await.context("opening the PostgreSQL store")?,
+                );
+                (pg.clone(), Some(pg))
+            }
+            None => {
+                let store_dir = config.data_dir.join("store").join(config.backend.as_str());
+                std::fs::create_dir_all(&store_dir)
+                    .with_context(|| format!("creating {}", store_dir.display()))?;
+                let backend = config.backend;
+                let store = tokio::task::spawn_blocking(move || store::open(backend, &store_dir))
+                    .await?
+                    .context("opening the store")?;
+                (store, None)
+            }
+        };
         let mut wasm = config.wasm.clone();
         wasm.max_instances = wasm.max_instances.max(config.scheduler.concurrency as u32);
         wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
@@ -105,10 +124,37 @@ impl Runtime {
         }
         let executors =
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
-        let scheduler =
-            Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
+        if let Some(cluster) = &cluster {
+            // Claims match the executors this node can run now.
+            let mut names = Vec::new();
+            if cluster.role().runs_jobs() {
+                for name in executors.names() {
+                    if matches!(executors.available(name).await, Some(Ok(()))) {
+                        names.push(name.to_string());
+                    }
+                }
+            }
+            cluster.set_executors(names);
+        }
+        let scheduler = Scheduler::start(
+            store.clone(),
+            executors.clone(),
+            config.scheduler.clone(),
+            cluster.clone(),
+        )
+        .await?;
         let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
-        Ok(Runtime { store, executor, docker, vm, executors, registry, scheduler, batches })
+        Ok(Runtime {
+            store,
+            executor,
+            docker,
+            vm,
+            executors,
+            registry,
+            scheduler,
+            batches,
+            cluster,
+        })
     }
 }
 

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::account::{Limits, Tenant};
+use crate::cluster::{Cluster, ClusterEvent};
 use crate::executor::{
     ContainerRequest, Executor, Executors, OutputSink, OutputStream, RunRequest,
 };
@@ -212,6 +213,12 @@ impl Hub {
         }
     }
 
+    /// Whether anyone here waits for or follows job `id`.
+    fn watched(&self, id: JobId) -> bool {
+        self.waiters.lock().unwrap().contains_key(&id)
+            || self.channels.lock().unwrap().contains_key(&id)
+    }
+
     fn watch_end(self: &Arc<Self>, id: JobId) -> EndWatch {
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().unwrap().entry(id).or_default().push(tx);
@@ -287,6 +294,10 @@ pub struct Scheduler {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// The other nodes, when the store is shared (PostgreSQL); `None` on one machine.
+    cluster: Option<Arc<dyn Cluster>>,
+    /// Whether this process claims and runs jobs (not on an `api` node).
+    runs_jobs: bool,
     executor: Arc<Executors>,
     config: SchedulerConfig,
     slots: Arc<Semaphore>,
@@ -343,11 +354,14 @@ impl Active {
 
 impl Scheduler {
     /// Recovers jobs cut off by a crash, then starts the dispatcher and retention.
-    /// Call once per process, inside a tokio runtime.
+    /// Call once per process, inside a tokio runtime. With a `cluster`, jobs are shared
+    /// with other nodes: this node claims only when its role runs jobs, waits and
+    /// cancels reach jobs on other nodes, and retention runs on the leader only.
     pub async fn start(
         store: Arc<dyn Store>,
         executor: Arc<Executors>,
         config: SchedulerConfig,
+        cluster: Option<Arc<dyn Cluster>>,
     ) -> anyhow::Result<Scheduler> {
         let rec = store.recover(now_micros()).await?;
         if rec.requeued + rec.exhausted > 0 {
@@ -357,9 +371,12 @@ impl Scheduler {
                 "recovered jobs cut off by a restart"
             );
         }
+        let runs_jobs = cluster.as_ref().is_none_or(|c| c.role().runs_jobs());
         let inner = Arc::new(Inner {
             slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
             store,
+            cluster,
+            runs_jobs,
             executor,
             config,
             wake: Notify::new(),
@@ -373,11 +390,19 @@ impl Scheduler {
             active: Active::default(),
             builtins: Default::default(),
         });
-        for (id, account) in inner.store.active_jobs().await? {
-            inner.active.admit(&account, id, None);
+        // On one machine the quota's counts live here; in a cluster, in the database.
+        if inner.cluster.is_none() {
+            for (id, account) in inner.store.active_jobs().await? {
+                inner.active.admit(&account, id, None);
+            }
         }
-        inner.tasks.spawn(inner.clone().dispatch());
+        if inner.runs_jobs {
+            inner.tasks.spawn(inner.clone().dispatch());
+        }
         inner.tasks.spawn(inner.clone().retain());
+        if let Some(cluster) = inner.cluster.clone() {
+            inner.tasks.spawn(inner.clone().follow_cluster(cluster.subscribe()));
+        }
         Ok(Scheduler { inner })
     }
 
@@ -403,9 +428,17 @@ impl Scheduler {
         self.inner.builtins.write().unwrap().insert(name.to_string(), id.to_string());
     }
 
-    /// Queued and running jobs of `account`.
-    pub fn active_jobs(&self, account: &str) -> u64 {
-        self.inner.active.count(account)
+    /// Queued and running jobs of `account` (counted in the database in a cluster).
+    pub async fn active_jobs(&self, account: &str) -> anyhow::Result<u64> {
+        match &self.inner.cluster {
+            Some(cluster) => cluster.active_jobs(account).await,
+            None => Ok(self.inner.active.count(account)),
+        }
+    }
+
+    /// The other nodes, when the store is shared.
+    pub fn cluster(&self) -> Option<&Arc<dyn Cluster>> {
+        self.inner.cluster.as_ref()
     }
 
     /// Number of jobs running in this process now.
@@ -429,7 +462,7 @@ impl Scheduler {
     ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
         let mut job = self.prepare(spec, tenant, batch).await?;
-        self.admit(&job, tenant)?;
+        self.admit(&job, tenant).await?;
         let (id, account) = (job.id, job.account.clone());
         // Start at once when a slot is free and nothing waits: saves a commit.
         let slot = self.free_slot();
@@ -501,7 +534,7 @@ impl Scheduler {
         };
         let started = tokio::time::Instant::now();
         let mut job = self.prepare(spec, tenant, batch).await?;
-        self.admit(&job, tenant)?;
+        self.admit(&job, tenant).await?;
         job.status = JobStatus::Running;
         job.attempts = 1;
         job.started_at = Some(now_micros());
@@ -536,10 +569,17 @@ impl Scheduler {
         self.prepare(spec, tenant, None).await.map(|_| ())
     }
 
-    /// Counts `job` against its account's concurrent-jobs quota.
-    fn admit(&self, job: &Job, tenant: &Tenant) -> Result<(), SubmitError> {
+    /// Counts `job` against its account's concurrent-jobs quota. In a cluster the
+    /// count is the database's: two nodes admitting at the same instant may each let
+    /// one job past the limit, never more.
+    async fn admit(&self, job: &Job, tenant: &Tenant) -> Result<(), SubmitError> {
         let limit = tenant.limits.max_concurrent_jobs;
-        match self.inner.active.admit(&job.account, job.id, limit) {
+        let admitted = match (&self.inner.cluster, limit) {
+            (Some(_), None) => true,
+            (Some(cluster), Some(l)) => cluster.active_jobs(&job.account).await? < l,
+            (None, _) => self.inner.active.admit(&job.account, job.id, limit),
+        };
+        match admitted {
             true => Ok(()),
             false => Err(SubmitError::OverQuota(format!(
                 "account {:?} already has {} jobs queued or running, its limit: wait for some to end",
@@ -568,7 +608,13 @@ impl Scheduler {
             c.network = tenant.allow_network;
         }
         if job.executor != inner.executor.default_name() {
-            return match inner.executor.available(&job.executor).await {
+            let local = inner.executor.available(&job.executor).await;
+            if let (Some(Err(_)) | None, Some(cluster)) = (&local, &inner.cluster)
+                && cluster_runs(cluster.as_ref(), &job.executor).await
+            {
+                return Ok(job);
+            }
+            return match local {
                 Some(Ok(())) => Ok(job),
                 Some(Err(why)) => Err(SubmitError::Unavailable(format!(
                     "the {} executor is unavailable: {why}",
@@ -604,6 +650,9 @@ impl Scheduler {
 
     /// A run slot, if one is free and no queued job is owed it first.
     fn free_slot(&self) -> Option<OwnedSemaphorePermit> {
+        if !self.inner.runs_jobs {
+            return None;
+        }
         match self.inner.backlog.load(Ordering::Acquire) {
             false => self.inner.slots.clone().try_acquire_owned().ok(),
             true => None,
@@ -623,15 +672,35 @@ impl Scheduler {
         if job.status.is_terminal() || timeout.is_zero() {
             return Ok(Some(job));
         }
-        let ended = tokio::select! {
-            r = tokio::time::timeout(timeout, &mut end.rx) => r.ok().and_then(Result::ok),
-            // A stopping server answers waiters with what it has, so that shutdown
-            // is not held up by long-polls.
-            _ = self.inner.stopping.cancelled() => None,
-        };
-        match ended {
-            Some(done) => Ok(Some(Arc::unwrap_or_clone(done))),
-            None => self.inner.store.get_job(id).await,
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // On one machine every end is heard here. In a cluster a job may end on
+            // another node: its notification wakes us, and a poll stands in for a
+            // notification lost while the listener reconnected.
+            let until = match self.inner.cluster {
+                Some(_) => deadline.min(tokio::time::Instant::now() + CLUSTER_POLL),
+                None => deadline,
+            };
+            let ended = tokio::select! {
+                r = tokio::time::timeout_at(until, &mut end.rx) => match r {
+                    Ok(Ok(done)) => Some(done),
+                    Ok(Err(_)) => None,
+                    Err(_) if tokio::time::Instant::now() < deadline => {
+                        match self.inner.store.get_job(id).await? {
+                            Some(job) if !job.status.is_terminal() => continue,
+                            other => return Ok(other),
+                        }
+                    }
+                    Err(_) => None,
+                },
+                // A stopping server answers waiters with what it has, so that shutdown
+                // is not held up by long-polls.
+                _ = self.inner.stopping.cancelled() => None,
+            };
+            return match ended {
+                Some(done) => Ok(Some(Arc::unwrap_or_clone(done))),
+                None => self.inner.store.get_job(id).await,
+            };
         }
     }
 
@@ -649,6 +718,14 @@ impl Scheduler {
             }
             // Read first: only a queued job needs a write.
             let Some(job) = inner.store.get_job(id).await? else { return Ok(None) };
+            // A job running on another node: that node stops it.
+            if let Some(cluster) = &inner.cluster
+                && job.status == JobStatus::Running
+                && job.node.as_deref() != Some(cluster.node())
+            {
+                cluster.request_cancel(id).await?;
+                return self.wait(id, Duration::from_secs(5)).await;
+            }
             match job.status {
                 JobStatus::Queued => {
                     // The commit and the news of it go together even if our caller
@@ -703,6 +780,14 @@ impl Scheduler {
         }
         if tokio::time::timeout(Duration::from_secs(5), inner.tasks.wait()).await.is_err() {
             tracing::warn!("jobs still running at exit are recovered at the next start");
+        }
+    }
+
+    /// Leaves the cluster (if any) after [`Scheduler::shutdown`]: the leader lease
+    /// and this node's row go at once.
+    pub async fn leave_cluster(&self) {
+        if let Some(cluster) = &self.inner.cluster {
+            cluster.leave().await;
         }
     }
 }
@@ -829,6 +914,7 @@ impl Inner {
             executor,
             container,
             batch: None,
+            node: None,
             status: JobStatus::Queued,
             attempts: 0,
             created_at: now_micros(),
@@ -845,6 +931,7 @@ impl Inner {
 
     /// Claims queued jobs whenever a slot is free.
     async fn dispatch(self: Arc<Self>) {
+        let mut failing = false;
         loop {
             let first = tokio::select! {
                 _ = self.stopping.cancelled() => return,
@@ -859,9 +946,17 @@ impl Inner {
             }
             let want = slots.len();
             let jobs = match self.store.claim_jobs(want, now_micros()).await {
-                Ok(jobs) => jobs,
+                Ok(jobs) => {
+                    if std::mem::take(&mut failing) {
+                        tracing::info!("claiming jobs works again");
+                    }
+                    jobs
+                }
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "claiming jobs failed; retrying");
+                    // Once per outage, not ten times a second.
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::error!(error = format!("{e:#}"), "claiming jobs failed; retrying");
+                    }
                     drop(slots);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -1069,7 +1164,9 @@ impl Inner {
             }
         };
         self.running.lock().unwrap().remove(&id);
-        if let Some(job) = finished {
+        // Not terminal: another node holds the job now (this node lost its lease), and
+        // that node writes its end.
+        if let Some(job) = finished.filter(|j| j.status.is_terminal()) {
             self.ended(job);
         }
     }
@@ -1082,6 +1179,49 @@ impl Inner {
         self.hub.finished(job);
     }
 
+    /// Acts on what other nodes did: queued jobs wake the dispatcher, jobs ended
+    /// elsewhere reach their waiters here, cancels and lost leases stop local runs.
+    async fn follow_cluster(self: Arc<Self>, mut events: broadcast::Receiver<ClusterEvent>) {
+        loop {
+            let ev = tokio::select! {
+                _ = self.stopping.cancelled() => return,
+                ev = events.recv() => ev,
+            };
+            match ev {
+                Ok(ClusterEvent::Queued) => {
+                    self.backlog.store(true, Ordering::Release);
+                    self.wake.notify_one();
+                }
+                // Anything may have been missed: claim, and waiters poll anyway.
+                Ok(ClusterEvent::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.backlog.store(true, Ordering::Release);
+                    self.wake.notify_one();
+                }
+                Ok(ClusterEvent::Finished(ids)) => {
+                    for id in ids {
+                        let local = self.running.lock().unwrap().contains_key(&id);
+                        if local || !self.hub.watched(id) {
+                            continue;
+                        }
+                        if let Ok(Some(job)) = self.store.get_job(id).await
+                            && job.status.is_terminal()
+                        {
+                            self.hub.finished(job);
+                        }
+                    }
+                }
+                Ok(ClusterEvent::Cancel(id)) | Ok(ClusterEvent::LeaseLost(id)) => {
+                    let token = self.running.lock().unwrap().get(&id).cloned();
+                    if let Some(token) = token {
+                        token.cancel();
+                    }
+                }
+                Ok(ClusterEvent::AuthChanged) | Ok(ClusterEvent::BatchCancel(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
     /// Deletes finished jobs past the retention policy, a small batch at a time.
     async fn retain(self: Arc<Self>) {
         const BATCH: usize = 256;
@@ -1089,6 +1229,10 @@ impl Inner {
             tokio::select! {
                 _ = self.stopping.cancelled() => return,
                 _ = tokio::time::sleep(self.config.retention_interval) => {}
+            }
+            // In a cluster, one node (the leader) purges for all.
+            if self.cluster.as_ref().is_some_and(|c| !c.is_leader()) {
+                continue;
             }
             loop {
                 match self.store.purge_finished(self.config.retention, now_micros(), BATCH).await {
@@ -1103,6 +1247,20 @@ impl Inner {
                 }
             }
         }
+    }
+}
+
+/// How often a waiter in a cluster looks at the store, in case the notification of
+/// the job's end was lost.
+const CLUSTER_POLL: Duration = Duration::from_millis(500);
+
+/// Whether a live node of the cluster runs `executor` jobs.
+async fn cluster_runs(cluster: &dyn Cluster, executor: &str) -> bool {
+    match cluster.nodes().await {
+        Ok(nodes) => nodes
+            .iter()
+            .any(|n| !n.stale && n.role.runs_jobs() && n.executors.iter().any(|e| e == executor)),
+        Err(_) => false,
     }
 }
 

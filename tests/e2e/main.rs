@@ -21,6 +21,7 @@ mod auth;
 mod bad_requests;
 mod batches;
 mod cli;
+mod cluster;
 mod docker;
 mod durability;
 mod functions;

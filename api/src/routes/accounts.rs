@@ -253,7 +253,7 @@ pub async fn revoke_key(
 pub async fn get_me(State(state): State<AppState>, caller: Caller) -> Result<Json<Me>, ApiError> {
     let function_bytes = state.runtime.store.function_bytes(&caller.account).await?;
     Ok(Json(Me {
-        active_jobs: state.runtime.scheduler.active_jobs(&caller.account),
+        active_jobs: state.runtime.scheduler.active_jobs(&caller.account).await?,
         account: caller.account,
         role: caller.role,
         quotas: caller.limits.to_quotas(),

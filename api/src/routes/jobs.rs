@@ -104,6 +104,8 @@ pub struct ListParams {
     account: Option<String>,
     /// Only jobs of this batch.
     batch: Option<String>,
+    /// Only jobs that run or last ran on this cluster node.
+    node: Option<String>,
 }
 
 /// Lists the caller's jobs (the admin: everyone's, or one account's), newest first.
@@ -141,6 +143,7 @@ pub async fn list_jobs(
         status,
         tag: p.tag,
         function: p.function,
+        node: p.node,
         before,
         limit: limit + 1,
     };
@@ -224,6 +227,83 @@ pub async fn cancel_job(
     Ok(Json(job.to_record()))
 }
 
+/// How following a job on another node ended.
+enum Relayed {
+    /// The job's terminal status was passed on, or the client left.
+    Done,
+    /// The other node could not be followed (gone, or cut off mid-stream).
+    Lost,
+}
+
+/// Passes on the live events of a job from the node running it (its own
+/// `/v1/jobs/{id}/events`, asked with the caller's credentials), after the first
+/// status event, which the caller already has.
+async fn relay_events(
+    state: &AppState,
+    node: &str,
+    id: &str,
+    auth: Option<axum::http::HeaderValue>,
+    tx: &tokio::sync::mpsc::Sender<Event>,
+) -> Relayed {
+    use futures::StreamExt;
+    let Some(cluster) = &state.runtime.cluster else { return Relayed::Lost };
+    let url = match cluster.nodes().await {
+        Ok(nodes) => {
+            nodes.into_iter().find(|n| n.name == node && !n.stale).and_then(|n| n.advertise_url)
+        }
+        Err(_) => None,
+    };
+    let Some(url) = url else { return Relayed::Lost };
+    let mut req = state.relay.get(format!("{}/v1/jobs/{id}/events", url.trim_end_matches('/')));
+    if let Some(auth) = auth {
+        req = req.header(header::AUTHORIZATION, auth);
+    }
+    let res = match req.send().await {
+        Ok(r) if r.status().is_success() => r,
+        _ => return Relayed::Lost,
+    };
+    let mut body = res.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen_first = false;
+    loop {
+        let chunk = tokio::select! {
+            c = body.next() => c,
+            _ = tx.closed() => return Relayed::Done,
+        };
+        let Some(Ok(chunk)) = chunk else { return Relayed::Lost };
+        buf.extend_from_slice(&chunk);
+        // One event ends at a blank line.
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = buf.drain(..end + 2).collect();
+            let text = String::from_utf8_lossy(&block);
+            let mut name = "message";
+            let mut data: Vec<&str> = Vec::new();
+            for line in text.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim_start();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push(v.strip_prefix(' ').unwrap_or(v));
+                }
+            }
+            if data.is_empty() {
+                continue; // a keep-alive comment
+            }
+            let data = data.join("\n");
+            if !std::mem::replace(&mut seen_first, true) {
+                continue;
+            }
+            let terminal = name == "status"
+                && serde_json::from_str::<JobEvent>(&data).is_ok_and(
+                    |ev| matches!(ev, JobEvent::Status { status, .. } if status.is_terminal()),
+                );
+            let name = name.to_string();
+            if tx.send(Event::default().event(name).data(data)).await.is_err() || terminal {
+                return Relayed::Done;
+            }
+        }
+    }
+}
+
 fn sse(ev: &JobEvent) -> Event {
     let name = match ev {
         JobEvent::Status { .. } => "status",
@@ -245,6 +325,7 @@ fn status_event(job: &Job) -> Event {
 pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     P(id): P<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let jid = job_id(&id)?;
@@ -252,9 +333,27 @@ pub async fn job_events(
     // Subscribe first so nothing between the read and the subscription is missed.
     let (mut sub, replay) = scheduler.hub().subscribe_with_replay(jid);
     let job = load(&state, &caller, &id).await?;
+    // A job running on another node of a cluster: its output is there.
+    let remote = match (&state.runtime.cluster, &job.node) {
+        (Some(cluster), Some(node))
+            if job.status == JobStatus::Running && node != cluster.node() =>
+        {
+            let auth = headers.get(header::AUTHORIZATION).cloned();
+            Some((state.clone(), node.clone(), auth))
+        }
+        _ => None,
+    };
     let stream = super::task_stream(move |tx| async move {
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;
+        }
+        if let Some((state, node, auth)) = remote {
+            match relay_events(&state, &node, &job.id.to_string(), auth, &tx).await {
+                // The job ended there, or our client left.
+                Relayed::Done => return,
+                // The node went away: its job ends elsewhere; the hub hears of it.
+                Relayed::Lost => {}
+            }
         }
         // What the job wrote before this follower came.
         for ev in replay {

@@ -10,7 +10,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use cloudpipe_runtime::scheduler::RUN_TIME_BUCKETS;
-use cloudpipe_types::{Health, JobStatus};
+use cloudpipe_types::{Health, JobStatus, NodeInfo, NodeList};
 
 use crate::{ApiError, AppState};
 
@@ -19,6 +19,57 @@ pub fn router() -> Router<AppState> {
         .route("/healthz", get(get_health))
         .route("/metrics", get(get_metrics))
         .route("/v1/openapi.json", get(get_openapi))
+        .route("/v1/nodes", get(list_nodes))
+}
+
+/// The nodes sharing this server's store (the admin's key): role, executors,
+/// heartbeat, running jobs, and which one leads. A server on an embedded store is a
+/// cluster of one.
+#[utoipa::path(get, path = "/v1/nodes", tag = "system", responses(
+    (status = 200, body = NodeList),
+    (status = 401, body = cloudpipe_types::ErrorBody),
+    (status = 403, body = cloudpipe_types::ErrorBody)))]
+pub async fn list_nodes(
+    State(state): State<AppState>,
+    caller: crate::auth::Caller,
+) -> Result<Json<NodeList>, ApiError> {
+    caller.require_admin()?;
+    let store = state.runtime.store.backend().to_string();
+    let rfc = cloudpipe_runtime::job::rfc3339;
+    let Some(cluster) = &state.runtime.cluster else {
+        let now = rfc(cloudpipe_runtime::job::now_micros());
+        let node = NodeInfo {
+            name: state.node.clone(),
+            role: "all".into(),
+            executors: state.runtime.executors.names().iter().map(|n| n.to_string()).collect(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            advertise_url: None,
+            started_at: rfc(state.started_at),
+            last_heartbeat: now,
+            running: state.runtime.scheduler.running() as u64,
+            leader: true,
+            stale: false,
+        };
+        return Ok(Json(NodeList { store, this_node: state.node.clone(), nodes: vec![node] }));
+    };
+    let nodes = cluster
+        .nodes()
+        .await?
+        .into_iter()
+        .map(|n| NodeInfo {
+            name: n.name,
+            role: n.role.as_str().into(),
+            executors: n.executors,
+            version: n.version,
+            advertise_url: n.advertise_url,
+            started_at: rfc(n.started_at),
+            last_heartbeat: rfc(n.heartbeat_at),
+            running: n.running,
+            leader: n.leader,
+            stale: n.stale,
+        })
+        .collect();
+    Ok(Json(NodeList { store, this_node: cluster.node().to_string(), nodes }))
 }
 
 /// Liveness and the store backend in use.

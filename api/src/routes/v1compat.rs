@@ -841,7 +841,7 @@ pub async fn kill_v1_jobs(
 /// The caller's own jobs that have not ended, newest first. The scan stops once it
 /// has found as many as the scheduler counts for the account.
 async fn unfinished_jobs(state: &AppState, account: &str) -> Result<Vec<Job>, V1Error> {
-    let expected = state.runtime.scheduler.active_jobs(account) as usize;
+    let expected = state.runtime.scheduler.active_jobs(account).await? as usize;
     let mut found = Vec::new();
     if expected == 0 {
         return Ok(found);

@@ -318,9 +318,13 @@ pub struct JobRecord {
     /// Time the last attempt ran, in milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_ms: Option<f64>,
-    /// The executor that ran the job (`wasm`).
+    /// The executor that ran the job (`wasm`, `docker`, `vm`).
     #[serde(default)]
     pub executor: String,
+    /// The cluster node that runs the job or ran its last attempt (PostgreSQL
+    /// clusters only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
 }
 
 /// A page of jobs, newest first.
@@ -383,6 +387,41 @@ pub struct LogLine {
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct LogList {
     pub lines: Vec<LogLine>,
+}
+
+/// One node of a cluster (`GET /v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct NodeInfo {
+    pub name: String,
+    /// `all` (API and jobs), `api` or `worker`.
+    pub role: String,
+    /// The executors whose jobs it claims.
+    pub executors: Vec<String>,
+    pub version: String,
+    /// Where the other nodes reach it (live events of its jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<String>,
+    pub started_at: String,
+    /// Its last heartbeat, by the database's clock.
+    pub last_heartbeat: String,
+    /// Jobs it was running at its last heartbeat.
+    pub running: u64,
+    /// It holds the leader lease (rescuer, retention).
+    pub leader: bool,
+    /// Its heartbeat is older than one lease: it is gone or cut off.
+    pub stale: bool,
+}
+
+/// `GET /v1/nodes`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct NodeList {
+    /// The store the nodes share (`postgres`), or the embedded one of a single node.
+    pub store: String,
+    /// The node that answered.
+    pub this_node: String,
+    pub nodes: Vec<NodeInfo>,
 }
 
 /// `GET /healthz`.

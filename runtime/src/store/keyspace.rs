@@ -652,6 +652,7 @@ fn matches(filter: &JobFilter, job: &Job) -> bool {
         && filter.status.is_none_or(|s| s == job.status)
         && filter.tag.as_ref().is_none_or(|t| job.tags.contains(t))
         && filter.function.as_ref().is_none_or(|f| *f == job.function || *f == job.function_id)
+        && filter.node.as_ref().is_none_or(|n| job.node.as_ref() == Some(n))
 }
 
 /// Every status, with zero for those that have no job.

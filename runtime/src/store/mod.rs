@@ -24,6 +24,7 @@ use crate::job::{Job, JobId, JobOutcome, Micros};
 
 mod keyspace;
 pub mod kv;
+pub mod postgres;
 pub mod redb;
 pub mod sled;
 mod writer;
@@ -95,6 +96,8 @@ pub struct JobFilter {
     pub tag: Option<String>,
     /// `Job::function` or `Job::function_id` equals this.
     pub function: Option<String>,
+    /// The node the job runs or last ran on (clusters only).
+    pub node: Option<String>,
     /// Only jobs strictly older than this id (the previous page's last id).
     pub before: Option<JobId>,
     /// At most this many jobs (newest first).
