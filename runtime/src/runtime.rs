@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::egress::EgressConfig;
 use crate::executor::Executors;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::vm::{VmConfig, VmExecutor};
@@ -27,6 +28,8 @@ pub struct RuntimeConfig {
     pub vm: VmConfig,
     /// Largest function binary accepted, in bytes.
     pub max_function_bytes: usize,
+    /// Internal addresses that functions' requests and batch hooks may reach.
+    pub egress: EgressConfig,
 }
 
 impl RuntimeConfig {
@@ -40,6 +43,7 @@ impl RuntimeConfig {
             docker: DockerConfig::default(),
             vm: VmConfig::from_env(),
             max_function_bytes: 64 << 20,
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct Runtime {
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
     pub batches: crate::batch::Batches,
+    /// The operator's egress settings, for the requests sent on tenants' behalf.
+    pub egress: Arc<EgressConfig>,
 }
 
 impl Runtime {
@@ -107,8 +113,10 @@ impl Runtime {
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
         let scheduler =
             Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
-        let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
-        Ok(Runtime { store, executor, docker, vm, executors, registry, scheduler, batches })
+        let egress = Arc::new(config.egress.clone());
+        let batches =
+            crate::batch::Batches::start(store.clone(), scheduler.clone(), egress.clone()).await?;
+        Ok(Runtime { store, executor, docker, vm, executors, registry, scheduler, batches, egress })
     }
 }
 

@@ -64,15 +64,34 @@ impl UploadParams {
     }
 }
 
-/// Checks settings against the server's limits.
-fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError> {
+/// Checks settings against the server's limits, and what `patch` sets against the
+/// quotas and egress policy of `owner`, the function's account. (Invocations apply the
+/// owner's current quotas and policy whatever the settings say: a setting allowed
+/// before the admin narrowed them is not refused here again.)
+async fn check_settings(
+    state: &AppState,
+    owner: &str,
+    s: &FunctionSettings,
+    patch: &FunctionSettingsPatch,
+) -> Result<(), ApiError> {
     let sched = state.runtime.scheduler.config();
     let bad = |m: String| Err(ApiError::bad("invalid_settings", m));
-    if s.timeout_ms > sched.max_timeout.as_millis() as u64 {
-        return bad(format!("`timeout_ms` is at most {}", sched.max_timeout.as_millis()));
+    let record = state.auth.account(owner).await?;
+    let limits = record.as_ref().map(|r| state.auth.limits(r)).unwrap_or_default();
+    let max_timeout = (sched.max_timeout.as_millis() as u64)
+        .min(limits.max_timeout_ms.filter(|_| patch.timeout_ms.is_some()).unwrap_or(u64::MAX));
+    if s.timeout_ms > max_timeout {
+        return bad(format!(
+            "`timeout_ms` is at most {max_timeout} (the server's maximum and the account's quota)"
+        ));
     }
-    if s.memory_mb > sched.max_memory_mb {
-        return bad(format!("`memory_mb` is at most {}", sched.max_memory_mb));
+    let max_memory = sched
+        .max_memory_mb
+        .min(limits.max_memory_mb.filter(|_| patch.memory_mb.is_some()).unwrap_or(u64::MAX));
+    if s.memory_mb > max_memory {
+        return bad(format!(
+            "`memory_mb` is at most {max_memory} (the server's maximum and the account's quota)"
+        ));
     }
     if s.env.len() > 256
         || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
@@ -82,15 +101,27 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
                 .into(),
         );
     }
-    let host_ok = |h: &String| {
-        !h.is_empty()
-            && h.len() <= 260
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:*[]".contains(&b))
-    };
-    if s.allowed_outbound_hosts.len() > 64 || !s.allowed_outbound_hosts.iter().all(host_ok) {
-        return bad(
-            "`allowed_outbound_hosts`: at most 64 of `host`, `host:port`, `*.domain` or `*`".into(),
-        );
+    let hosts = &s.allowed_outbound_hosts;
+    if hosts.len() > 64 {
+        return bad("`allowed_outbound_hosts`: at most 64 patterns".into());
+    }
+    for h in hosts {
+        cloudpipe_runtime::egress::check_pattern(h).map_err(|m| {
+            ApiError::bad("invalid_settings", format!("`allowed_outbound_hosts`: {m}"))
+        })?;
+    }
+    if patch.allowed_outbound_hosts.is_some() {
+        let granted = record.map(|r| r.egress()).unwrap_or_default();
+        let beyond = cloudpipe_runtime::egress::not_covered(&granted, hosts);
+        if !beyond.is_empty() {
+            return Err(ApiError::Forbidden(
+                "egress_not_granted",
+                format!(
+                    "`allowed_outbound_hosts`: account {owner:?} may not send requests to {}; the admin grants destinations with the account's `allowed_outbound`",
+                    beyond.join(", ")
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -99,6 +130,7 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
 #[utoipa::path(post, path = "/v1/functions", tag = "functions", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses((status = 201, body = FunctionInfo), (status = 400, body = cloudpipe_types::ErrorBody),
+              (status = 403, body = cloudpipe_types::ErrorBody, description = "`allowed_outbound_hosts` beyond the account's egress policy"),
               (status = 409, body = cloudpipe_types::ErrorBody, description = "the name is another account's"),
               (status = 413, body = cloudpipe_types::ErrorBody), (status = 429, body = cloudpipe_types::ErrorBody)))]
 pub async fn create_function(
@@ -114,10 +146,10 @@ pub async fn create_function(
     }
     let settings = match (&patch, &params.name) {
         (Some(patch), Some(name)) => {
-            let current =
-                registry.get(&caller.scope(), name).await?.map(|m| m.settings).unwrap_or_default();
-            let settings = current.patched(patch.clone());
-            check_settings(&state, &settings)?;
+            let current = registry.get(&caller.scope(), name).await?;
+            let owner = current.as_ref().map_or(caller.account.clone(), |m| m.account.clone());
+            let settings = current.map(|m| m.settings).unwrap_or_default().patched(patch.clone());
+            check_settings(&state, &owner, &settings, patch).await?;
             Some(settings)
         }
         _ => None,
@@ -160,6 +192,7 @@ pub async fn get_function(
 #[utoipa::path(patch, path = "/v1/functions/{name}", tag = "functions",
     params(("name" = String, Path)), request_body = FunctionSettingsPatch,
     responses((status = 200, body = FunctionInfo), (status = 400, body = cloudpipe_types::ErrorBody),
+              (status = 403, body = cloudpipe_types::ErrorBody, description = "`allowed_outbound_hosts` beyond the account's egress policy"),
               (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn update_function(
     State(state): State<AppState>,
@@ -177,8 +210,9 @@ pub async fn update_function(
         .get(&scope, &name)
         .await?
         .filter(|m| m.name.as_deref() == Some(&name));
-    let settings = current.ok_or_else(not_found)?.settings.patched(patch);
-    check_settings(&state, &settings)?;
+    let current = current.ok_or_else(not_found)?;
+    let settings = current.settings.patched(patch.clone());
+    check_settings(&state, &current.account, &settings, &patch).await?;
     let meta =
         state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
