@@ -491,3 +491,87 @@ async fn account_quotas_bound_invocations_and_function_settings() {
     });
     assert_eq!(res.status(), StatusCode::OK);
 }
+
+#[tokio::test]
+async fn keys_and_function_names_are_capped_per_account() {
+    let s = TestServer::start(&[]).await;
+    let key = account(&s, "gina", json!({})).await;
+    for _ in 1..100 {
+        let (st, body) = call(&s.url, &key, Method::POST, "/v1/accounts/gina/keys", None).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let (st, body) = call(&s.url, &key, Method::POST, "/v1/accounts/gina/keys", None).await;
+    assert_eq!((st, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"), "{body}");
+
+    // The same stored binary under ever new names costs no bytes; names are capped.
+    let wasm = program(programs::HELLO);
+    let upload = |name: String| {
+        let (url, key, wasm) = (s.url.clone(), key.clone(), wasm.clone());
+        async move {
+            call(&url, &key, Method::POST, &format!("/v1/functions?name={name}"), Some(wasm)).await
+        }
+    };
+    for chunk in (0..1000).collect::<Vec<_>>().chunks(25) {
+        let answers =
+            futures::future::join_all(chunk.iter().map(|i| upload(format!("f{i}")))).await;
+        for (st, body) in answers {
+            assert_eq!(st, StatusCode::CREATED, "{body}");
+        }
+    }
+    let (st, body) = upload("one-too-many".into()).await;
+    assert_eq!((st, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"), "{body}");
+    // A name the account holds takes new versions still.
+    assert_eq!(upload("f7".into()).await.0, StatusCode::CREATED);
+}
+
+#[tokio::test]
+async fn a_deleted_names_log_does_not_pass_to_its_next_owner() {
+    let s = TestServer::start(&[]).await;
+    let first = account(&s, "hana", json!({})).await;
+    let second = account(&s, "ivan", json!({})).await;
+    let (st, f) = call(
+        &s.url,
+        &first,
+        Method::POST,
+        "/v1/functions?name=shared",
+        Some(program(programs::CGI)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let res = reqwest::Client::new()
+        .get(format!("{}/fn/shared/fail", s.url))
+        .bearer_auth(&first)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let (_, logs) = call(&s.url, &first, Method::GET, "/v1/functions/shared/logs", None).await;
+    assert!(logs.to_string().contains("something broke"), "{logs}");
+    // Deleted by id: the name goes with its only version, and so does its log.
+    let id = f["id"].as_str().unwrap();
+    let (st, _) = call(&s.url, &first, Method::DELETE, &format!("/v1/functions/{id}"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    let (st, _) = call(
+        &s.url,
+        &second,
+        Method::POST,
+        "/v1/functions?name=shared",
+        Some(program(programs::CGI)),
+    )
+    .await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, logs) = call(&s.url, &second, Method::GET, "/v1/functions/shared/logs", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(!logs.to_string().contains("something broke"), "another account's stderr: {logs}");
+}
+
+#[tokio::test]
+async fn an_upload_over_the_quota_is_refused_before_it_is_compiled() {
+    let s = TestServer::start(&[]).await;
+    let key = account(&s, "jo", json!({"quotas": {"max_function_bytes": 1000}})).await;
+    let (st, body) =
+        call(&s.url, &key, Method::POST, "/v1/functions?name=big", Some(program(programs::CGI)))
+            .await;
+    assert_eq!((st, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"), "{body}");
+    assert!(!s.log().contains("executor.compile"), "compiled before the quota check:\n{}", s.log());
+}

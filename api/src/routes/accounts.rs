@@ -206,11 +206,15 @@ pub(crate) async fn stop_jobs(state: &AppState, account: &str) -> anyhow::Result
     Ok(())
 }
 
+/// Most keys one account may hold.
+pub const MAX_KEYS_PER_ACCOUNT: usize = 100;
+
 /// Creates an API key for an account (the admin, or the account itself). The answer
 /// is the only time the key is shown.
 #[utoipa::path(post, path = "/v1/accounts/{name}/keys", tag = "accounts", params(("name" = String, Path)),
     request_body = ApiKeyCreate,
-    responses((status = 201, body = NewApiKey), (status = 404, body = cloudpipe_types::ErrorBody)))]
+    responses((status = 201, body = NewApiKey), (status = 404, body = cloudpipe_types::ErrorBody),
+              (status = 429, body = cloudpipe_types::ErrorBody, description = "the account holds the most keys it may")))]
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -226,6 +230,12 @@ pub async fn create_key(
         return Err(ApiError::bad("invalid_request", "`label` is at most 128 bytes"));
     }
     visible(&state, &caller, &name).await?;
+    let held = state.runtime.store.list_keys(Some(&name)).await?.len();
+    if held >= MAX_KEYS_PER_ACCOUNT {
+        return Err(ApiError::QuotaExceeded(format!(
+            "account {name:?} has {held} keys, the most an account may: revoke some first"
+        )));
+    }
     let key = generate_key();
     let record = key_record(&name, &key, req.label);
     if !state.runtime.store.insert_key(record.clone()).await? {

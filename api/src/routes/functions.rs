@@ -1,11 +1,14 @@
 //! `/v1/functions`: upload, list, get and delete functions.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use cloudpipe_runtime::account::Scope;
 use cloudpipe_runtime::job::rfc3339;
 use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_types::{FunctionInfo, FunctionList, FunctionSettings, FunctionSettingsPatch};
@@ -126,6 +129,56 @@ async fn check_settings(
     Ok(())
 }
 
+/// Uploads compiling at once.
+static COMPILES: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+});
+
+/// Refuses, before compiling it, a binary that would pass the account's function-bytes
+/// quota (the store checks again when it stores it). A binary the account stores
+/// already costs nothing more.
+async fn check_room(
+    state: &AppState,
+    tenant: &cloudpipe_runtime::account::Tenant,
+    bytes: &[u8],
+) -> Result<(), ApiError> {
+    let Some(limit) = tenant.limits.max_function_bytes else { return Ok(()) };
+    let id = cloudpipe_runtime::registry::function_id(bytes);
+    let own = Scope::Account(tenant.account.clone());
+    if state.runtime.registry.get(&own, &id).await?.is_some() {
+        return Ok(());
+    }
+    let used = state.runtime.store.function_bytes(&tenant.account).await?;
+    if used.saturating_add(bytes.len() as u64) > limit {
+        return Err(cloudpipe_runtime::registry::UploadError::OverQuota {
+            size: bytes.len() as u64,
+            used,
+            limit,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Most names one account may hold (each costs a log ring of its own).
+pub const MAX_NAMES_PER_ACCOUNT: usize = 1000;
+
+/// Refuses a new name past [`MAX_NAMES_PER_ACCOUNT`]; a name the account holds is fine.
+async fn check_name_cap(state: &AppState, account: &str, name: &str) -> Result<(), ApiError> {
+    let registry = &state.runtime.registry;
+    let own = Scope::Account(account.to_string());
+    if registry.get(&own, name).await?.is_some_and(|m| m.name.as_deref() == Some(name)) {
+        return Ok(());
+    }
+    let names = registry.list(&own).await?.iter().filter(|m| m.name.is_some()).count();
+    if names >= MAX_NAMES_PER_ACCOUNT {
+        return Err(ApiError::QuotaExceeded(format!(
+            "account {account:?} holds {names} function names, the most an account may: delete some first"
+        )));
+    }
+    Ok(())
+}
+
 /// Uploads a Wasm binary (a `wasi:cli/command` component or a WASI preview1 module).
 #[utoipa::path(post, path = "/v1/functions", tag = "functions", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
@@ -154,8 +207,22 @@ pub async fn create_function(
         }
         _ => None,
     };
+    if let Some(name) = &params.name
+        && !caller.is_admin()
+    {
+        check_name_cap(&state, &caller.account, name).await?;
+    }
     let bytes = read_body(body, registry.max_size()).await?;
-    let mut meta = registry.upload(&caller.tenant(), params.name.clone(), bytes).await?;
+    let tenant = caller.tenant();
+    check_room(&state, &tenant, &bytes).await?;
+    // Compiling is the costly part of an upload: a few at a time, whoever uploads.
+    let _compiling = tokio::time::timeout(Duration::from_secs(30), COMPILES.acquire())
+        .await
+        .map_err(|_| {
+            ApiError::Unavailable("the server is busy compiling uploads; retry shortly".into())
+        })?
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let mut meta = registry.upload(&tenant, params.name.clone(), bytes).await?;
     if let (Some(settings), Some(name)) = (settings, &params.name) {
         meta = registry.configure(&caller.scope(), name, settings).await?.unwrap_or(meta);
     }
@@ -231,6 +298,15 @@ pub async fn delete_function(
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }
-    state.logs.remove(&name);
+    // The log goes with the name, so that whoever takes the name next starts afresh.
+    for m in &deleted {
+        state.logs.remove(&crate::logs::key(&m.account, &name));
+        if let Some(n) = &m.name {
+            let owner = Scope::Account(m.account.clone());
+            if state.runtime.registry.get(&owner, n).await?.is_none() {
+                state.logs.remove(&crate::logs::key(&m.account, n));
+            }
+        }
+    }
     Ok(Json(FunctionList { functions: deleted.into_iter().map(info).collect() }))
 }

@@ -224,7 +224,7 @@ async fn invoke(
     let method = req.method().clone();
     let shown_path = req.uri().path().to_string();
     let mut stderr = Vec::new();
-    let mut found = false;
+    let mut found = None;
     let run = run(&state, caller.as_ref(), &name, &path, &invocation, req, &mut stderr, &mut found);
     let mut res = match run.await {
         Ok(res) => res,
@@ -239,8 +239,8 @@ async fn invoke(
         started.elapsed().as_secs_f64() * 1000.0
     );
     // Only functions that exist get a log: any name in a URL must not grow memory.
-    if found {
-        state.logs.record(&name, &invocation, &stderr, access);
+    if let Some(log) = found {
+        state.logs.record(&log, &invocation, &stderr, access);
     }
     let class = (res.status().as_u16() / 100).min(5) as usize;
     state.invocations.answered[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -259,7 +259,7 @@ async fn run(
     invocation: &str,
     req: Request,
     stderr: &mut Vec<u8>,
-    found: &mut bool,
+    found: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let rt = &state.runtime;
     // Resolved per request, so that a redeploy switches the next request atomically.
@@ -279,7 +279,7 @@ async fn run(
             ));
         }
     };
-    *found = true;
+    *found = Some(crate::logs::key(&meta.account, name));
     // The owner's account as it is now: disabled, it serves nothing; its quotas and
     // egress policy bound the invocation.
     let owner = match state.auth.account(&meta.account).await? {
@@ -482,7 +482,11 @@ async fn proxy(
             &owner.egress(),
             state.runtime.egress.clone(),
         ),
-        stderr: Arc::new(StderrLines::new(state.logs.clone(), name, invocation)),
+        stderr: Arc::new(StderrLines::new(
+            state.logs.clone(),
+            &crate::logs::key(&meta.account, name),
+            invocation,
+        )),
         cancel: state.runtime.scheduler.stopping().child_token(),
         ..HttpOptions::default()
     };
@@ -723,10 +727,10 @@ pub async fn get_function_logs(
     P(name): P<String>,
     Q(p): Q<LogParams>,
 ) -> Result<Response, ApiError> {
-    if state.runtime.registry.get(&caller.scope(), &name).await?.is_none() {
+    let Some(meta) = state.runtime.registry.get(&caller.scope(), &name).await? else {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
-    }
-    let (lines, live) = state.logs.snapshot(&name);
+    };
+    let (lines, live) = state.logs.snapshot(&crate::logs::key(&meta.account, &name));
     let follow = matches!(p.follow.as_deref(), Some("1") | Some("true"));
     if !follow {
         return Ok(Json(LogList { lines }).into_response());
