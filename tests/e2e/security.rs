@@ -316,7 +316,7 @@ async fn the_last_key_is_kept_unless_forced_and_the_admin_can_reset_one_offline(
     assert_eq!(s.get("/v1/me").await.0, StatusCode::UNAUTHORIZED);
     assert!(s.terminate().success());
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
+    let out = std::process::Command::new(crate::server::bin())
         .args(["admin", "reset-key", "--data-dir"])
         .arg(dir.path())
         .env_remove("CLOUDPIPE_DATA_DIR")
@@ -326,8 +326,7 @@ async fn the_last_key_is_kept_unless_forced_and_the_admin_can_reset_one_offline(
     let new_key = String::from_utf8(out.stdout).unwrap().trim().to_string();
     assert!(new_key.starts_with("cpk_"), "{new_key}");
     // Started without CLOUDPIPE_ADMIN_KEY, so only the reset key can work.
-    let bin = env!("CARGO_BIN_EXE_cloudpipe");
-    let mut p = serve::spawn_serve_with(bin, dir.path(), &[], &[]);
+    let mut p = serve::spawn_serve_with(&crate::server::bin(), dir.path(), &[], &[]);
     let (st, me) = call(&p.url, &new_key, Method::GET, "/v1/me", None).await;
     let (st2, _) = call(&p.url, ADMIN_KEY, Method::GET, "/v1/me", None).await;
     let _ = p.child.kill();
