@@ -77,7 +77,7 @@ async fn sequential(url: &str, n: usize) -> (f64, f64, f64) {
     let http = client();
     upload(&http, url, "hello", wat::parse_str(HELLO_WAT).unwrap()).await;
     let body = br#"{"function":"hello","args":["bench"]}"#;
-    let mut run = |n: usize| {
+    let run = |n: usize| {
         let http = http.clone();
         async move {
             let mut lat = Vec::with_capacity(n);

@@ -6,7 +6,8 @@
 //!   [`BuiltinAuth`] (keys in the store, kept as SHA-256 hashes, compared in constant
 //!   time) and [`ExternalAuth`] (Cloudpipe's auth protocol over HTTPS:
 //!   `GET {url}/validate?accountName=…&apiKey=…`, 204 valid, 404 invalid; a short cache;
-//!   the built-in keys, the admin's among them, keep working).
+//!   the built-in keys, the admin's among them, keep working; the service never
+//!   vouches for a name that is a local account, the admin's above all).
 //! - [`Auth`] adds the account's record (disabled or not, its quotas) and the
 //!   per-address limit on failed attempts, and [`require`] is the middleware that
 //!   applies it to the whole router: a route added later is authenticated unless it
@@ -17,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -261,8 +262,20 @@ impl Authenticator for ExternalAuth {
         if !cloudpipe_runtime::registry::is_valid_name(account) || key.is_empty() {
             return Err(AuthError::Invalid);
         }
+        // Local accounts are the store's alone: an external `admin:…` (or the name of
+        // any local account) must never become that account. Checked before the cache,
+        // since a local account may be created after the service vouched for the name.
+        if account == cloudpipe_runtime::account::ADMIN
+            || self.builtin.store.get_account(account).await?.is_some()
+        {
+            tracing::warn!(
+                account,
+                "the external auth service is not asked about a local account's name"
+            );
+            return Err(AuthError::Invalid);
+        }
         let ck = Self::cache_key(account, key);
-        if let Some(at) = self.cache.lock().unwrap().get(&ck)
+        if let Some(at) = lock(&self.cache).get(&ck)
             && at.elapsed() < self.ttl
         {
             return Ok(account.to_string());
@@ -277,7 +290,7 @@ impl Authenticator for ExternalAuth {
             .map_err(|e| AuthError::Unavailable(describe(&e)))?;
         match res.status().as_u16() {
             204 | 200 => {
-                let mut cache = self.cache.lock().unwrap();
+                let mut cache = lock(&self.cache);
                 if cache.len() > 100_000 {
                     cache.retain(|_, at| at.elapsed() < self.ttl);
                 }
@@ -302,8 +315,16 @@ fn describe(e: &reqwest::Error) -> String {
 
 // ---- failed attempts ----
 
-/// Failed authentications per client address: past `max` within `window`, the
-/// address is refused (429) until the window ends, without checking its credentials.
+/// A lock that outlives a panic of another holder. The maps behind these locks stay
+/// consistent whatever panics (each update is one insert or one counter), so a
+/// poisoned lock is used as it is rather than failing every later request.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Failed authentications per client: past `max` within `window`, the client is
+/// refused (429) until the window ends, without checking its credentials. A client is
+/// its IPv4 address, or its IPv6 /64 (one host usually holds a whole /64).
 pub struct FailureLimiter {
     max: u32,
     window: Duration,
@@ -316,16 +337,32 @@ impl FailureLimiter {
         FailureLimiter { max, window, seen: Mutex::default() }
     }
 
+    /// The key of a client address: IPv4 as it is (also when mapped into IPv6), IPv6
+    /// cut to its /64.
+    fn client(ip: IpAddr) -> IpAddr {
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => IpAddr::V4(v4),
+            IpAddr::V6(v6) => {
+                let mut s = v6.segments();
+                s[4..].fill(0);
+                IpAddr::V6(s.into())
+            }
+        }
+    }
+
     /// `Err(retry_after)` while `ip` is over the limit.
     fn check(&self, ip: IpAddr) -> Result<(), Duration> {
         if self.max == 0 {
             return Ok(());
         }
-        match self.seen.lock().unwrap().get(&ip) {
-            Some((start, n)) if *n >= self.max && start.elapsed() < self.window => {
-                Err(self.window - start.elapsed())
-            }
-            _ => Ok(()),
+        let started = match lock(&self.seen).get(&Self::client(ip)) {
+            Some((start, n)) if *n >= self.max => *start,
+            _ => return Ok(()),
+        };
+        // One reading of the clock: the window may end between two.
+        match self.window.saturating_sub(started.elapsed()) {
+            left if left.is_zero() => Ok(()),
+            left => Err(left),
         }
     }
 
@@ -333,15 +370,16 @@ impl FailureLimiter {
         if self.max == 0 {
             return;
         }
-        let mut seen = self.seen.lock().unwrap();
+        let now = Instant::now();
+        let mut seen = lock(&self.seen);
         if seen.len() >= 100_000 {
-            seen.retain(|_, (start, _)| start.elapsed() < self.window);
+            seen.retain(|_, (start, _)| now.saturating_duration_since(*start) < self.window);
         }
-        let entry = seen.entry(ip).or_insert((Instant::now(), 0));
-        if entry.0.elapsed() >= self.window {
-            *entry = (Instant::now(), 0);
+        let entry = seen.entry(Self::client(ip)).or_insert((now, 0));
+        if now.saturating_duration_since(entry.0) >= self.window {
+            *entry = (now, 0);
         }
-        entry.1 += 1;
+        entry.1 = entry.1.saturating_add(1);
     }
 }
 
@@ -444,6 +482,25 @@ impl Auth {
         }
     }
 
+    /// The record of account `name`. One vouched for by the external service has none
+    /// in the store: it gets a default user's (no quotas of its own, no network, no
+    /// egress).
+    pub async fn account(&self, name: &str) -> anyhow::Result<Option<AccountRecord>> {
+        Ok(match self.store.get_account(name).await? {
+            Some(a) => Some(a),
+            None if self.backend.external_accounts() => Some(AccountRecord {
+                name: name.to_string(),
+                role: Role::User,
+                disabled: false,
+                quotas: Quotas::default(),
+                allow_network: false,
+                allowed_outbound: Vec::new(),
+                created_at: 0,
+            }),
+            None => None,
+        })
+    }
+
     /// The caller behind `creds`.
     pub async fn caller(&self, creds: &Credentials) -> Result<Caller, ApiError> {
         let name = self.backend.authenticate(creds).await.map_err(|e| match e {
@@ -454,16 +511,8 @@ impl Auth {
             AuthError::Unavailable(m) => ApiError::AuthUnavailable(m),
             AuthError::Internal(e) => ApiError::Internal(e),
         })?;
-        let account = match self.store.get_account(&name).await? {
+        let account = match self.account(&name).await? {
             Some(a) => a,
-            None if self.backend.external_accounts() => AccountRecord {
-                name: name.clone(),
-                role: Role::User,
-                disabled: false,
-                quotas: Quotas::default(),
-                allow_network: false,
-                created_at: 0,
-            },
             // A key whose account is gone.
             None => {
                 return Err(ApiError::Unauthorized(
@@ -576,6 +625,7 @@ pub async fn bootstrap(state: &AppState, admin_key: Option<&str>) -> anyhow::Res
                 disabled: false,
                 quotas: Quotas::default(),
                 allow_network: false,
+                allowed_outbound: Vec::new(),
                 created_at: now_micros(),
             })
             .await?;
@@ -659,5 +709,54 @@ mod tests {
         std::thread::sleep(Duration::from_millis(220));
         assert!(l.check(ip).is_ok());
         assert!(FailureLimiter::new(0, Duration::from_secs(1)).check(ip).is_ok());
+    }
+
+    #[test]
+    fn limiter_keys_ipv6_clients_on_their_64() {
+        let l = FailureLimiter::new(2, Duration::from_secs(60));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:fffe".parse().unwrap();
+        let other: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        l.failed(a);
+        l.failed(b);
+        assert!(l.check(a).is_err(), "two addresses of one /64 are one client");
+        assert!(l.check("2001:db8:1:2::77".parse().unwrap()).is_err());
+        assert!(l.check(other).is_ok());
+        let v4: IpAddr = "10.0.0.1".parse().unwrap();
+        l.failed(v4);
+        l.failed("::ffff:10.0.0.1".parse().unwrap());
+        assert!(l.check(v4).is_err(), "an IPv4-mapped address is its IPv4 address");
+    }
+
+    #[test]
+    fn limiter_keeps_working_after_a_panic_under_its_lock() {
+        let l = Arc::new(FailureLimiter::new(1, Duration::from_secs(60)));
+        let poisoner = l.clone();
+        let _ = std::thread::spawn(move || {
+            let _guard = poisoner.seen.lock().unwrap();
+            panic!("a panic while holding the limiter's lock");
+        })
+        .join();
+        assert!(l.seen.is_poisoned());
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        assert!(l.check(ip).is_ok());
+        l.failed(ip);
+        assert!(l.check(ip).is_err());
+    }
+
+    #[test]
+    fn limiter_counts_saturate_and_the_window_end_never_underflows() {
+        let l = FailureLimiter::new(u32::MAX, Duration::ZERO);
+        let ip: IpAddr = "10.0.0.3".parse().unwrap();
+        l.seen.lock().unwrap().insert(ip, (Instant::now(), u32::MAX));
+        l.failed(ip);
+        // The window (zero) has always just ended: no subtraction may go below zero.
+        for _ in 0..1000 {
+            assert!(l.check(ip).is_ok());
+        }
+        let l = FailureLimiter::new(1, Duration::from_secs(60));
+        l.seen.lock().unwrap().insert(ip, (Instant::now(), u32::MAX));
+        l.failed(ip);
+        assert_eq!(l.seen.lock().unwrap()[&ip].1, u32::MAX);
     }
 }

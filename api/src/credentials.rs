@@ -60,14 +60,19 @@ pub fn write(path: &Path, creds: &Credentials) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let tmp = dir.join(format!(".credentials.{}.tmp", std::process::id()));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    // A fresh name opened with O_EXCL: an existing file or link there (planted by
+    // another user of a shared directory) is never written through.
+    let (tmp, mut f) = loop {
+        let mut suffix = [0u8; 8];
+        getrandom::getrandom(&mut suffix)
+            .map_err(|e| anyhow::anyhow!("the OS random source failed: {e}"))?;
+        let tmp = dir.join(format!(".credentials.{}.tmp", hex::encode(suffix)));
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp) {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e).with_context(|| format!("writing {}", tmp.display())),
+        }
+    };
     f.write_all(&serde_json::to_vec_pretty(creds)?)?;
     f.write_all(b"\n")?;
     f.sync_all()?;

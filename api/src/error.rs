@@ -43,6 +43,9 @@ pub enum ApiError {
     /// An invoked function ran past its deadline.
     #[error("{0}")]
     Timeout(String),
+    /// The client did not send its request body in time (408).
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("internal error")]
     Internal(#[from] anyhow::Error),
 }
@@ -68,6 +71,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::FunctionFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_failed"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

@@ -18,7 +18,13 @@ pub const RING_LINES: usize = 1000;
 /// Longest line kept; longer stderr lines are cut.
 const MAX_LINE: usize = 4096;
 
-/// Logs of every function; one per process.
+/// The ring of function `name` of `account`. Rings are per account: a name deleted
+/// and taken by another account starts with an empty log.
+pub fn key(account: &str, name: &str) -> String {
+    format!("{account}/{name}")
+}
+
+/// Logs of every function, by [`key`]; one per process.
 #[derive(Default)]
 pub struct FunctionLogs {
     rings: Mutex<HashMap<String, Ring>>,

@@ -58,6 +58,29 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Work on a stopped server's data directory directly (recovery).
+    Admin {
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Make a new API key for an account (the admin's by default) straight in the
+    /// store and print it: the way back in after its last key was revoked. Run it
+    /// with the server stopped (the store is locked while it runs).
+    ResetKey {
+        /// The server's data directory.
+        #[arg(long, env = "CLOUDPIPE_DATA_DIR", default_value_os_t = default_data_dir())]
+        data_dir: PathBuf,
+        /// Store backend: redb (default) or sled.
+        #[arg(long, env = "CLOUDPIPE_STORE", default_value = "redb", value_parser = ["redb", "sled"])]
+        store: String,
+        /// The account that gets the key.
+        #[arg(long, default_value = "admin")]
+        account: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -261,6 +284,20 @@ struct ServeArgs {
     /// The image Cloudpipe v1 jobs (`POST /v1/job`) run in (present on the engine).
     #[arg(long, env = "CLOUDPIPE_V1_IMAGE", default_value = "cloudpipe/runner:latest")]
     v1_image: String,
+    /// Internal addresses (comma-separated CIDR blocks, e.g. `10.1.0.0/16,fd00::/8`)
+    /// that functions' outgoing requests and batch hooks may reach. Loopback, private,
+    /// link-local (cloud metadata), unique-local and other non-public addresses are
+    /// refused otherwise, whatever a function or account allows.
+    #[arg(long, env = "CLOUDPIPE_ALLOW_INTERNAL_OUTBOUND", default_value = "")]
+    allow_internal_outbound: String,
+    /// HTTP invocations of one account's functions running at once (past it: 429).
+    #[arg(long, env = "CLOUDPIPE_FN_MAX_CONCURRENCY_PER_ACCOUNT", default_value_t = 96)]
+    fn_max_concurrency_per_account: usize,
+    /// How long a client has to send an invocation's request body (its first MiB
+    /// when streamed) before the server answers 408, in milliseconds; no invocation
+    /// slot is held meanwhile.
+    #[arg(long, env = "CLOUDPIPE_FN_BODY_TIMEOUT_MS", default_value_t = 10_000)]
+    fn_body_timeout_ms: u64,
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, env = "CLOUDPIPE_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -380,6 +417,9 @@ impl ServeArgs {
             max_age_micros: self.retention_secs * 1_000_000,
             max_finished: self.retention_max_jobs,
         };
+        c.egress =
+            cloudpipe_runtime::egress::EgressConfig::parse_internal(&self.allow_internal_outbound)
+                .map_err(|e| anyhow::anyhow!("--allow-internal-outbound: {e}"))?;
         // Jobs and invocations share the instance pool.
         c.wasm.max_instances = (self.concurrency + self.max_invocations) as u32;
         Ok(c)
@@ -407,6 +447,8 @@ impl ServeArgs {
                 max_concurrency: self.max_invocations,
                 timeout: Duration::from_millis(self.fn_timeout_ms),
                 memory_bytes: self.fn_memory_mb << 20,
+                max_concurrency_per_account: self.fn_max_concurrency_per_account.max(1),
+                body_timeout: Duration::from_millis(self.fn_body_timeout_ms),
                 ..InvokeConfig::default()
             },
             ..ApiConfig::default()
@@ -564,6 +606,9 @@ fn main() -> anyhow::Result<()> {
                 let code = batch(args).await?;
                 std::process::exit(code);
             }
+            Command::Admin { command: AdminCommand::ResetKey { data_dir, store, account } } => {
+                reset_key(&data_dir, &store, &account).await
+            }
         }
     })
 }
@@ -664,6 +709,32 @@ async fn keys(client: ClientArgs, command: KeysCommand) -> anyhow::Result<()> {
             client.call(Method::DELETE, &format!("/v1/keys/{id}"), None).await
         }
     }
+}
+
+/// `cloudpipe admin reset-key`: a new key for `account`, written to the store of a
+/// stopped server and printed once.
+async fn reset_key(data_dir: &std::path::Path, store: &str, account: &str) -> anyhow::Result<()> {
+    let backend = Backend::parse(store).context("unknown --store")?;
+    let dir = data_dir.join("store").join(backend.as_str());
+    anyhow::ensure!(
+        dir.exists(),
+        "no {store} store in {} (is --data-dir right?)",
+        data_dir.display()
+    );
+    let store = tokio::task::spawn_blocking(move || cloudpipe_runtime::store::open(backend, &dir))
+        .await?
+        .context("opening the store (stop the server first: it holds the store's lock)")?;
+    let record = store
+        .get_account(account)
+        .await?
+        .with_context(|| format!("there is no account {account:?} in this store"))?;
+    anyhow::ensure!(!record.disabled, "account {account:?} is disabled: enable it first");
+    let key = cloudpipe_api::auth::generate_key();
+    let record = cloudpipe_api::auth::key_record(account, &key, Some("admin reset-key".into()));
+    anyhow::ensure!(store.insert_key(record.clone()).await?, "the account vanished");
+    eprintln!("Added key {} to account {account:?}. Its secret (shown only now):", record.id);
+    println!("{key}");
+    Ok(())
 }
 
 /// `cloudpipe batch`: starts (or resumes, or retries) a batch and follows it to the end.

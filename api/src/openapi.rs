@@ -14,7 +14,7 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat
         title = "Cloudpipe",
         description = "Compute on demand: Wasm functions run as durable jobs. Every route but /healthz, /v1/openapi.json and public functions under /fn/ needs an API key: `Authorization: Bearer KEY`, or HTTP Basic with the account name and key."
     ),
-    modifiers(&Security),
+    modifiers(&Security, &CommonAnswers),
     security(("bearer" = []), ("basic" = [])),
     paths(
         accounts::create_account,
@@ -115,6 +115,70 @@ impl utoipa::Modify for Security {
     }
 }
 
+/// The answers every operation may give without its handler saying so: 401, 403 (a
+/// disabled account; an operation for the admin only) and 429 (too many failed
+/// authentications, quotas) on every authenticated route, from the auth middleware;
+/// 400 on every operation with parameters or a body (a malformed path segment or
+/// query, unknown JSON fields, an empty `?wait=`). Each with the error schema, unless
+/// the handler documents the status itself.
+struct CommonAnswers;
+
+impl utoipa::Modify for CommonAnswers {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+        let answer = |description: &str| {
+            RefOr::T(
+                ResponseBuilder::new()
+                    .description(description)
+                    .content(
+                        "application/json",
+                        ContentBuilder::new()
+                            .schema(Some(Ref::from_schema_name("ErrorBody")))
+                            .build(),
+                    )
+                    .build(),
+            )
+        };
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            let public = crate::auth::PUBLIC_PATHS.contains(&path.as_str());
+            for op in [
+                &mut item.get,
+                &mut item.put,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.patch,
+                &mut item.head,
+                &mut item.options,
+                &mut item.trace,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let responses = &mut op.responses.responses;
+                let takes_input = op.parameters.as_ref().is_some_and(|p| !p.is_empty())
+                    || op.request_body.is_some();
+                if takes_input {
+                    responses.entry("400".into()).or_insert_with(|| {
+                        answer("Bad input: a malformed path segment, query or body (unknown JSON fields included)")
+                    });
+                }
+                if public {
+                    continue;
+                }
+                responses
+                    .entry("401".into())
+                    .or_insert_with(|| answer("No API key, or one that is not valid"));
+                responses.entry("403".into()).or_insert_with(|| {
+                    answer("The key's account is disabled, or the operation is the admin's")
+                });
+                responses.entry("429".into()).or_insert_with(|| {
+                    answer("Too many failed authentications from this client, or over a quota")
+                });
+            }
+        }
+    }
+}
+
 /// The document as pretty JSON, with a trailing newline (as kept in the repo).
 pub fn document_json() -> String {
     let mut s = ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises");
@@ -124,6 +188,32 @@ pub fn document_json() -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_authenticated_operation_documents_the_auth_answers() {
+        let doc: serde_json::Value = serde_json::from_str(&super::document_json()).unwrap();
+        let mut seen = 0;
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                let public = crate::auth::PUBLIC_PATHS.contains(&path.as_str());
+                for status in ["401", "403", "429"] {
+                    assert_eq!(
+                        responses.contains_key(status),
+                        !public,
+                        "{method} {path}: {status}"
+                    );
+                }
+                if op.get("parameters").is_some_and(|p| p.as_array().is_some_and(|p| !p.is_empty()))
+                    || op.get("requestBody").is_some()
+                {
+                    assert!(responses.contains_key("400"), "{method} {path}: 400");
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen > 30, "{seen} operations");
+    }
+
     #[test]
     fn openapi_file_in_repo_matches_the_code() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json");

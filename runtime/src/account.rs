@@ -28,7 +28,22 @@ pub struct AccountRecord {
     /// Policy: the account's containers may use the network.
     #[serde(default)]
     pub allow_network: bool,
+    /// Policy: where the account's functions may send requests, at most (destination
+    /// patterns, see [`crate::egress`]). Empty: nowhere. Ignored for an admin, who may
+    /// go anywhere; internal addresses stay the operator's to allow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_outbound: Vec<String>,
     pub created_at: Micros,
+}
+
+impl AccountRecord {
+    /// The destinations the account's functions and hooks may reach at most.
+    pub fn egress(&self) -> Vec<String> {
+        match self.role {
+            Role::Admin => vec!["*".to_string()],
+            Role::User => self.allowed_outbound.clone(),
+        }
+    }
 }
 
 /// One API key: the hash of its secret, never the secret.

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::account::{Limits, Tenant};
 use crate::cluster::{Cluster, ClusterEvent};
+use crate::egress::{Egress, EgressConfig};
 use crate::job::{BatchRef, Job, JobId, Micros, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
 use crate::store::{JobFilter, Store};
@@ -146,6 +147,7 @@ impl Live {
 }
 
 struct Handle {
+    account: String,
     live: Arc<Mutex<Live>>,
     stop: CancellationToken,
 }
@@ -163,22 +165,30 @@ struct Inner {
     store: Arc<dyn Store>,
     scheduler: Scheduler,
     running: Mutex<HashMap<String, Handle>>,
-    hooks: reqwest::Client,
+    /// Where report hooks may be sent (with each account's own policy).
+    egress: Arc<EgressConfig>,
 }
 
 impl Batches {
-    /// Continues every batch that was running when the process stopped.
-    pub async fn start(store: Arc<dyn Store>, scheduler: Scheduler) -> anyhow::Result<Batches> {
-        let hooks = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+    /// Continues every batch that was running when the process stopped, except those
+    /// of an account disabled since: they are paused (cancelled, resumable) instead.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        scheduler: Scheduler,
+        egress: Arc<EgressConfig>,
+    ) -> anyhow::Result<Batches> {
         let b = Batches {
-            inner: Arc::new(Inner { store, scheduler, running: Mutex::default(), hooks }),
+            inner: Arc::new(Inner { store, scheduler, running: Mutex::default(), egress }),
         };
         let cluster = b.inner.scheduler.cluster().cloned();
-        for state in b.inner.store.list_batches(None).await? {
+        for mut state in b.inner.store.list_batches(None).await? {
             match state.status {
+                BatchStatus::Running if b.inner.tenant_now(&state.tenant()).await?.is_none() => {
+                    tracing::info!(batch = %state.id, account = %state.account, "pausing a batch of a disabled account");
+                    state.status = BatchStatus::Cancelled;
+                    state.finished_at = Some(now_micros());
+                    b.inner.store.put_batch(state).await?;
+                }
                 // In a cluster, a running batch belongs to the node holding its lease;
                 // those whose node died are taken over below.
                 BatchStatus::Running if cluster.is_some() => {}
@@ -300,10 +310,14 @@ impl Batches {
         if spec.template.idempotency_key.is_some() {
             return invalid("the template may not have an `idempotency_key`");
         }
-        if let Some(h) = &spec.hook
-            && !(h.starts_with("http://") || h.starts_with("https://"))
-        {
-            return invalid("`hook` must be an http:// or https:// URL");
+        if let Some(h) = &spec.hook {
+            let (host, port) = hook_destination(h).map_err(BatchError::Invalid)?;
+            let egress = self.inner.egress_of(&tenant.account, tenant.admin).await?;
+            egress.check_name(&host, port).map_err(|e| {
+                BatchError::Invalid(format!(
+                    "`hook`: {e} (the account's egress policy, set by the admin, and the server's settings decide)"
+                ))
+            })?;
         }
         let mut template = spec.template;
         if let Some(t) = spec.timeout_ms {
@@ -486,6 +500,19 @@ impl Batches {
         self.get(id, None).await?.ok_or_else(not_found)
     }
 
+    /// Pauses every running batch of `account` (being disabled), as a cancel does: its
+    /// running jobs are cancelled and it can be resumed later.
+    pub async fn pause_account(&self, account: &str) -> Result<(), BatchError> {
+        let ids: Vec<String> = {
+            let running = self.inner.running.lock().unwrap();
+            running.iter().filter(|(_, h)| h.account == account).map(|(id, _)| id.clone()).collect()
+        };
+        for id in ids {
+            self.cancel(&id, None).await?;
+        }
+        Ok(())
+    }
+
     /// Rebuilds the inputs' states from the batch's jobs and starts its driver.
     /// `resuming`: inputs whose job was cancelled are pending again.
     async fn launch(&self, state: BatchState, resuming: bool) -> anyhow::Result<()> {
@@ -530,11 +557,10 @@ impl Batches {
         }
         let live = Arc::new(Mutex::new(Live { inputs, tries, job_micros, failures_in_a_row: 0 }));
         let stop = CancellationToken::new();
-        self.inner
-            .running
-            .lock()
-            .unwrap()
-            .insert(state.id.clone(), Handle { live: live.clone(), stop: stop.clone() });
+        self.inner.running.lock().unwrap().insert(
+            state.id.clone(),
+            Handle { account: state.account.clone(), live: live.clone(), stop: stop.clone() },
+        );
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.drive(state, live, stop).await });
         Ok(())
@@ -552,6 +578,8 @@ impl Inner {
     ) {
         let tenant = state.tenant();
         let allowed = state.retries + 1;
+        // Set when the account turns out disabled: the batch pauses as if cancelled.
+        let paused = stop.clone();
         let stopping = self.scheduler.stopping().clone();
         let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, (usize, Ended)>> =
             FuturesUnordered::new();
@@ -658,6 +686,14 @@ impl Inner {
                     l.inputs[i] = Input::Running(id);
                     in_flight.push(self.clone().await_job(i, id).boxed());
                 }
+                Ended::AccountDisabled => {
+                    // Checked at each submit: the account was disabled meanwhile.
+                    l.inputs[i] = Input::Pending;
+                    if !paused.is_cancelled() {
+                        tracing::info!(batch = %state.id, account = %state.account, "the account is disabled: pausing its batch");
+                        paused.cancel();
+                    }
+                }
                 Ended::Busy => {
                     // The account is at its concurrent-jobs quota: try again shortly.
                     l.inputs[i] = Input::Pending;
@@ -729,14 +765,54 @@ impl Inner {
         }
     }
 
-    /// Submits the job of input `i` and waits for it on the fast path.
+    /// The batch's submitter as the account is now: its current network policy and
+    /// quotas (its own over those stored with the batch); `None` when it is disabled.
+    /// An account without a record (vouched for by an external auth service) keeps
+    /// what was stored.
+    async fn tenant_now(&self, stored: &Tenant) -> anyhow::Result<Option<Tenant>> {
+        let Some(account) = self.store.get_account(&stored.account).await? else {
+            return Ok(Some(stored.clone()));
+        };
+        if account.disabled {
+            return Ok(None);
+        }
+        let admin = account.role == cloudpipe_types::Role::Admin;
+        Ok(Some(Tenant {
+            account: account.name,
+            admin,
+            limits: match admin {
+                true => Limits::default(),
+                false => Limits::resolve(&account.quotas, &stored.limits.to_quotas()),
+            },
+            allow_network: account.allow_network,
+        }))
+    }
+
+    /// Where requests sent for `account` may go now.
+    async fn egress_of(&self, account: &str, admin: bool) -> anyhow::Result<Egress> {
+        let policy = match (admin, self.store.get_account(account).await?) {
+            (true, _) => vec!["*".to_string()],
+            (false, Some(record)) => record.egress(),
+            (false, None) => Vec::new(),
+        };
+        Ok(Egress::for_account(&policy, self.egress.clone()))
+    }
+
+    /// Submits the job of input `i` and waits for it on the fast path. The account is
+    /// read again first: a disabled account's batch launches nothing more, and a
+    /// changed network policy or quota applies to the next job.
     async fn run_input(
         self: Arc<Self>,
         i: usize,
         spec: JobSpec,
-        tenant: Tenant,
+        stored: Tenant,
         batch: BatchRef,
     ) -> (usize, Ended) {
+        let tenant = match self.tenant_now(&stored).await {
+            Ok(Some(t)) => t,
+            Ok(None) => return (i, Ended::AccountDisabled),
+            Err(e) => return (i, Ended::Refused(format!("reading the account: {e:#}"))),
+        };
         // Waits for the end: a short job is written once, already finished.
         let wait = Duration::from_secs(86_400);
         match self.scheduler.submit_and_wait_in(spec, &tenant, Some(batch), wait).await {
@@ -776,13 +852,13 @@ impl Inner {
                 b.record(&state)
             };
             for attempt in 0..3 {
-                match self.hooks.post(&url).json(&record).send().await {
+                match self.send_hook(&state, &url, &record).await {
                     Ok(r) if r.status().is_success() => break,
                     Ok(r) => {
                         tracing::warn!(batch = %state.id, status = %r.status(), "the batch hook answered with an error")
                     }
                     Err(e) => {
-                        tracing::warn!(batch = %state.id, error = %e, "calling the batch hook failed")
+                        tracing::warn!(batch = %state.id, error = format!("{e:#}"), "calling the batch hook failed")
                     }
                 }
                 tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
@@ -795,10 +871,48 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// POSTs the report to `url`, connecting only to addresses the account's egress
+    /// policy and the server's settings allow (resolved and checked here, then pinned
+    /// for the client, so the name cannot be re-resolved elsewhere); no redirects.
+    async fn send_hook(
+        &self,
+        state: &BatchState,
+        url: &str,
+        record: &BatchRecord,
+    ) -> anyhow::Result<reqwest::Response> {
+        let (host, port) = hook_destination(url).map_err(anyhow::Error::msg)?;
+        let egress = self.egress_of(&state.account, state.admin).await?;
+        let addrs = egress.resolve(&host, port).await?;
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .resolve_to_addrs(&host, &addrs)
+            .build()?;
+        Ok(client.post(url).json(record).send().await?)
+    }
+}
+
+/// The host (without IPv6 brackets) and port of a hook URL, which must be http(s).
+fn hook_destination(url: &str) -> Result<(String, u16), String> {
+    let bad = || format!("`hook` must be an http:// or https:// URL with a host, not {url:?}");
+    let parsed = reqwest::Url::parse(url).map_err(|_| bad())?;
+    if !matches!(parsed.scheme(), "http" | "https") {
+        return Err(bad());
+    }
+    let host = parsed.host_str().ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = parsed.port_or_known_default().ok_or_else(bad)?;
+    Ok((host, port))
+}
+
 /// How a batch input's run came back to the driver.
 enum Ended {
     Job(Box<Job>),
     Launched(JobId),
     Busy,
+    /// The account was disabled: nothing was submitted.
+    AccountDisabled,
     Refused(String),
 }

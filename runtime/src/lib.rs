@@ -5,6 +5,8 @@
 //!   through which an account sees its functions and jobs.
 //! - [`batch`]: [`Batches`](batch::Batches), cloudtask-style runs of one template over
 //!   many inputs (split, retries, strikes, resume, retry, report hook).
+//! - [`egress`]: where requests sent for a tenant (outgoing `wasi:http`, batch hooks)
+//!   may go: the function's list, the account's policy, no internal addresses.
 //! - [`job`]: the durable job record ([`Job`]) and how an attempt ends ([`JobOutcome`]).
 //! - [`executor`]: the [`Executor`] trait; [`executor::wasm`] runs Wasm components and
 //!   WASI modules in process with wasmtime.
@@ -33,6 +35,7 @@
 pub mod account;
 pub mod batch;
 pub mod cluster;
+pub mod egress;
 pub mod executor;
 pub mod job;
 pub mod registry;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use anyhow::Context;
 
 use crate::cluster::Cluster;
+use crate::egress::EgressConfig;
 use crate::executor::Executors;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::vm::{VmConfig, VmExecutor};
@@ -31,6 +32,8 @@ pub struct RuntimeConfig {
     pub max_function_bytes: usize,
     /// A PostgreSQL store shared with other nodes, instead of the embedded `backend`.
     pub postgres: Option<PgConfig>,
+    /// Internal addresses that functions' requests and batch hooks may reach.
+    pub egress: EgressConfig,
 }
 
 impl RuntimeConfig {
@@ -45,6 +48,7 @@ impl RuntimeConfig {
             vm: VmConfig::from_env(),
             max_function_bytes: 64 << 20,
             postgres: None,
+            egress: EgressConfig::default(),
         }
     }
 }
@@ -62,6 +66,8 @@ pub struct Runtime {
     pub batches: crate::batch::Batches,
     /// The other nodes, when the store is PostgreSQL.
     pub cluster: Option<Arc<dyn Cluster>>,
+    /// The operator's egress settings, for the requests sent on tenants' behalf.
+    pub egress: Arc<EgressConfig>,
 }
 
 impl Runtime {
@@ -143,7 +149,9 @@ impl Runtime {
             cluster.clone(),
         )
         .await?;
-        let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
+        let egress = Arc::new(config.egress.clone());
+        let batches =
+            crate::batch::Batches::start(store.clone(), scheduler.clone(), egress.clone()).await?;
         Ok(Runtime {
             store,
             executor,
@@ -154,6 +162,7 @@ impl Runtime {
             scheduler,
             batches,
             cluster,
+            egress,
         })
     }
 }

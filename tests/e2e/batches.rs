@@ -170,7 +170,8 @@ async fn cancel_leaves_the_batch_resumable_and_the_hook_is_called_once() {
     let hook = format!("http://{}/hook", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
 
-    let s = TestServer::start(&[]).await;
+    // The hook listens on loopback: an internal address the operator must allow.
+    let s = TestServer::start(&["--allow-internal-outbound", "127.0.0.1/32"]).await;
     s.upload("nap", &program(programs::SLEEP)).await;
     let inputs: Vec<Value> = (0..6).map(|_| json!(["2"])).collect();
     let id = start_batch(

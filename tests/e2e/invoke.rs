@@ -322,7 +322,8 @@ async fn tiny_server() -> u16 {
 
 #[tokio::test]
 async fn outbound_requests_go_only_to_allowed_hosts() {
-    let s = TestServer::start(&[]).await;
+    // The test's server listens on loopback: an internal address the operator allows.
+    let s = TestServer::start(&["--allow-internal-outbound", "127.0.0.0/8"]).await;
     s.upload("web", &program(programs::HTTP_ECHO)).await;
     let port = tiny_server().await;
     let call = || async {

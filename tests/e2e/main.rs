@@ -12,6 +12,9 @@
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
+//! - `security`: no server-side request forgery (wasi:http, batch hooks), no lockout,
+//!   external names apart from local accounts, batches stop with their account,
+//!   invocation admission and the account's quotas on HTTP invocation.
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed).
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
@@ -28,6 +31,7 @@ mod functions;
 mod hostile;
 mod invoke;
 mod jobs;
+mod security;
 mod server;
 mod v1compat;
 mod vm;

@@ -10,6 +10,12 @@ pub mod serve;
 use serve::spawn_serve;
 pub use serve::{ADMIN_KEY, admin_headers, peak_rss_mib};
 
+/// The binary under test: the workspace's `cloudpipe`, or `CLOUDPIPE_E2E_BIN` (to run
+/// the suite against another build, e.g. one from before a fix).
+pub fn bin() -> String {
+    std::env::var("CLOUDPIPE_E2E_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cloudpipe").into())
+}
+
 /// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
 pub struct TestServer {
     child: Child,
@@ -34,7 +40,7 @@ impl TestServer {
         let tmp = tempfile::tempdir().unwrap();
         let mut all = vec![("CLOUDPIPE_ADMIN_KEY", ADMIN_KEY)];
         all.extend_from_slice(env);
-        let p = serve::spawn_serve_with(env!("CARGO_BIN_EXE_cloudpipe"), tmp.path(), extra, &all);
+        let p = serve::spawn_serve_with(&bin(), tmp.path(), extra, &all);
         TestServer {
             child: p.child,
             url: p.url,
@@ -46,7 +52,7 @@ impl TestServer {
 
     /// A server over an existing data directory (which the caller keeps alive).
     pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
-        let p = spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir, extra);
+        let p = spawn_serve(&bin(), dir, extra);
         TestServer { child: p.child, url: p.url, _tmp: None, client: admin_client(), log: p.log }
     }
 

@@ -20,7 +20,19 @@ use cloudpipe_types::{
 };
 
 use crate::auth::{Caller, generate_key, key_record};
-use crate::{ApiError, AppState, P, parse_json, read_body};
+use crate::{ApiError, AppState, P, Q, parse_json, read_body};
+
+/// Checks an account's egress policy: at most 64 destination patterns.
+fn check_outbound(patterns: &[String]) -> Result<(), ApiError> {
+    if patterns.len() > 64 {
+        return Err(ApiError::bad("invalid_request", "`allowed_outbound`: at most 64 patterns"));
+    }
+    for p in patterns {
+        cloudpipe_runtime::egress::check_pattern(p)
+            .map_err(|m| ApiError::bad("invalid_request", format!("`allowed_outbound`: {m}")))?;
+    }
+    Ok(())
+}
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -38,6 +50,7 @@ fn account(a: AccountRecord) -> Account {
         disabled: a.disabled,
         quotas: a.quotas,
         allow_network: a.allow_network,
+        allowed_outbound: a.allowed_outbound,
         created_at: rfc3339(a.created_at),
     }
 }
@@ -79,12 +92,14 @@ pub async fn create_account(
             ),
         ));
     }
+    check_outbound(&req.allowed_outbound)?;
     let record = AccountRecord {
         name: req.name.clone(),
         role: req.role,
         disabled: false,
         quotas: req.quotas,
         allow_network: req.allow_network,
+        allowed_outbound: req.allowed_outbound,
         created_at: now_micros(),
     };
     if !state.runtime.store.insert_account(record.clone()).await? {
@@ -120,8 +135,9 @@ pub async fn get_account(
     Ok(Json(account(visible(&state, &caller, &name).await?)))
 }
 
-/// Disables or enables an account, or sets its quotas (admin). Disabling refuses its
-/// keys from the next request on and cancels its queued and running jobs.
+/// Disables or enables an account, or sets its quotas and policies (admin). Disabling
+/// refuses its keys from the next request on, pauses its running batches (resumable)
+/// and cancels its queued and running jobs; its functions answer no invocation.
 #[utoipa::path(patch, path = "/v1/accounts/{name}", tag = "accounts", params(("name" = String, Path)),
     request_body = AccountPatch,
     responses((status = 200, body = Account), (status = 400, body = cloudpipe_types::ErrorBody),
@@ -148,11 +164,17 @@ pub async fn update_account(
     if let Some(n) = patch.allow_network {
         record.allow_network = n;
     }
+    if let Some(o) = patch.allowed_outbound {
+        check_outbound(&o)?;
+        record.allowed_outbound = o;
+    }
     if !state.runtime.store.update_account(record.clone()).await? {
         return Err(account_not_found(&name));
     }
     tracing::info!(account = %name, disabled = record.disabled, by = %caller.account, "account updated");
     if record.disabled {
+        // Its batches first, so that none launches a job after the cancels below.
+        state.runtime.batches.pause_account(&name).await?;
         stop_jobs(&state, &name).await?;
     }
     Ok(Json(account(record)))
@@ -184,11 +206,15 @@ pub(crate) async fn stop_jobs(state: &AppState, account: &str) -> anyhow::Result
     Ok(())
 }
 
+/// Most keys one account may hold.
+pub const MAX_KEYS_PER_ACCOUNT: usize = 100;
+
 /// Creates an API key for an account (the admin, or the account itself). The answer
 /// is the only time the key is shown.
 #[utoipa::path(post, path = "/v1/accounts/{name}/keys", tag = "accounts", params(("name" = String, Path)),
     request_body = ApiKeyCreate,
-    responses((status = 201, body = NewApiKey), (status = 404, body = cloudpipe_types::ErrorBody)))]
+    responses((status = 201, body = NewApiKey), (status = 404, body = cloudpipe_types::ErrorBody),
+              (status = 429, body = cloudpipe_types::ErrorBody, description = "the account holds the most keys it may")))]
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -204,6 +230,12 @@ pub async fn create_key(
         return Err(ApiError::bad("invalid_request", "`label` is at most 128 bytes"));
     }
     visible(&state, &caller, &name).await?;
+    let held = state.runtime.store.list_keys(Some(&name)).await?.len();
+    if held >= MAX_KEYS_PER_ACCOUNT {
+        return Err(ApiError::QuotaExceeded(format!(
+            "account {name:?} has {held} keys, the most an account may: revoke some first"
+        )));
+    }
     let key = generate_key();
     let record = key_record(&name, &key, req.label);
     if !state.runtime.store.insert_key(record.clone()).await? {
@@ -226,18 +258,45 @@ pub async fn list_keys(
     Ok(Json(ApiKeyList { keys: keys.collect() }))
 }
 
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeParams {
+    /// `true`: revoke even the account's last key (the account can then no longer
+    /// authenticate; see `cloudpipe admin reset-key` for the admin's recovery).
+    force: Option<bool>,
+}
+
 /// Revokes a key (the admin, or the key's account): refused from the next request on.
-#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "accounts", params(("id" = String, Path)),
-    responses((status = 200, body = ApiKeyInfo), (status = 404, body = cloudpipe_types::ErrorBody)))]
+/// An account's last key is kept (409 `last_key`) unless `?force=true`.
+#[utoipa::path(delete, path = "/v1/keys/{id}", tag = "accounts", params(("id" = String, Path), RevokeParams),
+    responses((status = 200, body = ApiKeyInfo), (status = 400, body = cloudpipe_types::ErrorBody),
+              (status = 404, body = cloudpipe_types::ErrorBody),
+              (status = 409, body = cloudpipe_types::ErrorBody, description = "the account's last key, without `?force=true`")))]
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
     P(id): P<String>,
+    Q(params): Q<RevokeParams>,
 ) -> Result<Json<ApiKeyInfo>, ApiError> {
+    // One revocation at a time, so that two concurrent ones cannot both see a second
+    // key left and together remove the last.
+    static REVOKING: std::sync::LazyLock<tokio::sync::Mutex<()>> =
+        std::sync::LazyLock::new(Default::default);
+    let _one = REVOKING.lock().await;
     let store = &state.runtime.store;
     let not_found = || ApiError::NotFound(format!("key {id:?} not found"));
     let keys = store.list_keys(if caller.is_admin() { None } else { Some(&caller.account) });
     let key = keys.await?.into_iter().find(|k| k.id == id).ok_or_else(not_found)?;
+    if params.force != Some(true) && store.list_keys(Some(&key.account)).await?.len() <= 1 {
+        return Err(ApiError::Conflict(
+            "last_key",
+            format!(
+                "key {id:?} is account {:?}'s last key: revoking it would lock the account out; create another key first, or pass ?force=true",
+                key.account
+            ),
+        ));
+    }
     if key.account == ADMIN && key.label.as_deref() == Some("CLOUDPIPE_ADMIN_KEY") {
         tracing::warn!(
             "revoking the key set by CLOUDPIPE_ADMIN_KEY: it comes back at the next start while that variable is set"

@@ -1,11 +1,14 @@
 //! `/v1/functions`: upload, list, get and delete functions.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
+use cloudpipe_runtime::account::Scope;
 use cloudpipe_runtime::job::rfc3339;
 use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_types::{FunctionInfo, FunctionList, FunctionSettings, FunctionSettingsPatch};
@@ -64,15 +67,34 @@ impl UploadParams {
     }
 }
 
-/// Checks settings against the server's limits.
-fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError> {
+/// Checks settings against the server's limits, and what `patch` sets against the
+/// quotas and egress policy of `owner`, the function's account. (Invocations apply the
+/// owner's current quotas and policy whatever the settings say: a setting allowed
+/// before the admin narrowed them is not refused here again.)
+async fn check_settings(
+    state: &AppState,
+    owner: &str,
+    s: &FunctionSettings,
+    patch: &FunctionSettingsPatch,
+) -> Result<(), ApiError> {
     let sched = state.runtime.scheduler.config();
     let bad = |m: String| Err(ApiError::bad("invalid_settings", m));
-    if s.timeout_ms > sched.max_timeout.as_millis() as u64 {
-        return bad(format!("`timeout_ms` is at most {}", sched.max_timeout.as_millis()));
+    let record = state.auth.account(owner).await?;
+    let limits = record.as_ref().map(|r| state.auth.limits(r)).unwrap_or_default();
+    let max_timeout = (sched.max_timeout.as_millis() as u64)
+        .min(limits.max_timeout_ms.filter(|_| patch.timeout_ms.is_some()).unwrap_or(u64::MAX));
+    if s.timeout_ms > max_timeout {
+        return bad(format!(
+            "`timeout_ms` is at most {max_timeout} (the server's maximum and the account's quota)"
+        ));
     }
-    if s.memory_mb > sched.max_memory_mb {
-        return bad(format!("`memory_mb` is at most {}", sched.max_memory_mb));
+    let max_memory = sched
+        .max_memory_mb
+        .min(limits.max_memory_mb.filter(|_| patch.memory_mb.is_some()).unwrap_or(u64::MAX));
+    if s.memory_mb > max_memory {
+        return bad(format!(
+            "`memory_mb` is at most {max_memory} (the server's maximum and the account's quota)"
+        ));
     }
     if s.env.len() > 256
         || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
@@ -82,15 +104,77 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
                 .into(),
         );
     }
-    let host_ok = |h: &String| {
-        !h.is_empty()
-            && h.len() <= 260
-            && h.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:*[]".contains(&b))
-    };
-    if s.allowed_outbound_hosts.len() > 64 || !s.allowed_outbound_hosts.iter().all(host_ok) {
-        return bad(
-            "`allowed_outbound_hosts`: at most 64 of `host`, `host:port`, `*.domain` or `*`".into(),
-        );
+    let hosts = &s.allowed_outbound_hosts;
+    if hosts.len() > 64 {
+        return bad("`allowed_outbound_hosts`: at most 64 patterns".into());
+    }
+    for h in hosts {
+        cloudpipe_runtime::egress::check_pattern(h).map_err(|m| {
+            ApiError::bad("invalid_settings", format!("`allowed_outbound_hosts`: {m}"))
+        })?;
+    }
+    if patch.allowed_outbound_hosts.is_some() {
+        let granted = record.map(|r| r.egress()).unwrap_or_default();
+        let beyond = cloudpipe_runtime::egress::not_covered(&granted, hosts);
+        if !beyond.is_empty() {
+            return Err(ApiError::Forbidden(
+                "egress_not_granted",
+                format!(
+                    "`allowed_outbound_hosts`: account {owner:?} may not send requests to {}; the admin grants destinations with the account's `allowed_outbound`",
+                    beyond.join(", ")
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Uploads compiling at once.
+static COMPILES: std::sync::LazyLock<tokio::sync::Semaphore> = std::sync::LazyLock::new(|| {
+    tokio::sync::Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))
+});
+
+/// Refuses, before compiling it, a binary that would pass the account's function-bytes
+/// quota (the store checks again when it stores it). A binary the account stores
+/// already costs nothing more.
+async fn check_room(
+    state: &AppState,
+    tenant: &cloudpipe_runtime::account::Tenant,
+    bytes: &[u8],
+) -> Result<(), ApiError> {
+    let Some(limit) = tenant.limits.max_function_bytes else { return Ok(()) };
+    let id = cloudpipe_runtime::registry::function_id(bytes);
+    let own = Scope::Account(tenant.account.clone());
+    if state.runtime.registry.get(&own, &id).await?.is_some() {
+        return Ok(());
+    }
+    let used = state.runtime.store.function_bytes(&tenant.account).await?;
+    if used.saturating_add(bytes.len() as u64) > limit {
+        return Err(cloudpipe_runtime::registry::UploadError::OverQuota {
+            size: bytes.len() as u64,
+            used,
+            limit,
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// Most names one account may hold (each costs a log ring of its own).
+pub const MAX_NAMES_PER_ACCOUNT: usize = 1000;
+
+/// Refuses a new name past [`MAX_NAMES_PER_ACCOUNT`]; a name the account holds is fine.
+async fn check_name_cap(state: &AppState, account: &str, name: &str) -> Result<(), ApiError> {
+    let registry = &state.runtime.registry;
+    let own = Scope::Account(account.to_string());
+    if registry.get(&own, name).await?.is_some_and(|m| m.name.as_deref() == Some(name)) {
+        return Ok(());
+    }
+    let names = registry.list(&own).await?.iter().filter(|m| m.name.is_some()).count();
+    if names >= MAX_NAMES_PER_ACCOUNT {
+        return Err(ApiError::QuotaExceeded(format!(
+            "account {account:?} holds {names} function names, the most an account may: delete some first"
+        )));
     }
     Ok(())
 }
@@ -99,6 +183,7 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
 #[utoipa::path(post, path = "/v1/functions", tag = "functions", params(UploadParams),
     request_body(content = Vec<u8>, content_type = "application/wasm"),
     responses((status = 201, body = FunctionInfo), (status = 400, body = cloudpipe_types::ErrorBody),
+              (status = 403, body = cloudpipe_types::ErrorBody, description = "`allowed_outbound_hosts` beyond the account's egress policy"),
               (status = 409, body = cloudpipe_types::ErrorBody, description = "the name is another account's"),
               (status = 413, body = cloudpipe_types::ErrorBody), (status = 429, body = cloudpipe_types::ErrorBody)))]
 pub async fn create_function(
@@ -114,16 +199,30 @@ pub async fn create_function(
     }
     let settings = match (&patch, &params.name) {
         (Some(patch), Some(name)) => {
-            let current =
-                registry.get(&caller.scope(), name).await?.map(|m| m.settings).unwrap_or_default();
-            let settings = current.patched(patch.clone());
-            check_settings(&state, &settings)?;
+            let current = registry.get(&caller.scope(), name).await?;
+            let owner = current.as_ref().map_or(caller.account.clone(), |m| m.account.clone());
+            let settings = current.map(|m| m.settings).unwrap_or_default().patched(patch.clone());
+            check_settings(&state, &owner, &settings, patch).await?;
             Some(settings)
         }
         _ => None,
     };
+    if let Some(name) = &params.name
+        && !caller.is_admin()
+    {
+        check_name_cap(&state, &caller.account, name).await?;
+    }
     let bytes = read_body(body, registry.max_size()).await?;
-    let mut meta = registry.upload(&caller.tenant(), params.name.clone(), bytes).await?;
+    let tenant = caller.tenant();
+    check_room(&state, &tenant, &bytes).await?;
+    // Compiling is the costly part of an upload: a few at a time, whoever uploads.
+    let _compiling = tokio::time::timeout(Duration::from_secs(30), COMPILES.acquire())
+        .await
+        .map_err(|_| {
+            ApiError::Unavailable("the server is busy compiling uploads; retry shortly".into())
+        })?
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    let mut meta = registry.upload(&tenant, params.name.clone(), bytes).await?;
     if let (Some(settings), Some(name)) = (settings, &params.name) {
         meta = registry.configure(&caller.scope(), name, settings).await?.unwrap_or(meta);
     }
@@ -160,6 +259,7 @@ pub async fn get_function(
 #[utoipa::path(patch, path = "/v1/functions/{name}", tag = "functions",
     params(("name" = String, Path)), request_body = FunctionSettingsPatch,
     responses((status = 200, body = FunctionInfo), (status = 400, body = cloudpipe_types::ErrorBody),
+              (status = 403, body = cloudpipe_types::ErrorBody, description = "`allowed_outbound_hosts` beyond the account's egress policy"),
               (status = 404, body = cloudpipe_types::ErrorBody)))]
 pub async fn update_function(
     State(state): State<AppState>,
@@ -177,8 +277,9 @@ pub async fn update_function(
         .get(&scope, &name)
         .await?
         .filter(|m| m.name.as_deref() == Some(&name));
-    let settings = current.ok_or_else(not_found)?.settings.patched(patch);
-    check_settings(&state, &settings)?;
+    let current = current.ok_or_else(not_found)?;
+    let settings = current.settings.patched(patch.clone());
+    check_settings(&state, &current.account, &settings, &patch).await?;
     let meta =
         state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
@@ -197,6 +298,15 @@ pub async fn delete_function(
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }
-    state.logs.remove(&name);
+    // The log goes with the name, so that whoever takes the name next starts afresh.
+    for m in &deleted {
+        state.logs.remove(&crate::logs::key(&m.account, &name));
+        if let Some(n) = &m.name {
+            let owner = Scope::Account(m.account.clone());
+            if state.runtime.registry.get(&owner, n).await?.is_none() {
+                state.logs.remove(&crate::logs::key(&m.account, n));
+            }
+        }
+    }
     Ok(Json(FunctionList { functions: deleted.into_iter().map(info).collect() }))
 }

@@ -7,6 +7,16 @@
 //!
 //! Every invocation gets an id (`x-cloudpipe-invocation`); its stderr and a one-line
 //! access record go to the function's log ring ([`crate::logs`]).
+//!
+//! # Admission
+//! A slot is taken only once the request body is in (a CGI body whole, the first
+//! MiB of a streamed one), read within [`InvokeConfig::body_timeout`]: a client that
+//! drips its body slowly holds no slot. Then three limits apply: the function's
+//! (its `max_concurrency`, else the server's), its account's (its
+//! `max_concurrent_jobs` quota, at most [`InvokeConfig::max_concurrency_per_account`]:
+//! one tenant cannot take the whole pool) and the server's. The account's quotas also
+//! bound each invocation's timeout and memory, and a disabled account's functions
+//! answer nothing.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -23,6 +33,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use bytes::Bytes;
 use cloudpipe_runtime::account::Scope;
+use cloudpipe_runtime::egress::Egress;
 use cloudpipe_runtime::executor::wasm::{HttpOptions, InvokeError};
 use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
 use cloudpipe_runtime::store::FunctionMeta;
@@ -57,7 +68,18 @@ pub struct InvokeConfig {
     pub max_request_body: usize,
     /// Largest CGI response (stdout), in bytes.
     pub max_response_body: usize,
+    /// Invocations of one account's functions running at once (its share of
+    /// `max_concurrency`); the account's `max_concurrent_jobs` quota may lower it.
+    pub max_concurrency_per_account: usize,
+    /// How long a client has to send the request body (a CGI body whole, the first
+    /// [`STREAM_HEAD`] bytes of a streamed one) before the request is refused with
+    /// 408; no slot is held meanwhile.
+    pub body_timeout: Duration,
 }
+
+/// The part of a wasi:http function's request body read before it takes a slot; the
+/// rest streams to the guest as it arrives.
+pub const STREAM_HEAD: usize = 1 << 20;
 
 impl Default for InvokeConfig {
     fn default() -> Self {
@@ -68,11 +90,14 @@ impl Default for InvokeConfig {
             memory_bytes: 128 << 20,
             max_request_body: 16 << 20,
             max_response_body: 16 << 20,
+            max_concurrency_per_account: 96,
+            body_timeout: Duration::from_secs(10),
         }
     }
 }
 
-/// Admission of invocations: a global limit and one per function. One per process.
+/// Admission of invocations: a global limit, one per account and one per function.
+/// One per process.
 pub struct Invocations {
     config: InvokeConfig,
     all: Arc<Semaphore>,
@@ -80,6 +105,32 @@ pub struct Invocations {
     pub answered: [std::sync::atomic::AtomicU64; 6],
     /// Each function's limit and its semaphore.
     per_function: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    /// Each account's limit and its semaphore.
+    per_account: Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+}
+
+/// The slots of one running invocation, given back when it is dropped (for a
+/// streamed response: when its body has gone out).
+pub struct Admitted {
+    _function: OwnedSemaphorePermit,
+    _account: OwnedSemaphorePermit,
+    _all: OwnedSemaphorePermit,
+}
+
+/// The semaphore of `key` in `map` for `limit`; a changed limit gets a new one (the
+/// invocations running under the old one finish under it).
+fn semaphore(
+    map: &Mutex<HashMap<String, (usize, Arc<Semaphore>)>>,
+    key: &str,
+    limit: usize,
+) -> Arc<Semaphore> {
+    let mut map = map.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let entry =
+        map.entry(key.to_string()).or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
+    if entry.0 != limit {
+        *entry = (limit, Arc::new(Semaphore::new(limit)));
+    }
+    entry.1.clone()
 }
 
 impl Invocations {
@@ -87,6 +138,7 @@ impl Invocations {
         Invocations {
             all: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             per_function: Mutex::new(HashMap::new()),
+            per_account: Mutex::new(HashMap::new()),
             answered: Default::default(),
             config,
         }
@@ -96,37 +148,43 @@ impl Invocations {
         &self.config
     }
 
-    /// Both permits, or the error answer (503) when either limit is reached. `limit`
-    /// is the function's own (0: the server's default); a changed limit takes effect
-    /// for new invocations at once.
+    /// The three slots, or the error answer when a limit is reached (503 for the
+    /// function's and the server's, 429 for the account's). `limit` is the
+    /// function's own (0: the server's default); `account_quota` the account's
+    /// `max_concurrent_jobs`. A changed limit takes effect for new invocations at once.
     fn admit(
         &self,
         function: &str,
         limit: u32,
-    ) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), ApiError> {
+        account: &str,
+        account_quota: Option<u64>,
+    ) -> Result<Admitted, ApiError> {
         let limit = match limit {
             0 => self.config.max_concurrency_per_function.max(1),
             n => n as usize,
         };
-        let sem = {
-            let mut map = self.per_function.lock().unwrap();
-            let entry = map
-                .entry(function.to_string())
-                .or_insert_with(|| (limit, Arc::new(Semaphore::new(limit))));
-            if entry.0 != limit {
-                *entry = (limit, Arc::new(Semaphore::new(limit)));
-            }
-            entry.1.clone()
-        };
-        let one = sem.try_acquire_owned().map_err(|_| {
-            ApiError::Unavailable(format!(
-                "function {function:?} is at its concurrency limit; retry shortly"
-            ))
-        })?;
+        let share = self.config.max_concurrency_per_account.max(1);
+        let account_limit = account_quota
+            .map_or(share, |q| share.min(usize::try_from(q).unwrap_or(usize::MAX)))
+            .max(1);
+        let one =
+            semaphore(&self.per_function, function, limit).try_acquire_owned().map_err(|_| {
+                ApiError::Unavailable(format!(
+                    "function {function:?} is at its concurrency limit; retry shortly"
+                ))
+            })?;
+        let mine =
+            semaphore(&self.per_account, account, account_limit).try_acquire_owned().map_err(
+                |_| {
+                    ApiError::QuotaExceeded(format!(
+                        "account {account:?} has {account_limit} invocations running, its limit; retry shortly"
+                    ))
+                },
+            )?;
         let all = self.all.clone().try_acquire_owned().map_err(|_| {
             ApiError::Unavailable("the server is at its invocation limit; retry shortly".into())
         })?;
-        Ok((one, all))
+        Ok(Admitted { _function: one, _account: mine, _all: all })
     }
 }
 
@@ -166,7 +224,7 @@ async fn invoke(
     let method = req.method().clone();
     let shown_path = req.uri().path().to_string();
     let mut stderr = Vec::new();
-    let mut found = false;
+    let mut found = None;
     let run = run(&state, caller.as_ref(), &name, &path, &invocation, req, &mut stderr, &mut found);
     let mut res = match run.await {
         Ok(res) => res,
@@ -181,8 +239,8 @@ async fn invoke(
         started.elapsed().as_secs_f64() * 1000.0
     );
     // Only functions that exist get a log: any name in a URL must not grow memory.
-    if found {
-        state.logs.record(&name, &invocation, &stderr, access);
+    if let Some(log) = found {
+        state.logs.record(&log, &invocation, &stderr, access);
     }
     let class = (res.status().as_u16() / 100).min(5) as usize;
     state.invocations.answered[class].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -201,7 +259,7 @@ async fn run(
     invocation: &str,
     req: Request,
     stderr: &mut Vec<u8>,
-    found: &mut bool,
+    found: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let rt = &state.runtime;
     // Resolved per request, so that a redeploy switches the next request atomically.
@@ -221,11 +279,32 @@ async fn run(
             ));
         }
     };
-    *found = true;
-    let permits = state.invocations.admit(name, meta.settings.max_concurrency)?;
+    *found = Some(crate::logs::key(&meta.account, name));
+    // The owner's account as it is now: disabled, it serves nothing; its quotas and
+    // egress policy bound the invocation.
+    let owner = match state.auth.account(&meta.account).await? {
+        Some(a) if !a.disabled => a,
+        _ => {
+            return Err(ApiError::Forbidden(
+                "account_disabled",
+                format!("function {name:?} belongs to a disabled account"),
+            ));
+        }
+    };
+    let limits = state.auth.limits(&owner);
     let config = state.invocations.config();
+    // Bounded by the account's quotas, whatever the function's settings say.
+    let timeout_ms = or_default(meta.settings.timeout_ms, config.timeout.as_millis() as u64)
+        .min(limits.max_timeout_ms.unwrap_or(u64::MAX));
+    let memory_bytes = or_default(meta.settings.memory_mb << 20, config.memory_bytes)
+        .min(limits.max_memory_mb.map_or(u64::MAX, |m| m << 20));
+    let run = Run { timeout: Duration::from_millis(timeout_ms), memory_bytes };
     if meta.kind == FunctionKind::Http {
-        return proxy(state, &meta, name, path, invocation, req, permits).await;
+        let (parts, body) = req.into_parts();
+        let body = read_head(body, config.body_timeout).await?;
+        let admitted = admit(state, name, &meta, &limits)?;
+        let req = Request::from_parts(parts, body);
+        return proxy(state, &meta, &owner, name, path, invocation, req, run, admitted).await;
     }
     let cgi = cgi_env(name, path, &req);
     // The function's own variables, then the request's (which win).
@@ -237,7 +316,13 @@ async fn run(
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     env.extend(cgi);
-    let body = read_body(req.into_body(), config.max_request_body).await?;
+    let body = tokio::time::timeout(
+        config.body_timeout,
+        read_body(req.into_body(), config.max_request_body),
+    )
+    .await
+    .map_err(|_| body_timeout(config.body_timeout))??;
+    let _admitted = admit(state, name, &meta, &limits)?;
     let outcome = rt
         .executor
         .run(
@@ -249,11 +334,8 @@ async fn run(
                 env,
                 stdin: body,
                 attempt: 1,
-                timeout: Duration::from_millis(or_default(
-                    meta.settings.timeout_ms,
-                    config.timeout.as_millis() as u64,
-                )),
-                memory_bytes: or_default(meta.settings.memory_mb << 20, config.memory_bytes),
+                timeout: run.timeout,
+                memory_bytes: run.memory_bytes,
                 output_cap: config.max_response_body,
                 ..Default::default()
             },
@@ -265,20 +347,108 @@ async fn run(
     cgi_response(&meta, invocation, outcome)
 }
 
+/// The limits one invocation runs under.
+struct Run {
+    timeout: Duration,
+    memory_bytes: u64,
+}
+
+fn admit(
+    state: &AppState,
+    name: &str,
+    meta: &FunctionMeta,
+    limits: &cloudpipe_runtime::account::Limits,
+) -> Result<Admitted, ApiError> {
+    state.invocations.admit(
+        name,
+        meta.settings.max_concurrency,
+        &meta.account,
+        limits.max_concurrent_jobs,
+    )
+}
+
+fn body_timeout(limit: Duration) -> ApiError {
+    ApiError::RequestTimeout(format!(
+        "the request body did not arrive within {} ms",
+        limit.as_millis()
+    ))
+}
+
+/// Reads the start of a request body (up to [`STREAM_HEAD`] bytes, all of it if it
+/// is smaller) within `limit`, and gives back a body that replays it, then streams
+/// the rest. Trailers are kept.
+async fn read_head(mut body: Body, limit: Duration) -> Result<Body, ApiError> {
+    use http_body_util::BodyExt;
+    let mut frames = std::collections::VecDeque::new();
+    let read = async {
+        let mut size = 0usize;
+        while size < STREAM_HEAD {
+            match body.frame().await {
+                None => return Ok(true),
+                Some(Err(e)) => {
+                    return Err(ApiError::bad(
+                        "bad_body",
+                        format!("could not read the request body: {e}"),
+                    ));
+                }
+                Some(Ok(frame)) => {
+                    size += frame.data_ref().map_or(0, Bytes::len);
+                    frames.push_back(frame);
+                }
+            }
+        }
+        Ok(false)
+    };
+    let ended = tokio::time::timeout(limit, read).await.map_err(|_| body_timeout(limit))??;
+    Ok(Body::new(Replay { frames, rest: (!ended).then_some(body) }))
+}
+
+/// A request body whose first frames were read already.
+struct Replay {
+    frames: std::collections::VecDeque<http_body::Frame<Bytes>>,
+    rest: Option<Body>,
+}
+
+impl http_body::Body for Replay {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        if let Some(frame) = self.frames.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        match self.rest.as_mut() {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_empty() && self.rest.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+}
+
 /// Hands the request to a wasi:http proxy function, streaming both ways. The function
 /// sees the path below its mount point (`/fn/hello/echo?x=1` arrives as `/echo?x=1`,
 /// the full path in `x-cloudpipe-original-path`), so a component written for
-/// `wasmtime serve` runs unchanged.
+/// `wasmtime serve` runs unchanged. Its outgoing requests go where its
+/// `allowed_outbound_hosts`, its account's egress policy and the server's settings
+/// all allow ([`cloudpipe_runtime::egress`]).
+#[allow(clippy::too_many_arguments)]
 async fn proxy(
     state: &AppState,
     meta: &FunctionMeta,
+    owner: &cloudpipe_runtime::account::AccountRecord,
     name: &str,
     path: &str,
     invocation: &str,
     req: Request,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+    run: Run,
+    permits: Admitted,
 ) -> Result<Response, ApiError> {
-    let config = state.invocations.config();
     let (mut parts, body) = req.into_parts();
     let original = parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_default();
     let inner = match parts.uri.query() {
@@ -304,14 +474,19 @@ async fn proxy(
         ])
         .collect();
     let opts = HttpOptions {
-        timeout: Duration::from_millis(or_default(
-            settings.timeout_ms,
-            config.timeout.as_millis() as u64,
-        )),
-        memory_bytes: or_default(settings.memory_mb << 20, config.memory_bytes),
+        timeout: run.timeout,
+        memory_bytes: run.memory_bytes,
         env: env.into(),
-        allowed_outbound_hosts: settings.allowed_outbound_hosts.clone().into(),
-        stderr: Arc::new(StderrLines::new(state.logs.clone(), name, invocation)),
+        outbound: Egress::for_function(
+            &settings.allowed_outbound_hosts,
+            &owner.egress(),
+            state.runtime.egress.clone(),
+        ),
+        stderr: Arc::new(StderrLines::new(
+            state.logs.clone(),
+            &crate::logs::key(&meta.account, name),
+            invocation,
+        )),
         cancel: state.runtime.scheduler.stopping().child_token(),
         ..HttpOptions::default()
     };
@@ -552,10 +727,10 @@ pub async fn get_function_logs(
     P(name): P<String>,
     Q(p): Q<LogParams>,
 ) -> Result<Response, ApiError> {
-    if state.runtime.registry.get(&caller.scope(), &name).await?.is_none() {
+    let Some(meta) = state.runtime.registry.get(&caller.scope(), &name).await? else {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
-    }
-    let (lines, live) = state.logs.snapshot(&name);
+    };
+    let (lines, live) = state.logs.snapshot(&crate::logs::key(&meta.account, &name));
     let follow = matches!(p.follow.as_deref(), Some("1") | Some("true"));
     if !follow {
         return Ok(Json(LogList { lines }).into_response());

@@ -283,6 +283,9 @@ impl From<ApiError> for V1Error {
                 tracing::error!(error = format!("{err:#}"), "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None, true)
             }
+            ApiError::RequestTimeout(_) => {
+                (StatusCode::REQUEST_TIMEOUT, "body_timeout", None, true)
+            }
             ApiError::FunctionFailed(_) | ApiError::Timeout(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal", None, false)
             }

@@ -97,7 +97,8 @@ pub struct FunctionSettings {
     #[serde(default)]
     pub public: bool,
     /// Where a wasi:http function's outgoing requests may go: `host`, `host:port`,
-    /// `*.domain` or `*`. Empty (the default): nowhere.
+    /// `*.domain`, `*`, an IP address or a CIDR block; within its account's
+    /// `allowed_outbound`, set by the admin. Empty (the default): nowhere.
     #[serde(default)]
     pub allowed_outbound_hosts: Vec<String>,
 }
@@ -500,6 +501,13 @@ pub struct Account {
     /// Policy: the account's containers may use the network (off by default).
     #[serde(default)]
     pub allow_network: bool,
+    /// Policy: where the account's functions (their `allowed_outbound_hosts`) and
+    /// batch hooks may send requests, at most: `host`, `host:port`, `*.domain`, `*`,
+    /// an IP address or a CIDR block. Empty (the default): nowhere. An admin account
+    /// may go anywhere. Internal addresses (loopback, private, link-local, metadata)
+    /// stay refused unless the server allows them (`--allow-internal-outbound`).
+    #[serde(default)]
+    pub allowed_outbound: Vec<String>,
     /// RFC 3339.
     pub created_at: String,
 }
@@ -516,6 +524,8 @@ pub struct AccountCreate {
     pub quotas: Quotas,
     #[serde(default)]
     pub allow_network: bool,
+    #[serde(default)]
+    pub allowed_outbound: Vec<String>,
 }
 
 /// `PATCH /v1/accounts/{name}`: each field given replaces that setting.
@@ -529,6 +539,8 @@ pub struct AccountPatch {
     pub quotas: Option<Quotas>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_network: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allowed_outbound: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

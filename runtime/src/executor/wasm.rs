@@ -4,8 +4,9 @@
 //! # Layout
 //! - this file: [`WasmExecutor`] (one per process) and [`WasmConfig`]; `prepare`
 //!   compiles, `run` instantiates and calls.
-//! - `proxy`: [`WasmExecutor::handle_http`], one HTTP request to a proxy component,
-//!   with its outbound-request policy.
+//! - `proxy`: [`WasmExecutor::handle_http`], one HTTP request to a proxy component.
+//! - `outbound`: the proxies' outgoing requests, sent only to checked addresses
+//!   ([`crate::egress`]).
 //! - `engine`: the wasmtime configuration (pooling allocator, copy-on-write memory
 //!   images, epoch interruption) and the thread that ticks the epoch.
 //! - `cache`: compiled artefacts on disk and the bounded in-memory map of
@@ -65,6 +66,7 @@ use crate::store::Store;
 mod cache;
 mod engine;
 mod guest;
+mod outbound;
 mod output;
 mod proxy;
 

@@ -868,6 +868,7 @@ pub(crate) async fn accounts_and_keys_round_trip<S: Store>(open: impl Fn(&Path) 
         disabled: false,
         quotas: Default::default(),
         allow_network: false,
+        allowed_outbound: vec!["*.example.com".into()],
         created_at: 1,
     };
     let key = |id: &str, account: &str, hash: &str| KeyRecord {

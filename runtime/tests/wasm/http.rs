@@ -5,6 +5,7 @@ use std::convert::Infallible;
 use std::time::Instant;
 
 use bytes::Bytes;
+use cloudpipe_runtime::egress::{Egress, EgressConfig};
 use cloudpipe_runtime::executor::wasm::{HttpOptions, InvokeError, ResponseBody};
 use cloudpipe_types::JobStatus;
 use http_body_util::{BodyExt, Full, StreamBody};
@@ -260,6 +261,14 @@ async fn tiny_server() -> u16 {
     port
 }
 
+/// What a function allowing `function` may reach, its account allowing `account`, on
+/// a server that allows the internal blocks `internal`.
+fn outbound(function: &[String], account: &[&str], internal: &str) -> Egress {
+    let account: Vec<String> = account.iter().map(|s| s.to_string()).collect();
+    let config = EgressConfig::parse_internal(internal).unwrap();
+    Egress::for_function(function, &account, std::sync::Arc::new(config))
+}
+
 #[tokio::test]
 async fn outbound_request_reaches_an_allowed_host() {
     let h = Harness::new();
@@ -267,7 +276,7 @@ async fn outbound_request_reaches_an_allowed_host() {
     let port = tiny_server().await;
     let uri = format!("/outbound?url=http://127.0.0.1:{port}/up");
     let opts = HttpOptions {
-        allowed_outbound_hosts: vec![format!("127.0.0.1:{port}")].into(),
+        outbound: outbound(&[format!("127.0.0.1:{port}")], &["*"], "127.0.0.1/32"),
         ..options()
     };
     let (parts, body) = collect(h.executor.handle_http(&id, get(&uri), opts).await.unwrap()).await;
@@ -282,12 +291,46 @@ async fn outbound_request_to_any_other_host_is_denied() {
     let port = tiny_server().await;
     let uri = format!("/outbound?url=http://127.0.0.1:{port}/up");
     for allowed in [vec![], vec!["127.0.0.1:1".to_string()], vec!["localhost".to_string()]] {
-        let opts = HttpOptions { allowed_outbound_hosts: allowed.clone().into(), ..options() };
+        let opts = HttpOptions { outbound: outbound(&allowed, &["*"], "127.0.0.0/8"), ..options() };
         let (parts, body) =
             collect(h.executor.handle_http(&id, get(&uri), opts).await.unwrap()).await;
         assert_eq!(parts.status, 502, "allowed {allowed:?}: {}", text(&body));
         assert_eq!(text(&body), "error: HttpRequestDenied", "allowed {allowed:?}");
     }
+    // The account's policy bounds the function's list.
+    let opts = HttpOptions {
+        outbound: outbound(&["*".to_string()], &["example.com"], "127.0.0.0/8"),
+        ..options()
+    };
+    let (_, body) = collect(h.executor.handle_http(&id, get(&uri), opts).await.unwrap()).await;
+    assert_eq!(text(&body), "error: HttpRequestDenied");
+}
+
+#[tokio::test]
+async fn outbound_requests_to_internal_addresses_are_refused_after_resolving() {
+    let h = Harness::new();
+    let id = echo(&h).await;
+    let port = tiny_server().await;
+    let everywhere = ["*".to_string()];
+    // An IP literal, and a name that resolves to loopback: both refused, though the
+    // function and its account allow anywhere.
+    for url in [format!("http://127.0.0.1:{port}/up"), format!("http://localhost:{port}/up")] {
+        let uri = format!("/outbound?url={url}");
+        let opts = HttpOptions { outbound: outbound(&everywhere, &["*"], ""), ..options() };
+        let (parts, body) =
+            collect(h.executor.handle_http(&id, get(&uri), opts).await.unwrap()).await;
+        assert_eq!(parts.status, 502, "{url}: {}", text(&body));
+        assert!(text(&body).contains("DestinationIpProhibited"), "{url}: {}", text(&body));
+    }
+    // The operator allows loopback: the name is resolved, checked, and connected to.
+    let uri = format!("/outbound?url=http://localhost:{port}/up");
+    let opts = HttpOptions {
+        outbound: outbound(&[format!("localhost:{port}")], &["*"], "127.0.0.1/32"),
+        ..options()
+    };
+    let (parts, body) = collect(h.executor.handle_http(&id, get(&uri), opts).await.unwrap()).await;
+    assert_eq!(parts.status, 200, "{}", text(&body));
+    assert_eq!(text(&body), "status 200\nhello from /up");
 }
 
 #[tokio::test]

@@ -27,11 +27,13 @@ use wasmtime_wasi::runtime::AbortOnDropJoinHandle;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme as WasiScheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 use super::guest::{self, GuestState, Limiter, Stop};
+use super::outbound::Outbound;
 use super::output::CappedOutput;
 use super::{Ended, Ran, Ready, WasmExecutor, bytes_text, ended};
+use crate::egress::Egress;
 use crate::executor::{NoLiveOutput, OutputSink, OutputStream};
 
 /// A response body as [`WasmExecutor::handle_http`] gives it: streamed from the guest
@@ -50,10 +52,10 @@ pub struct HttpOptions {
     /// The guest's environment. An `Arc` so that a function's settings are shared by
     /// its requests, not copied for each.
     pub env: Arc<[(String, String)]>,
-    /// Where the guest's outgoing `wasi:http` requests may go: `host` (any port),
-    /// `host:port`, `*.domain` (its subdomains, any port) or `*` (anywhere). Empty: no
-    /// outbound request at all. Anything else is refused with `HttpRequestDenied`.
-    pub allowed_outbound_hosts: Arc<[String]>,
+    /// Where the guest's outgoing `wasi:http` requests may go: the function's
+    /// `allowed_outbound_hosts` within its account's egress policy and the operator's
+    /// settings. The default: nowhere.
+    pub outbound: Egress,
     /// Receives the guest's stderr and stdout as written, up to `output_cap` bytes
     /// each per request (the rest is dropped).
     pub stderr: Arc<dyn OutputSink>,
@@ -68,7 +70,7 @@ impl Default for HttpOptions {
             timeout: Duration::from_secs(30),
             memory_bytes: 128 << 20,
             env: Arc::new([]),
-            allowed_outbound_hosts: Arc::new([]),
+            outbound: Egress::default(),
             stderr: Arc::new(NoLiveOutput),
             output_cap: 64 << 10,
             cancel: CancellationToken::new(),
@@ -82,7 +84,7 @@ impl std::fmt::Debug for HttpOptions {
             .field("timeout", &self.timeout)
             .field("memory_bytes", &self.memory_bytes)
             .field("env", &self.env)
-            .field("allowed_outbound_hosts", &self.allowed_outbound_hosts)
+            .field("outbound", &self.outbound)
             .field("output_cap", &self.output_cap)
             .finish_non_exhaustive()
     }
@@ -346,7 +348,7 @@ impl ProxyState {
             wasi: b.build(),
             http: WasiHttpCtx::new(),
             table: ResourceTable::new(),
-            outbound: Outbound { allowed: opts.allowed_outbound_hosts.clone() },
+            outbound: Outbound { egress: opts.outbound.clone() },
             limiter: Limiter::new(usize::try_from(memory_cap).unwrap_or(usize::MAX)),
             stop: None,
         }
@@ -374,97 +376,9 @@ impl GuestState for ProxyState {
     }
 }
 
-/// The guest's outgoing requests: sent (HTTP or HTTPS) only to allowed hosts.
-struct Outbound {
-    allowed: Arc<[String]>,
-}
-
-type SendResult = wasmtime_wasi_http::Result<(
-    http::Response<wasmtime_wasi_http::WasiBody>,
-    Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-)>;
-
-impl WasiHttpHooks for Outbound {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        options: Option<wasmtime_wasi_http::RequestOptions>,
-        _: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
-    ) -> Box<dyn Future<Output = SendResult> + Send> {
-        if !host_allowed(&self.allowed, request.uri()) {
-            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
-        }
-        Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as Box<dyn Future<Output = _> + Send>,
-            ))
-        })
-    }
-}
-
-/// Whether `uri`'s host (and port, 80 or 443 by default) matches one of `allowed`:
-/// `*`, `host`, `host:port`, `*.domain` or `*.domain:port`; case-insensitive.
-fn host_allowed(allowed: &[String], uri: &http::Uri) -> bool {
-    let Some(authority) = uri.authority() else {
-        return false;
-    };
-    let host = authority.host().to_ascii_lowercase();
-    let port =
-        authority.port_u16().unwrap_or(if uri.scheme() == Some(&Scheme::HTTPS) { 443 } else { 80 });
-    allowed.iter().any(|pattern| {
-        let pattern = pattern.trim().to_ascii_lowercase();
-        if pattern == "*" {
-            return true;
-        }
-        // `[::1]:8080`, `example.com:8080`, `example.com`, `[::1]`.
-        let (pattern_host, pattern_port) = match pattern.rsplit_once(':') {
-            Some((h, p))
-                if !h.is_empty() && !p.contains(']') && (!h.contains(':') || h.ends_with(']')) =>
-            {
-                match p.parse::<u16>() {
-                    Ok(p) => (h, Some(p)),
-                    Err(_) => return false,
-                }
-            }
-            _ => (pattern.as_str(), None),
-        };
-        if pattern_port.is_some_and(|p| p != port) {
-            return false;
-        }
-        match pattern_host.strip_prefix("*.") {
-            Some(domain) => host.len() > domain.len() + 1 && host.ends_with(&format!(".{domain}")),
-            None => pattern_host == host,
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn allowed(patterns: &[&str], uri: &str) -> bool {
-        let patterns: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
-        host_allowed(&patterns, &uri.parse().unwrap())
-    }
-
-    #[test]
-    fn outbound_hosts_match_by_name_port_and_wildcard() {
-        assert!(!allowed(&[], "http://example.com/"));
-        assert!(allowed(&["*"], "http://example.com/"));
-        assert!(allowed(&["example.com"], "http://EXAMPLE.com:8080/x"));
-        assert!(!allowed(&["example.com"], "http://example.org/"));
-        assert!(allowed(&["example.com:443"], "https://example.com/"));
-        assert!(!allowed(&["example.com:443"], "http://example.com/"));
-        assert!(allowed(&["127.0.0.1:8080"], "http://127.0.0.1:8080/"));
-        assert!(!allowed(&["127.0.0.1:8080"], "http://127.0.0.1:8081/"));
-        assert!(allowed(&["*.example.com"], "https://api.example.com/"));
-        assert!(!allowed(&["*.example.com"], "https://example.com/"));
-        assert!(!allowed(&["*.example.com"], "https://evilexample.com/"));
-        assert!(allowed(&["[::1]:8080"], "http://[::1]:8080/"));
-        assert!(allowed(&["[::1]"], "http://[::1]:9/"));
-    }
 
     #[test]
     fn server_side_requests_get_the_host_header_as_authority() {
