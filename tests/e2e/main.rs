@@ -13,7 +13,9 @@
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
-//! - `docker`: the docker executor against a real engine (started when needed).
+//! - `docker`: the docker executor against a real engine (started when needed), and
+//!   images pulled from a real registry.
+//! - `executors`: `GET /v1/executors`, and 503s that say what to install.
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
 //! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
 
@@ -23,6 +25,7 @@ mod batches;
 mod cli;
 mod docker;
 mod durability;
+mod executors;
 mod functions;
 mod hostile;
 mod invoke;
