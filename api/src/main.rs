@@ -606,7 +606,7 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     let cloudpipe = command_name("cloudpipe");
     if saved.is_some_and(|c| c.url == url) {
         // The CLIs find this server and the admin's key in the credentials file.
-        let env = match creds == cloudpipe_api::credentials::default_path() {
+        let env = match creds == cloudpipe_api::credentials::home_path() {
             true => String::new(),
             false => format!("CLOUDPIPE_CREDENTIALS={} ", creds.display()),
         };
