@@ -233,8 +233,9 @@ struct ServeArgs {
     /// Default quota: bytes of function versions stored per account (0: none).
     #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
     quota_function_bytes: u64,
-    /// The JS runner component (guest-runners/js, `build.sh`): registered as the
-    /// built-in `runner:js` that every account may run.
+    /// The JS runner component (guest-runners/js, `build.sh`) to register as the
+    /// built-in `runner:js` that every account may run [default: the one built into
+    /// this binary].
     #[arg(long, env = "CLOUDPIPE_RUNNER_JS")]
     runner_js: Option<PathBuf>,
     /// When docker jobs pull their image: missing (when the engine lacks it), always,
@@ -288,6 +289,13 @@ struct VmArgs {
     #[arg(long, env = "CLOUDPIPE_VM_SNAPSHOT_DIR")]
     vm_snapshot_dir: Option<PathBuf>,
 }
+
+/// The JS runner (guest-runners/js), pre-initialised, as `guest-runners/js/build.sh`
+/// makes it. It is committed (`guest-runners/js/runner-js.wasm`) rather than built
+/// here: QuickJS's C code needs clang and wasi-libc, which a machine running `cargo
+/// install` may lack. `.ci/run` rebuilds it from source and runs the JS SDK's suite on
+/// the rebuilt one.
+const RUNNER_JS: &[u8] = include_bytes!("../../guest-runners/js/runner-js.wasm");
 
 /// The vm executor's guest agent, built by the build script (empty when it could not
 /// be built there: the vm executor then says so).
@@ -441,7 +449,11 @@ impl ServeArgs {
         }
     }
 
-    async fn start(&self) -> anyhow::Result<(Listener, AppState, String)> {
+    /// Opens everything and binds the listener; also returns the task loading the
+    /// built-in runners.
+    async fn start(
+        &self,
+    ) -> anyhow::Result<(Listener, AppState, String, tokio::task::JoinHandle<()>)> {
         let config = self.runtime_config()?;
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(cloudpipe_api::tls::server_config(cert, key)?),
@@ -450,21 +462,25 @@ impl ServeArgs {
         let runtime = Runtime::start(config).await?;
         let state = AppState::new(runtime, self.api_config())?;
         let boot = cloudpipe_api::auth::bootstrap(&state, self.admin_key.as_deref()).await?;
-        match &self.runner_js {
-            Some(path) => {
-                let bytes = std::fs::read(path)
-                    .with_context(|| format!("reading the JS runner {}", path.display()))?;
-                let id = state.runtime.add_runner("runner:js", bytes.into()).await?;
-                tracing::info!(id = %id, "built-in function runner:js ready");
+        // The JS runner is compiled (on a first start; later the compiled cache has
+        // it) in the background: `/healthz` does not wait for it.
+        let js = match &self.runner_js {
+            Some(path) => std::fs::read(path)
+                .with_context(|| format!("reading the JS runner {}", path.display()))?
+                .into(),
+            None => bytes::Bytes::from_static(RUNNER_JS),
+        };
+        let rt = state.runtime.clone();
+        rt.runner_unready("runner:js", Unready::reason("loading: the runner is being compiled"));
+        let runners = tokio::spawn(async move {
+            match rt.add_runner("runner:js", js).await {
+                Ok(id) => tracing::info!(id = %id, "built-in function runner:js ready"),
+                Err(e) => {
+                    tracing::error!(error = %format!("{e:#}"), "the JS runner failed to load");
+                    rt.runner_unready("runner:js", Unready::reason(format!("{e:#}")));
+                }
             }
-            None => state.runtime.runner_unready(
-                "runner:js",
-                Unready::new(
-                    "this server was started without the JS runner",
-                    "guest-runners/js/build.sh builds it; pass its path with --runner-js",
-                ),
-            ),
-        }
+        });
         let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot listen on {} (use --listen to pick another address)", self.listen)
         })?;
@@ -504,7 +520,7 @@ impl ServeArgs {
             None => Listener::Plain(tcp),
         };
         tracing::info!(listen = %addr, url = %url, data_dir = %self.data_dir.display(), store = %self.store, auth = state.auth.backend().name(), "cloudpipe serving");
-        Ok((listener, state, url))
+        Ok((listener, state, url, runners))
     }
 }
 
@@ -565,7 +581,9 @@ fn command_name(program: &str) -> String {
 
 async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
-    let (listener, state, url) = args.start().await?;
+    let (listener, state, url, runners) = args.start().await?;
+    // The table shows the runners loaded (or why not).
+    let _ = runners.await;
     let rt = state.runtime.clone();
     let executors = cloudpipe_api::routes::system::executor_list(&rt).await;
     println!("{}", executors_table(&executors));
@@ -637,7 +655,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => {
                 let signal = shutdown_signal()?;
-                let (listener, state, _) = args.start().await?;
+                let (listener, state, _, _) = args.start().await?;
                 listener.serve(state, signal).await
             }
             Command::Up { serve, once } => up(serve, once).await,

@@ -53,3 +53,24 @@ async fn executors_that_are_not_ready_say_why_and_what_fixes_them() {
     assert_eq!((st, code(&body)), (StatusCode::SERVICE_UNAVAILABLE, "unavailable"), "{body}");
     assert!(body["error"]["message"].as_str().unwrap().contains("docker.io"), "{body}");
 }
+
+#[tokio::test]
+async fn the_js_runner_is_built_in_and_runs_a_closure_with_no_flag() {
+    let s = TestServer::start(&[]).await;
+    // Compiled in the background from the start: ready within moments.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let (_, list) = s.get("/v1/executors").await;
+        let js = entry(&list, "runner:js");
+        assert_eq!(js["kind"], "runner", "{js}");
+        if js["ready"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "runner:js never became ready: {js}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // What `cp.submit((a, b) => a + b, 3, 4)` of the JS SDK sends.
+    let stdin = json!({"source": "(a, b) => a + b", "args": [3, 4]}).to_string();
+    let job = s.run(json!({"function": "runner:js", "stdin": stdin})).await;
+    assert_eq!((&job["status"], &job["stdout"]), (&json!("succeeded"), &json!("7\n")), "{job}");
+}
