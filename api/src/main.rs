@@ -238,6 +238,10 @@ struct ServeArgs {
     /// this binary].
     #[arg(long, env = "CLOUDPIPE_RUNNER_JS")]
     runner_js: Option<PathBuf>,
+    /// Do not offer runner:js (nor spend the memory and CPU of compiling it on a first
+    /// start).
+    #[arg(long, conflicts_with = "runner_js")]
+    no_runner_js: bool,
     /// When docker jobs pull their image: missing (when the engine lacks it), always,
     /// never.
     #[arg(long, env = "CLOUDPIPE_DOCKER_PULL", default_value = "missing", value_parser = ["missing", "always", "never"])]
@@ -471,16 +475,25 @@ impl ServeArgs {
             None => bytes::Bytes::from_static(RUNNER_JS),
         };
         let rt = state.runtime.clone();
-        rt.runner_unready("runner:js", Unready::reason("loading: the runner is being compiled"));
-        let runners = tokio::spawn(async move {
-            match rt.add_runner("runner:js", js).await {
-                Ok(id) => tracing::info!(id = %id, "built-in function runner:js ready"),
-                Err(e) => {
-                    tracing::error!(error = %format!("{e:#}"), "the JS runner failed to load");
-                    rt.runner_unready("runner:js", Unready::reason(format!("{e:#}")));
+        let runners = if self.no_runner_js {
+            let why = Unready::new("turned off by --no-runner-js", "start without that flag");
+            rt.runner_unready("runner:js", why);
+            tokio::spawn(async {})
+        } else {
+            rt.runner_unready(
+                "runner:js",
+                Unready::reason("loading: the runner is being compiled"),
+            );
+            tokio::spawn(async move {
+                match rt.add_runner("runner:js", js).await {
+                    Ok(id) => tracing::info!(id = %id, "built-in function runner:js ready"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "the JS runner failed to load");
+                        rt.runner_unready("runner:js", Unready::reason(format!("{e:#}")));
+                    }
                 }
-            }
-        });
+            })
+        };
         let tcp = tokio::net::TcpListener::bind(self.listen).await.with_context(|| {
             format!("cannot listen on {} (use --listen to pick another address)", self.listen)
         })?;

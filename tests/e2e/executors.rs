@@ -17,9 +17,9 @@ fn entry<'a>(list: &'a Value, name: &str) -> &'a Value {
 
 #[tokio::test]
 async fn executors_that_are_not_ready_say_why_and_what_fixes_them() {
-    // No engine behind the socket and no QEMU under that name.
+    // No engine behind the socket, no QEMU under that name, the JS runner turned off.
     let s = TestServer::start_env(
-        &["--vm-qemu", "/nonexistent/qemu-system-x86_64"],
+        &["--vm-qemu", "/nonexistent/qemu-system-x86_64", "--no-runner-js"],
         &[("DOCKER_HOST", "unix:///nonexistent/docker.sock")],
     )
     .await;
@@ -42,6 +42,10 @@ async fn executors_that_are_not_ready_say_why_and_what_fixes_them() {
     assert_eq!(vm["ready"], false, "{vm}");
     assert!(vm["reason"].as_str().unwrap().contains("/nonexistent/qemu-system-x86_64"), "{vm}");
     assert!(vm["fix"].as_str().unwrap().contains("qemu-system-x86"), "{vm}");
+
+    let js = entry(&list, "runner:js");
+    assert_eq!((&js["ready"], &js["kind"]), (&json!(false), &json!("runner")), "{js}");
+    assert!(js["reason"].as_str().unwrap().contains("--no-runner-js"), "{js}");
 
     // Submitting to them: 503 with the same reason and fix.
     let (st, body) = s.post_json("/v1/jobs", &json!({"executor": "vm", "command": ["true"]})).await;
