@@ -30,9 +30,15 @@ impl std::fmt::Debug for Credentials {
 
 /// Where the credentials file is.
 pub fn default_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("CLOUDPIPE_CREDENTIALS") {
-        return PathBuf::from(p);
+    match std::env::var_os("CLOUDPIPE_CREDENTIALS") {
+        Some(p) => PathBuf::from(p),
+        None => home_path(),
     }
+}
+
+/// Where the credentials file is when `$CLOUDPIPE_CREDENTIALS` is not set (as in a new
+/// shell).
+pub fn home_path() -> PathBuf {
     let config = match std::env::var_os("XDG_CONFIG_HOME") {
         Some(d) => PathBuf::from(d),
         None => match std::env::var_os("HOME") {

@@ -11,6 +11,8 @@ use clap::{Args, Parser, Subcommand};
 use cloudpipe_api::routes::invoke::InvokeConfig;
 use cloudpipe_api::{ApiConfig, AppState};
 use cloudpipe_runtime::account::Tenant;
+use cloudpipe_runtime::executor::Unready;
+use cloudpipe_runtime::executor::docker::PullPolicy;
 use cloudpipe_runtime::store::{Backend, Retention};
 use cloudpipe_runtime::{Runtime, RuntimeConfig};
 use cloudpipe_types::JobSpec;
@@ -277,10 +279,25 @@ struct ServeArgs {
     /// Default quota: bytes of function versions stored per account (0: none).
     #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
     quota_function_bytes: u64,
-    /// The JS runner component (guest-runners/js, `build.sh`): registered as the
-    /// built-in `runner:js` that every account may run.
+    /// The JS runner component (guest-runners/js, `build.sh`) to register as the
+    /// built-in `runner:js` that every account may run [default: the one built into
+    /// this binary].
     #[arg(long, env = "CLOUDPIPE_RUNNER_JS")]
     runner_js: Option<PathBuf>,
+    /// Do not offer runner:js (nor spend the memory and CPU of compiling it on a first
+    /// start).
+    #[arg(long, conflicts_with = "runner_js")]
+    no_runner_js: bool,
+    /// When docker jobs pull their image: missing (when the engine lacks it), always,
+    /// never.
+    #[arg(long, env = "CLOUDPIPE_DOCKER_PULL", default_value = "missing", value_parser = ["missing", "always", "never"])]
+    docker_pull: String,
+    /// Registries docker images may be pulled from, comma-separated (`host[:port]`,
+    /// `docker.io` for Docker Hub) [default: any].
+    #[arg(long, env = "CLOUDPIPE_DOCKER_REGISTRIES", value_delimiter = ',')]
+    docker_registries: Vec<String>,
+    #[command(flatten)]
+    vm: VmArgs,
     /// The image Cloudpipe v1 jobs (`POST /v1/job`) run in (present on the engine).
     #[arg(long, env = "CLOUDPIPE_V1_IMAGE", default_value = "cloudpipe/runner:latest")]
     v1_image: String,
@@ -304,6 +321,86 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "CLOUDPIPE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+}
+
+/// The vm executor's settings (`cloudpipe serve --help` lists them under these names).
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// The vm executor's guest agent (a static binary, guest-runners/vm-agent/build.sh)
+    /// [default: the one built into this binary].
+    #[arg(long, env = "CLOUDPIPE_VM_AGENT")]
+    vm_agent: Option<PathBuf>,
+    /// The QEMU binary of the vm executor.
+    #[arg(long, env = "CLOUDPIPE_VM_QEMU", default_value = "qemu-system-x86_64")]
+    vm_qemu: PathBuf,
+    /// The guest kernel [default: the newest /boot/vmlinuz-* (Debian's linux-image-amd64)].
+    #[arg(long, env = "CLOUDPIPE_VM_KERNEL")]
+    vm_kernel: Option<PathBuf>,
+    /// A statically linked busybox, the guest's userland (Debian's busybox-static).
+    #[arg(long, env = "CLOUDPIPE_VM_BUSYBOX", default_value = "/bin/busybox")]
+    vm_busybox: PathBuf,
+    /// RAM of each VM, in MiB.
+    #[arg(long, env = "CLOUDPIPE_VM_MEMORY_MB", default_value_t = 128)]
+    vm_memory_mb: u64,
+    /// Restored clones kept ready.
+    #[arg(long, env = "CLOUDPIPE_VM_POOL", default_value_t = 2)]
+    vm_pool: usize,
+    /// QEMU's accelerator: tcg, or kvm where /dev/kvm runs guests.
+    #[arg(long, env = "CLOUDPIPE_VM_ACCEL", default_value = "tcg", value_parser = ["tcg", "kvm"])]
+    vm_accel: String,
+    /// Where VM templates (initramfs and snapshot) are cached; servers may share it
+    /// [default: DATA_DIR/vm/templates].
+    #[arg(long, env = "CLOUDPIPE_VM_SNAPSHOT_DIR")]
+    vm_snapshot_dir: Option<PathBuf>,
+}
+
+/// The JS runner (guest-runners/js), pre-initialised, as `guest-runners/js/build.sh`
+/// makes it. It is committed (`guest-runners/js/runner-js.wasm`) rather than built
+/// here: QuickJS's C code needs clang and wasi-libc, which a machine running `cargo
+/// install` may lack. `.ci/run` rebuilds it from source and runs the JS SDK's suite on
+/// the rebuilt one.
+const RUNNER_JS: &[u8] = include_bytes!("../../guest-runners/js/runner-js.wasm");
+
+/// The vm executor's guest agent, built by the build script (empty when it could not
+/// be built there: the vm executor then says so).
+const VM_AGENT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/cloudpipe-vm-agent"));
+
+impl VmArgs {
+    /// Fills `c`; the built-in agent is written under `data_dir` (by content, once).
+    fn configure(
+        &self,
+        c: &mut cloudpipe_runtime::executor::vm::VmConfig,
+        data_dir: &std::path::Path,
+    ) -> anyhow::Result<()> {
+        c.qemu = self.vm_qemu.clone();
+        c.kernel = self.vm_kernel.clone();
+        c.busybox = self.vm_busybox.clone();
+        c.memory_mb = self.vm_memory_mb;
+        c.pool_size = self.vm_pool;
+        c.accel = Some(self.vm_accel.clone());
+        c.snapshot_dir = self.vm_snapshot_dir.clone();
+        c.agent = match &self.vm_agent {
+            Some(p) => Some(p.clone()),
+            None if VM_AGENT.is_empty() => None,
+            None => Some(write_by_content(&data_dir.join("vm"), "cloudpipe-vm-agent", VM_AGENT)?),
+        };
+        Ok(())
+    }
+}
+
+/// Writes `bytes` as `dir/NAME-HASH` unless there already, executable; its path.
+fn write_by_content(dir: &std::path::Path, name: &str, bytes: &[u8]) -> anyhow::Result<PathBuf> {
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(format!("{name}-{}", &hex::encode(Sha256::digest(bytes))[..16]));
+    if !path.is_file() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &path)?;
+    }
+    Ok(path)
 }
 
 /// Either listener `serve` can run on.
@@ -422,6 +519,14 @@ impl ServeArgs {
                 .map_err(|e| anyhow::anyhow!("--allow-internal-outbound: {e}"))?;
         // Jobs and invocations share the instance pool.
         c.wasm.max_instances = (self.concurrency + self.max_invocations) as u32;
+        self.vm.configure(&mut c.vm, &self.data_dir)?;
+        c.docker.pull = PullPolicy::parse(&self.docker_pull).context("unknown --docker-pull")?;
+        c.docker.registries = self
+            .docker_registries
+            .iter()
+            .map(|r| r.trim().to_string())
+            .filter(|r| !r.is_empty())
+            .collect();
         Ok(c)
     }
 
@@ -455,7 +560,11 @@ impl ServeArgs {
         }
     }
 
-    async fn start(&self) -> anyhow::Result<(Listener, AppState, String)> {
+    /// Opens everything and binds the listener; also returns the task loading the
+    /// built-in runners.
+    async fn start(
+        &self,
+    ) -> anyhow::Result<(Listener, AppState, String, tokio::task::JoinHandle<()>)> {
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => Some(cloudpipe_api::tls::server_config(cert, key)?),
             _ => None,
@@ -475,18 +584,34 @@ impl ServeArgs {
         let runtime = Runtime::start(config).await?;
         let state = AppState::new(runtime, self.api_config())?;
         let boot = cloudpipe_api::auth::bootstrap(&state, self.admin_key.as_deref()).await?;
-        if let Some(path) = &self.runner_js {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("reading the JS runner {}", path.display()))?;
-            let rt = &state.runtime;
-            let meta = rt
-                .registry
-                .upload(&Tenant::admin(), None, bytes.into())
-                .await
-                .with_context(|| format!("loading the JS runner {}", path.display()))?;
-            rt.scheduler.add_builtin("runner:js", &meta.id);
-            tracing::info!(id = %meta.id, "built-in function runner:js ready");
-        }
+        // The JS runner is compiled (on a first start; later the compiled cache has
+        // it) in the background: `/healthz` does not wait for it.
+        let js = match &self.runner_js {
+            Some(path) => std::fs::read(path)
+                .with_context(|| format!("reading the JS runner {}", path.display()))?
+                .into(),
+            None => bytes::Bytes::from_static(RUNNER_JS),
+        };
+        let rt = state.runtime.clone();
+        let runners = if self.no_runner_js {
+            let why = Unready::new("turned off by --no-runner-js", "start without that flag");
+            rt.runner_unready("runner:js", why);
+            tokio::spawn(async {})
+        } else {
+            rt.runner_unready(
+                "runner:js",
+                Unready::reason("loading: the runner is being compiled"),
+            );
+            tokio::spawn(async move {
+                match rt.add_runner("runner:js", js).await {
+                    Ok(id) => tracing::info!(id = %id, "built-in function runner:js ready"),
+                    Err(e) => {
+                        tracing::error!(error = %format!("{e:#}"), "the JS runner failed to load");
+                        rt.runner_unready("runner:js", Unready::reason(format!("{e:#}")));
+                    }
+                }
+            })
+        };
         if let Some(key) = boot.new_admin_key {
             let path = self
                 .credentials_file
@@ -516,7 +641,7 @@ impl ServeArgs {
             None => Listener::Plain(tcp),
         };
         tracing::info!(listen = %addr, url = %url, data_dir = %self.data_dir.display(), store = state.runtime.store.backend(), node = %state.node, role = %self.role, auth = state.auth.backend().name(), "cloudpipe serving");
-        Ok((listener, state, url))
+        Ok((listener, state, url, runners))
     }
 }
 
@@ -539,10 +664,50 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
 /// The bundled example: a WASI module, kept as WAT source.
 const HELLO_WAT: &str = include_str!("../../examples/hello.wat");
 
+/// The executors table `up` prints, one line per executor and runner (and the fix
+/// under one that is not ready).
+fn executors_table(list: &cloudpipe_types::ExecutorList) -> String {
+    let width = list.executors.iter().map(|e| e.name.len()).max().unwrap_or(0);
+    let mut out = String::from("executors:\n");
+    for e in &list.executors {
+        match (&e.reason, &e.fix) {
+            (None, _) => out += &format!("  {:width$}  ready\n", e.name),
+            (Some(reason), fix) => {
+                out += &format!("  {:width$}  not ready: {reason}\n", e.name);
+                if let Some(fix) = fix {
+                    out += &format!("  {:width$}  fix: {fix}\n", "");
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How to call `program` from a new shell: its bare name when `PATH` finds this very
+/// binary there, else its full path.
+fn command_name(program: &str) -> String {
+    let exe = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
+    let on_path = std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .and_then(|p| p.canonicalize().ok());
+    match (exe, on_path) {
+        (Some(e), Some(p)) if e == p => program.to_string(),
+        (Some(e), _) => e.display().to_string(),
+        _ => program.to_string(),
+    }
+}
+
 async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
     let signal = shutdown_signal()?;
-    let (listener, state, url) = args.start().await?;
+    let (listener, state, url, runners) = args.start().await?;
+    // The table shows the runners loaded (or why not).
+    let _ = runners.await;
     let rt = state.runtime.clone();
+    let executors = cloudpipe_api::routes::system::executor_list(&rt).await;
+    println!("{}", executors_table(&executors));
     let admin = Tenant::admin();
     let wasm = wat::parse_str(HELLO_WAT).context("compiling the bundled example")?;
     let f = rt
@@ -573,10 +738,26 @@ async fn up(args: ServeArgs, once: bool) -> anyhow::Result<()> {
         rt.scheduler.shutdown(Duration::from_secs(5)).await;
         return Ok(());
     }
-    println!("\nserving on {url} (Ctrl-C to stop). Try, with the admin's key:");
-    println!(
-        "  curl -s -H \"Authorization: Bearer $CLOUDPIPE_API_KEY\" -XPOST '{url}/v1/jobs?wait=10s' -d '{{\"function\":\"hello\",\"args\":[\"you\"]}}'"
-    );
+    println!("\nserving on {url} (Ctrl-C to stop).");
+    let creds =
+        args.credentials_file.clone().unwrap_or_else(cloudpipe_api::credentials::default_path);
+    let saved = cloudpipe_api::credentials::read(&creds).ok().flatten();
+    let cloudpipe = command_name("cloudpipe");
+    if saved.is_some_and(|c| c.url == url) {
+        // The CLIs find this server and the admin's key in the credentials file.
+        let env = match creds == cloudpipe_api::credentials::home_path() {
+            true => String::new(),
+            false => format!("CLOUDPIPE_CREDENTIALS={} ", creds.display()),
+        };
+        println!("Next, in another shell (the CLIs read {}):", creds.display());
+        println!("  {env}{cloudpipe} me");
+        println!(
+            "  {env}cargo cloudpipe new hello && cd hello && {env}cargo cloudpipe submit -- world"
+        );
+    } else {
+        println!("Next, in another shell, with the admin's key:");
+        println!("  CLOUDPIPE_URL={url} CLOUDPIPE_API_KEY=<the admin's key> {cloudpipe} me");
+    }
     listener.serve(state, signal).await
 }
 
@@ -595,7 +776,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => {
                 let signal = shutdown_signal()?;
-                let (listener, state, _) = args.start().await?;
+                let (listener, state, _, _) = args.start().await?;
                 listener.serve(state, signal).await
             }
             Command::Up { serve, once } => up(serve, once).await,

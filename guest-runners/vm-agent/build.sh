@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds the guest agent statically (musl) and prints the path of the binary.
 # The vm executor makes the initramfs itself from this binary and busybox
-# (CLOUDPIPE_VM_AGENT, CLOUDPIPE_VM_BUSYBOX); `initramfs.sh` makes one by hand.
+# (`cloudpipe serve --vm-agent PATH`; the binary also carries one, built by
+# api/build.rs); `initramfs.sh` makes one by hand.
 set -eu
 cd "$(dirname "$0")"
 target=x86_64-unknown-linux-musl

@@ -95,6 +95,35 @@ pub enum PrepareError {
     Internal(#[from] anyhow::Error),
 }
 
+/// Why an executor (or a built-in runner) cannot take jobs now, and what would make it
+/// ready. Shown as `reason: fix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unready {
+    pub reason: String,
+    /// A command to run or a setting to change, when known.
+    pub fix: Option<String>,
+}
+
+impl Unready {
+    pub fn new(reason: impl Into<String>, fix: impl Into<String>) -> Unready {
+        Unready { reason: reason.into(), fix: Some(fix.into()) }
+    }
+
+    /// A reason with no known fix.
+    pub fn reason(reason: impl Into<String>) -> Unready {
+        Unready { reason: reason.into(), fix: None }
+    }
+}
+
+impl std::fmt::Display for Unready {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.fix {
+            Some(fix) => write!(f, "{}: {fix}", self.reason),
+            None => f.write_str(&self.reason),
+        }
+    }
+}
+
 /// Runs jobs. One instance per process, shared by all jobs.
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {
@@ -116,8 +145,10 @@ pub trait Executor: Send + Sync + 'static {
         cancel: CancellationToken,
     ) -> JobOutcome;
 
-    /// Whether jobs can run now; `Err` says why not (an engine that is down, say).
-    async fn available(&self) -> Result<(), String> {
+    /// Runs at each submission of a job naming this executor, and for `GET
+    /// /v1/executors`: whether jobs can run now; `Err` says why not (an engine that is
+    /// down, say) and what would fix it. Cheap: no job waits on it for long.
+    async fn available(&self) -> Result<(), Unready> {
         Ok(())
     }
 }
@@ -173,7 +204,7 @@ impl Executors {
     }
 
     /// Whether `name` can take jobs now (`None`: no such executor here).
-    pub async fn available(&self, name: &str) -> Option<Result<(), String>> {
+    pub async fn available(&self, name: &str) -> Option<Result<(), Unready>> {
         Some(self.get(name)?.available().await)
     }
 }

@@ -46,7 +46,7 @@ pub mod store;
 pub use executor::{Executor, OutputSink, OutputStream, RunRequest};
 pub use job::{Job, JobId, JobOutcome};
 pub use registry::FunctionRegistry;
-pub use runtime::{Runtime, RuntimeConfig};
+pub use runtime::{Readiness, Runtime, RuntimeConfig};
 pub use scheduler::Scheduler;
 pub use store::Store;
 

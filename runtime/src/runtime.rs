@@ -1,5 +1,6 @@
 //! [`Runtime`]: the runtime's parts wired together, one per process.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -8,9 +9,11 @@ use anyhow::Context;
 use crate::cluster::Cluster;
 use crate::egress::EgressConfig;
 use crate::executor::Executors;
+use crate::account::Tenant;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::vm::{VmConfig, VmExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
+use crate::executor::{Executors, Unready};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::postgres::{PgConfig, PgStore};
@@ -45,7 +48,7 @@ impl RuntimeConfig {
             scheduler: SchedulerConfig::default(),
             wasm: WasmConfig::default(),
             docker: DockerConfig::default(),
-            vm: VmConfig::from_env(),
+            vm: VmConfig::default(),
             max_function_bytes: 64 << 20,
             postgres: None,
             egress: EgressConfig::default(),
@@ -68,6 +71,19 @@ pub struct Runtime {
     pub cluster: Option<Arc<dyn Cluster>>,
     /// The operator's egress settings, for the requests sent on tenants' behalf.
     pub egress: Arc<EgressConfig>,
+    /// The built-in runners (`runner:js`) by name: the stored version each runs, or
+    /// why it is not there.
+    runners: Arc<std::sync::RwLock<BTreeMap<String, Result<String, Unready>>>>,
+}
+
+/// Whether one executor or built-in runner can take jobs now ([`Runtime::readiness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    /// The executor's name (`wasm`, `docker`, `vm`) or the runner's (`runner:js`).
+    pub name: String,
+    /// A built-in runner rather than an executor.
+    pub runner: bool,
+    pub state: Result<(), Unready>,
 }
 
 impl Runtime {
@@ -125,9 +141,9 @@ impl Runtime {
             0 => {}
             n => tracing::warn!(processes = n, "killed QEMU processes left by a crash"),
         }
-        if vm.configured() {
-            vm.warm_up();
-        }
+        // In the background: checking for QEMU runs it, and booting the template
+        // takes seconds; only vm jobs wait for it.
+        vm.warm_up();
         let executors =
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
         if let Some(cluster) = &cluster {
@@ -163,7 +179,43 @@ impl Runtime {
             batches,
             cluster,
             egress,
+            runners: Arc::default(),
         })
+    }
+
+    /// Stores `binary` (a Wasm function) as the admin's and makes it runnable by every
+    /// account as the built-in `name` (a name no upload can take, e.g. `runner:js`);
+    /// returns its version id. Runs once per runner, at start.
+    pub async fn add_runner(&self, name: &str, binary: bytes::Bytes) -> anyhow::Result<String> {
+        let meta = self
+            .registry
+            .upload(&Tenant::admin(), None, binary)
+            .await
+            .with_context(|| format!("loading the built-in runner {name}"))?;
+        self.scheduler.add_builtin(name, &meta.id);
+        self.runners.write().unwrap().insert(name.to_string(), Ok(meta.id.clone()));
+        Ok(meta.id)
+    }
+
+    /// Records that the built-in runner `name` is not offered, and why (shown by
+    /// [`Runtime::readiness`]).
+    pub fn runner_unready(&self, name: &str, why: Unready) {
+        self.runners.write().unwrap().insert(name.to_string(), Err(why));
+    }
+
+    /// Every executor, then every built-in runner, and whether each can take jobs now
+    /// (the engines are asked: a down Docker engine costs up to its timeout).
+    pub async fn readiness(&self) -> Vec<Readiness> {
+        let mut all = Vec::new();
+        for name in self.executors.names() {
+            let state = self.executors.available(name).await.unwrap_or(Ok(()));
+            all.push(Readiness { name: name.to_string(), runner: false, state });
+        }
+        let runners = self.runners.read().unwrap().clone();
+        for (name, r) in runners {
+            all.push(Readiness { name, runner: true, state: r.map(|_| ()) });
+        }
+        all
     }
 }
 

@@ -131,6 +131,8 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
         Some(match (m.as_str(), p) {
             ("GET", "/healthz") | ("GET", "/v1/openapi.json") => Public,
             ("GET", "/metrics") => AdminOnly,
+            // The server's executors: the same for every account.
+            ("GET", "/v1/executors") => OwnOnly,
             ("POST", "/v1/accounts") | ("GET", "/v1/accounts") => AdminOnly,
             ("PATCH", "/v1/accounts/{name}") => AdminOnly,
             ("GET", "/v1/accounts/{name}") => NotFound,

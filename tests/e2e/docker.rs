@@ -10,7 +10,7 @@ use crate::server::{TestServer, code};
 
 #[path = "../support/docker.rs"]
 mod docker_support;
-use docker_support::{TEST_IMAGE, ensure_image, job_containers};
+use docker_support::{Registry, TEST_IMAGE, ensure_image, job_containers};
 
 /// A docker job of the test image running `sh -c script`.
 fn sh(script: &str) -> Value {
@@ -77,8 +77,9 @@ async fn containers_get_stdin_env_args_and_give_output_and_exit_codes() {
     let job = s.run(with(sh("true"), json!({"result_source": "file:/tmp/none"}))).await;
     assert_eq!(job["error"]["kind"], "result_missing", "{job}");
 
-    let job = s.run(json!({"executor": "docker", "image": "cloudpipe-test/absent:0"})).await;
-    assert_eq!(job["error"]["kind"], "image_not_found", "{job}");
+    let job =
+        s.run(json!({"executor": "docker", "image": "127.0.0.1:9/cloudpipe-test/absent:0"})).await;
+    assert_eq!(job["error"]["kind"], "image_pull_failed", "{job}");
     // Its container is gone.
     assert!(job_containers(job["id"].as_str().unwrap()).is_empty());
 }
@@ -227,4 +228,81 @@ async fn without_an_engine_docker_jobs_are_refused_and_wasm_jobs_run() {
         assert_eq!(st, StatusCode::BAD_REQUEST, "{spec}: {body}");
         assert!(body["error"]["message"].as_str().unwrap().contains(what), "{spec}: {body}");
     }
+}
+
+/// The events of job `id` until it ends, as (event, data) pairs.
+async fn events(s: &TestServer, id: &str) -> Vec<(String, Value)> {
+    let res = s.client.get(format!("{}/v1/jobs/{id}/events", s.url)).send().await.unwrap();
+    let text = tokio::time::timeout(Duration::from_secs(120), res.text())
+        .await
+        .expect("the events stream ends with the job")
+        .unwrap();
+    text.split("\n\n")
+        .filter_map(|ev| {
+            let name = ev.lines().find_map(|l| l.strip_prefix("event:"))?.trim().to_string();
+            let data = ev.lines().find_map(|l| l.strip_prefix("data:"))?.trim();
+            Some((name, serde_json::from_str(data).unwrap()))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_missing_image_is_pulled_from_its_registry_with_progress_in_the_events() {
+    ensure_image();
+    let mut registry = Registry::start();
+    let image = registry.push(TEST_IMAGE, "cloudpipe-test/pulled:1");
+    // One job at a time: the pulling job waits in the queue behind the first, so its
+    // events are followed from before it starts.
+    let s = TestServer::start(&["--concurrency", "1"]).await;
+    let (st, blocker) = s.post_json("/v1/jobs", &sh("sleep 1")).await;
+    assert_eq!(st, StatusCode::CREATED, "{blocker}");
+    let spec =
+        json!({"executor": "docker", "image": image, "command": ["cat", "/data/answer.txt"]});
+    let (st, job) = s.post_json("/v1/jobs", &spec).await;
+    assert_eq!(st, StatusCode::CREATED, "{job}");
+    let id = job["id"].as_str().unwrap();
+    let events = events(&s, id).await;
+    let pull: String = events
+        .iter()
+        .filter(|(e, _)| e == "stderr")
+        .filter_map(|(_, d)| d["data"].as_str())
+        .collect();
+    assert!(pull.contains(&format!("[pull] pulling {image} from {}", registry.host)), "{pull}");
+    assert!(pull.contains("[pull] Status: "), "{pull}");
+    let (_, last) = events.last().unwrap();
+    let record = &last["record"];
+    assert_eq!(record["status"], "succeeded", "{last}\n{}", s.log());
+    assert_eq!(record["stdout"], "42\n");
+    // The progress is not the container's stderr.
+    assert_eq!(record["stderr"], "");
+    assert!(s.log().contains("image pulled"), "{}", s.log());
+
+    // An image the registry does not have: its own message.
+    let spec = json!({"executor": "docker", "image": format!("{}/cloudpipe-test/nothing:1", registry.host)});
+    let job = s.run(spec).await;
+    assert_eq!(job["error"]["kind"], "image_pull_failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains("manifest unknown") || message.contains("not found"), "{message}");
+
+    // A registry outside the allowlist is not asked; `never` pulls nothing.
+    let other = format!("{}/cloudpipe-test/pulled:2", registry.host);
+    let _ = registry.push(TEST_IMAGE, "cloudpipe-test/pulled:2");
+    let only = TestServer::start(&["--docker-registries", "registry.example.com"]).await;
+    let job = only.run(json!({"executor": "docker", "image": other})).await;
+    assert_eq!(job["error"]["kind"], "image_pull_failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("registry.example.com") && message.contains(&registry.host),
+        "{message}"
+    );
+    let never = TestServer::start(&["--docker-pull", "never"]).await;
+    let job = never.run(json!({"executor": "docker", "image": other})).await;
+    assert_eq!(job["error"]["kind"], "image_not_found", "{job}");
+
+    // A registry that is down: the engine's message names it.
+    registry.stop();
+    let job = s.run(json!({"executor": "docker", "image": other})).await;
+    assert_eq!(job["error"]["kind"], "image_pull_failed", "{job}");
+    let message = job["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&registry.host), "{message}");
 }

@@ -142,7 +142,8 @@ async fn unknown_functions_timeouts_and_the_concurrency_limit_get_their_statuses
 
 #[tokio::test]
 async fn wasi_http_functions_see_the_path_below_their_mount_and_stream_both_ways() {
-    let s = TestServer::start(&[]).await;
+    // The server's peak RSS is measured: no JS runner compiling beside the guests.
+    let s = TestServer::start(&["--no-runner-js"]).await;
     let f = s.upload("web", &program(programs::HTTP_ECHO)).await;
     assert_eq!(f["kind"], "http");
     let c = &s.client;

@@ -16,7 +16,9 @@
 //!   external names apart from local accounts, batches stop with their account,
 //!   invocation admission and the account's quotas on HTTP invocation.
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
-//! - `docker`: the docker executor against a real engine (started when needed).
+//! - `docker`: the docker executor against a real engine (started when needed), and
+//!   images pulled from a real registry.
+//! - `executors`: `GET /v1/executors`, and 503s that say what to install.
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
 //! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
 
@@ -27,6 +29,7 @@ mod cli;
 mod cluster;
 mod docker;
 mod durability;
+mod executors;
 mod functions;
 mod hostile;
 mod invoke;

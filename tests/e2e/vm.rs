@@ -1,6 +1,7 @@
 //! The vm executor with real QEMU (TCG here): jobs in clones of a template VM booted
 //! from Debian's kernel and an initramfs of busybox and the guest agent
-//! (`guest-runners/vm-agent`, built by these tests).
+//! (`guest-runners/vm-agent`: the servers use the one built into the binary; the
+//! executor-level fan-out test builds its own).
 //!
 //! The template's snapshot is cached by content under the target directory, so the
 //! servers these tests start boot it once between them.
@@ -17,11 +18,11 @@ use crate::server::serve::{ADMIN_KEY, spawn_serve_with};
 use cloudpipe_runtime::executor::RunRequest;
 use cloudpipe_runtime::executor::vm::{VmConfig, VmExecutor};
 
-/// Builds the guest agent (once per process) after checking that QEMU, a kernel and a
-/// static busybox are installed; panics saying what to install otherwise.
-fn agent() -> &'static Path {
-    static AGENT: OnceLock<PathBuf> = OnceLock::new();
-    AGENT.get_or_init(|| {
+/// Checks that QEMU, a kernel and a static busybox are installed; panics saying what
+/// to install otherwise.
+fn tools_installed() {
+    static CHECKED: OnceLock<()> = OnceLock::new();
+    CHECKED.get_or_init(|| {
         let install = "apt-get install -y qemu-system-x86 linux-image-amd64 busybox-static";
         let qemu = std::process::Command::new("qemu-system-x86_64").arg("--version").output();
         assert!(
@@ -40,6 +41,14 @@ fn agent() -> &'static Path {
             !busybox.is_empty() && !busybox.windows(13).any(|w| w == b"/lib64/ld-lin"),
             "/bin/busybox is missing or not static: {install}"
         );
+    });
+}
+
+/// Builds the guest agent (once per process) for the executor-level tests.
+fn agent() -> &'static Path {
+    static AGENT: OnceLock<PathBuf> = OnceLock::new();
+    tools_installed();
+    AGENT.get_or_init(|| {
         let script =
             Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-runners/vm-agent/build.sh");
         let out = std::process::Command::new(&script).output().expect("running vm-agent/build.sh");
@@ -57,9 +66,10 @@ fn snapshot_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("vm-templates")
 }
 
+/// No agent setting: the server's own agent must do.
 fn vm_env(pool: &str) -> Vec<(&'static str, String)> {
+    tools_installed();
     vec![
-        ("CLOUDPIPE_VM_AGENT", agent().display().to_string()),
         ("CLOUDPIPE_VM_SNAPSHOT_DIR", snapshot_dir().display().to_string()),
         ("CLOUDPIPE_VM_POOL", pool.to_string()),
     ]
@@ -86,6 +96,10 @@ fn with(mut spec: Value, extra: Value) -> Value {
 #[tokio::test]
 async fn vm_jobs_get_stdin_env_args_and_give_output_and_exit_codes() {
     let s = server("1").await;
+    // Ready with no setting: QEMU is installed and the agent is the server's own.
+    let (_, list) = s.get("/v1/executors").await;
+    let vm = list["executors"].as_array().unwrap().iter().find(|e| e["name"] == "vm").unwrap();
+    assert_eq!(vm["ready"], true, "{vm}");
     let job = s
         .run(with(
             sh(r#"cat; echo "FOO=$FOO job=$CLOUDPIPE_JOB_ID clone=$CLOUDPIPE_CLONE_ID/$CLOUDPIPE_CLONES"; echo "args: $0 $1"; echo oops >&2"#),

@@ -141,3 +141,92 @@ pub fn job_containers(job_id: &str) -> Vec<String> {
         .expect("docker ps");
     String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect()
 }
+
+/// A Docker registry (Debian's `docker-registry`) on 127.0.0.1 with its storage in a
+/// temporary directory; killed when dropped. The engine treats registries on
+/// 127.0.0.0/8 as insecure by default, so it pulls from this one over plain HTTP.
+pub struct Registry {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`: the registry part of its images' references.
+    pub host: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    /// Starts one and waits until it answers; panics saying what to install when it
+    /// cannot.
+    pub fn start() -> Registry {
+        let bin = which("docker-registry").unwrap_or_else(|| {
+            panic!("THE REGISTRY TESTS CANNOT RUN: apt-get install -y docker-registry")
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let host = format!("127.0.0.1:{port}");
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .unwrap();
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting docker-registry");
+        let registry = Registry { child, host, _dir: dir };
+        let start = Instant::now();
+        while std::net::TcpStream::connect(&registry.host).is_err() {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "docker-registry did not listen on {} within 30 s: {}",
+                registry.host,
+                registry.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        registry
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Pushes the local image `local` as `REGISTRY/name` and removes that reference
+    /// from the engine (the layers stay: the image itself is still `local`), so the
+    /// engine must pull `REGISTRY/name` to have it. Returns the reference.
+    pub fn push(&self, local: &str, name: &str) -> String {
+        let reference = format!("{}/{name}", self.host);
+        let docker = |args: &[&str]| {
+            let out = Command::new("docker").args(args).output().expect("running docker");
+            assert!(
+                out.status.success(),
+                "docker {args:?} failed: {}{}",
+                String::from_utf8_lossy(&out.stderr),
+                self.log()
+            );
+        };
+        docker(&["tag", local, &reference]);
+        docker(&["push", "--quiet", &reference]);
+        docker(&["image", "rm", &reference]);
+        reference
+    }
+
+    /// Stops it (references to it then fail to pull).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,4 +1,4 @@
-//! `/healthz`, `/metrics` (Prometheus text) and `/v1/openapi.json`.
+//! `/healthz`, `/metrics` (Prometheus text), `/v1/executors` and `/v1/openapi.json`.
 
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
@@ -10,7 +10,7 @@ use axum::http::header;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use cloudpipe_runtime::scheduler::RUN_TIME_BUCKETS;
-use cloudpipe_types::{Health, JobStatus, NodeInfo, NodeList};
+use cloudpipe_types::{ExecutorList, ExecutorStatus, Health, JobStatus, NodeInfo, NodeList};
 
 use crate::{ApiError, AppState};
 
@@ -18,6 +18,7 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(get_health))
         .route("/metrics", get(get_metrics))
+        .route("/v1/executors", get(list_executors))
         .route("/v1/openapi.json", get(get_openapi))
         .route("/v1/nodes", get(list_nodes))
 }
@@ -80,6 +81,37 @@ pub async fn get_health(State(state): State<AppState>) -> Json<Health> {
         version: env!("CARGO_PKG_VERSION").into(),
         store: state.runtime.store.backend().into(),
     })
+}
+
+/// Each executor (`wasm`, `docker`, `vm`) and built-in runner (`runner:js`) of this
+/// server, and whether it can take jobs now; when not, why and what would fix it. Any
+/// key.
+#[utoipa::path(get, path = "/v1/executors", tag = "system", responses((status = 200, body = ExecutorList)))]
+pub async fn list_executors(State(state): State<AppState>) -> Json<ExecutorList> {
+    Json(executor_list(&state.runtime).await)
+}
+
+/// The executors table, as `GET /v1/executors` sends it and `cloudpipe up` prints it.
+pub async fn executor_list(runtime: &cloudpipe_runtime::Runtime) -> ExecutorList {
+    let executors = runtime
+        .readiness()
+        .await
+        .into_iter()
+        .map(|r| {
+            let (reason, fix) = match r.state {
+                Ok(()) => (None, None),
+                Err(u) => (Some(u.reason), u.fix),
+            };
+            ExecutorStatus {
+                name: r.name,
+                kind: if r.runner { "runner" } else { "executor" }.into(),
+                ready: reason.is_none(),
+                reason,
+                fix,
+            }
+        })
+        .collect();
+    ExecutorList { executors }
 }
 
 /// Prometheus metrics (the admin's key): jobs by status, queue depth, running jobs, run-time histogram.

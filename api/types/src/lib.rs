@@ -434,6 +434,32 @@ pub struct Health {
     pub store: String,
 }
 
+/// One way of running jobs on this server, and whether it can now: `GET /v1/executors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExecutorStatus {
+    /// What a job names: an executor (`wasm`, `docker`, `vm`: the spec's `executor`) or
+    /// a built-in runner (`runner:js`: the spec's `function`).
+    pub name: String,
+    /// `executor` or `runner`.
+    pub kind: String,
+    /// Whether jobs of it can run now.
+    pub ready: bool,
+    /// Why not, when not ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// What makes it ready (a package to install, a flag to set), when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix: Option<String>,
+}
+
+/// `GET /v1/executors`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct ExecutorList {
+    pub executors: Vec<ExecutorStatus>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,13 @@
 //! labels `cloudpipe.instance` (this server's data directory) and `cloudpipe.job`, so
 //! that a server restarted after `kill -9` removes what its previous life left behind
 //! ([`DockerExecutor::reap`]) while the store puts those jobs back in the queue.
+//!
+//! An image that is not on the engine is pulled first ([`PullPolicy`]), through the
+//! Engine API, with the credentials of the server user's `~/.docker/config.json` for
+//! its registry and only from the registries of [`DockerConfig::registries`] when that
+//! is not empty. Pull progress goes to the job's live stderr events (prefixed
+//! `[pull]`), not into its record; a failed pull is `image_pull_failed` with the
+//! registry's own message.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -28,7 +35,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
-use super::{Capped, Executor, OutputSink, OutputStream, PrepareError, RunRequest};
+use super::{Capped, Executor, OutputSink, OutputStream, PrepareError, RunRequest, Unready};
 use crate::job::JobOutcome;
 
 /// Label naming the server (its data directory) that made a container.
@@ -36,9 +43,40 @@ pub const INSTANCE_LABEL: &str = "cloudpipe.instance";
 /// Label naming the job a container runs.
 pub const JOB_LABEL: &str = "cloudpipe.job";
 
+/// When the docker executor pulls a job's image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PullPolicy {
+    /// When the engine does not have it (the default).
+    #[default]
+    Missing,
+    /// Before every job (a moving tag such as `latest` is then always current).
+    Always,
+    /// Never: an image not on the engine fails the job as `image_not_found`.
+    Never,
+}
+
+impl PullPolicy {
+    pub fn parse(s: &str) -> Option<PullPolicy> {
+        match s {
+            "missing" => Some(PullPolicy::Missing),
+            "always" => Some(PullPolicy::Always),
+            "never" => Some(PullPolicy::Never),
+            _ => None,
+        }
+    }
+}
+
 /// Settings of the docker executor; plain data.
 #[derive(Debug, Clone)]
 pub struct DockerConfig {
+    /// When images are pulled.
+    pub pull: PullPolicy,
+    /// Registries images may be pulled from (`host` or `host:port`; `docker.io` for
+    /// Docker Hub); empty: any.
+    pub registries: Vec<String>,
+    /// Docker's client configuration, read for registry credentials (`auths`) at each
+    /// pull; `None`: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+    pub docker_config: Option<std::path::PathBuf>,
     /// The engine's socket; `None`: `DOCKER_HOST`, else `/var/run/docker.sock`.
     pub socket: Option<String>,
     /// `uid:gid` the container runs as.
@@ -54,6 +92,9 @@ pub struct DockerConfig {
 impl Default for DockerConfig {
     fn default() -> Self {
         DockerConfig {
+            pull: PullPolicy::Missing,
+            registries: Vec::new(),
+            docker_config: None,
             socket: None,
             user: "65534:65534".into(),
             pids_limit: 256,
@@ -291,6 +332,149 @@ impl DockerExecutor {
         outcome
     }
 
+    /// Pulls `image` when the policy says so; `Err` is the attempt's outcome (a failed
+    /// or refused pull, or a cancel during it).
+    async fn ensure_image(
+        &self,
+        docker: &Docker,
+        image: &str,
+        live: &Arc<dyn OutputSink>,
+        cancel: &CancellationToken,
+    ) -> Result<(), Box<JobOutcome>> {
+        let pull = match self.config.pull {
+            PullPolicy::Never => false,
+            PullPolicy::Always => true,
+            PullPolicy::Missing => match docker.inspect_image(image).await {
+                Ok(_) => false,
+                Err(bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404, ..
+                }) => true,
+                Err(e) => {
+                    return Err(Box::new(failed("executor", format!("inspecting {image}: {e}"))));
+                }
+            },
+        };
+        if !pull {
+            return Ok(());
+        }
+        let reference = ImageRef::parse(image);
+        if !self.config.registries.is_empty()
+            && !self.config.registries.iter().any(|r| r == &reference.registry)
+        {
+            return Err(Box::new(failed(
+                "image_pull_failed",
+                format!(
+                    "{image} is not on the Docker engine and its registry {} is not one this server pulls from ({})",
+                    reference.registry,
+                    self.config.registries.join(", ")
+                ),
+            )));
+        }
+        let progress = |line: String| live.chunk(OutputStream::Stderr, line.as_bytes());
+        progress(format!("[pull] pulling {image} from {}\n", reference.registry));
+        let opts = bollard::query_parameters::CreateImageOptionsBuilder::new()
+            .from_image(&reference.repository)
+            .tag(&reference.tag)
+            .build();
+        let credentials = self.credentials(&reference.registry);
+        let mut stream = docker.create_image(Some(opts), None, credentials);
+        let mut last = String::new();
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    None => break,
+                    Some(Ok(info)) => {
+                        let line = match (info.id, info.status, info.progress_detail) {
+                            (_, None, _) => continue,
+                            (id, Some(status), detail) => {
+                                let mut l = String::from("[pull] ");
+                                if let Some(id) = id {
+                                    l += &format!("{id}: ");
+                                }
+                                l += &status;
+                                if let Some((cur, total)) =
+                                    detail.and_then(|d| Some((d.current?, d.total?)))
+                                {
+                                    l += &format!(" {cur}/{total} bytes");
+                                }
+                                l
+                            }
+                        };
+                        // Docker repeats a status per byte count; only changes go out.
+                        if line != last {
+                            progress(format!("{line}\n"));
+                            last = line;
+                        }
+                    }
+                    Some(Err(e)) => {
+                        let message = match e {
+                            bollard::errors::Error::DockerStreamError { error } => error,
+                            bollard::errors::Error::DockerResponseServerError { message, .. } => message,
+                            other => other.to_string(),
+                        };
+                        return Err(Box::new(failed(
+                            "image_pull_failed",
+                            format!("pulling {image}: {message}"),
+                        )));
+                    }
+                },
+                _ = cancel.cancelled() => {
+                    return Err(Box::new(JobOutcome::error(
+                        JobStatus::Cancelled,
+                        "cancelled",
+                        "cancelled while pulling the image",
+                    )));
+                }
+            }
+        }
+        tracing::info!(image, registry = %reference.registry, "image pulled");
+        Ok(())
+    }
+
+    /// The credentials `~/.docker/config.json` (or `$DOCKER_CONFIG`) holds for
+    /// `registry` (its `auths` entries; credential helpers are not run).
+    fn credentials(&self, registry: &str) -> Option<bollard::auth::DockerCredentials> {
+        let path = match &self.config.docker_config {
+            Some(p) => p.clone(),
+            None => match std::env::var_os("DOCKER_CONFIG") {
+                Some(d) => std::path::PathBuf::from(d).join("config.json"),
+                None => {
+                    std::path::PathBuf::from(std::env::var_os("HOME")?).join(".docker/config.json")
+                }
+            },
+        };
+        let config: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+        let auths = config["auths"].as_object()?;
+        // Docker Hub's entry is keyed by its v1 index URL; others by host, with or
+        // without a scheme.
+        let entry = auths.iter().find(|(k, _)| {
+            let host = k.trim_start_matches("https://").trim_start_matches("http://");
+            let host = host.split('/').next().unwrap_or_default();
+            host == registry
+                || (registry == "docker.io"
+                    && matches!(host, "index.docker.io" | "registry-1.docker.io"))
+        })?;
+        let (server, v) = entry;
+        let mut creds = bollard::auth::DockerCredentials {
+            serveraddress: Some(server.clone()),
+            ..Default::default()
+        };
+        if let Some(token) = v["identitytoken"].as_str() {
+            creds.identitytoken = Some(token.to_string());
+        } else if let Some(auth) = v["auth"].as_str() {
+            use base64::Engine;
+            let decoded = base64::engine::general_purpose::STANDARD.decode(auth).ok()?;
+            let decoded = String::from_utf8(decoded).ok()?;
+            let (user, password) = decoded.split_once(':')?;
+            creds.username = Some(user.to_string());
+            creds.password = Some(password.to_string());
+        } else {
+            creds.username = v["username"].as_str().map(str::to_string);
+            creds.password = v["password"].as_str().map(str::to_string);
+        }
+        Some(creds)
+    }
+
     async fn kill(&self, docker: &Docker, id: &str) {
         let kill = KillContainerOptionsBuilder::new().signal("KILL").build();
         let _ = docker.kill_container(id, Some(kill)).await;
@@ -343,12 +527,13 @@ impl Executor for DockerExecutor {
         Err(PrepareError::Invalid("the docker executor runs images, not uploaded binaries".into()))
     }
 
-    async fn available(&self) -> Result<(), String> {
-        let docker = self.client().await?;
+    async fn available(&self) -> Result<(), Unready> {
+        const FIX: &str = "apt-get install -y docker.io and start dockerd (or set DOCKER_HOST)";
+        let docker = self.client().await.map_err(|e| Unready::new(e, FIX))?;
         match tokio::time::timeout(Duration::from_secs(2), docker.ping()).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("the Docker engine does not answer: {e}")),
-            Err(_) => Err("the Docker engine does not answer".into()),
+            Ok(Err(e)) => Err(Unready::new(format!("the Docker engine does not answer: {e}"), FIX)),
+            Err(_) => Err(Unready::new("the Docker engine does not answer", FIX)),
         }
     }
 
@@ -362,6 +547,10 @@ impl Executor for DockerExecutor {
             Ok(d) => d.clone(),
             Err(e) => return failed("executor_unavailable", e),
         };
+        let image = req.container.as_ref().map(|c| c.image.clone()).unwrap_or_default();
+        if let Err(outcome) = self.ensure_image(&docker, &image, &live, &cancel).await {
+            return *outcome;
+        }
         let name = format!("cloudpipe-{}-{}", req.job_id, req.attempt);
         let create = CreateContainerOptionsBuilder::new().name(&name).build();
         let body = self.create_body(&req);
@@ -382,7 +571,7 @@ impl Executor for DockerExecutor {
             }) => {
                 return failed(
                     "image_not_found",
-                    format!("image not on the Docker engine (nothing is pulled): {message}"),
+                    format!("image not on the Docker engine (--docker-pull never): {message}"),
                 );
             }
             Err(e) => return failed("executor", format!("creating the container: {e}")),
@@ -392,6 +581,41 @@ impl Executor for DockerExecutor {
         let outcome = self.attempt(&docker, &id, &req, &live, &cancel).await;
         remover.remove().await;
         outcome
+    }
+}
+
+/// An image reference split as the Engine API's pull wants it.
+#[derive(Debug, PartialEq, Eq)]
+struct ImageRef {
+    /// `host[:port]`, or `docker.io` for Docker Hub.
+    registry: String,
+    /// Everything before the tag or digest (`127.0.0.1:5000/team/tool`, `debian`).
+    repository: String,
+    /// The tag, or the digest (`sha256:…`); `latest` when the reference names none.
+    tag: String,
+}
+
+impl ImageRef {
+    /// Splits a reference the way the Docker CLI does: the first path component is a
+    /// registry when it has a `.` or a `:`, or is `localhost`.
+    fn parse(image: &str) -> ImageRef {
+        let (name, tag) = match image.split_once('@') {
+            Some((name, digest)) => (name, digest.to_string()),
+            None => {
+                let slash = image.rfind('/').map_or(0, |i| i + 1);
+                match image[slash..].rfind(':') {
+                    Some(i) => (&image[..slash + i], image[slash + i + 1..].to_string()),
+                    None => (image, "latest".to_string()),
+                }
+            }
+        };
+        let registry = match name.split_once('/') {
+            Some((first, _)) if first.contains(['.', ':']) || first == "localhost" => {
+                first.to_string()
+            }
+            _ => "docker.io".to_string(),
+        };
+        ImageRef { registry, repository: name.to_string(), tag }
     }
 }
 
@@ -424,5 +648,28 @@ impl Drop for Remover {
                 let _ = docker.remove_container(&id, Some(force)).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_references_split_into_registry_repository_and_tag() {
+        let r = |s: &str| {
+            let i = ImageRef::parse(s);
+            (i.registry, i.repository, i.tag)
+        };
+        let own = |a: &str, b: &str, c: &str| (a.to_string(), b.to_string(), c.to_string());
+        assert_eq!(r("debian:bookworm-slim"), own("docker.io", "debian", "bookworm-slim"));
+        assert_eq!(r("debian"), own("docker.io", "debian", "latest"));
+        assert_eq!(r("team/tool:1"), own("docker.io", "team/tool", "1"));
+        assert_eq!(
+            r("127.0.0.1:5000/team/tool"),
+            own("127.0.0.1:5000", "127.0.0.1:5000/team/tool", "latest")
+        );
+        assert_eq!(r("ghcr.io/a/b:v2"), own("ghcr.io", "ghcr.io/a/b", "v2"));
+        assert_eq!(r("localhost/x@sha256:ab"), own("localhost", "localhost/x", "sha256:ab"));
     }
 }

@@ -45,7 +45,9 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 use tokio_util::sync::CancellationToken;
 
-use super::{Capped, Executor, NoLiveOutput, OutputSink, OutputStream, PrepareError, RunRequest};
+use super::{
+    Capped, Executor, NoLiveOutput, OutputSink, OutputStream, PrepareError, RunRequest, Unready,
+};
 use crate::job::JobOutcome;
 
 /// Largest frame accepted from a guest (its job can write to the serial port itself).
@@ -66,8 +68,9 @@ pub struct VmConfig {
     pub kernel: Option<PathBuf>,
     /// A statically linked busybox (Debian's busybox-static): the guest's userland.
     pub busybox: PathBuf,
-    /// The guest agent, built by `guest-runners/vm-agent/build.sh`; `None`: the
-    /// executor is unavailable.
+    /// The guest agent (`guest-runners/vm-agent`, a static binary): the `cloudpipe`
+    /// binary carries one and writes it under its data directory; `None`: the executor
+    /// is unavailable.
     pub agent: Option<PathBuf>,
     /// RAM of each VM, in MiB.
     pub memory_mb: u64,
@@ -98,28 +101,6 @@ impl Default for VmConfig {
             snapshot_dir: None,
             run_dir: std::env::temp_dir().join("cloudpipe-vm"),
             instance: "default".into(),
-        }
-    }
-}
-
-impl VmConfig {
-    /// Defaults overridden by `CLOUDPIPE_VM_AGENT`, `CLOUDPIPE_VM_KERNEL`,
-    /// `CLOUDPIPE_VM_BUSYBOX`, `CLOUDPIPE_VM_QEMU`, `CLOUDPIPE_VM_MEMORY_MB`,
-    /// `CLOUDPIPE_VM_POOL`, `CLOUDPIPE_VM_ACCEL` and `CLOUDPIPE_VM_SNAPSHOT_DIR`.
-    pub fn from_env() -> VmConfig {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        let num = |k: &str| var(k).and_then(|v| v.to_str()?.parse::<u64>().ok());
-        let d = VmConfig::default();
-        VmConfig {
-            qemu: var("CLOUDPIPE_VM_QEMU").map(PathBuf::from).unwrap_or(d.qemu),
-            kernel: var("CLOUDPIPE_VM_KERNEL").map(PathBuf::from),
-            busybox: var("CLOUDPIPE_VM_BUSYBOX").map(PathBuf::from).unwrap_or(d.busybox),
-            agent: var("CLOUDPIPE_VM_AGENT").map(PathBuf::from),
-            memory_mb: num("CLOUDPIPE_VM_MEMORY_MB").unwrap_or(d.memory_mb),
-            pool_size: num("CLOUDPIPE_VM_POOL").map(|n| n as usize).unwrap_or(d.pool_size),
-            accel: var("CLOUDPIPE_VM_ACCEL").and_then(|v| v.into_string().ok()),
-            snapshot_dir: var("CLOUDPIPE_VM_SNAPSHOT_DIR").map(PathBuf::from),
-            ..d
         }
     }
 }
@@ -586,6 +567,7 @@ impl Inner {
         self.config.snapshot_dir.clone().unwrap_or_else(|| self.config.run_dir.join("templates"))
     }
 
+    /// The configured kernel, else the newest in `/boot`; `Err` says what is missing.
     fn kernel(&self) -> Result<PathBuf, String> {
         if let Some(k) = &self.config.kernel {
             return Ok(k.clone());
@@ -596,57 +578,68 @@ impl Inner {
             .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-")))
             .collect();
         kernels.sort();
-        kernels.pop().ok_or_else(|| {
-            "no kernel in /boot: apt-get install -y linux-image-amd64 (or set CLOUDPIPE_VM_KERNEL)"
-                .to_string()
-        })
+        kernels.pop().ok_or_else(|| "no kernel in /boot".to_string())
     }
 
     fn accel(&self) -> String {
         self.config.accel.clone().unwrap_or_else(|| "tcg".into())
     }
 
-    /// Whether everything a template needs is here; `Err` says what to install.
-    fn check(&self) -> Result<(), String> {
-        let Some(agent) = &self.config.agent else {
-            return Err("no guest agent configured: build it with guest-runners/vm-agent/build.sh and set CLOUDPIPE_VM_AGENT to the path it prints".into());
-        };
-        if !agent.is_file() {
-            return Err(format!(
-                "the guest agent {} is missing: run guest-runners/vm-agent/build.sh",
-                agent.display()
-            ));
-        }
-        if !self.config.busybox.is_file() {
-            return Err(format!(
-                "{} is missing: apt-get install -y busybox-static",
-                self.config.busybox.display()
-            ));
-        }
-        let kernel = self.kernel()?;
-        if std::fs::File::open(&kernel).is_err() {
-            return Err(format!("cannot read the kernel {}", kernel.display()));
-        }
-        let found = std::process::Command::new(&self.config.qemu)
+    /// Whether everything a template needs is here; `Err` names what is missing and
+    /// the packages (or the setting) that bring it, all of them at once.
+    fn check(&self) -> Result<(), Unready> {
+        let mut missing = Vec::new();
+        let mut packages = Vec::new();
+        let runs = std::process::Command::new(&self.config.qemu)
             .arg("--version")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .status()
             .is_ok_and(|s| s.success());
-        if !found {
-            return Err(format!(
-                "{} does not run: apt-get install -y qemu-system-x86",
-                self.config.qemu.display()
+        if !runs {
+            missing.push(format!("{} does not run", self.config.qemu.display()));
+            packages.push("qemu-system-x86");
+        }
+        match self.kernel() {
+            Ok(k) if std::fs::File::open(&k).is_ok() => {}
+            Ok(k) => {
+                missing.push(format!("cannot read the kernel {}", k.display()));
+                packages.push("linux-image-amd64");
+            }
+            Err(e) => {
+                missing.push(e);
+                packages.push("linux-image-amd64");
+            }
+        }
+        if !self.config.busybox.is_file() {
+            missing.push(format!("{} is missing", self.config.busybox.display()));
+            packages.push("busybox-static");
+        }
+        if !packages.is_empty() {
+            return Err(Unready::new(
+                missing.join("; "),
+                format!("apt-get install -y {}", packages.join(" ")),
             ));
         }
-        Ok(())
+        match &self.config.agent {
+            None => Err(Unready::new(
+                "this server was built without the vm guest agent",
+                "install rustup's x86_64-unknown-linux-musl target and build the server again, \
+                 or give the agent's path (guest-runners/vm-agent/build.sh prints it)",
+            )),
+            Some(agent) if !agent.is_file() => Err(Unready::new(
+                format!("the guest agent {} is missing", agent.display()),
+                "guest-runners/vm-agent/build.sh builds it",
+            )),
+            Some(_) => Ok(()),
+        }
     }
 
     /// The template, booted and snapshotted on first use (or found in the cache).
     async fn template(self: &Arc<Self>) -> anyhow::Result<Arc<Template>> {
         self.template
             .get_or_try_init(|| async {
-                self.check().map_err(|e| anyhow!(e))?;
+                self.check().map_err(|e| anyhow!("{e}"))?;
                 let this = self.clone();
                 let template = tokio::spawn(async move { this.make_template().await }).await??;
                 Ok(Arc::new(template))
@@ -902,11 +895,20 @@ impl VmExecutor {
         self.inner.check().is_ok()
     }
 
-    /// Boots (or finds) the template and fills the pool, in the background. Call once
-    /// at start when the executor is configured.
+    /// Boots (or finds) the template and fills the pool, in the background, when the
+    /// executor is configured and its tools are installed. Call once at start.
     pub fn warm_up(&self) {
         let inner = self.inner.clone();
         tokio::spawn(async move {
+            let checking = inner.clone();
+            match tokio::task::spawn_blocking(move || checking.check()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    tracing::info!(reason = %why, "the vm executor is not ready");
+                    return;
+                }
+                Err(_) => return,
+            }
             match inner.template().await {
                 Ok(_) => inner.refill(),
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "the vm template failed"),
@@ -1072,7 +1074,7 @@ impl Executor for VmExecutor {
         Err(PrepareError::Invalid("the vm executor runs commands, not uploaded binaries".into()))
     }
 
-    async fn available(&self) -> Result<(), String> {
+    async fn available(&self) -> Result<(), Unready> {
         if self.inner.checked.load(Ordering::Acquire) {
             return Ok(());
         }

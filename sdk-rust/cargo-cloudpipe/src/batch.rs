@@ -102,6 +102,7 @@ pub async fn run(client: &Client, a: &BatchArgs, ui: Ui) -> anyhow::Result<i32> 
                     crate::build_and_upload(
                         client,
                         &a.build,
+                        crate::build::Target::Module,
                         a.name.as_deref(),
                         &FunctionSettingsPatch::default(),
                         ui,

@@ -1,4 +1,10 @@
-//! Builds the current crate for `wasm32-wasip2` in release mode and finds the binary.
+//! Builds the current crate for WASI in release mode and finds the binary.
+//!
+//! Jobs (`submit`, `batch`) build for `wasm32-wasip1`: a core WASI module, whose
+//! `proc_exit` carries the whole exit code, so `std::process::exit(5)` in a plain Rust
+//! crate ends the job with code 5 (WASI 0.2's `exit` carries only ok or err, and Rust's
+//! std on `wasm32-wasip2` can say no more). HTTP functions (`deploy`) build for
+//! `wasm32-wasip2`: components, which is what `wasi:http` needs.
 
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -6,7 +12,24 @@ use std::process::{Command, Stdio};
 
 use anyhow::{Context, bail};
 
-pub const TARGET: &str = "wasm32-wasip2";
+/// What a build makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    /// A core WASI preview1 module (`wasm32-wasip1`): what jobs run; keeps exit codes.
+    Module,
+    /// A WASI 0.2 component (`wasm32-wasip2`): HTTP functions, or jobs built with
+    /// `--component`.
+    Component,
+}
+
+impl Target {
+    pub fn triple(self) -> &'static str {
+        match self {
+            Target::Module => "wasm32-wasip1",
+            Target::Component => "wasm32-wasip2",
+        }
+    }
+}
 
 /// Which crate and binary to build.
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -39,8 +62,8 @@ fn crate_dir(args: &BuildArgs) -> PathBuf {
 }
 
 /// Fails with the exact command to run when the toolchain that builds the crate lacks
-/// the wasm32-wasip2 standard library.
-pub fn check_target(dir: &Path) -> anyhow::Result<()> {
+/// the target's standard library.
+pub fn check_target(dir: &Path, target: Target) -> anyhow::Result<()> {
     let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
     let out = Command::new(&rustc)
         .args(["--print", "sysroot"])
@@ -52,30 +75,31 @@ pub fn check_target(dir: &Path) -> anyhow::Result<()> {
         bail!("`{rustc} --print sysroot` failed");
     }
     let sysroot = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    target_installed(&sysroot)
+    target_installed(&sysroot, target)
 }
 
-fn target_installed(sysroot: &Path) -> anyhow::Result<()> {
-    if sysroot.join("lib/rustlib").join(TARGET).join("lib").is_dir() {
+fn target_installed(sysroot: &Path, target: Target) -> anyhow::Result<()> {
+    let triple = target.triple();
+    if sysroot.join("lib/rustlib").join(triple).join("lib").is_dir() {
         return Ok(());
     }
     bail!(
-        "the {TARGET} target is not installed for the toolchain at {}; install it with:\n\n    \
-         rustup target add {TARGET}\n",
+        "the {triple} target is not installed for the toolchain at {}; install it with:\n\n    \
+         rustup target add {triple}\n",
         sysroot.display()
     )
 }
 
-/// Runs `cargo build --release --target wasm32-wasip2`, its progress and diagnostics
-/// going straight to stderr, and returns the binary it built.
-pub fn build(args: &BuildArgs, quiet: bool) -> anyhow::Result<Built> {
-    check_target(&crate_dir(args))?;
+/// Runs `cargo build --release --target TRIPLE`, its progress and diagnostics going
+/// straight to stderr, and returns the binary it built.
+pub fn build(args: &BuildArgs, target: Target, quiet: bool) -> anyhow::Result<Built> {
+    check_target(&crate_dir(args), target)?;
     let mut cmd = Command::new(cargo());
     cmd.args([
         "build",
         "--release",
         "--target",
-        TARGET,
+        target.triple(),
         "--message-format=json-render-diagnostics",
     ]);
     if let Some(m) = &args.manifest_path {
@@ -146,10 +170,13 @@ mod tests {
     #[test]
     fn a_sysroot_without_the_target_gives_the_rustup_command() {
         let dir = tempfile::tempdir().unwrap();
-        let e = target_installed(dir.path()).unwrap_err().to_string();
+        let e = target_installed(dir.path(), Target::Module).unwrap_err().to_string();
+        assert!(e.contains("rustup target add wasm32-wasip1"), "{e}");
+        let e = target_installed(dir.path(), Target::Component).unwrap_err().to_string();
         assert!(e.contains("rustup target add wasm32-wasip2"), "{e}");
-        std::fs::create_dir_all(dir.path().join("lib/rustlib/wasm32-wasip2/lib")).unwrap();
-        target_installed(dir.path()).unwrap();
+        std::fs::create_dir_all(dir.path().join("lib/rustlib/wasm32-wasip1/lib")).unwrap();
+        target_installed(dir.path(), Target::Module).unwrap();
+        assert!(target_installed(dir.path(), Target::Component).is_err());
     }
 
     #[test]

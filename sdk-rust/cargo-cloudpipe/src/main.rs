@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - `main`: the command line and each command.
-//! - `build`: `cargo build --release --target wasm32-wasip2` and the binary it made.
+//! - `build`: `cargo build --release --target wasm32-wasip1` (jobs) or `wasm32-wasip2`
+//!   (HTTP functions) and the binary it made.
 //! - `scaffold`: `new` (command, typed and HTTP crates).
 //! - `follow`: live output of a job, Ctrl-C to cancel, its exit code.
 //! - `ui`: status lines, the upload spinner, errors explained.
@@ -64,7 +65,7 @@ struct Cli {
 enum Cmd {
     /// Create a function crate (a command; --typed or --http for the other styles).
     New(NewArgs),
-    /// Build the crate for wasm32-wasip2, upload it, run it as a job and stream its
+    /// Build the crate for wasm32-wasip1, upload it, run it as a job and stream its
     /// output; exits with the job's exit code.
     Submit(SubmitArgs),
     /// Build the crate and upload it as an HTTP function; prints its URL.
@@ -148,6 +149,11 @@ struct SubmitArgs {
     /// A tag for the job (repeatable).
     #[arg(long)]
     tag: Vec<String>,
+    /// Build a WASI 0.2 component (wasm32-wasip2) instead of a WASI module
+    /// (wasm32-wasip1), for crates that use WASI 0.2 interfaces. Its exit code is only
+    /// 0 or 1 unless it calls `cloudpipe_guest::exit`.
+    #[arg(long)]
+    component: bool,
     /// Arguments of the job (after `--` when they start with `-`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
     args: Vec<String>,
@@ -320,6 +326,7 @@ async fn preflight(client: &Client) -> anyhow::Result<()> {
 async fn build_and_upload(
     client: &Client,
     build: &BuildArgs,
+    target: build::Target,
     name: Option<&str>,
     settings: &FunctionSettingsPatch,
     ui: Ui,
@@ -327,7 +334,7 @@ async fn build_and_upload(
     preflight(client).await?;
     let build = build.clone();
     let quiet = ui.is_quiet();
-    let built = tokio::task::spawn_blocking(move || build::build(&build, quiet)).await??;
+    let built = tokio::task::spawn_blocking(move || build::build(&build, target, quiet)).await??;
     let name = match name {
         Some(n) => build::function_name(n)?,
         None => build::function_name(&built.name)?,
@@ -387,9 +394,11 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
             }
         }
     }
+    let target = if a.component { build::Target::Component } else { build::Target::Module };
     let name = build_and_upload(
         &client,
         &a.build,
+        target,
         a.name.as_deref(),
         &FunctionSettingsPatch::default(),
         ui,
@@ -445,7 +454,15 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
 async fn deploy(cli: &Cli, a: &DeployArgs, ui: Ui) -> anyhow::Result<i32> {
     let client = client(cli)?;
     let settings = FunctionSettingsPatch { public: a.public.then_some(true), ..Default::default() };
-    let name = build_and_upload(&client, &a.build, a.name.as_deref(), &settings, ui).await?;
+    let name = build_and_upload(
+        &client,
+        &a.build,
+        build::Target::Component,
+        a.name.as_deref(),
+        &settings,
+        ui,
+    )
+    .await?;
     let url = client.function_url(&name);
     ui.status("Deployed", format_args!("{name}"));
     println!("{url}");

@@ -91,7 +91,7 @@ edition = "2024"
 opt-level = "s"
 strip = "debuginfo"
 
-# A workspace of its own: the function builds for wasm32-wasip2 with the profile
+# A workspace of its own: the function builds for WASI with the profile
 # above, even when created inside another workspace.
 [workspace]
 "#

@@ -2,7 +2,8 @@
 //! on crates made by `cargo cloudpipe new` in a temporary directory.
 //!
 //! The server binary is built once per run (`cargo build -p cloudpipe-api --bin
-//! cloudpipe`); the guests build for wasm32-wasip2 into one shared target directory
+//! cloudpipe`); the guests build for wasm32-wasip1 (jobs) and wasm32-wasip2 (HTTP
+//! functions, `--component`) into one shared target directory
 //! (`target/cloudpipe-guests`), so their dependencies compile once.
 
 use std::path::{Path, PathBuf};
@@ -154,6 +155,54 @@ fn command_submit_prints_output_and_propagates_the_exit_code() {
             && stderr.contains("Is the server running?"),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_plain_crate_that_exits_5_gives_a_job_with_exit_code_5() {
+    let env = Env::start();
+    let dir = env.dir().join("five");
+    std::fs::create_dir_all(dir.join("src")).unwrap();
+    // No Cloudpipe crate at all: what any Rust user would write.
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        "[package]\nname = \"five\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n[workspace]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/main.rs"),
+        "fn main() {\n    println!(\"five\");\n    std::process::exit(5)\n}\n",
+    )
+    .unwrap();
+    let out = env.run(&dir, &["submit"]);
+    assert_eq!(out.status.code(), Some(5), "stderr:\n{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "five\n");
+    let jobs = env.api("/v1/jobs?function=five");
+    let job = &jobs["jobs"][0];
+    assert_eq!((&job["status"], &job["exit_code"]), (&"failed".into(), &5.into()), "{job}");
+    assert_eq!(env.api("/v1/functions/five")["kind"], "module");
+
+    // Built as a component, a crate keeps its code through `cloudpipe_guest::exit`.
+    let guest = workspace().join("sdk-rust/cloudpipe-guest");
+    std::fs::write(
+        dir.join("Cargo.toml"),
+        format!(
+            "[package]\nname = \"five\"\nversion = \"0.1.0\"\nedition = \"2024\"\n\n\
+             [dependencies]\ncloudpipe-guest = {{ path = {:?} }}\n\n[workspace]\n",
+            guest.display().to_string()
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("src/main.rs"),
+        "fn main() {\n    println!(\"seven\");\n    cloudpipe_guest::exit(7)\n}\n",
+    )
+    .unwrap();
+    let out = env.run(&dir, &["submit", "--component"]);
+    assert_eq!(out.status.code(), Some(7), "stderr:\n{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "seven\n");
+    let jobs = env.api("/v1/jobs?function=five");
+    assert_eq!(jobs["jobs"][0]["exit_code"], 7, "{jobs}");
+    assert_eq!(env.api("/v1/functions/five")["kind"], "command");
 }
 
 #[test]

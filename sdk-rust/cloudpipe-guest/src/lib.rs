@@ -1,9 +1,10 @@
 //! Write Cloudpipe functions in Rust.
 //!
-//! A Cloudpipe function is a program compiled to `wasm32-wasip2`: argv is the function
+//! A Cloudpipe function is a program compiled to WASI (`wasm32-wasip1` for jobs, which
+//! is what `cargo cloudpipe submit` builds, or `wasm32-wasip2`): argv is the function
 //! name then the job's arguments, stdin the job's input, stdout the result, stderr the
-//! log, and the exit code decides `succeeded` or `failed`. This crate adds two styles
-//! on top of that contract:
+//! log, and the exit code decides `succeeded` or `failed` ([`exit`] ends with any code,
+//! on either target). This crate adds two styles on top of that contract:
 //!
 //! - **Typed functions**: [`#[function]`](macro@function) on a plain Rust function. Its
 //!   arguments arrive as a JSON array on stdin and its return value leaves as JSON on
@@ -17,6 +18,7 @@
 //! - [`function`]: the attribute; [`run`]: the dispatcher behind the `main` it supplies.
 //! - [`http`]: [`http::Request`], [`http::Response`] and [`http::serve`] for CGI.
 //! - [`Error`]: what a typed call fails with (bad arguments, an `Err` returned).
+//! - [`exit`]: ends the process with an exit code that reaches the job record.
 //!
 //! # Example
 //!
@@ -38,7 +40,7 @@
 //! # assert!(cloudpipe_guest::call("divide", "[1, 0]").unwrap_err().to_string().contains("division by zero"));
 //! ```
 //!
-//! Built with `cargo build --release --target wasm32-wasip2` (or simply
+//! Built with `cargo build --release --target wasm32-wasip1` (or simply
 //! `cargo cloudpipe submit --fn add 3 4`), the job's stdout is `7`.
 
 use std::fmt;
@@ -86,6 +88,41 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// Ends the process at once with `code` as the job's exit code, after flushing stdout
+/// and stderr.
+///
+/// On `wasm32-wasip1` (and natively) this is `std::process::exit`: preview1's
+/// `proc_exit` carries the code. On `wasm32-wasip2` Rust's std can only say ok or
+/// error (WASI 0.2's `exit`), so any non-zero code would arrive as 1; this calls
+/// `wasi:cli/exit.exit-with-code` instead, which Cloudpipe's server provides.
+pub fn exit(code: u8) -> ! {
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    #[cfg(all(target_os = "wasi", target_env = "p2"))]
+    {
+        wasi_exit::wasi::cli::exit::exit_with_code(code);
+        unreachable!("wasi:cli/exit.exit-with-code returned");
+    }
+    #[cfg(not(all(target_os = "wasi", target_env = "p2")))]
+    std::process::exit(i32::from(code))
+}
+
+#[cfg(all(target_os = "wasi", target_env = "p2"))]
+mod wasi_exit {
+    // Declared inline: the interface as the server's WASI implements it.
+    wit_bindgen::generate!({
+        inline: "
+            package wasi:cli@0.2.12;
+            interface exit {
+                exit: func(status: result);
+                exit-with-code: func(status-code: u8);
+            }
+            world exit-with-code-guest { import exit; }
+        ",
+        world: "wasi:cli/exit-with-code-guest",
+    });
+}
 
 /// Runs the typed function this process was started for and returns the exit code;
 /// the `main` that [`#[function]`](macro@function) supplies is exactly this.

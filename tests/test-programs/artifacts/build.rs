@@ -20,7 +20,10 @@ fn main() {
     let http_guest = programs.join("http-guest");
     let wat_dir = programs.join("wat");
 
-    ensure_target();
+    ensure_target(TARGET);
+    // Not for these programs: `cargo cloudpipe submit` builds jobs for wasm32-wasip1,
+    // and its tests (sdk-rust/cargo-cloudpipe) run in the same `cargo test --workspace`.
+    ensure_target("wasm32-wasip1");
     let mut consts = String::new();
     let target_dir = out_dir.join("guest-target");
     for (name, path) in build_guests(&guest, &target_dir) {
@@ -36,10 +39,10 @@ fn main() {
 
 /// A fresh machine may lack the guests' target: add it (as `rustup target add` would
 /// be the first thing a developer is told to run) rather than fail the whole build.
-fn ensure_target() {
+fn ensure_target(target: &str) {
     let rustc = env::var_os("RUSTC").unwrap_or_else(|| "rustc".into());
     let libdir =
-        Command::new(&rustc).args(["--print", "target-libdir", "--target", TARGET]).output();
+        Command::new(&rustc).args(["--print", "target-libdir", "--target", target]).output();
     let installed = libdir
         .ok()
         .filter(|o| o.status.success())
@@ -47,11 +50,11 @@ fn ensure_target() {
     if installed {
         return;
     }
-    println!("cargo:warning=the {TARGET} target is missing; running `rustup target add {TARGET}`");
-    let added = Command::new("rustup").args(["target", "add", TARGET]).status();
+    println!("cargo:warning=the {target} target is missing; running `rustup target add {target}`");
+    let added = Command::new("rustup").args(["target", "add", target]).status();
     assert!(
         added.is_ok_and(|s| s.success()),
-        "the {TARGET} target is missing and `rustup target add {TARGET}` failed: install it and build again"
+        "the {target} target is missing and `rustup target add {target}` failed: install it and build again"
     );
 }
 

@@ -13,6 +13,12 @@
 //!    `CLOUDPIPE_BIN` names another server binary.
 //! 3. `node --test` on sdk-js's test files, with `CLOUDPIPE_BIN` and
 //!    `CLOUDPIPE_RUNNER_JS` pointing at both.
+//! 4. The runner the `cloudpipe` binary carries is the committed
+//!    `guest-runners/js/runner-js.wasm` (built by build.sh; a machine installing the
+//!    server need not have clang). When the rebuilt one differs from it byte for byte
+//!    (paths and tool versions end up in the binary), the suite runs again on the
+//!    committed one: both must pass the same tests. To refresh the committed one:
+//!    `cp guest-runners/js/dist/runner-js.wasm guest-runners/js/runner-js.wasm`.
 //!
 //! A missing tool (node, Chromium, clang, wasi-libc) fails the test with the command
 //! that installs it: nothing here is skipped.
@@ -47,15 +53,34 @@ fn sdk_js_suite_passes_against_the_real_server_and_runner() {
     tests.sort();
     assert!(!tests.is_empty(), "no *.test.js under {}", sdk.join("test").display());
 
+    let committed = root.join("guest-runners/js/runner-js.wasm");
+    let same = std::fs::read(&committed).ok() == std::fs::read(&runner).ok();
+    println!(
+        "the rebuilt runner is {} the committed {}",
+        if same { "byte for byte" } else { "not byte for byte" },
+        committed.display()
+    );
+    let mut runners = vec![runner];
+    if !same {
+        assert!(committed.is_file(), "{} is missing", committed.display());
+        runners.push(committed);
+    }
+    for runner in runners {
+        run_suite(&node, &sdk, &tests, &server, &runner);
+    }
+}
+
+/// `node --test` of `tests` with the server `server` running `runner`; fails loudly.
+fn run_suite(node: &str, sdk: &Path, tests: &[PathBuf], server: &Path, runner: &Path) {
     let started = Instant::now();
-    let mut cmd = Command::new(&node);
+    let mut cmd = Command::new(node);
     cmd.arg("--test")
-        .args(&tests)
-        .current_dir(&sdk)
-        .env("CLOUDPIPE_BIN", &server)
-        .env("CLOUDPIPE_RUNNER_JS", &runner);
+        .args(tests)
+        .current_dir(sdk)
+        .env("CLOUDPIPE_BIN", server)
+        .env("CLOUDPIPE_RUNNER_JS", runner);
     let (ok, output) = run_with_limit(cmd, NODE_SUITE_LIMIT);
-    println!("node --test sdk-js/test/ took {:.1?}", started.elapsed());
+    println!("node --test sdk-js/test/ on {} took {:.1?}", runner.display(), started.elapsed());
     println!("{output}");
     assert!(
         ok,
