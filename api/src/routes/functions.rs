@@ -123,9 +123,15 @@ pub async fn create_function(
         _ => None,
     };
     let bytes = read_body(body, registry.max_size()).await?;
-    let mut meta = registry.upload(&caller.tenant(), params.name.clone(), bytes).await?;
+    let uploaded = registry.upload(&caller.tenant(), params.name.clone(), bytes).await;
+    // Whatever the answer: a failed write may still have landed.
+    let invalidate = || params.name.as_deref().map(|n| state.invocations.functions.invalidate(n));
+    invalidate();
+    let mut meta = uploaded?;
     if let (Some(settings), Some(name)) = (settings, &params.name) {
-        meta = registry.configure(&caller.scope(), name, settings).await?.unwrap_or(meta);
+        let configured = registry.configure(&caller.scope(), name, settings).await;
+        invalidate();
+        meta = configured?.unwrap_or(meta);
     }
     Ok((StatusCode::CREATED, Json(info(meta))))
 }
@@ -179,8 +185,9 @@ pub async fn update_function(
         .filter(|m| m.name.as_deref() == Some(&name));
     let settings = current.ok_or_else(not_found)?.settings.patched(patch);
     check_settings(&state, &settings)?;
-    let meta =
-        state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
+    let meta = state.runtime.registry.configure(&scope, &name, settings).await;
+    state.invocations.functions.invalidate(&name);
+    let meta = meta?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
 }
 
@@ -193,7 +200,9 @@ pub async fn delete_function(
     caller: Caller,
     P(name): P<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
-    let deleted = state.runtime.registry.delete(&caller.scope(), &name).await?;
+    let deleted = state.runtime.registry.delete(&caller.scope(), &name).await;
+    state.invocations.functions.invalidate_all();
+    let deleted = deleted?;
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }
