@@ -18,7 +18,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -136,6 +136,115 @@ pub fn credentials(headers: &HeaderMap) -> Result<Option<Credentials>, ApiError>
     Err(bad())
 }
 
+// ---- the cache ----
+
+/// Entries a cache table holds before it starts again empty (a bound, not a tuning).
+const MAX_CACHED: usize = 100_000;
+
+/// Keys and accounts as the store last had them, so that an authenticated request
+/// reads no disk. One per process, shared by the built-in backend and [`Auth`]; filled
+/// on first use. Whoever changes a key or an account calls an `invalidate_*` method
+/// after the store's commit and before answering (the accounts routes do); a node of a
+/// cluster calls the same methods when another node tells it of a change. Unknown
+/// keys are not remembered: guesses must not grow memory (the failure limiter bounds
+/// them).
+#[derive(Default)]
+pub struct AuthCache {
+    inner: RwLock<Cached>,
+}
+
+#[derive(Default)]
+struct Cached {
+    /// Bumped by every invalidation: a store read that began before one is not cached,
+    /// since it may predate the change.
+    generation: u64,
+    /// By the SHA-256 hex of the secret.
+    keys: HashMap<String, KeyRecord>,
+    accounts: HashMap<String, AccountRecord>,
+}
+
+impl AuthCache {
+    /// The key whose secret hashes to `hash`, from memory or else from `store`.
+    pub async fn key_by_hash(
+        &self,
+        store: &dyn Store,
+        hash: &str,
+    ) -> anyhow::Result<Option<KeyRecord>> {
+        let generation = {
+            let cached = self.inner.read().unwrap();
+            if let Some(key) = cached.keys.get(hash) {
+                return Ok(Some(key.clone()));
+            }
+            cached.generation
+        };
+        let key = store.key_by_hash(hash).await?;
+        if let Some(key) = &key {
+            self.remember(generation, |c| &mut c.keys, hash, key);
+        }
+        Ok(key)
+    }
+
+    /// An account by name, from memory or else from `store`.
+    pub async fn account(
+        &self,
+        store: &dyn Store,
+        name: &str,
+    ) -> anyhow::Result<Option<AccountRecord>> {
+        let generation = {
+            let cached = self.inner.read().unwrap();
+            if let Some(account) = cached.accounts.get(name) {
+                return Ok(Some(account.clone()));
+            }
+            cached.generation
+        };
+        let account = store.get_account(name).await?;
+        if let Some(account) = &account {
+            self.remember(generation, |c| &mut c.accounts, name, account);
+        }
+        Ok(account)
+    }
+
+    fn remember<T: Clone>(
+        &self,
+        read_at: u64,
+        table: impl FnOnce(&mut Cached) -> &mut HashMap<String, T>,
+        key: &str,
+        value: &T,
+    ) {
+        let mut cached = self.inner.write().unwrap();
+        if cached.generation != read_at {
+            return;
+        }
+        let table = table(&mut cached);
+        if table.len() >= MAX_CACHED {
+            table.clear();
+        }
+        table.insert(key.to_string(), value.clone());
+    }
+
+    /// Forgets the key whose secret hashes to `hash` (revoked, or changed elsewhere).
+    pub fn invalidate_key(&self, hash: &str) {
+        let mut cached = self.inner.write().unwrap();
+        cached.generation += 1;
+        cached.keys.remove(hash);
+    }
+
+    /// Forgets an account (disabled, its quotas or role changed, or deleted).
+    pub fn invalidate_account(&self, name: &str) {
+        let mut cached = self.inner.write().unwrap();
+        cached.generation += 1;
+        cached.accounts.remove(name);
+    }
+
+    /// Forgets everything (when a node cannot tell what changed).
+    pub fn invalidate_all(&self) {
+        let mut cached = self.inner.write().unwrap();
+        cached.generation += 1;
+        cached.keys.clear();
+        cached.accounts.clear();
+    }
+}
+
 // ---- backends ----
 
 /// Why credentials were not accepted.
@@ -161,16 +270,22 @@ pub trait Authenticator: Send + Sync + 'static {
     fn external_accounts(&self) -> bool {
         false
     }
+
+    /// The cache the backend reads the store's keys through, which [`Auth`] shares.
+    fn cache(&self) -> Option<&Arc<AuthCache>> {
+        None
+    }
 }
 
-/// Keys in the store.
+/// Keys in the store (read through an [`AuthCache`]).
 pub struct BuiltinAuth {
     store: Arc<dyn Store>,
+    cache: Arc<AuthCache>,
 }
 
 impl BuiltinAuth {
     pub fn new(store: Arc<dyn Store>) -> BuiltinAuth {
-        BuiltinAuth { store }
+        BuiltinAuth { store, cache: Arc::default() }
     }
 }
 
@@ -180,9 +295,13 @@ impl Authenticator for BuiltinAuth {
         "builtin"
     }
 
+    fn cache(&self) -> Option<&Arc<AuthCache>> {
+        Some(&self.cache)
+    }
+
     async fn authenticate(&self, creds: &Credentials) -> Result<String, AuthError> {
         let hash = hash_key(creds.key());
-        let Some(record) = self.store.key_by_hash(&hash).await? else {
+        let Some(record) = self.cache.key_by_hash(&*self.store, &hash).await? else {
             return Err(AuthError::Invalid);
         };
         // The lookup found it by hash; compare again without early exit, so that the
@@ -251,6 +370,10 @@ impl Authenticator for ExternalAuth {
 
     fn external_accounts(&self) -> bool {
         true
+    }
+
+    fn cache(&self) -> Option<&Arc<AuthCache>> {
+        self.builtin.cache()
     }
 
     async fn authenticate(&self, creds: &Credentials) -> Result<String, AuthError> {
@@ -455,6 +578,7 @@ fn missing_key_message() -> String {
 pub struct Auth {
     backend: Arc<dyn Authenticator>,
     store: Arc<dyn Store>,
+    cache: Arc<AuthCache>,
     /// Quotas of accounts that set none.
     pub defaults: Quotas,
     limiter: FailureLimiter,
@@ -467,7 +591,13 @@ impl Auth {
         defaults: Quotas,
         limiter: FailureLimiter,
     ) -> Auth {
-        Auth { backend, store, defaults, limiter }
+        let cache = backend.cache().cloned().unwrap_or_default();
+        Auth { backend, store, cache, defaults, limiter }
+    }
+
+    /// The keys and accounts in memory: invalidate them when they change.
+    pub fn cache(&self) -> &AuthCache {
+        &self.cache
     }
 
     pub fn backend(&self) -> &dyn Authenticator {
@@ -486,7 +616,7 @@ impl Auth {
     /// in the store: it gets a default user's (no quotas of its own, no network, no
     /// egress).
     pub async fn account(&self, name: &str) -> anyhow::Result<Option<AccountRecord>> {
-        Ok(match self.store.get_account(name).await? {
+        Ok(match self.cache.account(&*self.store, name).await? {
             Some(a) => Some(a),
             None if self.backend.external_accounts() => Some(AccountRecord {
                 name: name.to_string(),
@@ -693,6 +823,50 @@ mod tests {
             h.insert(header::AUTHORIZATION, bad.parse().unwrap());
             assert!(credentials(&h).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn cache_serves_from_memory_until_invalidated_and_skips_reads_older_than_a_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = cloudpipe_runtime::store::open(Default::default(), dir.path()).unwrap();
+        let account = AccountRecord {
+            name: "alice".into(),
+            role: Role::User,
+            disabled: false,
+            quotas: Quotas::default(),
+            allow_network: false,
+            created_at: 1,
+        };
+        assert!(store.insert_account(account.clone()).await.unwrap());
+        let key = key_record("alice", "cpk_secret", None);
+        assert!(store.insert_key(key.clone()).await.unwrap());
+        let cache = AuthCache::default();
+        assert_eq!(cache.key_by_hash(&*store, &key.hash).await.unwrap(), Some(key.clone()));
+        assert_eq!(cache.key_by_hash(&*store, "unknown").await.unwrap(), None);
+        assert_eq!(cache.account(&*store, "alice").await.unwrap(), Some(account.clone()));
+
+        // Changed in the store behind the cache's back: memory answers until told.
+        store.delete_key(&key.id).await.unwrap();
+        let disabled = AccountRecord { disabled: true, ..account.clone() };
+        store.update_account(disabled.clone()).await.unwrap();
+        assert_eq!(cache.key_by_hash(&*store, &key.hash).await.unwrap(), Some(key.clone()));
+        assert!(!cache.account(&*store, "alice").await.unwrap().unwrap().disabled);
+        cache.invalidate_key(&key.hash);
+        cache.invalidate_account("alice");
+        assert_eq!(cache.key_by_hash(&*store, &key.hash).await.unwrap(), None);
+        assert_eq!(cache.account(&*store, "alice").await.unwrap(), Some(disabled.clone()));
+        cache.invalidate_all();
+        assert!(cache.inner.read().unwrap().accounts.is_empty());
+
+        // A read that began before an invalidation is not remembered: it may predate
+        // the change.
+        let before = cache.inner.read().unwrap().generation;
+        cache.invalidate_account("bob");
+        cache.remember(before, |c| &mut c.accounts, "alice", &account);
+        assert!(cache.inner.read().unwrap().accounts.is_empty());
+        let now = cache.inner.read().unwrap().generation;
+        cache.remember(now, |c| &mut c.accounts, "alice", &disabled);
+        assert_eq!(cache.account(&*store, "alice").await.unwrap(), Some(disabled));
     }
 
     #[test]

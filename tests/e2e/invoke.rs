@@ -349,3 +349,29 @@ async fn outbound_requests_go_only_to_allowed_hosts() {
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(body, "status 200\nok");
 }
+
+/// `/fn/{name}` resolves from memory: a delete, by name or by id, is seen by the very
+/// next invocation.
+#[tokio::test]
+async fn a_deleted_function_is_gone_from_the_next_invocation() {
+    let s = TestServer::start(&[]).await;
+    let get = |path: &str| s.client.get(format!("{}{path}", s.url)).send();
+    for by_id in [false, true] {
+        let f = s.upload("web", &program(programs::HTTP_ECHO)).await;
+        let id = f["id"].as_str().unwrap().to_string();
+        for path in ["/fn/web/hello", &format!("/fn/{id}/hello")] {
+            assert_eq!(get(path).await.unwrap().status(), StatusCode::OK, "{path}");
+        }
+        let target = if by_id { id.clone() } else { "web".to_string() };
+        let (st, body) =
+            s.request(reqwest::Method::DELETE, &format!("/v1/functions/{target}"), None).await;
+        assert_eq!(st, StatusCode::OK, "{body}");
+        for path in ["/fn/web/hello", &format!("/fn/{id}/hello")] {
+            assert_eq!(
+                get(path).await.unwrap().status(),
+                StatusCode::NOT_FOUND,
+                "{path} after deleting {target}"
+            );
+        }
+    }
+}

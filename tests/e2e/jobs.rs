@@ -197,3 +197,65 @@ async fn jobs_are_listed_newest_first_with_filters_and_cursor() {
     assert_eq!(s.metric("cloudpipe_jobs{status=\"succeeded\"}").await, 4.0);
     assert_eq!(s.metric("cloudpipe_jobs{status=\"failed\"}").await, 1.0);
 }
+
+/// One account's backlog does not starve another: with two run slots busy with
+/// account A's one-second jobs and 2,000 more of them queued, account B's job starts
+/// when the next slot frees, not after A's backlog (claims go round-robin across
+/// accounts).
+#[tokio::test]
+async fn a_flooding_account_does_not_starve_another() {
+    const SLOT_SECS: u64 = 1;
+    let s = TestServer::start(&["--concurrency", "2"]).await;
+    let mut keys = Vec::new();
+    for name in ["flood", "late"] {
+        let (st, body) = s
+            .post_json(
+                "/v1/accounts",
+                &json!({"name": name, "quotas": {"max_concurrent_jobs": 5000}}),
+            )
+            .await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+        let (st, key) = s.post_json(&format!("/v1/accounts/{name}/keys"), &json!({})).await;
+        assert_eq!(st, StatusCode::CREATED, "{key}");
+        keys.push(format!("Bearer {}", key["key"].as_str().unwrap()));
+    }
+    let submit = |key: &str, function: &str| {
+        let req = s.client.post(format!("{}/v1/jobs", s.url)).header("authorization", key).json(
+            &json!({"function": function, "args": [SLOT_SECS.to_string()], "timeout_ms": 60000}),
+        );
+        async move {
+            let res = req.send().await.unwrap();
+            let st = res.status();
+            let job: serde_json::Value = res.json().await.unwrap();
+            assert_eq!(st, StatusCode::CREATED, "{job}");
+            job["id"].as_str().unwrap().to_string()
+        }
+    };
+    for (i, key) in keys.iter().enumerate() {
+        let res = s
+            .client
+            .post(format!("{}/v1/functions?name=nap-{i}", s.url))
+            .header("authorization", key)
+            .body(program(programs::SLEEP))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+    }
+    for _ in 0..20 {
+        let chunk: Vec<_> = (0..100).map(|_| submit(&keys[0], "nap-0")).collect();
+        futures::future::join_all(chunk).await;
+    }
+    let id = submit(&keys[1], "nap-1").await;
+    let job = s.wait_terminal(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    let queued_ms = job["queue_ms"].as_f64().unwrap();
+    // One slot's time, and some room for a busy machine: far below the ~1,000 s that
+    // first-in first-out would take.
+    assert!(
+        queued_ms <= (SLOT_SECS * 1000) as f64 + 1500.0,
+        "B's job waited {queued_ms} ms behind A's backlog"
+    );
+    let (_, queued) = s.get("/v1/jobs?status=queued&account=flood&limit=1000").await;
+    assert!(queued["jobs"].as_array().unwrap().len() >= 990, "A's backlog is still there");
+}

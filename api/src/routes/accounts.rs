@@ -168,7 +168,10 @@ pub async fn update_account(
         check_outbound(&o)?;
         record.allowed_outbound = o;
     }
-    if !state.runtime.store.update_account(record.clone()).await? {
+    let updated = state.runtime.store.update_account(record.clone()).await;
+    // Whatever the answer: a failed commit may still have landed.
+    state.auth.cache().invalidate_account(&name);
+    if !updated? {
         return Err(account_not_found(&name));
     }
     tracing::info!(account = %name, disabled = record.disabled, by = %caller.account, "account updated");
@@ -302,7 +305,9 @@ pub async fn revoke_key(
             "revoking the key set by CLOUDPIPE_ADMIN_KEY: it comes back at the next start while that variable is set"
         );
     }
-    let revoked = store.delete_key(&key.id).await?.ok_or_else(not_found)?;
+    let revoked = store.delete_key(&key.id).await;
+    state.auth.cache().invalidate_key(&key.hash);
+    let revoked = revoked?.ok_or_else(not_found)?;
     tracing::info!(account = %revoked.account, key_id = %revoked.id, by = %caller.account, "API key revoked");
     Ok(Json(key_info(revoked)))
 }

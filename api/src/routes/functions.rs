@@ -222,9 +222,15 @@ pub async fn create_function(
             ApiError::Unavailable("the server is busy compiling uploads; retry shortly".into())
         })?
         .map_err(|e| ApiError::Internal(e.into()))?;
-    let mut meta = registry.upload(&tenant, params.name.clone(), bytes).await?;
+    let uploaded = registry.upload(&tenant, params.name.clone(), bytes).await;
+    // Whatever the answer: a failed write may still have landed.
+    let invalidate = || params.name.as_deref().map(|n| state.invocations.functions.invalidate(n));
+    invalidate();
+    let mut meta = uploaded?;
     if let (Some(settings), Some(name)) = (settings, &params.name) {
-        meta = registry.configure(&caller.scope(), name, settings).await?.unwrap_or(meta);
+        let configured = registry.configure(&caller.scope(), name, settings).await;
+        invalidate();
+        meta = configured?.unwrap_or(meta);
     }
     Ok((StatusCode::CREATED, Json(info(meta))))
 }
@@ -280,8 +286,9 @@ pub async fn update_function(
     let current = current.ok_or_else(not_found)?;
     let settings = current.settings.patched(patch.clone());
     check_settings(&state, &current.account, &settings, &patch).await?;
-    let meta =
-        state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
+    let meta = state.runtime.registry.configure(&scope, &name, settings).await;
+    state.invocations.functions.invalidate(&name);
+    let meta = meta?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
 }
 
@@ -294,7 +301,9 @@ pub async fn delete_function(
     caller: Caller,
     P(name): P<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
-    let deleted = state.runtime.registry.delete(&caller.scope(), &name).await?;
+    let deleted = state.runtime.registry.delete(&caller.scope(), &name).await;
+    state.invocations.functions.invalidate_all();
+    let deleted = deleted?;
     if deleted.is_empty() {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));
     }

@@ -20,7 +20,7 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -96,10 +96,64 @@ impl Default for InvokeConfig {
     }
 }
 
+/// Functions as `/fn/{name}` resolves them (by name or id, in every account), kept in
+/// memory so that an invocation reads no disk. Filled on first use; the functions
+/// routes invalidate a name after an upload, a settings change or a delete and before
+/// answering (and a node of a cluster does when told of a change elsewhere). Names
+/// that resolve to nothing are not remembered: any URL must not grow memory.
+#[derive(Default)]
+pub struct FunctionCache {
+    /// Bumped by every invalidation: a lookup that began before one is not cached.
+    inner: RwLock<(u64, HashMap<String, Arc<FunctionMeta>>)>,
+}
+
+/// Entries the function cache holds before it starts again empty.
+const MAX_CACHED_FUNCTIONS: usize = 10_000;
+
+impl FunctionCache {
+    async fn get(&self, state: &AppState, name: &str) -> anyhow::Result<Option<Arc<FunctionMeta>>> {
+        let generation = {
+            let cached = self.inner.read().unwrap();
+            if let Some(meta) = cached.1.get(name) {
+                return Ok(Some(meta.clone()));
+            }
+            cached.0
+        };
+        let Some(meta) = state.runtime.registry.get(&Scope::All, name).await? else {
+            return Ok(None);
+        };
+        let meta = Arc::new(meta);
+        let mut cached = self.inner.write().unwrap();
+        if cached.0 == generation {
+            if cached.1.len() >= MAX_CACHED_FUNCTIONS {
+                cached.1.clear();
+            }
+            cached.1.insert(name.to_string(), meta.clone());
+        }
+        Ok(Some(meta))
+    }
+
+    /// Forgets what `name` resolved to.
+    pub fn invalidate(&self, name: &str) {
+        let mut cached = self.inner.write().unwrap();
+        cached.0 += 1;
+        cached.1.remove(name);
+    }
+
+    /// Forgets every function (a version deleted by id may have had several names).
+    pub fn invalidate_all(&self) {
+        let mut cached = self.inner.write().unwrap();
+        cached.0 += 1;
+        cached.1.clear();
+    }
+}
+
 /// Admission of invocations: a global limit, one per account and one per function.
 /// One per process.
 pub struct Invocations {
     config: InvokeConfig,
+    /// What `/fn/{name}` resolves to.
+    pub functions: FunctionCache,
     all: Arc<Semaphore>,
     /// Invocations answered since start, by class of status (2xx, 4xx, 5xx, ...).
     pub answered: [std::sync::atomic::AtomicU64; 6],
@@ -139,6 +193,7 @@ impl Invocations {
             all: Arc::new(Semaphore::new(config.max_concurrency.max(1))),
             per_function: Mutex::new(HashMap::new()),
             per_account: Mutex::new(HashMap::new()),
+            functions: FunctionCache::default(),
             answered: Default::default(),
             config,
         }
@@ -265,7 +320,7 @@ async fn run(
     // Resolved per request, so that a redeploy switches the next request atomically.
     // Public functions answer anyone; the others only their account (and the admin).
     // Without a key the answer is the same whether the function exists or not.
-    let meta = rt.registry.get(&Scope::All, name).await?;
+    let meta = state.invocations.functions.get(state, name).await?;
     let meta = match (meta, caller) {
         (Some(m), _) if m.settings.public => m,
         (Some(m), Some(c)) if c.sees(&m.account) => m,

@@ -58,6 +58,8 @@ macro_rules! suite {
             case!(functions_are_isolated_between_accounts);
             case!(accounts_and_keys_round_trip);
             case!(idempotency_keys_are_per_account_and_active_jobs_are_listed);
+            case!(every_list_filter_agrees_with_a_scan_after_purge_and_reopen);
+            case!(claims_take_accounts_in_turn_and_each_account_first_in_first_out);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn reopened_store_after_churn_stays_near_live_data() {
@@ -924,7 +926,7 @@ pub(crate) async fn idempotency_keys_are_per_account_and_active_jobs_are_listed<
     assert!(matches!((&a, &b), (Inserted::Created(_), Inserted::Created(_))));
     assert_eq!(store.insert_job(keyed("bob")).await.unwrap(), Inserted::Existing(b.job().clone()));
     let done = insert(&store, queued_job("f")).await;
-    store.claim_jobs(1, 5).await.unwrap(); // alice's, the oldest
+    store.claim_jobs(1, 5).await.unwrap(); // one of them runs: listed as well
     let mut active = store.active_jobs().await.unwrap();
     active.sort();
     let mut want = vec![
@@ -938,4 +940,179 @@ pub(crate) async fn idempotency_keys_are_per_account_and_active_jobs_are_listed<
     let listed: Vec<_> =
         store.list_jobs(&filter).await.unwrap().into_iter().map(|j| j.id).collect();
     assert_eq!(listed, [b.job().id]);
+}
+
+/// Every combination of filters, paged, against the same filter applied to every
+/// job: with jobs of several accounts in every status, then after retention deleted
+/// some, then after a reopen.
+pub(crate) async fn every_list_filter_agrees_with_a_scan_after_purge_and_reopen<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let mut ids = Vec::new();
+    {
+        let store = open(dir.path()).unwrap();
+        for i in 0..36usize {
+            let mut job = queued_job(["f", "g"][i % 2]);
+            job.account = ["alice", "bob", ADMIN][i % 3].to_string();
+            job.function_id = format!("sha256:{}", i % 4);
+            job.tags = match i % 5 {
+                0 => vec!["t1".into()],
+                1 => vec!["t1".into(), "t2\0x".into()],
+                _ => vec![],
+            };
+            if i % 4 == 1 {
+                job.batch =
+                    Some(crate::job::BatchRef { id: "b1".into(), index: i as u64, round: 0 });
+            }
+            ids.push(insert(&store, job).await.id);
+        }
+        // Some run, some of those end each way, one is cancelled queued.
+        let running = store.claim_jobs(20, 10).await.unwrap();
+        for (n, job) in running.iter().enumerate().take(16) {
+            let outcome = match n % 3 {
+                0 => succeeded(b"ok"),
+                1 => JobOutcome::error(JobStatus::Failed, "trap", "x"),
+                _ => JobOutcome::error(JobStatus::TimedOut, "timeout", "x"),
+            };
+            store.finish_job(job.id, outcome, 100 + n as u64).await.unwrap();
+        }
+        let queued = store
+            .list_jobs(&JobFilter {
+                status: Some(JobStatus::Queued),
+                limit: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store.cancel_queued_job(queued[0].id, 200).await.unwrap();
+        check_every_filter(&store, &ids).await;
+
+        // Retention deletes the oldest finished jobs: they leave every list.
+        let keep = Retention { max_age_micros: u64::MAX, max_finished: 8 };
+        assert_eq!(store.purge_finished(keep, 300, 100).await.unwrap(), 9);
+        check_every_filter(&store, &ids).await;
+    }
+    let store = open(dir.path()).unwrap();
+    check_every_filter(&store, &ids).await;
+    assert_eq!(store.recover(400).await.unwrap().requeued, 4);
+    check_every_filter(&store, &ids).await;
+}
+
+/// Lists `store` with every combination of filters (whole, and paged two at a time by
+/// cursor) and compares each with the filter applied to every job of `ids` that
+/// still exists.
+async fn check_every_filter<S: Store>(store: &S, ids: &[JobId]) {
+    let mut all = Vec::new();
+    for id in ids.iter().rev() {
+        all.extend(store.get_job(*id).await.unwrap());
+    }
+    let accounts = [None, Some("alice"), Some("bob")];
+    let statuses = [
+        None,
+        Some(JobStatus::Queued),
+        Some(JobStatus::Running),
+        Some(JobStatus::Failed),
+        Some(JobStatus::Cancelled),
+    ];
+    let functions = [None, Some("f"), Some("sha256:1")];
+    let tags = [None, Some("t1"), Some("t2\0x")];
+    let batches = [None, Some("b1"), Some("b2")];
+    for account in accounts {
+        for status in statuses {
+            for function in functions {
+                for tag in tags {
+                    for batch in batches {
+                        let filter = JobFilter {
+                            account: account.map(str::to_string),
+                            status,
+                            function: function.map(str::to_string),
+                            tag: tag.map(str::to_string),
+                            batch: batch.map(str::to_string),
+                            before: None,
+                            limit: 1000,
+                        };
+                        let want: Vec<JobId> = all
+                            .iter()
+                            .filter(|j| {
+                                account.is_none_or(|a| j.account == a)
+                                    && status.is_none_or(|s| j.status == s)
+                                    && function
+                                        .is_none_or(|f| j.function == f || j.function_id == f)
+                                    && tag.is_none_or(|t| j.tags.iter().any(|jt| jt == t))
+                                    && batch.is_none_or(|b| {
+                                        j.batch.as_ref().is_some_and(|jb| jb.id == b)
+                                    })
+                            })
+                            .map(|j| j.id)
+                            .collect();
+                        let got: Vec<JobId> =
+                            store.list_jobs(&filter).await.unwrap().iter().map(|j| j.id).collect();
+                        assert_eq!(got, want, "{filter:?}");
+                        let mut paged = Vec::new();
+                        let mut page = JobFilter { limit: 2, ..filter.clone() };
+                        loop {
+                            let jobs = store.list_jobs(&page).await.unwrap();
+                            paged.extend(jobs.iter().map(|j| j.id));
+                            match jobs.last() {
+                                Some(last) if jobs.len() == 2 => page.before = Some(last.id),
+                                _ => break,
+                            }
+                        }
+                        assert_eq!(paged, want, "paged by 2: {filter:?}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub(crate) async fn claims_take_accounts_in_turn_and_each_account_first_in_first_out<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let queue = |account: &str| {
+        let mut job = queued_job("f");
+        job.account = account.into();
+        job
+    };
+    // One account floods the queue first; two others queue after it.
+    let mut flood = Vec::new();
+    for _ in 0..6 {
+        flood.push(insert(&store, queue("alice")).await.id);
+    }
+    let bob: Vec<JobId> =
+        vec![insert(&store, queue("bob")).await.id, insert(&store, queue("bob")).await.id];
+    let carol = insert(&store, queue("carol")).await.id;
+    let claim = |n: usize| {
+        let store = &store;
+        async move {
+            store.claim_jobs(n, 1).await.unwrap().into_iter().map(|j| j.id).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(claim(4).await, [flood[0], bob[0], carol, flood[1]]);
+    // The next claim goes on after the account served last, not from the start.
+    assert_eq!(claim(1).await, [bob[1]]);
+    assert_eq!(claim(1).await, [flood[2]]);
+    // A newcomer gets its turn before the flood goes on.
+    let dave = insert(&store, queue("dave")).await.id;
+    assert_eq!(claim(2).await, [dave, flood[3]]);
+    assert_eq!(claim(10).await, [flood[4], flood[5]]);
+    assert_eq!(claim(10).await, []);
+
+    // Recovery puts a job back ahead of its own account's newer jobs, and the turn
+    // survives a reopen: it goes on after alice, served last.
+    let erin = insert(&store, queue("erin")).await.id;
+    let late = insert(&store, queue("alice")).await.id;
+    assert_eq!(store.recover(2).await.unwrap().requeued, 10);
+    drop(store);
+    let store = open(dir.path()).unwrap();
+    let claim = async |n: usize| -> Vec<JobId> {
+        store.claim_jobs(n, 3).await.unwrap().into_iter().map(|j| j.id).collect()
+    };
+    assert_eq!(claim(3).await, [bob[0], carol, dave]);
+    assert_eq!(claim(3).await, [erin, flood[0], bob[1]]);
+    let rest = claim(100).await;
+    assert_eq!(rest, [&flood[1..], &[late]].concat(), "first in first out within alice");
 }

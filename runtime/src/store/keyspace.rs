@@ -8,7 +8,10 @@
 //! | table | key | value |
 //! | --- | --- | --- |
 //! | jobs | `j` id(16) | [`Job`] as JSON |
-//! | queue | `q` created_at(8) id(16) | empty |
+//! | queue | `Q` account 0 created_at(8) id(16) | empty |
+//! | claim cursor | `Mclaim` | the account the last claim served last |
+//! | lists | `l` dimension(1) len(4) account len(4) value id(16) | empty |
+//! | list index version | `Mlists` | version(1) |
 //! | running | `r` id(16) | empty |
 //! | idempotency | `i` account 0 key | id(16) |
 //! | finished | `d` finished_at(8) id(16) | empty |
@@ -26,9 +29,24 @@
 //! Account names and function ids never contain a 0 byte, so `account 0` and `id 0`
 //! are exact prefixes.
 //!
-//! Job ids are UUIDv7, so the jobs table is in creation order. The queue is ordered by
-//! `created_at`, which a job keeps when recovery puts it back: a requeued job goes
-//! ahead of every job submitted after it.
+//! Job ids are UUIDv7, so the jobs table is in creation order. Each account has its
+//! queue, ordered by `created_at`, which a job keeps when recovery puts it back: a
+//! requeued job goes ahead of every job of its account submitted after it. Claims take
+//! one job of each account with queued work in turn (accounts in name order, starting
+//! after the one the last claim served last), so one account's backlog does not starve
+//! the others.
+//!
+//! # Lists
+//! Every job has entries in the `l` table, one per way [`JobFilter`] can ask for it:
+//! by status, by function (the name as submitted and the version's id), by tag and by
+//! batch, each under its account and again under the empty account (every account),
+//! and by creation under its account (every account's jobs by creation are the jobs
+//! table itself). Lengths come before the variable parts, so each (dimension, account,
+//! value) is an exact prefix whose entries are in id (creation) order: a list reads
+//! one such range backwards from its cursor, or, for several filters at once, steps
+//! through their ranges together (a leapfrog join), so a page costs about its own
+//! size whatever else is stored. Only the status entries change after the insert.
+//! Stores written before the index are indexed once at open ([`upgrade`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -43,7 +61,11 @@ use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
 
 const JOBS: u8 = b'j';
-const QUEUE: u8 = b'q';
+/// The single queue of stores written before queues were kept per account: moved to
+/// [`QUEUE`] by [`upgrade`].
+const LEGACY_QUEUE: u8 = b'q';
+const QUEUE: u8 = b'Q';
+const LISTS: u8 = b'l';
 const RUNNING: u8 = b'r';
 const IDEMPOTENCY: u8 = b'i';
 const FINISHED: u8 = b'd';
@@ -57,6 +79,20 @@ const ACCOUNTS: u8 = b'a';
 const KEYS: u8 = b'k';
 const KEY_IDS: u8 = b'K';
 const BATCHES: u8 = b'B';
+
+/// The list index's version; absent in stores written before it ([`upgrade`]).
+const LIST_INDEX_VERSION: &[u8] = b"Mlists";
+/// The account the last claim served last.
+const CLAIM_CURSOR: &[u8] = b"Mclaim";
+
+// Dimensions of the list index.
+const BY_CREATION: u8 = b'c';
+const BY_STATUS: u8 = b's';
+const BY_FUNCTION: u8 = b'f';
+const BY_TAG: u8 = b't';
+const BY_BATCH: u8 = b'b';
+/// The account part of the entries that list every account's jobs.
+const EVERY_ACCOUNT: &str = "";
 
 /// How many entries a scan loads at once.
 const CHUNK: usize = 256;
@@ -97,8 +133,59 @@ fn timed_key(table: u8, at: Micros, id: JobId) -> Vec<u8> {
     k
 }
 
+fn queue_prefix(account: &str) -> Vec<u8> {
+    pair_key(QUEUE, account, "")
+}
+
 fn queue_key(job: &Job) -> Vec<u8> {
-    timed_key(QUEUE, job.created_at, job.id)
+    let mut k = queue_prefix(&job.account);
+    k.extend_from_slice(&job.created_at.to_be_bytes());
+    k.extend_from_slice(&job.id.to_bytes());
+    k
+}
+
+/// `len(4) s`: a variable part of a key that is an exact prefix whatever bytes it holds.
+fn push_sized(k: &mut Vec<u8>, s: &str) {
+    k.extend_from_slice(&(s.len() as u32).to_be_bytes());
+    k.extend_from_slice(s.as_bytes());
+}
+
+/// The range of list entries of one (dimension, account, value).
+fn list_prefix(dim: u8, account: &str, value: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(26 + account.len() + value.len());
+    k.push(LISTS);
+    k.push(dim);
+    push_sized(&mut k, account);
+    push_sized(&mut k, value);
+    k
+}
+
+/// The list entries of `job`: all of them, or only those that depend on its status.
+fn list_entries(job: &Job, status_only: bool) -> Vec<Vec<u8>> {
+    let mut keys = Vec::new();
+    for account in [job.account.as_str(), EVERY_ACCOUNT] {
+        keys.push(list_prefix(BY_STATUS, account, job.status.as_str()));
+        if status_only {
+            continue;
+        }
+        keys.push(list_prefix(BY_FUNCTION, account, &job.function));
+        if job.function_id != job.function {
+            keys.push(list_prefix(BY_FUNCTION, account, &job.function_id));
+        }
+        for tag in &job.tags {
+            keys.push(list_prefix(BY_TAG, account, tag));
+        }
+        if let Some(batch) = &job.batch {
+            keys.push(list_prefix(BY_BATCH, account, &batch.id));
+        }
+    }
+    if !status_only {
+        keys.push(list_prefix(BY_CREATION, &job.account, ""));
+    }
+    for k in &mut keys {
+        k.extend_from_slice(&job.id.to_bytes());
+    }
+    keys
 }
 
 fn finished_key(job: &Job) -> Vec<u8> {
@@ -215,10 +302,18 @@ fn bump(tx: &mut dyn KvWrite, status: JobStatus, delta: i64) -> Result<()> {
 }
 
 /// Replaces a stored job (`old`) by its new state: record, indexes and counters.
+/// (A job's account, function, tags and batch never change: only its status entries
+/// move.)
 fn update_job(tx: &mut dyn KvWrite, old: &Job, job: &Job) -> Result<()> {
     remove_indexes(tx, old)?;
     add_indexes(tx, job)?;
     if old.status != job.status {
+        for k in list_entries(old, true) {
+            tx.delete(&k)?;
+        }
+        for k in list_entries(job, true) {
+            tx.put(&k, &[])?;
+        }
         bump(tx, old.status, -1)?;
         bump(tx, job.status, 1)?;
     }
@@ -258,6 +353,9 @@ fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
     }
     put_json(tx, &job_key(job.id), job)?;
     add_indexes(tx, job)?;
+    for k in list_entries(job, false) {
+        tx.put(&k, &[])?;
+    }
     if let Some(idem_key) = &idem_key {
         tx.put(idem_key, &job.id.to_bytes())?;
     }
@@ -265,29 +363,59 @@ fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
     Ok(Inserted::Created(job.clone()))
 }
 
+/// Accounts with queued jobs, in name order.
+fn queued_accounts(r: &dyn KvRead) -> Result<Vec<String>> {
+    let mut accounts = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    while let Some((k, _)) = r.scan(&[QUEUE], after.as_deref(), false, 1)?.pop() {
+        let end = k.iter().position(|b| *b == 0).context("queue key without an account")?;
+        let account = std::str::from_utf8(&k[1..end]).context("queue key account")?;
+        // Past every key of this account: its keys end in 24 bytes after the 0.
+        let mut skip = queue_prefix(account);
+        skip.extend_from_slice(&[u8::MAX; 25]);
+        after = Some(skip);
+        accounts.push(account.to_string());
+    }
+    Ok(accounts)
+}
+
+/// Round-robin across accounts, first in first out within one (see the module docs).
 fn claim_jobs(tx: &mut dyn KvWrite, limit: usize, now: Micros) -> Result<Vec<Job>> {
     let mut claimed = Vec::new();
-    let mut after: Option<Vec<u8>> = None;
-    while claimed.len() < limit {
-        let entries = tx.scan(&[QUEUE], after.as_deref(), false, limit - claimed.len())?;
-        let Some((last, _)) = entries.last() else { break };
-        after = Some(last.clone());
-        for (qkey, _) in entries {
-            let id = id_suffix(&qkey)?;
-            match get_job(&*tx, id)? {
-                Some(old) if old.status == JobStatus::Queued => {
-                    let mut job = old.clone();
-                    job.status = JobStatus::Running;
-                    job.attempts += 1;
-                    job.started_at = Some(now);
-                    update_job(tx, &old, &job)?;
-                    claimed.push(job);
-                }
-                // A queue entry without a queued job cannot be written by this module;
-                // drop it rather than loop on it.
-                _ => tx.delete(&qkey)?,
+    let accounts = queued_accounts(&*tx)?;
+    if accounts.is_empty() {
+        return Ok(claimed);
+    }
+    let last = tx.get(CLAIM_CURSOR)?.map(String::from_utf8).transpose()?;
+    let start = accounts.partition_point(|a| last.as_ref().is_some_and(|l| a <= l));
+    let mut turn: std::collections::VecDeque<String> =
+        accounts[start..].iter().chain(&accounts[..start]).cloned().collect();
+    let mut served = None;
+    while claimed.len() < limit
+        && let Some(account) = turn.pop_front()
+    {
+        let Some((qkey, _)) = tx.scan(&queue_prefix(&account), None, false, 1)?.pop() else {
+            continue;
+        };
+        let id = id_suffix(&qkey)?;
+        match get_job(&*tx, id)? {
+            Some(old) if old.status == JobStatus::Queued => {
+                let mut job = old.clone();
+                job.status = JobStatus::Running;
+                job.attempts += 1;
+                job.started_at = Some(now);
+                update_job(tx, &old, &job)?;
+                claimed.push(job);
+                served = Some(account.clone());
             }
+            // A queue entry without a queued job cannot be written by this module;
+            // drop it rather than loop on it.
+            _ => tx.delete(&qkey)?,
         }
+        turn.push_back(account);
+    }
+    if let Some(account) = served {
+        tx.put(CLAIM_CURSOR, account.as_bytes())?;
     }
     Ok(claimed)
 }
@@ -397,6 +525,9 @@ fn purge_finished(
         tx.delete(&dkey)?;
         if let Some(job) = get_job(&*tx, id)? {
             tx.delete(&job_key(id))?;
+            for k in list_entries(&job, false) {
+                tx.delete(&k)?;
+            }
             if let Some(idem_key) = idempotency_key(&job) {
                 // Only if it still names this job.
                 if tx.get(&idem_key)?.as_deref() == Some(&id.to_bytes()[..]) {
@@ -626,22 +757,106 @@ pub(crate) fn get_job(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
     r.get(&job_key(id))?.map(|b| decode_job(&b)).transpose()
 }
 
+/// The index ranges whose common ids are the jobs `filter` asks for (see the module
+/// docs); the jobs table itself when nothing narrows the list.
+fn filter_ranges(filter: &JobFilter) -> Vec<Vec<u8>> {
+    let account = filter.account.as_deref().unwrap_or(EVERY_ACCOUNT);
+    let mut ranges = Vec::new();
+    if let Some(status) = filter.status {
+        ranges.push(list_prefix(BY_STATUS, account, status.as_str()));
+    }
+    if let Some(batch) = &filter.batch {
+        ranges.push(list_prefix(BY_BATCH, account, batch));
+    }
+    if let Some(tag) = &filter.tag {
+        ranges.push(list_prefix(BY_TAG, account, tag));
+    }
+    if let Some(function) = &filter.function {
+        ranges.push(list_prefix(BY_FUNCTION, account, function));
+    }
+    if ranges.is_empty() {
+        ranges.push(match &filter.account {
+            Some(account) => list_prefix(BY_CREATION, account, ""),
+            None => vec![JOBS],
+        });
+    }
+    ranges
+}
+
+/// The newest id of `range` below `bound` (`inclusive`: or equal to it; no bound: the
+/// newest of all).
+fn newest_below(
+    r: &dyn KvRead,
+    range: &[u8],
+    bound: Option<JobId>,
+    inclusive: bool,
+) -> Result<Option<JobId>> {
+    let after = bound.map(|id| {
+        let mut k = range.to_vec();
+        k.extend_from_slice(&id.to_bytes());
+        if inclusive {
+            // Just past `range id`, so that it is included.
+            k.push(0);
+        }
+        k
+    });
+    r.scan(range, after.as_deref(), true, 1)?.pop().map(|(k, _)| id_suffix(&k)).transpose()
+}
+
 pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> {
     let mut out = Vec::new();
-    let mut after = filter.before.map(job_key);
-    while out.len() < filter.limit {
-        let entries = r.scan(&[JOBS], after.as_deref(), true, CHUNK)?;
-        let Some((last, _)) = entries.last() else { break };
-        after = Some(last.clone());
-        for (_, v) in entries {
-            let job = decode_job(&v)?;
-            if matches(filter, &job) {
-                out.push(job);
-                if out.len() == filter.limit {
-                    break;
+    if filter.limit == 0 {
+        return Ok(out);
+    }
+    // Entries and records are written together, so every id found matches; the check
+    // is a guard against a damaged index, not a filter.
+    let mut push = |job: Option<Job>| {
+        if let Some(job) = job.filter(|j| matches(filter, j)) {
+            out.push(job);
+        }
+        out.len() == filter.limit
+    };
+    let ranges = filter_ranges(filter);
+    if let [range] = ranges.as_slice() {
+        let mut after = filter.before.map(|id| [range.as_slice(), &id.to_bytes()].concat());
+        loop {
+            let entries = r.scan(range, after.as_deref(), true, CHUNK)?;
+            let Some((last, _)) = entries.last() else { break };
+            after = Some(last.clone());
+            for (k, v) in entries {
+                let job = match range[..] {
+                    [JOBS] => decode_job(&v)?,
+                    _ => match get_job(r, id_suffix(&k)?)? {
+                        Some(job) => job,
+                        None => continue,
+                    },
+                };
+                if push(Some(job)) {
+                    return Ok(out);
                 }
             }
         }
+        return Ok(out);
+    }
+    // Several ranges: the newest id of the first that every other holds too, each
+    // step seeking every range to at most the current candidate.
+    let (first, others) = ranges.split_first().expect("at least one range");
+    let mut candidate = newest_below(r, first, filter.before, false)?;
+    'candidates: while let Some(id) = candidate {
+        for range in others {
+            match newest_below(r, range, Some(id), true)? {
+                None => break 'candidates,
+                Some(found) if found == id => {}
+                Some(found) => {
+                    candidate = newest_below(r, first, Some(found), true)?;
+                    continue 'candidates;
+                }
+            }
+        }
+        if push(get_job(r, id)?) {
+            break;
+        }
+        candidate = newest_below(r, first, Some(id), false)?;
     }
     Ok(out)
 }
@@ -758,14 +973,54 @@ pub(crate) fn list_keys(r: &dyn KvRead, account: Option<&str>) -> Result<Vec<Key
 /// Id and account of each queued and running job.
 pub(crate) fn active_jobs(r: &dyn KvRead) -> Result<Vec<(JobId, String)>> {
     let mut out = Vec::new();
-    for table in [QUEUE, RUNNING] {
-        for (k, _) in scan_all(r, &[table])? {
-            if let Some(job) = get_job(r, id_suffix(&k)?)? {
-                out.push((job.id, job.account));
-            }
+    for (k, _) in scan_all(r, &[QUEUE])? {
+        let end = k.iter().position(|b| *b == 0).context("queue key without an account")?;
+        let account = String::from_utf8(k[1..end].to_vec()).context("queue key account")?;
+        out.push((id_suffix(&k)?, account));
+    }
+    for (k, _) in scan_all(r, &[RUNNING])? {
+        if let Some(job) = get_job(r, id_suffix(&k)?)? {
+            out.push((job.id, job.account));
         }
     }
     Ok(out)
+}
+
+/// Brings a store written by an older version to this layout, in one transaction at
+/// open: list entries for every job, and the single queue split by account. Returns
+/// whether there was anything to do.
+pub(crate) fn upgrade(tx: &mut dyn KvWrite) -> Result<bool> {
+    if tx.get(LIST_INDEX_VERSION)?.is_some() {
+        return Ok(false);
+    }
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let entries = tx.scan(&[JOBS], after.as_deref(), false, CHUNK)?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        for (_, v) in entries {
+            let job = decode_job(&v)?;
+            for k in list_entries(&job, false) {
+                tx.put(&k, &[])?;
+            }
+        }
+    }
+    loop {
+        let entries = tx.scan(&[LEGACY_QUEUE], None, false, CHUNK)?;
+        if entries.is_empty() {
+            break;
+        }
+        for (k, _) in entries {
+            tx.delete(&k)?;
+            if let Some(job) = get_job(&*tx, id_suffix(&k)?)?
+                && job.status == JobStatus::Queued
+            {
+                tx.put(&queue_key(&job), &[])?;
+            }
+        }
+    }
+    tx.put(LIST_INDEX_VERSION, &[1])?;
+    Ok(true)
 }
 
 pub(crate) fn get_batch(r: &dyn KvRead, id: &str) -> Result<Option<BatchState>> {

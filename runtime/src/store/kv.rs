@@ -107,8 +107,12 @@ impl<B: KvBackend> std::fmt::Debug for KvStore<B> {
 }
 
 impl<B: KvBackend> KvStore<B> {
-    /// Starts the writer thread of an opened backend.
+    /// Brings an opened backend's data to the current layout and starts its writer
+    /// thread.
     pub fn new(backend: B) -> Result<Self> {
+        if backend.write(keyspace::upgrade)? {
+            tracing::info!(backend = backend.name(), "store indexed for job lists");
+        }
         let backend = Arc::new(backend);
         let writer = Writer::spawn(backend.clone())?;
         Ok(KvStore { backend, writer })
@@ -332,6 +336,117 @@ impl<B: KvBackend> Store for KvStore<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    /// An ordered map in memory: enough of a backend to lay out data by hand.
+    #[derive(Default)]
+    struct MemKv(Mutex<BTreeMap<Vec<u8>, Vec<u8>>>);
+
+    struct MemTx(BTreeMap<Vec<u8>, Vec<u8>>);
+
+    impl KvRead for MemTx {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>> {
+            Ok(self.0.get(key).cloned())
+        }
+
+        fn scan(
+            &self,
+            prefix: &[u8],
+            after: Option<&[u8]>,
+            reverse: bool,
+            limit: usize,
+        ) -> Result<Vec<Entry>> {
+            let range = self.0.range(scan_bounds(prefix, after, reverse));
+            let entry = |(k, v): (&Vec<u8>, &Vec<u8>)| (k.clone(), v.clone());
+            Ok(match reverse {
+                true => range.rev().take(limit).map(entry).collect(),
+                false => range.take(limit).map(entry).collect(),
+            })
+        }
+    }
+
+    impl KvWrite for MemTx {
+        fn put(&mut self, key: &[u8], value: &[u8]) -> Result<()> {
+            self.0.insert(key.to_vec(), value.to_vec());
+            Ok(())
+        }
+
+        fn delete(&mut self, key: &[u8]) -> Result<()> {
+            self.0.remove(key);
+            Ok(())
+        }
+    }
+
+    impl KvBackend for MemKv {
+        fn name(&self) -> &'static str {
+            "memory"
+        }
+
+        fn read<T>(&self, f: impl FnOnce(&dyn KvRead) -> Result<T>) -> Result<T> {
+            f(&MemTx(self.0.lock().unwrap().clone()))
+        }
+
+        fn write<T>(&self, f: impl FnOnce(&mut dyn KvWrite) -> Result<T>) -> Result<T> {
+            let mut map = self.0.lock().unwrap();
+            let mut tx = MemTx(map.clone());
+            let out = f(&mut tx)?;
+            *map = tx.0;
+            Ok(out)
+        }
+    }
+
+    /// A store written before the list index and the per-account queues: a queued
+    /// and a finished job, laid out as that version wrote them.
+    #[tokio::test]
+    async fn store_written_before_the_list_index_is_indexed_at_open() {
+        use crate::job::tests::queued_job;
+        let mut queued = queued_job("f");
+        queued.account = "alice".into();
+        queued.tags = vec!["t".into()];
+        let mut done = queued_job("g");
+        done.status = JobStatus::Succeeded;
+        done.finished_at = Some(done.created_at + 1);
+        let mut map = BTreeMap::new();
+        for job in [&queued, &done] {
+            let id = job.id.to_bytes();
+            map.insert([&b"j"[..], &id].concat(), serde_json::to_vec(job).unwrap());
+        }
+        let at = |t: Micros| t.to_be_bytes();
+        map.insert([&b"q"[..], &at(queued.created_at), &queued.id.to_bytes()].concat(), vec![]);
+        map.insert(
+            [&b"d"[..], &at(done.finished_at.unwrap()), &done.id.to_bytes()].concat(),
+            vec![],
+        );
+        let store = KvStore::new(MemKv(Mutex::new(map))).unwrap();
+
+        let list = |filter: JobFilter| {
+            let store = &store;
+            async move {
+                let filter = JobFilter { limit: 10, ..filter };
+                store
+                    .list_jobs(&filter)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .map(|j| j.id)
+                    .collect::<Vec<_>>()
+            }
+        };
+        let alice = || Some("alice".to_string());
+        assert_eq!(list(JobFilter { account: alice(), ..Default::default() }).await, [queued.id]);
+        assert_eq!(
+            list(JobFilter { tag: Some("t".into()), ..Default::default() }).await,
+            [queued.id]
+        );
+        let succeeded = Some(JobStatus::Succeeded);
+        assert_eq!(list(JobFilter { status: succeeded, ..Default::default() }).await, [done.id]);
+        assert_eq!(store.active_jobs().await.unwrap(), [(queued.id, "alice".to_string())]);
+        let claimed = store.claim_jobs(10, 5).await.unwrap();
+        assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [queued.id]);
+        assert_eq!(store.backend.read(|r| r.scan(b"q", None, false, 10)).unwrap(), []);
+        // Done once: a second open finds the index.
+        assert!(!store.backend.write(keyspace::upgrade).unwrap());
+    }
 
     #[test]
     fn prefix_end_carries_past_full_bytes() {

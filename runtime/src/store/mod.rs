@@ -223,8 +223,14 @@ pub trait Store: Send + Sync + 'static {
     /// job is returned. Idempotency keys are per account.
     async fn insert_job(&self, job: Job) -> Result<Inserted>;
 
-    /// Takes up to `limit` queued jobs, oldest first, and marks them running:
-    /// `attempts += 1`, `started_at = now`, queue entry removed. Returns them.
+    /// Takes up to `limit` queued jobs and marks them running: `attempts += 1`,
+    /// `started_at = now`, queue entry removed. Returns them in the order taken.
+    ///
+    /// Fair across accounts: one job of each account with queued work in turn, the
+    /// accounts in name order starting after the account the previous claim took its
+    /// last job from (remembered durably, so a restart does not reset the turn); within
+    /// one account, the oldest `created_at` first. One account's backlog thus delays
+    /// another account's job by at most one turn.
     async fn claim_jobs(&self, limit: usize, now: Micros) -> Result<Vec<Job>>;
 
     /// Records the outcome of a running job (`finished_at = now`). If the job is not
@@ -244,7 +250,9 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
-    /// Jobs matching `filter`, newest first.
+    /// Jobs matching `filter`, newest first. Indexed: a page costs about its own size
+    /// whatever else is stored, for every filter and combination of filters (a backend
+    /// must not scan and skip).
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
 
     /// Id and account of every queued or running job.
