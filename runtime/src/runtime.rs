@@ -11,7 +11,8 @@ use crate::executor::vm::{VmConfig, VmExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
-use crate::store::{self, Backend, Store};
+use crate::secrets::{Secrets, SecretsConfig};
+use crate::store::{self, Backend, SpaceConfig, Store};
 
 /// Everything needed to start a [`Runtime`]; plain data.
 #[derive(Debug, Clone)]
@@ -27,6 +28,10 @@ pub struct RuntimeConfig {
     pub vm: VmConfig,
     /// Largest function binary accepted, in bytes.
     pub max_function_bytes: usize,
+    /// The secrets' key file and limits.
+    pub secrets: SecretsConfig,
+    /// Free space the store keeps on its disk: under it, new work is refused.
+    pub space: SpaceConfig,
 }
 
 impl RuntimeConfig {
@@ -40,6 +45,8 @@ impl RuntimeConfig {
             docker: DockerConfig::default(),
             vm: VmConfig::from_env(),
             max_function_bytes: 64 << 20,
+            secrets: SecretsConfig::new(data_dir.as_ref()),
+            space: SpaceConfig::default(),
         }
     }
 }
@@ -55,6 +62,7 @@ pub struct Runtime {
     pub registry: FunctionRegistry,
     pub scheduler: Scheduler,
     pub batches: crate::batch::Batches,
+    pub secrets: Arc<Secrets>,
 }
 
 impl Runtime {
@@ -66,10 +74,11 @@ impl Runtime {
         for d in [&store_dir, &cache_dir] {
             std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
         }
-        let backend = config.backend;
-        let store = tokio::task::spawn_blocking(move || store::open(backend, &store_dir))
-            .await?
-            .context("opening the store")?;
+        let (backend, space) = (config.backend, config.space);
+        let store =
+            tokio::task::spawn_blocking(move || store::open_with(backend, &store_dir, space))
+                .await?
+                .context("opening the store")?;
         let mut wasm = config.wasm.clone();
         wasm.max_instances = wasm.max_instances.max(config.scheduler.concurrency as u32);
         wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
@@ -81,6 +90,9 @@ impl Runtime {
             FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
         let mut docker_config = config.docker.clone();
         docker_config.instance = instance_id(&config.data_dir);
+        if docker_config.scratch_dir.is_none() {
+            docker_config.scratch_dir = Some(config.data_dir.join("scratch"));
+        }
         let docker = Arc::new(DockerExecutor::new(docker_config));
         // Containers left by a previous life of this server (killed with them running)
         // go before any job starts; their jobs are requeued by the store's recovery.
@@ -105,10 +117,29 @@ impl Runtime {
         }
         let executors =
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
-        let scheduler =
-            Scheduler::start(store.clone(), executors.clone(), config.scheduler.clone()).await?;
+        let secrets = Arc::new(
+            Secrets::open(store.clone(), config.secrets.clone())
+                .context("loading the secrets key")?,
+        );
+        let scheduler = Scheduler::start(
+            store.clone(),
+            executors.clone(),
+            secrets.clone(),
+            config.scheduler.clone(),
+        )
+        .await?;
         let batches = crate::batch::Batches::start(store.clone(), scheduler.clone()).await?;
-        Ok(Runtime { store, executor, docker, vm, executors, registry, scheduler, batches })
+        Ok(Runtime {
+            store,
+            executor,
+            docker,
+            vm,
+            executors,
+            registry,
+            scheduler,
+            batches,
+            secrets,
+        })
     }
 }
 

@@ -32,6 +32,7 @@ use crate::executor::{
 };
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
+use crate::secrets::Secrets;
 use crate::store::{Inserted, Retention, Store};
 
 /// Limits and defaults of the scheduler; plain data, validated by the binary.
@@ -88,6 +89,9 @@ pub enum SubmitError {
     Unavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The job's environment names a secret the account does not have.
+    #[error("{0}")]
+    Secret(crate::secrets::SecretError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -287,6 +291,8 @@ pub struct Scheduler {
 
 struct Inner {
     store: Arc<dyn Store>,
+    /// Opens the secrets a job's environment refers to when an attempt starts.
+    secrets: Arc<Secrets>,
     executor: Arc<Executors>,
     config: SchedulerConfig,
     slots: Arc<Semaphore>,
@@ -347,6 +353,7 @@ impl Scheduler {
     pub async fn start(
         store: Arc<dyn Store>,
         executor: Arc<Executors>,
+        secrets: Arc<Secrets>,
         config: SchedulerConfig,
     ) -> anyhow::Result<Scheduler> {
         let rec = store.recover(now_micros()).await?;
@@ -360,6 +367,7 @@ impl Scheduler {
         let inner = Arc::new(Inner {
             slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
             store,
+            secrets,
             executor,
             config,
             wake: Notify::new(),
@@ -561,8 +569,13 @@ impl Scheduler {
         if inner.stopping.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
+        // Refused before anything runs: the fast path runs a job before writing it.
+        if let Some(full) = inner.store.degraded() {
+            return Err(SubmitError::Internal(full.into()));
+        }
         let mut job = inner.job_from_spec(spec, &tenant.limits)?;
         job.account = tenant.account.clone();
+        inner.secrets.check(&job.account, &job.env).await.map_err(SubmitError::Secret)?;
         job.batch = batch;
         if let Some(c) = &mut job.container {
             c.network = tenant.allow_network;
@@ -798,9 +811,11 @@ impl Inner {
             return invalid("`max_attempts` must be between 1 and 100".into());
         }
         for (k, v) in &spec.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            let text_ok = v.as_text().is_none_or(|t| !t.contains('\0'));
+            let secret_ok = v.secret_name().is_none_or(crate::secrets::valid_name);
+            if k.is_empty() || k.contains('=') || k.contains('\0') || !text_ok || !secret_ok {
                 return invalid(format!(
-                    "environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values)"
+                    "environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values, secret names of A-Z a-z 0-9 _ . -)"
                 ));
             }
         }
@@ -845,6 +860,7 @@ impl Inner {
 
     /// Claims queued jobs whenever a slot is free.
     async fn dispatch(self: Arc<Self>) {
+        let mut claim_failed = false;
         loop {
             let first = tokio::select! {
                 _ = self.stopping.cancelled() => return,
@@ -859,9 +875,15 @@ impl Inner {
             }
             let want = slots.len();
             let jobs = match self.store.claim_jobs(want, now_micros()).await {
-                Ok(jobs) => jobs,
+                Ok(jobs) => {
+                    claim_failed = false;
+                    jobs
+                }
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "claiming jobs failed; retrying");
+                    // Said once per streak of failures, not every 100 ms.
+                    if !std::mem::replace(&mut claim_failed, true) {
+                        tracing::error!(error = format!("{e:#}"), "claiming jobs failed; retrying");
+                    }
                     drop(slots);
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
@@ -894,7 +916,8 @@ impl Inner {
         let span = run_span(&job);
         self.tasks.spawn(
             async move {
-                let outcome = this.execute(this.run_request(&job), token).await;
+                let req = this.run_request(&job).await;
+                let outcome = this.execute(req, token).await;
                 this.record(job.id, outcome).await;
                 drop(slot);
             }
@@ -919,7 +942,8 @@ impl Inner {
         self.tasks.spawn(
             async move {
                 let id = job.id;
-                let run = this.execute(this.run_request(&job), token.clone());
+                let req = this.run_request(&job).await;
+                let run = this.execute(req, token.clone());
                 tokio::pin!(run);
                 let early = tokio::select! {
                     outcome = &mut run => Some(outcome),
@@ -980,8 +1004,21 @@ impl Inner {
         token
     }
 
-    fn run_request(&self, job: &Job) -> RunRequest {
-        RunRequest {
+    /// What the executor gets for one attempt of `job`, its secrets opened (the
+    /// failed outcome when one of them is gone).
+    async fn run_request(&self, job: &Job) -> Result<RunRequest, JobOutcome> {
+        let env = match self.secrets.resolve(&job.account, &job.env).await {
+            Ok(env) => env,
+            Err(e) => {
+                let kind = match e {
+                    crate::secrets::SecretError::NotFound(_) => "secret_not_found",
+                    _ => "internal",
+                };
+                tracing::warn!(job_id = %job.id, error = format!("{e:#}"), "a job's secret cannot be opened");
+                return Err(JobOutcome::error(JobStatus::Failed, kind, e.to_string()));
+            }
+        };
+        Ok(RunRequest {
             executor: job.executor.clone(),
             container: job.container.as_ref().map(|c| ContainerRequest {
                 image: c.image.clone(),
@@ -994,17 +1031,26 @@ impl Inner {
             function: job.function.clone(),
             function_id: job.function_id.clone(),
             args: job.args.clone(),
-            env: job.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env,
             stdin: Bytes::from(job.stdin.clone()),
             attempt: job.attempts,
             timeout: Duration::from_millis(job.timeout_ms),
             memory_bytes: job.memory_mb << 20,
             output_cap: self.config.output_cap,
-        }
+        })
     }
 
-    /// Runs one attempt on the executor.
-    async fn execute(&self, req: RunRequest, cancel: CancellationToken) -> JobOutcome {
+    /// Runs one attempt on the executor (`Err`: it could not start, and that is its
+    /// outcome).
+    async fn execute(
+        &self,
+        req: Result<RunRequest, JobOutcome>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
+        let req = match req {
+            Ok(req) => req,
+            Err(outcome) => return outcome,
+        };
         let id: JobId = req.job_id.parse().expect("job ids are UUIDs");
         self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
         self.hub.started(id);
@@ -1054,13 +1100,23 @@ impl Inner {
             self.running.lock().unwrap().remove(&id);
             return;
         }
+        let mut failures = 0u32;
         let finished = loop {
             match self.store.finish_job(id, outcome.clone(), now_micros()).await {
-                Ok(j) => break j,
+                Ok(j) => {
+                    if failures > 0 {
+                        tracing::info!(job_id = %id, retries = failures, "recorded the outcome");
+                    }
+                    break j;
+                }
                 Err(e) => {
-                    // The outcome must not be lost while the store hiccups; if the
-                    // process dies meanwhile, recovery runs the job again.
-                    tracing::error!(error = format!("{e:#}"), "recording outcome failed; retrying");
+                    // The outcome must not be lost while the store hiccups (or its disk
+                    // is full); if the process dies meanwhile, recovery runs the job
+                    // again. Said once, not at each retry.
+                    if failures == 0 {
+                        tracing::error!(job_id = %id, error = format!("{e:#}"), "recording outcome failed; retrying");
+                    }
+                    failures += 1;
                     if self.stopping.is_cancelled() {
                         break None;
                     }

@@ -10,9 +10,13 @@
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
 //! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
+//! - `cors`: CORS off by default, `--cors-origins`.
+//! - `disk`: a full disk (a small tmpfs): 507 for new work, reads and results kept, resumes.
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
+//! - `secrets`: write-only secrets in jobs and functions, never in an answer, a log or
+//!   the store's files; rotation of the key; the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed).
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
 //! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
@@ -21,12 +25,15 @@ mod auth;
 mod bad_requests;
 mod batches;
 mod cli;
+mod cors;
+mod disk;
 mod docker;
 mod durability;
 mod functions;
 mod hostile;
 mod invoke;
 mod jobs;
+mod secrets;
 mod server;
 mod v1compat;
 mod vm;

@@ -74,11 +74,15 @@ fn check_settings(state: &AppState, s: &FunctionSettings) -> Result<(), ApiError
     if s.memory_mb > sched.max_memory_mb {
         return bad(format!("`memory_mb` is at most {}", sched.max_memory_mb));
     }
+    let bad_value = |v: &cloudpipe_types::EnvValue| {
+        v.as_text().is_some_and(|t| t.contains('\0'))
+            || v.secret_name().is_some_and(|n| !cloudpipe_runtime::secrets::valid_name(n))
+    };
     if s.env.len() > 256
-        || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || bad_value(v))
     {
         return bad(
-            "at most 256 environment variables, names without '=' or NUL, values without NUL"
+            "at most 256 environment variables, names without '=' or NUL, values without NUL, secret names of A-Z a-z 0-9 _ . -"
                 .into(),
         );
     }
@@ -177,8 +181,11 @@ pub async fn update_function(
         .get(&scope, &name)
         .await?
         .filter(|m| m.name.as_deref() == Some(&name));
-    let settings = current.ok_or_else(not_found)?.settings.patched(patch);
+    let current = current.ok_or_else(not_found)?;
+    let settings = current.settings.patched(patch);
     check_settings(&state, &settings)?;
+    // The secrets it names are the function's account's, looked up at each invocation.
+    state.runtime.secrets.check(&current.account, &settings.env).await?;
     let meta =
         state.runtime.registry.configure(&scope, &name, settings).await?.ok_or_else(not_found)?;
     Ok(Json(info(meta)))
