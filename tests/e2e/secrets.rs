@@ -89,13 +89,13 @@ async fn a_secret_reaches_jobs_and_functions_and_no_answer_log_line_or_store_fil
     // A job gets the value at run time; the guest (echo) prints its environment.
     let (st, _, text) = upload(&s, &alice, "echo", programs::ECHO).await;
     assert_eq!(st, StatusCode::CREATED, "{text}");
-    let spec = json!({"function": "echo", "env": {"TOKEN": {"secret": "shown"}, "PLAIN": "p"}});
+    let spec = json!({"function": "echo", "env": {"GREETING": {"secret": "shown"}, "PLAIN": "p"}});
     let (st, job, text) = call(&s, &alice, Method::POST, "/v1/jobs?wait=30s", Some(spec)).await;
     assert_eq!(st, StatusCode::CREATED, "{text}");
     assert_eq!(job["status"], "succeeded", "{job}");
     let out = job["stdout"].as_str().unwrap();
-    assert!(out.contains(&format!("TOKEN={SHOWN}\n")), "{out}");
-    assert!(out.contains("PLAIN=p\n"), "{out}");
+    assert!(out.contains(&format!("GREETING={SHOWN}\n")), "echo prints GREETING: {out}");
+    assert!(out.contains("env_count=5\n"), "three of ours, GREETING and PLAIN: {out}");
 
     // A job whose guest does not print it: the value reaches it, and nothing shows it.
     let (st, _, text) = upload(&s, &alice, "hello", programs::HELLO).await;
@@ -164,16 +164,23 @@ async fn a_secret_reaches_jobs_and_functions_and_no_answer_log_line_or_store_fil
     let (st, _, text) =
         call(&s, &alice, Method::PUT, "/v1/secrets/fresh", Some(json!({"value": "new-key"}))).await;
     assert_eq!(st, StatusCode::CREATED, "{text}");
-    let spec = json!({"function": "echo", "env": {"OLD": {"secret": "shown"}, "NEW": {"secret": "fresh"}}});
-    let (_, job, _) = call(&s, &alice, Method::POST, "/v1/jobs?wait=30s", Some(spec.clone())).await;
-    let out = job["stdout"].as_str().unwrap();
-    assert!(out.contains(&format!("OLD={SHOWN}\n")) && out.contains("NEW=new-key\n"), "{job}");
+    let greeting =
+        |secret: &str| json!({"function": "echo", "env": {"GREETING": {"secret": secret}}});
+    for (secret, want) in [("shown", SHOWN), ("fresh", "new-key")] {
+        let (_, job, _) =
+            call(&s, &alice, Method::POST, "/v1/jobs?wait=30s", Some(greeting(secret))).await;
+        let out = job["stdout"].as_str().unwrap();
+        assert!(out.contains(&format!("GREETING={want}\n")), "{job}");
+    }
     assert!(s.log().contains("reread the secrets key file"), "{}", s.log());
     drop(s);
     let s = TestServer::start_in(data.path(), &[]).await;
-    let (_, job, _) = call(&s, &alice, Method::POST, "/v1/jobs?wait=30s", Some(spec)).await;
-    let out = job["stdout"].as_str().unwrap();
-    assert!(out.contains(&format!("OLD={SHOWN}\n")) && out.contains("NEW=new-key\n"), "{job}");
+    for (secret, want) in [("shown", SHOWN), ("fresh", "new-key")] {
+        let (_, job, _) =
+            call(&s, &alice, Method::POST, "/v1/jobs?wait=30s", Some(greeting(secret))).await;
+        let out = job["stdout"].as_str().unwrap();
+        assert!(out.contains(&format!("GREETING={want}\n")), "after a restart: {job}");
+    }
 }
 
 async fn upload(s: &TestServer, key: &str, name: &str, path: &str) -> (StatusCode, Value, String) {
@@ -292,8 +299,8 @@ async fn the_cli_puts_lists_and_removes_secrets_reading_the_value_from_stdin() {
     assert!(ok && out.contains("from-cli") && !out.contains(HIDDEN), "{out}");
     // The value arrived without its newline.
     s.upload("echo", &program(programs::ECHO)).await;
-    let job = s.run(json!({"function": "echo", "env": {"V": {"secret": "from-cli"}}})).await;
-    assert!(job["stdout"].as_str().unwrap().contains(&format!("V={HIDDEN}\n")), "{job}");
+    let job = s.run(json!({"function": "echo", "env": {"GREETING": {"secret": "from-cli"}}})).await;
+    assert!(job["stdout"].as_str().unwrap().contains(&format!("GREETING={HIDDEN}\n")), "{job}");
     let (ok, _) = cli(&["rm", "from-cli"], b"");
     assert!(ok);
     let (ok, _) = cli(&["rm", "from-cli"], b"");
