@@ -83,8 +83,8 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_results_and_recovers_by_it
 
     // Two jobs running when the disk fills: a short one, and one that outlives even
     // the reserve.
-    let (_, short) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["1500"]})).await;
-    let (_, long) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["5000"]})).await;
+    let (_, short) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["2"]})).await;
+    let (_, long) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["6"]})).await;
     let (short, long) =
         (short["id"].as_str().unwrap().to_string(), long["id"].as_str().unwrap().to_string());
 
@@ -127,7 +127,7 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_results_and_recovers_by_it
     let filler2 = disk.fill_to("filler2", 0);
     let (st, running) = s.get(&format!("/v1/jobs/{long}")).await;
     assert_eq!((st, running["status"].as_str()), (StatusCode::OK, Some("running")), "{running}");
-    tokio::time::sleep(Duration::from_millis(5500)).await;
+    tokio::time::sleep(Duration::from_millis(5000)).await;
     let (st, still) = s.get(&format!("/v1/jobs/{long}")).await;
     assert_eq!(st, StatusCode::OK, "reads work on a full disk: {still}");
     std::fs::remove_file(&filler2).unwrap();
