@@ -238,11 +238,12 @@ async fn tmp_is_capped_even_for_jobs_with_a_result_file() {
     let s = TestServer::start_in(data.path(), &["--docker-tmp-mb", "8"]).await;
     // 32 MiB into an 8 MiB /tmp: dd stops at the cap.
     let fill = "dd if=/dev/zero of=/tmp/big bs=1M count=32 2>/dev/null; \
-                ls -l /tmp/big | awk '{print $5}' > /tmp/size; cat /tmp/size";
+                n=$(ls -l /tmp/big | awk '{print $5}'); rm /tmp/big; echo $n > /tmp/size; cat /tmp/size";
     for extra in [json!({}), json!({"result_source": "file:/tmp/size"})] {
         let job = s.run(with(sh(fill), extra.clone())).await;
         assert_eq!(job["status"], "succeeded", "{extra}: {job}");
-        let size: u64 = job["stdout"].as_str().unwrap().trim().parse().unwrap();
+        let size: u64 =
+            job["stdout"].as_str().unwrap().trim().parse().unwrap_or_else(|_| panic!("{job}"));
         assert!(size <= 8 << 20, "{extra}: /tmp took {size} bytes past its 8 MiB cap");
         assert!(size >= 6 << 20, "{extra}: the cap is about 8 MiB, got {size}");
     }
