@@ -19,6 +19,7 @@
 //!   the store's files; rotation of the key; the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed).
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
+//! - `upgrade`: stores of older formats served, newer ones refused.
 //! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
 
 mod auth;
@@ -35,5 +36,6 @@ mod invoke;
 mod jobs;
 mod secrets;
 mod server;
+mod upgrade;
 mod v1compat;
 mod vm;
