@@ -39,7 +39,7 @@ export type JobEvent =
   | { event: 'stderr'; data: string };
 
 export interface FunctionSettings {
-  env: Record<string, string>;
+  env: Record<string, EnvValue>;
   timeout_ms: number;
   memory_mb: number;
   max_concurrency: number;
@@ -174,6 +174,7 @@ export declare class Cloudpipe {
   readonly runner: string;
   readonly functions: Functions;
   readonly jobs: Jobs;
+  readonly secrets: Secrets;
 
   /** The same client with these options for every job it submits. */
   with(options: JobOptions): Cloudpipe;
@@ -241,6 +242,23 @@ export interface Functions {
   get(name: string, options?: Signalled): Promise<FunctionInfo>;
   update(name: string, patch: Partial<FunctionSettings>, options?: Signalled): Promise<FunctionInfo>;
   delete(name: string, options?: Signalled): Promise<FunctionInfo[]>;
+}
+
+/** A secret as listed: never its value. */
+export interface SecretInfo {
+  name: string;
+  /** RFC 3339. */
+  created_at: string;
+  updated_at: string;
+}
+
+/** An environment variable's value: a text, or the value of one of the account's secrets. */
+export type EnvValue = string | { secret: string };
+
+export interface Secrets {
+  put(name: string, value: string, options?: Signalled): Promise<SecretInfo>;
+  list(options?: Signalled): Promise<SecretInfo[]>;
+  delete(name: string, options?: Signalled): Promise<void>;
 }
 
 export interface Jobs {

@@ -835,6 +835,7 @@ mod tests {
             disabled: false,
             quotas: Quotas::default(),
             allow_network: false,
+            allowed_outbound: Vec::new(),
             created_at: 1,
         };
         assert!(store.insert_account(account.clone()).await.unwrap());

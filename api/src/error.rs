@@ -6,6 +6,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use cloudpipe_runtime::registry::UploadError;
 use cloudpipe_runtime::scheduler::SubmitError;
+use cloudpipe_runtime::secrets::SecretError;
+use cloudpipe_runtime::store::StorageFull;
 use cloudpipe_types::{ErrorBody, ErrorDetail};
 
 /// An error answer. Variants name the outcome; `code` is stable for programs.
@@ -72,6 +74,9 @@ impl ApiError {
             ApiError::FunctionFailed(_) => (StatusCode::INTERNAL_SERVER_ERROR, "function_failed"),
             ApiError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
             ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "body_timeout"),
+            ApiError::Internal(e) if storage_full(e).is_some() => {
+                (StatusCode::INSUFFICIENT_STORAGE, "storage_full")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -80,11 +85,18 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let ApiError::Internal(e) = &self {
+        // A full disk is said once by the store, not at each refused request.
+        let full = match &self {
+            ApiError::Internal(e) => storage_full(e).map(|f| f.to_string()),
+            _ => None,
+        };
+        if let ApiError::Internal(e) = &self
+            && full.is_none()
+        {
             tracing::error!(error = format!("{e:#}"), "internal error");
         }
-        let body =
-            ErrorBody { error: ErrorDetail { code: code.to_string(), message: self.to_string() } };
+        let message = full.unwrap_or_else(|| self.to_string());
+        let body = ErrorBody { error: ErrorDetail { code: code.to_string(), message } };
         let mut res = (status, Json(body)).into_response();
         match &self {
             ApiError::TooManyAuthFailures(retry) => {
@@ -100,10 +112,18 @@ impl IntoResponse for ApiError {
             _ if status == StatusCode::SERVICE_UNAVAILABLE => {
                 res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
+            _ if status == StatusCode::INSUFFICIENT_STORAGE => {
+                res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("30"));
+            }
             _ => {}
         }
         res
     }
+}
+
+/// The store's refusal for lack of space, anywhere in an error's chain.
+fn storage_full(e: &anyhow::Error) -> Option<&StorageFull> {
+    e.chain().find_map(|c| c.downcast_ref::<StorageFull>())
 }
 
 impl From<SubmitError> for ApiError {
@@ -118,7 +138,21 @@ impl From<SubmitError> for ApiError {
             SubmitError::ShuttingDown => {
                 ApiError::Unavailable("the server is shutting down".into())
             }
+            SubmitError::Secret(e) => e.into(),
             SubmitError::Internal(e) => ApiError::Internal(e),
+        }
+    }
+}
+
+impl From<SecretError> for ApiError {
+    fn from(e: SecretError) -> Self {
+        match e {
+            SecretError::BadName(_) => ApiError::bad("invalid_name", e.to_string()),
+            SecretError::TooLarge { .. } => ApiError::bad("secret_too_large", e.to_string()),
+            SecretError::BadValue => ApiError::bad("invalid_secret", e.to_string()),
+            SecretError::OverQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
+            SecretError::NotFound(_) => ApiError::bad("secret_not_found", e.to_string()),
+            SecretError::Internal(e) => ApiError::Internal(e),
         }
     }
 }

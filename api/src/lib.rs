@@ -3,7 +3,7 @@
 //!
 //! # Layout
 //! - [`routes`]: one router per resource (`accounts`, `functions`, `jobs`, `invoke`,
-//!   `system`, and `v1compat`: Cloudpipe v1's `/v1/job` API), merged in [`router`].
+//!   `secrets`, `system`, and `v1compat`: Cloudpipe v1's `/v1/job` API), merged in [`router`].
 //! - [`auth`]: API keys, the [`Authenticator`](auth::Authenticator) backends and the
 //!   middleware that authenticates every route but the public ones.
 //! - [`tls`]: the HTTPS listener.
@@ -69,6 +69,10 @@ pub struct ApiConfig {
     /// At shutdown, how long open requests and running jobs get to finish; jobs still
     /// running then go back to the queue, their attempt not counted.
     pub shutdown_grace: Duration,
+    /// Browser origins (`https://app.example.com`, or `*` for any) allowed to call the
+    /// API from their pages. Empty (the default): no CORS headers at all, so browsers
+    /// keep other origins' pages out.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ApiConfig {
@@ -88,6 +92,7 @@ impl Default for ApiConfig {
             v1_image: "cloudpipe/runner:latest".into(),
             invoke: routes::invoke::InvokeConfig::default(),
             shutdown_grace: Duration::from_secs(10),
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -129,6 +134,15 @@ impl AppState {
             .connect_timeout(Duration::from_secs(2))
             .redirect(reqwest::redirect::Policy::none())
             .build()?;
+        let invocations_for_cluster = invocations.clone();
+        let auth_for_cluster = auth.clone();
+        if let Some(cluster) = &runtime.cluster {
+            tokio::spawn(follow_cluster(
+                cluster.subscribe(),
+                auth_for_cluster,
+                invocations_for_cluster,
+            ));
+        }
         Ok(AppState {
             runtime,
             config: Arc::new(config),
@@ -139,6 +153,30 @@ impl AppState {
             started_at: cloudpipe_runtime::job::now_micros(),
             relay,
         })
+    }
+}
+
+/// Drops what this node cached when another node of the cluster changes it: keys and
+/// accounts (a revocation holds on every node within a notification's delay, and
+/// after a missed one, within a resync), and function metadata.
+async fn follow_cluster(
+    mut events: tokio::sync::broadcast::Receiver<cloudpipe_runtime::cluster::ClusterEvent>,
+    auth: Arc<auth::Auth>,
+    invocations: Arc<routes::invoke::Invocations>,
+) {
+    use cloudpipe_runtime::cluster::ClusterEvent;
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(ClusterEvent::AuthChanged) => auth.cache().invalidate_all(),
+            Ok(ClusterEvent::FunctionsChanged) => invocations.functions.invalidate_all(),
+            Ok(ClusterEvent::Resync) | Err(RecvError::Lagged(_)) => {
+                auth.cache().invalidate_all();
+                invocations.functions.invalidate_all();
+            }
+            Ok(_) => {}
+            Err(RecvError::Closed) => return,
+        }
     }
 }
 
@@ -165,18 +203,72 @@ pub fn router(state: AppState) -> Router {
             .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
             .with_state(state);
     }
-    Router::new()
+    let cors = cors_layer(&state.config.cors_origins);
+    let app = Router::new()
         .merge(routes::accounts::router())
         .merge(routes::batches::router())
         .merge(routes::functions::router())
         .merge(routes::jobs::router())
+        .merge(routes::secrets::router())
         .merge(routes::invoke::router())
         .merge(routes::system::router())
         .merge(routes::v1compat::router())
         .fallback(routes::system::not_found)
         .method_not_allowed_fallback(routes::system::method_not_allowed)
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(cors) => app.layer(cors),
+        None => app,
+    }
+}
+
+/// The CORS layer for `origins` (`None`: CORS stays off). Credentials travel in the
+/// `Authorization` header, never in cookies, so credentialed CORS is not needed, and
+/// `*` is safe to offer.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow)
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
+            .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE])
+            .expose_headers([
+                header::RETRY_AFTER,
+                header::LOCATION,
+                HeaderName::from_static(routes::invoke::INVOCATION_HEADER),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Checks `--cors-origins` values: `*`, or `scheme://host[:port]` with nothing after.
+pub fn check_cors_origin(origin: &str) -> Result<(), String> {
+    if origin == "*" {
+        return Ok(());
+    }
+    let rest = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"))
+        .ok_or_else(|| format!("CORS origin {origin:?} must start with http:// or https://"))?;
+    let ok = !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        && axum::http::HeaderValue::from_str(origin).is_ok();
+    match ok {
+        true => Ok(()),
+        false => Err(format!(
+            "CORS origin {origin:?} is not scheme://host[:port] (no path, no trailing slash)"
+        )),
+    }
 }
 
 /// Serves the API on `listener` until `shutdown` resolves, then lets open requests
@@ -322,6 +414,18 @@ mod tests {
         assert_eq!(parse_wait("5").unwrap(), Duration::from_secs(5));
         for bad in ["", "x", "-1s", "10h", "1e9999"] {
             assert!(parse_wait(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_bare_origins() {
+        for ok in ["*", "https://app.example.com", "http://127.0.0.1:5173", "http://[::1]:80"] {
+            assert!(check_cors_origin(ok).is_ok(), "{ok}");
+        }
+        for bad in
+            ["", "app.example.com", "https://", "https://a.example/", "ftp://x", "https://a b"]
+        {
+            assert!(check_cors_origin(bad).is_err(), "{bad}");
         }
     }
 }

@@ -65,6 +65,14 @@ enum Command {
         #[command(subcommand)]
         command: AdminCommand,
     },
+    /// Manage the account's write-only secrets (jobs name them in env as
+    /// `{"secret": "NAME"}`).
+    Secrets {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: SecretsCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -83,6 +91,17 @@ enum AdminCommand {
         #[arg(long, default_value = "admin")]
         account: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SecretsCommand {
+    /// Create or replace a secret; its value is read from stdin (one trailing newline
+    /// dropped), so that it never shows in a process list or a shell history.
+    Put { name: String },
+    /// List the secrets: names and times, never values.
+    List,
+    /// Delete a secret.
+    Rm { name: String },
 }
 
 #[derive(Subcommand)]
@@ -321,6 +340,34 @@ struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "CLOUDPIPE_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Browser origins allowed to call the API from their pages, comma-separated
+    /// (`https://app.example.com,http://localhost:5173`, or `*` for any). Default: none,
+    /// CORS off.
+    #[arg(long, env = "CLOUDPIPE_CORS_ORIGINS", value_delimiter = ',', value_parser = parse_cors_origin)]
+    cors_origins: Vec<String>,
+    /// The key file that seals secrets at rest (one `ID BASE64` key a line, the last one
+    /// sealing; append a line to rotate) [default: DATA_DIR/secrets.key, made on the
+    /// first start with mode 0600].
+    #[arg(long, env = "CLOUDPIPE_SECRETS_KEY_FILE")]
+    secrets_key_file: Option<PathBuf>,
+    /// Secrets per account.
+    #[arg(long, env = "CLOUDPIPE_MAX_SECRETS", default_value_t = 100)]
+    max_secrets: u64,
+    /// Bytes of one secret's value.
+    #[arg(long, env = "CLOUDPIPE_MAX_SECRET_BYTES", default_value_t = 64 << 10)]
+    max_secret_bytes: usize,
+    /// Free space the store keeps on its disk, in MiB: under it, new work (submits,
+    /// uploads) is refused with 507 while reads and running jobs go on (0: no check).
+    #[arg(long, env = "CLOUDPIPE_MIN_FREE_DISK_MB", default_value_t = 64)]
+    min_free_disk_mb: u64,
+    /// Size of a docker job's `/tmp` (its only writable place), in MiB.
+    #[arg(long, env = "CLOUDPIPE_DOCKER_TMP_MB", default_value_t = 64)]
+    docker_tmp_mb: u64,
+}
+
+fn parse_cors_origin(s: &str) -> Result<String, String> {
+    let s = s.trim();
+    cloudpipe_api::check_cors_origin(s).map(|()| s.to_string())
 }
 
 /// The vm executor's settings (`cloudpipe serve --help` lists them under these names).
@@ -517,6 +564,17 @@ impl ServeArgs {
         c.egress =
             cloudpipe_runtime::egress::EgressConfig::parse_internal(&self.allow_internal_outbound)
                 .map_err(|e| anyhow::anyhow!("--allow-internal-outbound: {e}"))?;
+        if let Some(path) = &self.secrets_key_file {
+            c.secrets.key_file = path.clone();
+        }
+        anyhow::ensure!(
+            (1..=1 << 20).contains(&self.docker_tmp_mb),
+            "--docker-tmp-mb must be 1 to 1048576"
+        );
+        c.space.reserve_bytes = self.min_free_disk_mb << 20;
+        c.docker.tmp_size = format!("{}m", self.docker_tmp_mb);
+        c.secrets.max_per_account = self.max_secrets;
+        c.secrets.max_value_bytes = self.max_secret_bytes;
         // Jobs and invocations share the instance pool.
         c.wasm.max_instances = (self.concurrency + self.max_invocations) as u32;
         self.vm.configure(&mut c.vm, &self.data_dir)?;
@@ -547,6 +605,7 @@ impl ServeArgs {
             auth_failures_per_minute: self.auth_failures_per_minute,
             v1_image: self.v1_image.clone(),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            cors_origins: self.cors_origins.clone(),
             invoke: InvokeConfig {
                 max_concurrency_per_function: self.fn_max_concurrency,
                 max_concurrency: self.max_invocations,
@@ -783,6 +842,7 @@ fn main() -> anyhow::Result<()> {
             Command::Accounts { client, command } => accounts(client, command).await,
             Command::Keys { client, command } => keys(client, command).await,
             Command::Me { client } => client.call(reqwest::Method::GET, "/v1/me", None).await,
+            Command::Secrets { client, command } => secrets(client, command).await,
             Command::Batch(args) => {
                 let code = batch(args).await?;
                 std::process::exit(code);
@@ -834,7 +894,10 @@ impl ClientArgs {
             let code = value["error"]["code"].as_str().unwrap_or("unknown");
             anyhow::bail!("{status}: {msg} ({code})");
         }
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        // A 204 (a delete) has nothing to print.
+        if !value.is_null() {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+        }
         Ok(())
     }
 }
@@ -872,6 +935,25 @@ async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::Resul
         AccountsCommand::Enable { name } => {
             let body = json!({"disabled": false});
             client.call(Method::PATCH, &format!("/v1/accounts/{name}"), Some(body)).await
+        }
+    }
+}
+
+async fn secrets(client: ClientArgs, command: SecretsCommand) -> anyhow::Result<()> {
+    use reqwest::Method;
+    match command {
+        SecretsCommand::Put { name } => {
+            use std::io::Read;
+            let mut value = String::new();
+            std::io::stdin().read_to_string(&mut value).context("reading the value from stdin")?;
+            let value = value.strip_suffix('\n').unwrap_or(&value);
+            let value = value.strip_suffix('\r').unwrap_or(value);
+            let body = serde_json::json!({ "value": value });
+            client.call(Method::PUT, &format!("/v1/secrets/{name}"), Some(body)).await
+        }
+        SecretsCommand::List => client.call(Method::GET, "/v1/secrets", None).await,
+        SecretsCommand::Rm { name } => {
+            client.call(Method::DELETE, &format!("/v1/secrets/{name}"), None).await
         }
     }
 }

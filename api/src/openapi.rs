@@ -6,7 +6,7 @@ use utoipa::OpenApi;
 
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
 
-use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat};
+use crate::routes::{accounts, batches, functions, invoke, jobs, secrets, system, v1compat};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -45,6 +45,9 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat
         jobs::get_job_stderr,
         jobs::cancel_job,
         jobs::job_events,
+        secrets::put_secret,
+        secrets::list_secrets,
+        secrets::delete_secret,
         system::get_health,
         system::get_metrics,
         system::list_executors,
@@ -91,6 +94,11 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, system, v1compat
         cloudpipe_types::BatchCounts,
         cloudpipe_types::BatchRecord,
         cloudpipe_types::BatchList,
+        cloudpipe_types::EnvValue,
+        cloudpipe_types::SecretRef,
+        cloudpipe_types::SecretPut,
+        cloudpipe_types::SecretInfo,
+        cloudpipe_types::SecretList,
         v1compat::V1SubmitRequest,
         v1compat::V1JobSpec,
         v1compat::V1Tags,

@@ -102,6 +102,8 @@ pub enum ClusterEvent {
     LeaseLost(JobId),
     /// Keys or accounts changed: cached credentials are stale.
     AuthChanged,
+    /// A function was uploaded, reconfigured or deleted: cached metadata is stale.
+    FunctionsChanged,
     /// A client asked to cancel this batch; the node driving it stops it.
     BatchCancel(String),
     /// The notification channel was down: anything may have been missed.

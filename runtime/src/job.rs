@@ -7,7 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use cloudpipe_types::{JobError, JobRecord, JobStatus};
+use cloudpipe_types::{EnvValue, JobError, JobRecord, JobStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -81,7 +81,9 @@ pub struct Job {
     /// The exact version, resolved at submit.
     pub function_id: String,
     pub args: Vec<String>,
-    pub env: BTreeMap<String, String>,
+    /// Text values, and references to secrets of the account (resolved only when an
+    /// attempt starts; the record never holds a secret's value).
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(with = "b64")]
     pub stdin: Vec<u8>,
     pub tags: Vec<String>,
@@ -228,7 +230,7 @@ impl JobOutcome {
 }
 
 /// Byte fields as base64 text inside the JSON record.
-mod b64 {
+pub(crate) mod b64 {
     use base64::Engine;
     use base64::engine::general_purpose::STANDARD;
     use serde::{Deserialize, Deserializer, Serializer};

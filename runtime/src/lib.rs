@@ -12,6 +12,8 @@
 //!   WASI modules in process with wasmtime.
 //! - [`registry`]: [`FunctionRegistry`], uploads: content addressing, validation,
 //!   preparation by the executor, storage.
+//! - [`secrets`]: [`Secrets`](secrets::Secrets), write-only values sealed with the
+//!   server's key and put into a job's environment only when it runs.
 //! - [`store`]: the [`Store`] trait and its embedded backends (redb default, sled).
 //! - [`scheduler`]: [`Scheduler`], the durable queue with bounded concurrency, retries,
 //!   cancellation, live events and recovery at start-up.
@@ -41,6 +43,7 @@ pub mod job;
 pub mod registry;
 mod runtime;
 pub mod scheduler;
+pub mod secrets;
 pub mod store;
 
 pub use executor::{Executor, OutputSink, OutputStream, RunRequest};

@@ -6,10 +6,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
+use crate::account::Tenant;
 use crate::cluster::Cluster;
 use crate::egress::EgressConfig;
-use crate::executor::Executors;
-use crate::account::Tenant;
 use crate::executor::docker::{DockerConfig, DockerExecutor};
 use crate::executor::vm::{VmConfig, VmExecutor};
 use crate::executor::wasm::{WasmConfig, WasmExecutor};
@@ -17,7 +16,9 @@ use crate::executor::{Executors, Unready};
 use crate::registry::FunctionRegistry;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::store::postgres::{PgConfig, PgStore};
-use crate::store::{self, Backend, Store};
+
+use crate::secrets::{Secrets, SecretsConfig};
+use crate::store::{self, Backend, SpaceConfig, Store};
 
 /// Everything needed to start a [`Runtime`]; plain data.
 #[derive(Debug, Clone)]
@@ -37,6 +38,10 @@ pub struct RuntimeConfig {
     pub postgres: Option<PgConfig>,
     /// Internal addresses that functions' requests and batch hooks may reach.
     pub egress: EgressConfig,
+    /// The secrets' key file and limits.
+    pub secrets: SecretsConfig,
+    /// Free space the store keeps on its disk: under it, new work is refused.
+    pub space: SpaceConfig,
 }
 
 impl RuntimeConfig {
@@ -52,6 +57,8 @@ impl RuntimeConfig {
             max_function_bytes: 64 << 20,
             postgres: None,
             egress: EgressConfig::default(),
+            secrets: SecretsConfig::new(data_dir.as_ref()),
+            space: SpaceConfig::default(),
         }
     }
 }
@@ -71,6 +78,7 @@ pub struct Runtime {
     pub cluster: Option<Arc<dyn Cluster>>,
     /// The operator's egress settings, for the requests sent on tenants' behalf.
     pub egress: Arc<EgressConfig>,
+    pub secrets: Arc<Secrets>,
     /// The built-in runners (`runner:js`) by name: the stored version each runs, or
     /// why it is not there.
     runners: Arc<std::sync::RwLock<BTreeMap<String, Result<String, Unready>>>>,
@@ -104,10 +112,12 @@ impl Runtime {
                 let store_dir = config.data_dir.join("store").join(config.backend.as_str());
                 std::fs::create_dir_all(&store_dir)
                     .with_context(|| format!("creating {}", store_dir.display()))?;
-                let backend = config.backend;
-                let store = tokio::task::spawn_blocking(move || store::open(backend, &store_dir))
-                    .await?
-                    .context("opening the store")?;
+                let (backend, space) = (config.backend, config.space);
+                let store = tokio::task::spawn_blocking(move || {
+                    store::open_with(backend, &store_dir, space)
+                })
+                .await?
+                .context("opening the store")?;
                 (store, None)
             }
         };
@@ -122,6 +132,9 @@ impl Runtime {
             FunctionRegistry::new(store.clone(), executor.clone(), config.max_function_bytes);
         let mut docker_config = config.docker.clone();
         docker_config.instance = instance_id(&config.data_dir);
+        if docker_config.scratch_dir.is_none() {
+            docker_config.scratch_dir = Some(config.data_dir.join("scratch"));
+        }
         let docker = Arc::new(DockerExecutor::new(docker_config));
         // Containers left by a previous life of this server (killed with them running)
         // go before any job starts; their jobs are requeued by the store's recovery.
@@ -146,6 +159,10 @@ impl Runtime {
         vm.warm_up();
         let executors =
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
+        let secrets = Arc::new(
+            Secrets::open(store.clone(), config.secrets.clone())
+                .context("loading the secrets key")?,
+        );
         if let Some(cluster) = &cluster {
             // Claims match the executors this node can run now.
             let mut names = Vec::new();
@@ -161,6 +178,7 @@ impl Runtime {
         let scheduler = Scheduler::start(
             store.clone(),
             executors.clone(),
+            secrets.clone(),
             config.scheduler.clone(),
             cluster.clone(),
         )
@@ -179,6 +197,7 @@ impl Runtime {
             batches,
             cluster,
             egress,
+            secrets,
             runners: Arc::default(),
         })
     }

@@ -33,6 +33,7 @@ use crate::executor::{
 };
 use crate::job::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
+use crate::secrets::Secrets;
 use crate::store::{Inserted, Retention, Store};
 
 /// Limits and defaults of the scheduler; plain data, validated by the binary.
@@ -89,6 +90,9 @@ pub enum SubmitError {
     Unavailable(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// The job's environment names a secret the account does not have.
+    #[error("{0}")]
+    Secret(crate::secrets::SecretError),
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -298,6 +302,8 @@ struct Inner {
     cluster: Option<Arc<dyn Cluster>>,
     /// Whether this process claims and runs jobs (not on an `api` node).
     runs_jobs: bool,
+    /// Opens the secrets a job's environment refers to when an attempt starts.
+    secrets: Arc<Secrets>,
     executor: Arc<Executors>,
     config: SchedulerConfig,
     slots: Arc<Semaphore>,
@@ -360,6 +366,7 @@ impl Scheduler {
     pub async fn start(
         store: Arc<dyn Store>,
         executor: Arc<Executors>,
+        secrets: Arc<Secrets>,
         config: SchedulerConfig,
         cluster: Option<Arc<dyn Cluster>>,
     ) -> anyhow::Result<Scheduler> {
@@ -377,6 +384,7 @@ impl Scheduler {
             store,
             cluster,
             runs_jobs,
+            secrets,
             executor,
             config,
             wake: Notify::new(),
@@ -601,8 +609,13 @@ impl Scheduler {
         if inner.stopping.is_cancelled() {
             return Err(SubmitError::ShuttingDown);
         }
+        // Refused before anything runs: the fast path runs a job before writing it.
+        if let Some(full) = inner.store.degraded() {
+            return Err(SubmitError::Internal(full.into()));
+        }
         let mut job = inner.job_from_spec(spec, &tenant.limits)?;
         job.account = tenant.account.clone();
+        inner.secrets.check(&job.account, &job.env).await.map_err(SubmitError::Secret)?;
         job.batch = batch;
         if let Some(c) = &mut job.container {
             c.network = tenant.allow_network;
@@ -883,9 +896,11 @@ impl Inner {
             return invalid("`max_attempts` must be between 1 and 100".into());
         }
         for (k, v) in &spec.env {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            let text_ok = v.as_text().is_none_or(|t| !t.contains('\0'));
+            let secret_ok = v.secret_name().is_none_or(crate::secrets::valid_name);
+            if k.is_empty() || k.contains('=') || k.contains('\0') || !text_ok || !secret_ok {
                 return invalid(format!(
-                    "environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values)"
+                    "environment variable {k:?} is not valid (no '=' or NUL in names, no NUL in values, secret names of A-Z a-z 0-9 _ . -)"
                 ));
             }
         }
@@ -989,7 +1004,8 @@ impl Inner {
         let span = run_span(&job);
         self.tasks.spawn(
             async move {
-                let outcome = this.execute(this.run_request(&job), token).await;
+                let req = this.run_request(&job).await;
+                let outcome = this.execute(req, token).await;
                 this.record(job.id, outcome).await;
                 drop(slot);
             }
@@ -1014,7 +1030,8 @@ impl Inner {
         self.tasks.spawn(
             async move {
                 let id = job.id;
-                let run = this.execute(this.run_request(&job), token.clone());
+                let req = this.run_request(&job).await;
+                let run = this.execute(req, token.clone());
                 tokio::pin!(run);
                 let early = tokio::select! {
                     outcome = &mut run => Some(outcome),
@@ -1075,8 +1092,21 @@ impl Inner {
         token
     }
 
-    fn run_request(&self, job: &Job) -> RunRequest {
-        RunRequest {
+    /// What the executor gets for one attempt of `job`, its secrets opened (the
+    /// failed outcome when one of them is gone).
+    async fn run_request(&self, job: &Job) -> Result<RunRequest, JobOutcome> {
+        let env = match self.secrets.resolve(&job.account, &job.env).await {
+            Ok(env) => env,
+            Err(e) => {
+                let kind = match e {
+                    crate::secrets::SecretError::NotFound(_) => "secret_not_found",
+                    _ => "internal",
+                };
+                tracing::warn!(job_id = %job.id, error = format!("{e:#}"), "a job's secret cannot be opened");
+                return Err(JobOutcome::error(JobStatus::Failed, kind, e.to_string()));
+            }
+        };
+        Ok(RunRequest {
             executor: job.executor.clone(),
             container: job.container.as_ref().map(|c| ContainerRequest {
                 image: c.image.clone(),
@@ -1089,17 +1119,26 @@ impl Inner {
             function: job.function.clone(),
             function_id: job.function_id.clone(),
             args: job.args.clone(),
-            env: job.env.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            env,
             stdin: Bytes::from(job.stdin.clone()),
             attempt: job.attempts,
             timeout: Duration::from_millis(job.timeout_ms),
             memory_bytes: job.memory_mb << 20,
             output_cap: self.config.output_cap,
-        }
+        })
     }
 
-    /// Runs one attempt on the executor.
-    async fn execute(&self, req: RunRequest, cancel: CancellationToken) -> JobOutcome {
+    /// Runs one attempt on the executor (`Err`: it could not start, and that is its
+    /// outcome).
+    async fn execute(
+        &self,
+        req: Result<RunRequest, JobOutcome>,
+        cancel: CancellationToken,
+    ) -> JobOutcome {
+        let req = match req {
+            Ok(req) => req,
+            Err(outcome) => return outcome,
+        };
         let id: JobId = req.job_id.parse().expect("job ids are UUIDs");
         self.hub.publish(id, || LiveEvent::Status(JobStatus::Running, None));
         self.hub.started(id);
@@ -1149,13 +1188,23 @@ impl Inner {
             self.running.lock().unwrap().remove(&id);
             return;
         }
+        let mut failures = 0u32;
         let finished = loop {
             match self.store.finish_job(id, outcome.clone(), now_micros()).await {
-                Ok(j) => break j,
+                Ok(j) => {
+                    if failures > 0 {
+                        tracing::info!(job_id = %id, retries = failures, "recorded the outcome");
+                    }
+                    break j;
+                }
                 Err(e) => {
-                    // The outcome must not be lost while the store hiccups; if the
-                    // process dies meanwhile, recovery runs the job again.
-                    tracing::error!(error = format!("{e:#}"), "recording outcome failed; retrying");
+                    // The outcome must not be lost while the store hiccups (or its disk
+                    // is full); if the process dies meanwhile, recovery runs the job
+                    // again. Said once, not at each retry.
+                    if failures == 0 {
+                        tracing::error!(job_id = %id, error = format!("{e:#}"), "recording outcome failed; retrying");
+                    }
+                    failures += 1;
                     if self.stopping.is_cancelled() {
                         break None;
                     }
@@ -1216,7 +1265,10 @@ impl Inner {
                         token.cancel();
                     }
                 }
-                Ok(ClusterEvent::AuthChanged) | Ok(ClusterEvent::BatchCancel(_)) => {}
+                // The API's caches and the batches follow these themselves.
+                Ok(ClusterEvent::AuthChanged)
+                | Ok(ClusterEvent::FunctionsChanged)
+                | Ok(ClusterEvent::BatchCancel(_)) => {}
                 Err(broadcast::error::RecvError::Closed) => return,
             }
         }

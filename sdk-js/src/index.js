@@ -82,6 +82,7 @@ export class Cloudpipe {
     this._job = { runner, ...job };
     this.functions = new Functions(this._t);
     this.jobs = new Jobs(this);
+    this.secrets = new Secrets(this._t);
   }
 
   /** The server's URL. */
@@ -396,6 +397,36 @@ function settingsQuery(s = {}) {
     public: s.public,
     allowed_outbound_hosts: s.allowedOutboundHosts?.join(','),
   };
+}
+
+/**
+ * `cp.secrets`: the account's write-only secrets. A value goes in and never comes
+ * back; jobs and functions name a secret in their env as `{ secret: 'name' }`
+ * (`cp.functions.update('f', { env: { TOKEN: { secret: 'api-token' } } })`).
+ */
+class Secrets {
+  constructor(transport) {
+    this._t = transport;
+  }
+
+  /** Creates or replaces a secret; returns its name and times (never the value). */
+  async put(name, value, { signal } = {}) {
+    return this._t.json('PUT', `/v1/secrets/${encodeURIComponent(name)}`, {
+      json: { value },
+      idempotent: true,
+      signal,
+    });
+  }
+
+  /** The account's secrets: names and times. */
+  async list({ signal } = {}) {
+    return (await this._t.json('GET', '/v1/secrets', { idempotent: true, signal })).secrets;
+  }
+
+  /** Deletes a secret. */
+  async delete(name, { signal } = {}) {
+    await this._t.request('DELETE', `/v1/secrets/${encodeURIComponent(name)}`, { idempotent: true, signal });
+  }
 }
 
 /** `cp.functions`: uploading and managing functions (Wasm binaries). */

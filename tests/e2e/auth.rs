@@ -99,6 +99,9 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     let batch_id = batch["id"].as_str().unwrap().to_string();
     let (st, _) = call(&s, Some(&a), Method::GET, "/fn/alice-fn", None).await;
     assert_eq!(st, StatusCode::OK);
+    let secret = br#"{"value":"alice-value"}"#.to_vec();
+    let (st, _) = call(&s, Some(&a), Method::PUT, "/v1/secrets/alice-token", Some(secret)).await;
+    assert_eq!(st, StatusCode::CREATED);
 
     // The route list, from the server itself.
     let (st, doc) = call(&s, None, Method::GET, "/v1/openapi.json", None).await;
@@ -124,6 +127,8 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
         AdminOnly,
         /// Answers, but shows nothing of A's.
         OwnOnly,
+        /// Creates B's own resource (of the same name), showing nothing of A's.
+        CreatesOwn,
         Status(StatusCode, &'static str),
     }
     use Stranger::*;
@@ -161,6 +166,10 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("GET", "/v1/job") | ("GET", "/v1/job/queue_stats") => OwnOnly,
             ("POST", "/v1/job/kill") => NotFound,
             ("POST", "/v1/job/kill_all") => OwnOnly,
+            // Secrets are per account: B's list is B's; A's names are B's to reuse.
+            ("GET", "/v1/secrets") => OwnOnly,
+            ("PUT", "/v1/secrets/{name}") => CreatesOwn,
+            ("DELETE", "/v1/secrets/{name}") => NotFound,
             _ => return None,
         })
     };
@@ -172,7 +181,13 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     assert!(unlisted.is_empty(), "routes without an entry in this test's table: {unlisted:?}");
 
     let fill = |p: &str| {
-        let name = if p.starts_with("/v1/accounts") { "alice" } else { "alice-fn" };
+        let name = if p.starts_with("/v1/accounts") {
+            "alice"
+        } else if p.starts_with("/v1/secrets") {
+            "alice-token"
+        } else {
+            "alice-fn"
+        };
         let id = if p.starts_with("/v1/keys") {
             alice_key_id.as_str()
         } else if p.starts_with("/v1/batches") {
@@ -197,6 +212,7 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("PATCH", "/v1/accounts/{name}") => Some(br#"{"disabled":true}"#.to_vec()),
             ("PATCH", "/v1/functions/{name}") => Some(br#"{"public":true}"#.to_vec()),
             ("POST", "/v1/accounts/{name}/keys") => Some(b"{}".to_vec()),
+            ("PUT", "/v1/secrets/{name}") => Some(br#"{"value":"bob-value"}"#.to_vec()),
             _ => None,
         }
     };
@@ -212,6 +228,9 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("POST", "/v1/functions") => "/v1/functions?name=alice-fn".to_string(),
             ("GET", "/v1/jobs/{id}/result") => format!("/v1/jobs/{job_id}/result?wait=1ms"),
             ("GET", "/v1/job") => format!("/v1/job?jid={jid}"),
+            // Under a name of B's own, so that the delete above (of A's name) still
+            // finds nothing of B's, whatever the order.
+            ("PUT", "/v1/secrets/{name}") => "/v1/secrets/bobs-own".to_string(),
             _ => fill(p),
         };
         let public = matches!(expected(m, p), Some(Public));
@@ -242,6 +261,11 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
                 let text = body.to_string();
                 assert!(!text.contains("alice"), "{m} {path} shows A's resources to B: {text}");
             }
+            CreatesOwn => {
+                assert_eq!(st, StatusCode::CREATED, "{m} {path} with B's key: {body}");
+                let text = body.to_string();
+                assert!(!text.contains("alice"), "{m} {path} shows A's resources to B: {text}");
+            }
             Status(want, want_code) => {
                 assert_eq!(st, want, "{m} {path} with B's key: {body}");
                 assert_eq!(code(&body), want_code);
@@ -258,6 +282,9 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     assert_eq!((st, j["status"].as_str()), (StatusCode::OK, Some("succeeded")));
     let (st, me) = call(&s, Some(&a), Method::GET, "/v1/me", None).await;
     assert_eq!((st, me["account"].as_str()), (StatusCode::OK, Some("alice")));
+    let (st, secrets) = call(&s, Some(&a), Method::GET, "/v1/secrets", None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(secrets["secrets"].as_array().unwrap().len(), 1, "A's secret stays A's alone");
     // Basic auth with the right account works like Bearer.
     let (st, me) = call(&s, Some(&basic("alice", &alice)), Method::GET, "/v1/me", None).await;
     assert_eq!((st, me["account"].as_str()), (StatusCode::OK, Some("alice")));

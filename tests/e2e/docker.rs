@@ -306,3 +306,33 @@ async fn a_missing_image_is_pulled_from_its_registry_with_progress_in_the_events
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains(&registry.host), "{message}");
 }
+
+/// A job cannot fill the disk through `/tmp`: it is capped with or without a result
+/// file (which must then outlive the container), and the result still comes out.
+#[tokio::test]
+async fn tmp_is_capped_even_for_jobs_with_a_result_file() {
+    ensure_image();
+    let data = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(data.path(), &["--docker-tmp-mb", "8"]).await;
+    // 32 MiB into an 8 MiB /tmp: dd stops at the cap.
+    let fill = "dd if=/dev/zero of=/tmp/big bs=1M count=32 2>/dev/null; \
+                n=$(ls -l /tmp/big | awk '{print $5}'); rm /tmp/big; echo $n > /tmp/size; cat /tmp/size";
+    for extra in [json!({}), json!({"result_source": "file:/tmp/size"})] {
+        let job = s.run(with(sh(fill), extra.clone())).await;
+        assert_eq!(job["status"], "succeeded", "{extra}: {job}");
+        let size: u64 =
+            job["stdout"].as_str().unwrap().trim().parse().unwrap_or_else(|_| panic!("{job}"));
+        assert!(size <= 8 << 20, "{extra}: /tmp took {size} bytes past its 8 MiB cap");
+        assert!(size >= 6 << 20, "{extra}: the cap is about 8 MiB, got {size}");
+    }
+    // The host's scratch mounts are gone with their jobs.
+    let scratch = data.path().join("scratch");
+    let left: Vec<_> =
+        std::fs::read_dir(&scratch).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "scratch mounts left behind: {:?}",
+        left.iter().map(|e| e.path()).collect::<Vec<_>>()
+    );
+    assert!(!s.log().contains("uncapped"), "{}", s.log());
+}

@@ -10,6 +10,8 @@
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
 //! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
+//! - `cors`: CORS off by default, `--cors-origins`.
+//! - `disk`: a full disk (a small tmpfs): 507 for new work, reads and results kept, resumes.
 //! - `auth`: API keys on every route, tenant isolation, quotas, revocation, disabled
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
 //! - `security`: no server-side request forgery (wasi:http, batch hooks), no lockout,
@@ -19,7 +21,11 @@
 //! - `docker`: the docker executor against a real engine (started when needed), and
 //!   images pulled from a real registry.
 //! - `executors`: `GET /v1/executors`, and 503s that say what to install.
+//! - `secrets`: write-only secrets in jobs and functions, never in an answer, a log or
+//!   the store's files; rotation of the key; the CLI.
+//! - `docker`: the docker executor against a real engine (started when needed).
 //! - `v1compat`: Cloudpipe v1's `/v1/job` API as the multyvac client drove it.
+//! - `upgrade`: stores of older formats served, newer ones refused.
 //! - `vm`: the vm executor with real QEMU: clones of a snapshotted template VM.
 
 mod auth;
@@ -27,6 +33,8 @@ mod bad_requests;
 mod batches;
 mod cli;
 mod cluster;
+mod cors;
+mod disk;
 mod docker;
 mod durability;
 mod executors;
@@ -34,7 +42,9 @@ mod functions;
 mod hostile;
 mod invoke;
 mod jobs;
+mod secrets;
 mod security;
 mod server;
+mod upgrade;
 mod v1compat;
 mod vm;

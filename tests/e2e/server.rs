@@ -50,6 +50,14 @@ impl TestServer {
         }
     }
 
+    /// [`TestServer::start_in`] with extra environment.
+    pub async fn start_in_env(dir: &Path, extra: &[&str], env: &[(&str, &str)]) -> TestServer {
+        let mut all = vec![("CLOUDPIPE_ADMIN_KEY", ADMIN_KEY)];
+        all.extend_from_slice(env);
+        let p = serve::spawn_serve_with(env!("CARGO_BIN_EXE_cloudpipe"), dir, extra, &all);
+        TestServer { child: p.child, url: p.url, _tmp: None, client: admin_client(), log: p.log }
+    }
+
     /// A server over an existing data directory (which the caller keeps alive).
     pub async fn start_in(dir: &Path, extra: &[&str]) -> TestServer {
         let p = spawn_serve(&bin(), dir, extra);

@@ -96,11 +96,15 @@ async fn check_settings(
             "`memory_mb` is at most {max_memory} (the server's maximum and the account's quota)"
         ));
     }
+    let bad_value = |v: &cloudpipe_types::EnvValue| {
+        v.as_text().is_some_and(|t| t.contains('\0'))
+            || v.secret_name().is_some_and(|n| !cloudpipe_runtime::secrets::valid_name(n))
+    };
     if s.env.len() > 256
-        || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || v.contains('\0'))
+        || s.env.iter().any(|(k, v)| k.is_empty() || k.contains(['=', '\0']) || bad_value(v))
     {
         return bad(
-            "at most 256 environment variables, names without '=' or NUL, values without NUL"
+            "at most 256 environment variables, names without '=' or NUL, values without NUL, secret names of A-Z a-z 0-9 _ . -"
                 .into(),
         );
     }
@@ -286,6 +290,8 @@ pub async fn update_function(
     let current = current.ok_or_else(not_found)?;
     let settings = current.settings.patched(patch.clone());
     check_settings(&state, &current.account, &settings, &patch).await?;
+    // The secrets it names are the function's account's, looked up at each invocation.
+    state.runtime.secrets.check(&current.account, &settings.env).await?;
     let meta = state.runtime.registry.configure(&scope, &name, settings).await;
     state.invocations.functions.invalidate(&name);
     let meta = meta?.ok_or_else(not_found)?;

@@ -363,12 +363,10 @@ async fn run(
     }
     let cgi = cgi_env(name, path, &req);
     // The function's own variables, then the request's (which win).
-    let mut env: Vec<(String, String)> = meta
-        .settings
-        .env
-        .iter()
-        .filter(|(k, _)| !cgi.iter().any(|(c, _)| c == *k))
-        .map(|(k, v)| (k.clone(), v.clone()))
+    let mut env: Vec<(String, String)> = function_env(state, &meta)
+        .await?
+        .into_iter()
+        .filter(|(k, _)| !cgi.iter().any(|(c, _)| c == k))
         .collect();
     env.extend(cgi);
     let body = tokio::time::timeout(
@@ -486,6 +484,22 @@ impl http_body::Body for Replay {
     }
 }
 
+/// The function's settings env, its secrets (its account's) opened. A secret deleted
+/// since the settings named it fails the invocation rather than run without it.
+async fn function_env(
+    state: &AppState,
+    meta: &FunctionMeta,
+) -> Result<Vec<(String, String)>, ApiError> {
+    use cloudpipe_runtime::secrets::SecretError;
+    match state.runtime.secrets.resolve(&meta.account, &meta.settings.env).await {
+        Ok(env) => Ok(env),
+        Err(SecretError::NotFound(s)) => Err(ApiError::FunctionFailed(format!(
+            "the function's settings name secret {s:?}, which its account no longer has"
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Hands the request to a wasi:http proxy function, streaming both ways. The function
 /// sees the path below its mount point (`/fn/hello/echo?x=1` arrives as `/echo?x=1`,
 /// the full path in `x-cloudpipe-original-path`), so a component written for
@@ -519,10 +533,9 @@ async fn proxy(
     // Credentials stay with the server: a function never sees the caller's key.
     parts.headers.remove(header::AUTHORIZATION);
     let settings = &meta.settings;
-    let env: Vec<(String, String)> = settings
-        .env
-        .iter()
-        .map(|(k, v)| (k.clone(), v.clone()))
+    let env: Vec<(String, String)> = function_env(state, meta)
+        .await?
+        .into_iter()
         .chain([
             ("CLOUDPIPE_FUNCTION".to_string(), name.to_string()),
             ("CLOUDPIPE_INVOCATION_ID".to_string(), invocation.to_string()),

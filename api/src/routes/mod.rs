@@ -5,6 +5,7 @@ pub mod batches;
 pub mod functions;
 pub mod invoke;
 pub mod jobs;
+pub mod secrets;
 pub mod system;
 pub mod v1compat;
 

@@ -73,13 +73,16 @@ pub async fn list_nodes(
     Ok(Json(NodeList { store, this_node: cluster.node().to_string(), nodes }))
 }
 
-/// Liveness and the store backend in use.
+/// Liveness, the store backend in use, and whether the server is degraded (its disk
+/// is full: reads work, new work is refused with 507 until space returns).
 #[utoipa::path(get, path = "/healthz", tag = "system", responses((status = 200, body = Health)))]
 pub async fn get_health(State(state): State<AppState>) -> Json<Health> {
+    let degraded = state.runtime.store.degraded();
     Json(Health {
-        status: "ok".into(),
+        status: if degraded.is_some() { "degraded" } else { "ok" }.into(),
         version: env!("CARGO_PKG_VERSION").into(),
         store: state.runtime.store.backend().into(),
+        reason: degraded.map(|d| d.to_string()),
     })
 }
 

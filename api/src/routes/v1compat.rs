@@ -406,7 +406,12 @@ pub fn view(job: &Job) -> V1Job {
         cmd: cmd_of(job),
         status: v1_status(job.status),
         tags: job.tags.iter().map(|t| tag_pair(t)).map(|(k, v)| (k.into(), v.into())).collect(),
-        env: job.env.clone(),
+        // v1 knew only text values; secret references are left out.
+        env: job
+            .env
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_text()?.to_string())))
+            .collect(),
         result_source: match result_file {
             Some(p) => format!("file:{p}"),
             None => "stdout".into(),
@@ -554,7 +559,7 @@ fn spec_of(j: V1JobSpec, image: &str, max_timeout_ms: u64) -> Result<JobSpec, V1
         command: vec!["/bin/sh".into(), "-c".into(), cmd],
         cpus,
         result_source: result_file,
-        env,
+        env: env.into_iter().map(|(k, v)| (k, v.into())).collect(),
         stdin_base64: j.stdin.filter(|s| !s.is_empty()),
         timeout_ms: Some(timeout_ms),
         tags,

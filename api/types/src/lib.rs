@@ -8,6 +8,8 @@
 //! - [`FunctionInfo`], [`FunctionKind`]: an uploaded function version.
 //! - [`JobSpec`]: what a client submits; [`JobRecord`]: what the server keeps and answers.
 //! - [`JobStatus`], [`JobError`], [`JobList`], [`JobEvent`]: a job's life as seen from outside.
+//! - [`EnvValue`]: an environment variable's value, a text or a [`SecretRef`].
+//! - [`SecretPut`], [`SecretInfo`], [`SecretList`]: write-only secrets.
 //! - [`ErrorBody`]: every error answer, `{"error": {"code", "message"}}`.
 //!
 //! # Example
@@ -83,9 +85,10 @@ pub struct FunctionInfo {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct FunctionSettings {
-    /// Environment variables of every invocation.
+    /// Environment variables of every invocation: text, or `{"secret": "name"}` for a
+    /// secret of the function's account, put in at each invocation.
     #[serde(default)]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     #[serde(default)]
     pub timeout_ms: u64,
     #[serde(default)]
@@ -109,7 +112,7 @@ pub struct FunctionSettings {
 #[serde(deny_unknown_fields)]
 pub struct FunctionSettingsPatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub env: Option<BTreeMap<String, String>>,
+    pub env: Option<BTreeMap<String, EnvValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -144,6 +147,85 @@ impl FunctionSettings {
             self.allowed_outbound_hosts = v;
         }
         self
+    }
+}
+
+/// The value of one environment variable: a text, or a reference to a secret of the
+/// account (`{"secret": "api-token"}`) that the server puts in at run time. Only the
+/// reference is ever stored with a job or a function, or sent back.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(untagged)]
+pub enum EnvValue {
+    Text(String),
+    Secret(SecretRef),
+}
+
+/// `{"secret": "name"}`: the value of the account's secret `name`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SecretRef {
+    pub secret: String,
+}
+
+impl EnvValue {
+    /// A reference to the secret `name`.
+    pub fn secret(name: impl Into<String>) -> EnvValue {
+        EnvValue::Secret(SecretRef { secret: name.into() })
+    }
+
+    /// The text, if this is not a secret reference.
+    pub fn as_text(&self) -> Option<&str> {
+        match self {
+            EnvValue::Text(t) => Some(t),
+            EnvValue::Secret(_) => None,
+        }
+    }
+
+    /// The secret's name, if this is a secret reference.
+    pub fn secret_name(&self) -> Option<&str> {
+        match self {
+            EnvValue::Text(_) => None,
+            EnvValue::Secret(r) => Some(&r.secret),
+        }
+    }
+}
+
+impl From<String> for EnvValue {
+    fn from(s: String) -> EnvValue {
+        EnvValue::Text(s)
+    }
+}
+
+impl From<&str> for EnvValue {
+    fn from(s: &str) -> EnvValue {
+        EnvValue::Text(s.to_string())
+    }
+}
+
+// By hand rather than `untagged`, so that a bad value gets a message that says what
+// is expected instead of "did not match any variant".
+impl<'de> Deserialize<'de> for EnvValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EnvValue, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = EnvValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str(r#"a string, or {"secret": "name"}"#)
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v.to_string()))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<EnvValue, E> {
+                Ok(EnvValue::Text(v))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<EnvValue, A::Error> {
+                let r = SecretRef::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(EnvValue::Secret(r))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -184,9 +266,11 @@ pub struct JobSpec {
     /// Arguments after argv\[0\] (argv\[0\] is the function name).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
-    /// Environment variables, on top of `CLOUDPIPE_JOB_ID`, `CLOUDPIPE_FUNCTION`, `CLOUDPIPE_ATTEMPT`.
+    /// Environment variables, on top of `CLOUDPIPE_JOB_ID`, `CLOUDPIPE_FUNCTION`,
+    /// `CLOUDPIPE_ATTEMPT`: each a text, or `{"secret": "name"}` for a secret of the
+    /// account, put in when the job starts (the job keeps only the reference).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub env: BTreeMap<String, String>,
+    pub env: BTreeMap<String, EnvValue>,
     /// Standard input as UTF-8 text.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
@@ -429,9 +513,41 @@ pub struct NodeList {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct Health {
+    /// `ok`, or `degraded` while the store cannot write (its disk is full): reads still
+    /// work, submits answer 507 until space returns.
     pub status: String,
     pub version: String,
     pub store: String,
+    /// Why the server is degraded, when it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// `PUT /v1/secrets/{name}`: the value, write-only (no answer ever carries it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct SecretPut {
+    pub value: String,
+}
+
+/// A secret as listed: its name and times, never its value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SecretInfo {
+    /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,127}`, unique in the account.
+    pub name: String,
+    /// RFC 3339 time of the first put.
+    pub created_at: String,
+    /// RFC 3339 time of the last put.
+    pub updated_at: String,
+}
+
+/// The account's secrets, sorted by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(ToSchema))]
+pub struct SecretList {
+    pub secrets: Vec<SecretInfo>,
 }
 
 /// One way of running jobs on this server, and whether it can now: `GET /v1/executors`.
@@ -472,6 +588,25 @@ mod tests {
             assert_eq!(json, format!("\"{}\"", st.as_str()));
         }
         assert_eq!(JobStatus::parse("done"), None);
+    }
+
+    #[test]
+    fn env_values_are_text_or_secret_references() {
+        let spec: JobSpec = serde_json::from_str(
+            r#"{"function": "f", "env": {"A": "x", "TOKEN": {"secret": "api-token"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(spec.env["A"], EnvValue::from("x"));
+        assert_eq!(spec.env["TOKEN"], EnvValue::secret("api-token"));
+        let back = serde_json::to_value(&spec.env).unwrap();
+        assert_eq!(back, serde_json::json!({"A": "x", "TOKEN": {"secret": "api-token"}}));
+        for bad in [r#"{"B": 1}"#, r#"{"B": {"secret": "x", "more": 1}}"#, r#"{"B": {}}"#] {
+            let err = serde_json::from_str::<BTreeMap<String, EnvValue>>(bad).unwrap_err();
+            assert!(
+                err.to_string().contains("secret") || err.to_string().contains("string"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //!
 //! Safe by default, whatever the job asks: no network (unless the account's policy
 //! allows it), every capability dropped, `no-new-privileges`, a read-only root with a
-//! tmpfs `/tmp`, a pids limit, a memory limit without swap, and a non-root user. stdin
+//! size-capped `/tmp`, a pids limit, a memory limit without swap, and a non-root user. stdin
 //! is streamed in; stdout and stderr are streamed out live and kept capped; timeout and
 //! cancel kill the container; the container is always removed. A result file
 //! (`result_source: file:/tmp/…`) is copied out after exit. Containers carry the
@@ -17,6 +17,13 @@
 //! is not empty. Pull progress goes to the job's live stderr events (prefixed
 //! `[pull]`), not into its record; a failed pull is `image_pull_failed` with the
 //! registry's own message.
+//! `/tmp` never grows past [`DockerConfig::tmp_size`], so that no job can fill the
+//! disk: a tmpfs of that size inside the container; or, for a job whose result file
+//! must outlive the container (a container's tmpfs goes with it), a tmpfs of that size
+//! that this server mounts on the host under [`DockerConfig::scratch_dir`] and binds at
+//! `/tmp` (the result is then copied out by the engine, as before). Mounting needs root
+//! and the engine on this host; without them such jobs get an anonymous volume, not
+//! capped, and the server says so once.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,8 +90,11 @@ pub struct DockerConfig {
     pub user: String,
     /// Most processes (and threads) in one container: a fork bomb stops here.
     pub pids_limit: i64,
-    /// Size of the tmpfs mounted at `/tmp`, the only writable place.
+    /// Size of the tmpfs mounted at `/tmp`, the only writable place (`64m`).
     pub tmp_size: String,
+    /// Where the size-capped `/tmp` of jobs with a result file is mounted on the host
+    /// (one directory per attempt); `None`: such jobs get an uncapped volume.
+    pub scratch_dir: Option<std::path::PathBuf>,
     /// Identifies this server's containers (see [`INSTANCE_LABEL`]).
     pub instance: String,
 }
@@ -99,6 +109,7 @@ impl Default for DockerConfig {
             user: "65534:65534".into(),
             pids_limit: 256,
             tmp_size: "64m".into(),
+            scratch_dir: None,
             instance: "default".into(),
         }
     }
@@ -107,6 +118,8 @@ impl Default for DockerConfig {
 pub struct DockerExecutor {
     config: DockerConfig,
     client: tokio::sync::OnceCell<Docker>,
+    /// The uncapped fallback was announced.
+    warned_uncapped: std::sync::atomic::AtomicBool,
 }
 
 /// A failed attempt with an error kind and message.
@@ -116,7 +129,11 @@ fn failed(kind: &str, message: impl Into<String>) -> JobOutcome {
 
 impl DockerExecutor {
     pub fn new(config: DockerConfig) -> DockerExecutor {
-        DockerExecutor { config, client: tokio::sync::OnceCell::new() }
+        DockerExecutor {
+            config,
+            client: tokio::sync::OnceCell::new(),
+            warned_uncapped: Default::default(),
+        }
     }
 
     /// The engine's client, connected and version-negotiated on first use (a failure
@@ -147,6 +164,14 @@ impl DockerExecutor {
             HashMap::from([("label", vec![format!("{INSTANCE_LABEL}={}", self.config.instance)])]);
         let list = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let containers = docker.list_containers(Some(list)).await.map_err(|e| e.to_string())?;
+        // Scratch mounts of attempts cut off by a crash.
+        if let Some(dir) = &self.config.scratch_dir
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            for e in entries.flatten() {
+                Scratch { dir: e.path() }.release().await;
+            }
+        }
         let mut removed = 0;
         for c in containers {
             if let Some(id) = c.id {
@@ -159,7 +184,32 @@ impl DockerExecutor {
         Ok(removed)
     }
 
-    fn create_body(&self, req: &RunRequest) -> ContainerCreateBody {
+    /// A capped `/tmp` on the host for an attempt whose result file must outlive its
+    /// container, when this server can make one.
+    async fn scratch(&self, req: &RunRequest) -> Option<Scratch> {
+        let wants = req.container.as_ref().is_some_and(|c| c.result_file.is_some());
+        let base = self.config.scratch_dir.as_ref().filter(|_| wants)?;
+        let local = self.config.socket.is_some() || std::env::var_os("DOCKER_HOST").is_none();
+        let dir = base.join(format!("{}-{}", req.job_id, req.attempt));
+        let made = match local {
+            true => Scratch::mount(&dir, &self.config.tmp_size).await,
+            false => Err("the Docker engine is not on this host".into()),
+        };
+        match made {
+            Ok(s) => Some(s),
+            Err(why) => {
+                if !self.warned_uncapped.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    tracing::warn!(
+                        reason = %why,
+                        "docker jobs with a result file get an uncapped /tmp volume (a size-capped one needs root and a local engine)"
+                    );
+                }
+                None
+            }
+        }
+    }
+
+    fn create_body(&self, req: &RunRequest, scratch: Option<&Scratch>) -> ContainerCreateBody {
         let c = req.container.clone().unwrap_or_default();
         let mut cmd = c.command.clone();
         cmd.extend(req.args.iter().cloned());
@@ -174,8 +224,8 @@ impl DockerExecutor {
             security_opt: Some(vec!["no-new-privileges".into()]),
             readonly_rootfs: Some(true),
             // `/tmp` is the one writable place: a tmpfs, or, when a result file is to be
-            // copied out after exit (when a tmpfs is already gone), an anonymous volume
-            // removed with the container.
+            // copied out after exit (when a tmpfs is already gone), the capped scratch
+            // mount of the host, else an anonymous volume removed with the container.
             tmpfs: c.result_file.is_none().then(|| {
                 HashMap::from([(
                     "/tmp".to_string(),
@@ -183,10 +233,18 @@ impl DockerExecutor {
                 )])
             }),
             mounts: c.result_file.is_some().then(|| {
-                vec![Mount {
-                    target: Some("/tmp".into()),
-                    typ: Some(MountType::VOLUME),
-                    ..Default::default()
+                vec![match scratch {
+                    Some(s) => Mount {
+                        target: Some("/tmp".into()),
+                        source: Some(s.dir.to_string_lossy().into_owned()),
+                        typ: Some(MountType::BIND),
+                        ..Default::default()
+                    },
+                    None => Mount {
+                        target: Some("/tmp".into()),
+                        typ: Some(MountType::VOLUME),
+                        ..Default::default()
+                    },
                 }]
             }),
             pids_limit: Some(self.config.pids_limit),
@@ -553,7 +611,8 @@ impl Executor for DockerExecutor {
         }
         let name = format!("cloudpipe-{}-{}", req.job_id, req.attempt);
         let create = CreateContainerOptionsBuilder::new().name(&name).build();
-        let body = self.create_body(&req);
+        let scratch = self.scratch(&req).await;
+        let body = self.create_body(&req, scratch.as_ref());
         let mut created = docker.create_container(Some(create.clone()), body.clone()).await;
         if let Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) =
             &created
@@ -574,12 +633,21 @@ impl Executor for DockerExecutor {
                     format!("image not on the Docker engine (--docker-pull never): {message}"),
                 );
             }
-            Err(e) => return failed("executor", format!("creating the container: {e}")),
+            Err(e) => {
+                if let Some(s) = scratch {
+                    s.release().await;
+                }
+                return failed("executor", format!("creating the container: {e}"));
+            }
         };
-        // Removed whatever happens, even if this future is dropped half-way.
+        // Removed whatever happens, even if this future is dropped half-way (a scratch
+        // mount left then is released by the next start's reap).
         let remover = Remover { docker: docker.clone(), id: id.clone(), done: false };
         let outcome = self.attempt(&docker, &id, &req, &live, &cancel).await;
         remover.remove().await;
+        if let Some(s) = scratch {
+            s.release().await;
+        }
         outcome
     }
 }
@@ -616,6 +684,43 @@ impl ImageRef {
             _ => "docker.io".to_string(),
         };
         ImageRef { registry, repository: name.to_string(), tag }
+    }
+}
+
+/// A size-capped tmpfs on the host, bound at a container's `/tmp`.
+struct Scratch {
+    dir: std::path::PathBuf,
+}
+
+impl Scratch {
+    /// Mounts a tmpfs of `size` at `dir` (made if missing).
+    async fn mount(dir: &std::path::Path, size: &str) -> Result<Scratch, String> {
+        tokio::fs::create_dir_all(dir)
+            .await
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let out = tokio::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("rw,nosuid,nodev,mode=1777,size={size}"))
+            .arg("cloudpipe-scratch")
+            .arg(dir)
+            .output()
+            .await
+            .map_err(|e| format!("running mount: {e}"))?;
+        if !out.status.success() {
+            let _ = tokio::fs::remove_dir(dir).await;
+            return Err(format!("mount: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        }
+        Ok(Scratch { dir: dir.to_path_buf() })
+    }
+
+    /// Unmounts (lazily: the engine may still hold it a moment) and removes it.
+    async fn release(self) {
+        let _ = tokio::process::Command::new("umount").arg("-l").arg(&self.dir).output().await;
+        if let Err(e) = tokio::fs::remove_dir(&self.dir).await
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(dir = %self.dir.display(), error = %e, "removing a scratch mount failed");
+        }
     }
 }
 

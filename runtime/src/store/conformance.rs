@@ -60,6 +60,7 @@ macro_rules! suite {
             case!(idempotency_keys_are_per_account_and_active_jobs_are_listed);
             case!(every_list_filter_agrees_with_a_scan_after_purge_and_reopen);
             case!(claims_take_accounts_in_turn_and_each_account_first_in_first_out);
+            case!(secrets_are_per_account_bounded_and_keep_their_first_time);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn reopened_store_after_churn_stays_near_live_data() {
@@ -1029,6 +1030,7 @@ async fn check_every_filter<S: Store>(store: &S, ids: &[JobId]) {
                             function: function.map(str::to_string),
                             tag: tag.map(str::to_string),
                             batch: batch.map(str::to_string),
+                            node: None,
                             before: None,
                             limit: 1000,
                         };
@@ -1115,4 +1117,49 @@ pub(crate) async fn claims_take_accounts_in_turn_and_each_account_first_in_first
     assert_eq!(claim(3).await, [erin, flood[0], bob[1]]);
     let rest = claim(100).await;
     assert_eq!(rest, [&flood[1..], &[late]].concat(), "first in first out within alice");
+}
+
+pub(crate) async fn secrets_are_per_account_bounded_and_keep_their_first_time<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    use crate::secrets::{PutSecret, SecretRecord};
+    let dir = dir();
+    let secret = |account: &str, name: &str, at: u64| SecretRecord {
+        account: account.into(),
+        name: name.into(),
+        key_id: "k1".into(),
+        nonce: vec![1; 12],
+        sealed: vec![at as u8; 20],
+        created_at: at,
+        updated_at: at,
+    };
+    let stored = |p: PutSecret| match p {
+        PutSecret::Stored(r) => r,
+        other => panic!("not stored: {other:?}"),
+    };
+    {
+        let store = open(dir.path()).unwrap();
+        stored(store.put_secret(secret("alice", "b", 1), Some(2)).await.unwrap());
+        stored(store.put_secret(secret("alice", "a", 2), Some(2)).await.unwrap());
+        // A third name is over the bound; a replacement fits and keeps `created_at`.
+        let over = store.put_secret(secret("alice", "c", 3), Some(2)).await.unwrap();
+        assert_eq!(over, PutSecret::OverQuota { limit: 2 });
+        let replaced = stored(store.put_secret(secret("alice", "b", 4), Some(2)).await.unwrap());
+        assert_eq!((replaced.created_at, replaced.updated_at), (1, 4));
+        // Another account's secrets count apart, and may share names.
+        stored(store.put_secret(secret("bob", "a", 5), Some(2)).await.unwrap());
+        stored(store.put_secret(secret("alicia", "x", 6), None).await.unwrap());
+    }
+    let store = open(dir.path()).unwrap();
+    let names = |v: Vec<SecretRecord>| v.into_iter().map(|r| r.name).collect::<Vec<_>>();
+    assert_eq!(names(store.list_secrets("alice").await.unwrap()), ["a", "b"]);
+    assert_eq!(names(store.list_secrets("bob").await.unwrap()), ["a"]);
+    assert_eq!(names(store.list_secrets("carol").await.unwrap()), Vec::<String>::new());
+    let b = store.get_secret("alice", "b").await.unwrap().unwrap();
+    assert_eq!((b.sealed, b.nonce, b.key_id), (vec![4; 20], vec![1; 12], "k1".to_string()));
+    assert_eq!(store.get_secret("bob", "b").await.unwrap(), None);
+    assert!(store.delete_secret("alice", "a").await.unwrap());
+    assert!(!store.delete_secret("alice", "a").await.unwrap());
+    assert_eq!(store.get_secret("bob", "a").await.unwrap().unwrap().created_at, 5);
+    assert_eq!(names(store.list_secrets("alice").await.unwrap()), ["b"]);
 }

@@ -25,6 +25,8 @@
 //! | keys | `k` sha256 hex of the secret | [`KeyRecord`] as JSON |
 //! | key ids | `K` key id | sha256 hex of the secret |
 //! | batches | `B` batch id | [`BatchState`] as JSON |
+//! | secrets | `x` account 0 name | [`SecretRecord`] as JSON (sealed) |
+//! | format | `M` `format` | the store's format version, u32 (see `format`) |
 //!
 //! Account names and function ids never contain a 0 byte, so `account 0` and `id 0`
 //! are exact prefixes.
@@ -59,6 +61,7 @@ use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Re
 use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
+use crate::secrets::{PutSecret, SecretRecord};
 
 const JOBS: u8 = b'j';
 /// The single queue of stores written before queues were kept per account: moved to
@@ -79,6 +82,7 @@ const ACCOUNTS: u8 = b'a';
 const KEYS: u8 = b'k';
 const KEY_IDS: u8 = b'K';
 const BATCHES: u8 = b'B';
+const SECRETS: u8 = b'x';
 
 /// The list index's version; absent in stores written before it ([`upgrade`]).
 const LIST_INDEX_VERSION: &[u8] = b"Mlists";
@@ -100,7 +104,7 @@ const CHUNK: usize = 256;
 /// Error kind of a job whose attempts ran out while the server was down.
 pub(crate) const ATTEMPTS_EXHAUSTED: &str = "attempts_exhausted";
 
-fn key(table: u8, rest: &[u8]) -> Vec<u8> {
+pub(super) fn key(table: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + rest.len());
     k.push(table);
     k.extend_from_slice(rest);
@@ -108,7 +112,7 @@ fn key(table: u8, rest: &[u8]) -> Vec<u8> {
 }
 
 /// `table a 0 b`
-fn pair_key(table: u8, a: &str, b: &str) -> Vec<u8> {
+pub(super) fn pair_key(table: u8, a: &str, b: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(2 + a.len() + b.len());
     k.push(table);
     k.extend_from_slice(a.as_bytes());
@@ -240,6 +244,7 @@ pub(crate) enum WriteOp {
     Release { id: JobId },
     Recover { now: Micros },
     Purge { policy: Retention, now: Micros, max_batch: usize },
+    Secret(SecretOp),
 }
 
 /// What a [`WriteOp`] returns.
@@ -255,6 +260,7 @@ pub(crate) enum Reply {
     Job(Option<Job>),
     Recovery(Recovery),
     Purged(usize),
+    Secret(PutSecret),
 }
 
 /// Applies one write inside the writer's transaction. An error leaves the transaction
@@ -287,6 +293,7 @@ pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
         WriteOp::Purge { policy, now, max_batch } => {
             Reply::Purged(purge_finished(tx, *policy, *now, *max_batch)?)
         }
+        WriteOp::Secret(op) => apply_secret(op, tx)?,
     })
 }
 
@@ -1038,4 +1045,60 @@ pub(crate) fn list_batches(r: &dyn KvRead, account: Option<&str>) -> Result<Vec<
         }
     }
     Ok(out)
+}
+
+// ---- secrets ----
+
+/// A write to the secrets table.
+#[derive(Debug)]
+pub(crate) enum SecretOp {
+    Put(Box<SecretRecord>, Option<u64>),
+    Delete(String, String),
+}
+
+fn apply_secret(op: &SecretOp, tx: &mut dyn KvWrite) -> Result<Reply> {
+    Ok(match op {
+        SecretOp::Put(record, max) => Reply::Secret(put_secret(tx, record, *max)?),
+        SecretOp::Delete(account, name) => {
+            let k = pair_key(SECRETS, account, name);
+            let found = tx.get(&k)?.is_some();
+            if found {
+                tx.delete(&k)?;
+            }
+            Reply::Done(found)
+        }
+    })
+}
+
+fn decode_secret(bytes: &[u8]) -> Result<SecretRecord> {
+    serde_json::from_slice(bytes).context("stored secret")
+}
+
+fn put_secret(tx: &mut dyn KvWrite, record: &SecretRecord, max: Option<u64>) -> Result<PutSecret> {
+    let k = pair_key(SECRETS, &record.account, &record.name);
+    let mut stored = record.clone();
+    match tx.get(&k)? {
+        Some(old) => stored.created_at = decode_secret(&old)?.created_at,
+        None => {
+            if let Some(limit) = max
+                && scan_all(&*tx, &pair_key(SECRETS, &record.account, ""))?.len() as u64 >= limit
+            {
+                return Ok(PutSecret::OverQuota { limit });
+            }
+        }
+    }
+    put_json(tx, &k, &stored)?;
+    Ok(PutSecret::Stored(stored))
+}
+
+pub(crate) fn get_secret(
+    r: &dyn KvRead,
+    account: &str,
+    name: &str,
+) -> Result<Option<SecretRecord>> {
+    r.get(&pair_key(SECRETS, account, name))?.map(|b| decode_secret(&b)).transpose()
+}
+
+pub(crate) fn list_secrets(r: &dyn KvRead, account: &str) -> Result<Vec<SecretRecord>> {
+    scan_all(r, &pair_key(SECRETS, account, ""))?.iter().map(|(_, v)| decode_secret(v)).collect()
 }

@@ -16,11 +16,13 @@ use bytes::Bytes;
 use cloudpipe_types::{FunctionSettings, JobStatus};
 
 use super::keyspace::{self, Reply, WriteOp};
+use super::space::{SpaceGuard, StorageFull};
 use super::writer::Writer;
 use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
 use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
+use crate::secrets::{PutSecret, SecretRecord};
 
 /// One key and its value, as a scan returns them.
 pub type Entry = (Vec<u8>, Vec<u8>);
@@ -98,6 +100,7 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 pub struct KvStore<B: KvBackend> {
     backend: Arc<B>,
     writer: Writer,
+    space: Option<Arc<SpaceGuard>>,
 }
 
 impl<B: KvBackend> std::fmt::Debug for KvStore<B> {
@@ -107,15 +110,22 @@ impl<B: KvBackend> std::fmt::Debug for KvStore<B> {
 }
 
 impl<B: KvBackend> KvStore<B> {
-    /// Brings an opened backend's data to the current layout and starts its writer
-    /// thread.
+    /// Brings the store's format up to this version's (refusing a newer one), then
+    /// starts the writer thread of an opened backend.
     pub fn new(backend: B) -> Result<Self> {
+        KvStore::with_space(backend, None)
+    }
+
+    /// [`KvStore::new`], with writes held to the free space that `space` watches.
+    pub fn with_space(backend: B, space: Option<SpaceGuard>) -> Result<Self> {
+        super::format::upgrade(&backend)?;
         if backend.write(keyspace::upgrade)? {
             tracing::info!(backend = backend.name(), "store indexed for job lists");
         }
         let backend = Arc::new(backend);
-        let writer = Writer::spawn(backend.clone())?;
-        Ok(KvStore { backend, writer })
+        let space = space.map(Arc::new);
+        let writer = Writer::spawn(backend.clone(), space.clone())?;
+        Ok(KvStore { backend, writer, space })
     }
 
     /// Runs a read that may scan on a blocking thread.
@@ -137,6 +147,10 @@ fn unexpected(reply: Reply) -> anyhow::Error {
 impl<B: KvBackend> Store for KvStore<B> {
     fn backend(&self) -> &'static str {
         self.backend.name()
+    }
+
+    fn degraded(&self) -> Option<StorageFull> {
+        self.space.as_ref().and_then(|s| s.degraded())
     }
 
     async fn put_function(
@@ -328,6 +342,35 @@ impl<B: KvBackend> Store for KvStore<B> {
         }
         match self.writer.submit(WriteOp::Purge { policy, now, max_batch }).await? {
             Reply::Purged(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn put_secret(
+        &self,
+        record: SecretRecord,
+        max_per_account: Option<u64>,
+    ) -> Result<PutSecret> {
+        let op = keyspace::SecretOp::Put(Box::new(record), max_per_account);
+        match self.writer.submit(WriteOp::Secret(op)).await? {
+            Reply::Secret(put) => Ok(put),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn get_secret(&self, account: &str, name: &str) -> Result<Option<SecretRecord>> {
+        self.backend.read(|r| keyspace::get_secret(r, account, name))
+    }
+
+    async fn list_secrets(&self, account: &str) -> Result<Vec<SecretRecord>> {
+        let account = account.to_string();
+        self.read_blocking(move |r| keyspace::list_secrets(r, &account)).await
+    }
+
+    async fn delete_secret(&self, account: &str, name: &str) -> Result<bool> {
+        let op = keyspace::SecretOp::Delete(account.to_string(), name.to_string());
+        match self.writer.submit(WriteOp::Secret(op)).await? {
+            Reply::Done(done) => Ok(done),
             other => Err(unexpected(other)),
         }
     }

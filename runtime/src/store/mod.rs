@@ -21,13 +21,18 @@ use serde::{Deserialize, Serialize};
 use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::batch::BatchState;
 use crate::job::{Job, JobId, JobOutcome, Micros};
+use crate::secrets::{PutSecret, SecretRecord};
 
+pub mod format;
 mod keyspace;
 pub mod kv;
 pub mod postgres;
 pub mod redb;
 pub mod sled;
+pub mod space;
 mod writer;
+
+pub use space::{SpaceConfig, StorageFull};
 
 #[cfg(test)]
 pub(crate) mod conformance;
@@ -131,6 +136,13 @@ pub struct Retention {
 pub trait Store: Send + Sync + 'static {
     /// The backend's name (`redb`, `sled`).
     fn backend(&self) -> &'static str;
+
+    /// Why the store refuses new work now (its disk is nearly full: see
+    /// [`space`](self::space)), if it does. Cheap: asked at each submit and by
+    /// `/healthz`. Writes it refuses fail with [`StorageFull`]; reads go on.
+    fn degraded(&self) -> Option<StorageFull> {
+        None
+    }
 
     // ---- functions ----
     //
@@ -275,6 +287,28 @@ pub trait Store: Send + Sync + 'static {
         now: Micros,
         max_batch: usize,
     ) -> Result<usize>;
+
+    // ---- secrets ----
+    //
+    // Sealed values (see `crate::secrets`), per account and name; the store never sees
+    // a plain value.
+
+    /// Creates or replaces the secret `record.name` of `record.account`. A replacement
+    /// keeps the stored `created_at`. A new name is refused (nothing written) when the
+    /// account already has `max_per_account` secrets; a replacement always fits.
+    async fn put_secret(
+        &self,
+        record: SecretRecord,
+        max_per_account: Option<u64>,
+    ) -> Result<PutSecret>;
+
+    async fn get_secret(&self, account: &str, name: &str) -> Result<Option<SecretRecord>>;
+
+    /// The secrets of `account`, sorted by name.
+    async fn list_secrets(&self, account: &str) -> Result<Vec<SecretRecord>>;
+
+    /// Deletes a secret; `false` if there was none.
+    async fn delete_secret(&self, account: &str, name: &str) -> Result<bool>;
 }
 
 /// Which embedded backend to open.
@@ -307,5 +341,18 @@ pub fn open(backend: Backend, dir: &Path) -> Result<Arc<dyn Store>> {
     match backend {
         Backend::Redb => Ok(Arc::new(self::redb::RedbStore::open(dir)?)),
         Backend::Sled => Ok(Arc::new(self::sled::SledStore::open(dir)?)),
+    }
+}
+
+/// [`open`], keeping `space` free on the store's file system (see [`space`](self::space)).
+pub fn open_with(backend: Backend, dir: &Path, space: SpaceConfig) -> Result<Arc<dyn Store>> {
+    let guard = Some(space::SpaceGuard::new(dir, space));
+    match backend {
+        Backend::Redb => {
+            Ok(Arc::new(kv::KvStore::with_space(self::redb::RedbKv::open(dir)?, guard)?))
+        }
+        Backend::Sled => {
+            Ok(Arc::new(kv::KvStore::with_space(self::sled::SledKv::open(dir)?, guard)?))
+        }
     }
 }

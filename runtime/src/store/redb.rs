@@ -34,7 +34,7 @@ pub struct RedbKv {
 }
 
 impl RedbKv {
-    fn open(dir: &Path) -> Result<RedbKv> {
+    pub(crate) fn open(dir: &Path) -> Result<RedbKv> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(FILE);
         let mut db =

@@ -63,7 +63,7 @@ pub struct SledKv {
 }
 
 impl SledKv {
-    fn open(dir: &Path) -> Result<SledKv> {
+    pub(crate) fn open(dir: &Path) -> Result<SledKv> {
         let path = dir.join("sled");
         let db = sled::Config::new()
             .path(&path)

@@ -17,6 +17,7 @@ use tokio::sync::oneshot;
 use super::Result;
 use super::keyspace::{self, Reply, WriteOp};
 use super::kv::KvBackend;
+use super::space::{SpaceGuard, WriteKind};
 
 /// Most writes committed together: bounds the latency a group adds to its first write.
 const MAX_GROUP: usize = 128;
@@ -31,11 +32,14 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub(crate) fn spawn<B: KvBackend>(backend: Arc<B>) -> Result<Writer> {
+    pub(crate) fn spawn<B: KvBackend>(
+        backend: Arc<B>,
+        space: Option<Arc<SpaceGuard>>,
+    ) -> Result<Writer> {
         let (tx, rx) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name(format!("cloudpipe-store-{}", backend.name()))
-            .spawn(move || run(&*backend, rx))
+            .spawn(move || run(&*backend, space.as_deref(), rx))
             .context("starting the store writer thread")?;
         Ok(Writer { tx: Some(tx), thread: Some(thread) })
     }
@@ -59,7 +63,7 @@ impl Drop for Writer {
     }
 }
 
-fn run<B: KvBackend>(backend: &B, rx: mpsc::Receiver<Request>) {
+fn run<B: KvBackend>(backend: &B, space: Option<&SpaceGuard>, rx: mpsc::Receiver<Request>) {
     while let Ok(first) = rx.recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP {
@@ -68,8 +72,29 @@ fn run<B: KvBackend>(backend: &B, rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
+        if let Some(space) = space {
+            group = refuse_without_space(space, group);
+            if group.is_empty() {
+                continue;
+            }
+        }
         commit_group(backend, group);
     }
+}
+
+/// Answers the writes that the free space does not allow (see the `space` module) and
+/// returns the others.
+fn refuse_without_space(space: &SpaceGuard, group: Vec<Request>) -> Vec<Request> {
+    let mut kept = Vec::with_capacity(group.len());
+    for (op, reply_tx) in group {
+        match space.admit(WriteKind::of(&op)) {
+            Ok(()) => kept.push((op, reply_tx)),
+            Err(full) => {
+                let _ = reply_tx.send(Err(anyhow::Error::new(full)));
+            }
+        }
+    }
+    kept
 }
 
 /// Commits a group, answering every write. A write that fails by itself (a record that

@@ -354,7 +354,7 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
     let mut env = BTreeMap::new();
     for kv in &a.env {
         let (k, v) = kv.split_once('=').with_context(|| format!("--env {kv:?}: use KEY=VALUE"))?;
-        env.insert(k.to_string(), v.to_string());
+        env.insert(k.to_string(), cloudpipe::EnvValue::from(v));
     }
     let (args, stdin) = match &a.function {
         Some(f) => {

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use cloudpipe_types::{
     BatchList, BatchRecord, BatchSpec, BatchStatus, FunctionInfo, FunctionList,
-    FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec, JobStatus,
+    FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec, JobStatus, SecretInfo, SecretList,
 };
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
@@ -627,6 +627,38 @@ impl Client {
             }
             tokio::time::sleep(left.min(BATCH_POLL)).await;
         }
+    }
+
+    /// Creates or replaces one of the account's secrets. The value is write-only: no
+    /// answer carries it back; jobs and functions name it in their env as
+    /// [`EnvValue::secret`](cloudpipe_types::EnvValue::secret).
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
+    /// use cloudpipe::{EnvValue, JobSpec};
+    /// client.put_secret("api-token", "s3cr3t").await?;
+    /// let mut spec = JobSpec { function: "fetch".into(), ..JobSpec::default() };
+    /// spec.env.insert("TOKEN".into(), EnvValue::secret("api-token"));
+    /// client.submit(&spec).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn put_secret(&self, name: &str, value: &str) -> Result<SecretInfo> {
+        let body = cloudpipe_types::SecretPut { value: value.to_string() };
+        let url = self.endpoint(&["v1", "secrets", name], &[]);
+        self.json(Method::PUT, url, Client::json_body(&body)).await
+    }
+
+    /// The account's secrets: names and times, never values.
+    pub async fn secrets(&self) -> Result<Vec<SecretInfo>> {
+        let list: SecretList =
+            self.json(Method::GET, self.endpoint(&["v1", "secrets"], &[]), None).await?;
+        Ok(list.secrets)
+    }
+
+    /// Deletes one of the account's secrets.
+    pub async fn delete_secret(&self, name: &str) -> Result<()> {
+        self.send(Method::DELETE, self.endpoint(&["v1", "secrets", name], &[]), None).await?;
+        Ok(())
     }
 
     /// A job's standard output as raw bytes (the record's `stdout` is lossy text).

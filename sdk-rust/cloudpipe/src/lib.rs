@@ -59,9 +59,9 @@ pub mod sse;
 
 pub use client::{Client, Invocation, InvokeResponse, JobQuery};
 pub use cloudpipe_types::{
-    BatchCounts, BatchList, BatchRecord, BatchSpec, BatchStatus, ErrorBody, FunctionInfo,
+    BatchCounts, BatchList, BatchRecord, BatchSpec, BatchStatus, EnvValue, ErrorBody, FunctionInfo,
     FunctionKind, FunctionSettings, FunctionSettingsPatch, JobError, JobEvent, JobList, JobRecord,
-    JobSpec, JobStatus,
+    JobSpec, JobStatus, SecretInfo, SecretList, SecretRef,
 };
 pub use config::{Config, Credentials, DEFAULT_URL};
 pub use error::{Error, Result};

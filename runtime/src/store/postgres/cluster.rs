@@ -19,7 +19,7 @@ use crate::cluster::{Cluster, ClusterEvent, NodeInfo, Role};
 use crate::job::{JobId, now_micros};
 
 /// The channels every node listens on.
-const CHANNELS: &str = "LISTEN cp_queued; LISTEN cp_finished; LISTEN cp_cancel; LISTEN cp_auth; LISTEN cp_batch_cancel;";
+const CHANNELS: &str = "LISTEN cp_queued; LISTEN cp_finished; LISTEN cp_cancel; LISTEN cp_auth; LISTEN cp_functions; LISTEN cp_batch_cancel;";
 
 /// Starts the node's background tasks; they end when the store is dropped.
 pub(super) fn start(shared: &Arc<Shared>) {
@@ -274,6 +274,7 @@ impl Shared {
                 }
             }
             "cp_auth" => self.send(ClusterEvent::AuthChanged),
+            "cp_functions" => self.send(ClusterEvent::FunctionsChanged),
             "cp_batch_cancel" => {
                 if self.batches.lock().unwrap().contains(payload) {
                     self.send(ClusterEvent::BatchCancel(payload.to_string()));

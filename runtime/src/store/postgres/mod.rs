@@ -33,6 +33,7 @@ use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::batch::BatchState;
 use crate::cluster::{ClusterEvent, NodeConfig};
 use crate::job::{Job, JobId, JobOutcome, Micros, now_micros};
+use crate::secrets::{PutSecret, SecretRecord};
 
 mod cluster;
 pub mod schema;
@@ -583,6 +584,7 @@ impl Store for PgStore {
                 result = named;
             }
         }
+        tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
         Ok(PutFunction::Stored(result))
     }
@@ -632,6 +634,7 @@ impl Store for PgStore {
         tx.execute("UPDATE cp_names SET settings = $2 WHERE name = $1", &[&name, &bytes]).await?;
         entry.settings = Some(bytes);
         let meta = named(&tx, name, &entry).await?;
+        tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
         Ok(meta)
     }
@@ -738,6 +741,7 @@ impl Store for PgStore {
             )
             .await?;
         }
+        tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
         Ok(doomed)
     }
@@ -865,6 +869,82 @@ impl Store for PgStore {
         tx.batch_execute("NOTIFY cp_auth").await?;
         tx.commit().await?;
         row.map(|r| serde_json::from_slice(r.get(0)).context("stored key")).transpose()
+    }
+
+    async fn put_secret(
+        &self,
+        mut record: SecretRecord,
+        max_per_account: Option<u64>,
+    ) -> Result<PutSecret> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        tx.execute(
+            "SELECT pg_advisory_xact_lock(hashtext('cp_secrets'), hashtext($1))",
+            &[&record.account],
+        )
+        .await?;
+        let existing = tx
+            .query_opt(
+                "SELECT record FROM cp_secrets WHERE account = $1 AND name = $2",
+                &[&record.account, &record.name],
+            )
+            .await?;
+        match existing {
+            Some(row) => {
+                let old: SecretRecord =
+                    serde_json::from_slice(row.get(0)).context("stored secret")?;
+                record.created_at = old.created_at;
+            }
+            None => {
+                if let Some(limit) = max_per_account {
+                    let n: i64 = tx
+                        .query_one(
+                            "SELECT count(*) FROM cp_secrets WHERE account = $1",
+                            &[&record.account],
+                        )
+                        .await?
+                        .get(0);
+                    if n as u64 >= limit {
+                        return Ok(PutSecret::OverQuota { limit });
+                    }
+                }
+            }
+        }
+        tx.execute(
+            "INSERT INTO cp_secrets (account, name, record) VALUES ($1, $2, $3)
+             ON CONFLICT (account, name) DO UPDATE SET record = EXCLUDED.record",
+            &[&record.account, &record.name, &encode(&record)?],
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(PutSecret::Stored(record))
+    }
+
+    async fn get_secret(&self, account: &str, name: &str) -> Result<Option<SecretRecord>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT record FROM cp_secrets WHERE account = $1 AND name = $2",
+                &[&account, &name],
+            )
+            .await?;
+        row.map(|r| serde_json::from_slice(r.get(0)).context("stored secret")).transpose()
+    }
+
+    async fn list_secrets(&self, account: &str) -> Result<Vec<SecretRecord>> {
+        let client = self.client().await?;
+        let rows = client
+            .query("SELECT record FROM cp_secrets WHERE account = $1 ORDER BY name", &[&account])
+            .await?;
+        rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored secret")).collect()
+    }
+
+    async fn delete_secret(&self, account: &str, name: &str) -> Result<bool> {
+        let client = self.client().await?;
+        let n = client
+            .execute("DELETE FROM cp_secrets WHERE account = $1 AND name = $2", &[&account, &name])
+            .await?;
+        Ok(n == 1)
     }
 
     async fn insert_job(&self, mut job: Job) -> Result<Inserted> {

@@ -14,6 +14,8 @@
 //! | `cp_names` | function names: owner, version, settings |
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
 //! | `cp_batches` | batches, with the lease of the node driving each |
+//! | `cp_secrets` | sealed secrets per account (never a value in clear) |
+//! | `cp_claim_turn` | the account the last claim served (claims take accounts in turn) |
 //! | `cp_nodes` | nodes and their heartbeats |
 //! | `cp_leader` | the leader lease (one row) |
 //!
@@ -140,6 +142,16 @@ CREATE TABLE cp_batches (
 );
 CREATE INDEX cp_batches_account ON cp_batches (account, id);
 CREATE INDEX cp_batches_running ON cp_batches (driver_expires) WHERE running;
+
+CREATE TABLE cp_secrets (
+  account text NOT NULL,
+  name text NOT NULL,
+  record bytea NOT NULL,
+  PRIMARY KEY (account, name)
+);
+
+-- The account whose queued job the last claim took: claims go on after it.
+CREATE TABLE cp_claim_turn (id integer PRIMARY KEY CHECK (id = 1), account text NOT NULL);
 
 CREATE TABLE cp_nodes (
   name text PRIMARY KEY,
