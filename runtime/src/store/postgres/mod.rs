@@ -128,6 +128,16 @@ fn decode_job(bytes: &[u8]) -> Result<Job> {
     serde_json::from_slice(bytes).context("decoding a stored job")
 }
 
+/// Text as a PostgreSQL `text` column holds it: `text` cannot hold NUL, which tags and
+/// idempotency keys may contain, so `%` and NUL are escaped (the record keeps the
+/// original).
+fn column_text(s: &str) -> String {
+    if !s.contains(['%', '\0']) {
+        return s.to_string();
+    }
+    s.replace('%', "%25").replace('\0', "%00")
+}
+
 /// The `finished_at` column of a job: set for terminal jobs only.
 fn finished_column(job: &Job) -> Option<i64> {
     job.status.is_terminal().then(|| job.finished_at.unwrap_or(job.created_at) as i64)
@@ -417,7 +427,7 @@ fn filter_sql(filter: &JobFilter, first: usize) -> (String, Vec<Box<dyn ToSql + 
         conds.push(format!("status = ${i}"));
     }
     if let Some(t) = &filter.tag {
-        let i = next(&mut params, Box::new(vec![t.clone()]));
+        let i = next(&mut params, Box::new(vec![column_text(t)]));
         conds.push(format!("tags @> ${i}"));
     }
     if let Some(f) = &filter.function {
@@ -954,7 +964,8 @@ impl Store for PgStore {
             job.node = Some(self.shared.node.name.clone());
         }
         let lease = self.shared.lease_micros();
-        let tags = job.tags.clone();
+        let tags: Vec<String> = job.tags.iter().map(|t| column_text(t)).collect();
+        let idempotency_key = job.idempotency_key.as_deref().map(column_text);
         let row = client
             .query_opt(
                 "WITH ins AS (
@@ -977,7 +988,7 @@ impl Store for PgStore {
                     &job.function_id,
                     &job.batch.as_ref().map(|b| b.id.clone()),
                     &tags,
-                    &job.idempotency_key,
+                    &idempotency_key,
                     &(job.created_at as i64),
                     &finished_column(&job),
                     &(job.attempts as i32),
@@ -998,7 +1009,7 @@ impl Store for PgStore {
                 Some(key) => client
                     .query_opt(
                         "SELECT record FROM cp_jobs WHERE account = $1 AND idempotency_key = $2",
-                        &[&job.account, key],
+                        &[&job.account, &column_text(key)],
                     )
                     .await?,
                 None => None,
@@ -1026,27 +1037,43 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let limit = limit as i64;
-        let rows = match &executors {
-            Some(names) => {
-                tx.query(
-                    "SELECT record FROM cp_jobs WHERE status = 'queued' AND executor = ANY($1)
-                     ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED",
-                    &[names, &limit],
-                )
-                .await?
-            }
-            None => {
-                tx.query(
-                    "SELECT record FROM cp_jobs WHERE status = 'queued'
-                     ORDER BY created_at, id LIMIT $1 FOR UPDATE SKIP LOCKED",
-                    &[&limit],
-                )
-                .await?
-            }
-        };
+        // Accounts take turns (in name order, going on after the account the last
+        // claim served), each first in, first out: one account's flood of jobs does
+        // not starve the others. The turn row also makes claims take turns.
+        let turn: String = tx
+            .query_opt("SELECT account FROM cp_claim_turn WHERE id = 1 FOR UPDATE", &[])
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or_default();
+        let any: Vec<String> = Vec::new();
+        let picked = tx
+            .query(
+                "SELECT id FROM (
+                   SELECT id, account, created_at,
+                     row_number() OVER (PARTITION BY account ORDER BY created_at, id) AS rn
+                   FROM cp_jobs
+                   WHERE status = 'queued' AND ($1 OR executor = ANY($2))
+                 ) q WHERE rn <= $3
+                 ORDER BY rn, account <= $4, account
+                 LIMIT $3",
+                &[&executors.is_none(), executors.as_ref().unwrap_or(&any), &limit, &turn],
+            )
+            .await?;
+        let order: Vec<uuid::Uuid> = picked.iter().map(|r| r.get(0)).collect();
+        let locked = tx
+            .query(
+                "SELECT id, record FROM cp_jobs WHERE id = ANY($1) AND status = 'queued'
+                 FOR UPDATE SKIP LOCKED",
+                &[&order],
+            )
+            .await?;
+        let mut by_id: HashMap<uuid::Uuid, tokio_postgres::Row> =
+            locked.into_iter().map(|r| (r.get(0), r)).collect();
+        let rows: Vec<tokio_postgres::Row> =
+            order.iter().filter_map(|id| by_id.remove(id)).collect();
         let mut jobs = Vec::with_capacity(rows.len());
         for row in rows {
-            let mut job = decode_job(row.get(0))?;
+            let mut job = decode_job(row.get(1))?;
             job.status = JobStatus::Running;
             job.attempts += 1;
             job.started_at = Some(now);
@@ -1059,6 +1086,13 @@ impl Store for PgStore {
             tx.execute(
                 "UPDATE cp_jobs SET lease_expires = cp_now() + $2 WHERE id = ANY($1)",
                 &[&ids, &self.shared.lease_micros()],
+            )
+            .await?;
+            let last = &jobs[jobs.len() - 1].account;
+            tx.execute(
+                "INSERT INTO cp_claim_turn (id, account) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account",
+                &[last],
             )
             .await?;
         }
