@@ -136,6 +136,7 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
         Some(match (m.as_str(), p) {
             ("GET", "/healthz") | ("GET", "/v1/openapi.json") => Public,
             ("GET", "/metrics") => AdminOnly,
+            ("GET", "/v1/nodes") => AdminOnly,
             // The server's executors: the same for every account.
             ("GET", "/v1/executors") => OwnOnly,
             ("POST", "/v1/accounts") | ("GET", "/v1/accounts") => AdminOnly,
