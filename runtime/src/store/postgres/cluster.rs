@@ -275,10 +275,8 @@ impl Shared {
             }
             "cp_auth" => self.send(ClusterEvent::AuthChanged),
             "cp_functions" => self.send(ClusterEvent::FunctionsChanged),
-            "cp_batch_cancel" => {
-                if self.batches.lock().unwrap().contains(payload) {
-                    self.send(ClusterEvent::BatchCancel(payload.to_string()));
-                }
+            "cp_batch_cancel" if self.batches.lock().unwrap().contains(payload) => {
+                self.send(ClusterEvent::BatchCancel(payload.to_string()));
             }
             _ => {}
         }

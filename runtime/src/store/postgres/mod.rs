@@ -150,10 +150,10 @@ impl PgStore {
         let mut pg = tokio_postgres::Config::from_str(&config.url)
             .with_context(|| "parsing the PostgreSQL URL (postgres://user@host:port/db)")?;
         if pg.get_application_name().is_none() {
-            pg.application_name(&format!("cloudpipe {}", config.node.name));
+            pg.application_name(format!("cloudpipe {}", config.node.name));
         }
         if let Some(schema) = &config.schema {
-            pg.options(&format!("-c search_path={}", schema::quote_ident(schema)));
+            pg.options(format!("-c search_path={}", schema::quote_ident(schema)));
         }
         if pg.get_connect_timeout().is_none() {
             pg.connect_timeout(std::time::Duration::from_secs(5));
