@@ -87,7 +87,9 @@ async fn jobs_of_a_killed_worker_finish_on_the_other() {
         }
         *attempts.entry(n).or_insert(0) += 1;
     }
-    assert_eq!(attempts.get(&2).copied().unwrap_or(0), on_w1.len(), "{attempts:?}");
+    // At least those seen on worker-1 before the kill ran twice (it may have started
+    // more in the instant before it died).
+    assert!(attempts.get(&2).copied().unwrap_or(0) >= on_w1.len(), "{attempts:?}");
     assert_eq!(attempts.values().sum::<usize>(), 40);
 
     // The dead worker is stale in the node list; the others lead and work.
@@ -141,7 +143,9 @@ async fn any_api_node_serves_jobs_events_and_revocations_after_another_dies() {
         async move { req.send().await.unwrap().status() }
     };
     assert_eq!(me(&b, key.clone()).await, StatusCode::OK);
-    let (st, _) = a.request(reqwest::Method::DELETE, &format!("/v1/keys/{key_id}"), None).await;
+    // Its only key: revoking it needs `force`.
+    let (st, _) =
+        a.request(reqwest::Method::DELETE, &format!("/v1/keys/{key_id}?force=true"), None).await;
     assert!(st.is_success(), "{st}");
     let revoked_at = Instant::now();
     while me(&b, key.clone()).await != StatusCode::UNAUTHORIZED {
@@ -178,7 +182,7 @@ async fn a_batch_survives_the_death_of_the_node_driving_it() {
     let db = database("batch_driver");
     let mut a = node(dir.path(), &db, "api", "api-a", &[]).await;
     let b = node(dir.path(), &db, "api", "api-b", &[]).await;
-    let _w = node(dir.path(), &db, "worker", "worker-1", &[]).await;
+    let w = node(dir.path(), &db, "worker", "worker-1", &[]).await;
     a.upload("sleep", &program(programs::SLEEP)).await;
     let inputs: Vec<Value> = (0..12).map(|_| json!(["1"])).collect();
     let (st, batch) = a
@@ -216,7 +220,9 @@ async fn a_batch_survives_the_death_of_the_node_driving_it() {
     let jobs = jobs_where(&b, &format!("batch={id}")).await;
     let ok = jobs.iter().filter(|j| j["status"] == "succeeded").count();
     assert_eq!(ok, 12, "{jobs:?}");
-    assert!(b.log().contains("taking over a batch"), "{}", b.log());
+    // Another node (B, or the worker: any node may drive) took it over.
+    let logs = format!("{}\n{}", b.log(), w.log());
+    assert!(logs.contains("taking over a batch"), "{logs}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -235,6 +235,52 @@ enum Relayed {
     Lost,
 }
 
+/// In a cluster: waits while the job is queued, then follows it on the node that runs
+/// it, if that is another node. `Lost` when it runs here or its node cannot be
+/// followed.
+async fn follow_elsewhere(
+    state: &AppState,
+    mut job: Job,
+    auth: Option<axum::http::HeaderValue>,
+    tx: &tokio::sync::mpsc::Sender<Event>,
+) -> Relayed {
+    let Some(cluster) = &state.runtime.cluster else { return Relayed::Lost };
+    let stopping = state.runtime.scheduler.stopping().clone();
+    let mut said_running = job.status == JobStatus::Running;
+    loop {
+        match job.status {
+            JobStatus::Queued => {
+                tokio::select! {
+                    _ = tx.closed() => return Relayed::Done,
+                    _ = stopping.cancelled() => return Relayed::Lost,
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                match state.runtime.scheduler.get(job.id).await {
+                    Ok(Some(j)) => job = j,
+                    _ => return Relayed::Lost,
+                }
+            }
+            JobStatus::Running => {
+                let node = match &job.node {
+                    Some(node) if node != cluster.node() => node.clone(),
+                    _ => return Relayed::Lost,
+                };
+                if !std::mem::replace(&mut said_running, true) {
+                    let ev = sse(&JobEvent::Status { status: JobStatus::Running, record: None });
+                    if tx.send(ev).await.is_err() {
+                        return Relayed::Done;
+                    }
+                }
+                return relay_events(state, &node, &job.id.to_string(), auth, tx).await;
+            }
+            _ => {
+                let _ = tx.send(status_event(&job)).await;
+                return Relayed::Done;
+            }
+        }
+    }
+}
+
 /// Passes on the live events of a job from the node running it (its own
 /// `/v1/jobs/{id}/events`, asked with the caller's credentials), after the first
 /// status event, which the caller already has.
@@ -334,24 +380,22 @@ pub async fn job_events(
     let (mut sub, replay) = scheduler.hub().subscribe_with_replay(jid);
     let job = load(&state, &caller, &id).await?;
     // A job running on another node of a cluster: its output is there.
-    let remote = match (&state.runtime.cluster, &job.node) {
-        (Some(cluster), Some(node))
-            if job.status == JobStatus::Running && node != cluster.node() =>
-        {
-            let auth = headers.get(header::AUTHORIZATION).cloned();
-            Some((state.clone(), node.clone(), auth))
-        }
-        _ => None,
-    };
+    // In a cluster the job may run on another node: its output is there.
+    let remote = state
+        .runtime
+        .cluster
+        .as_ref()
+        .map(|_| (state.clone(), headers.get(header::AUTHORIZATION).cloned()));
     let stream = super::task_stream(move |tx| async move {
         if tx.send(status_event(&job)).await.is_err() || job.status.is_terminal() {
             return;
         }
-        if let Some((state, node, auth)) = remote {
-            match relay_events(&state, &node, &job.id.to_string(), auth, &tx).await {
-                // The job ended there, or our client left.
+        if let Some((state, auth)) = remote {
+            match follow_elsewhere(&state, job.clone(), auth, &tx).await {
+                // The job ended, or our client left.
                 Relayed::Done => return,
-                // The node went away: its job ends elsewhere; the hub hears of it.
+                // It runs here, or its node went away (it then ends elsewhere, and the
+                // hub hears of that).
                 Relayed::Lost => {}
             }
         }

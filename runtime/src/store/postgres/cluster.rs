@@ -172,9 +172,11 @@ impl Shared {
     }
 }
 
-/// Heartbeat every third of a lease, for as long as the store lives.
+/// Heartbeat every third of a lease (at least every half second, so that the
+/// leader's rescue follows a lease's end closely), for as long as the store lives.
 async fn maintain(shared: Arc<Shared>) {
-    let every = (shared.node.lease / 3).max(Duration::from_millis(50));
+    let every =
+        (shared.node.lease / 3).clamp(Duration::from_millis(50), Duration::from_millis(500));
     let mut failing = false;
     loop {
         tokio::select! {

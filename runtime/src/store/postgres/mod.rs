@@ -78,6 +78,7 @@ pub(crate) struct Shared {
 pub struct PgStore {
     shared: Arc<Shared>,
     finisher: mpsc::Sender<Finish>,
+    inserter: mpsc::Sender<Insert>,
 }
 
 impl std::fmt::Debug for PgStore {
@@ -106,6 +107,12 @@ impl Drop for PgStore {
         });
         let _ = left.join();
     }
+}
+
+/// One insert waiting for the group writer.
+struct Insert {
+    job: Job,
+    reply: oneshot::Sender<Result<Inserted>>,
 }
 
 /// One finish waiting for the group writer.
@@ -187,8 +194,10 @@ impl PgStore {
         shared.register_node().await?;
         let (finisher, rx) = mpsc::channel(4096);
         tokio::spawn(finish_writer(shared.clone(), rx));
+        let (inserter, rx) = mpsc::channel(4096);
+        tokio::spawn(insert_writer(shared.clone(), rx));
         cluster::start(&shared);
-        Ok(PgStore { shared, finisher })
+        Ok(PgStore { shared, finisher, inserter })
     }
 
     /// [`PgStore::open`] from synchronous code inside a multi-threaded tokio runtime.
@@ -226,6 +235,170 @@ fn notify_ids(channel: &str, ids: &[JobId]) -> Vec<String> {
             format!("NOTIFY {channel}, '{}'", payload.join(","))
         })
         .collect()
+}
+
+/// Writes new jobs, each group that arrives together in one transaction (one WAL
+/// flush, one notification per executor).
+async fn insert_writer(shared: Arc<Shared>, mut rx: mpsc::Receiver<Insert>) {
+    while let Some(first) = rx.recv().await {
+        let mut group = vec![first];
+        while group.len() < 256 {
+            match rx.try_recv() {
+                Ok(i) => group.push(i),
+                Err(_) => break,
+            }
+        }
+        let jobs: Vec<Job> = group.iter().map(|i| i.job.clone()).collect();
+        match shared.insert_group(jobs).await {
+            Ok(results) => {
+                for (i, r) in group.into_iter().zip(results) {
+                    let _ = i.reply.send(Ok(r));
+                }
+            }
+            Err(e) if group.len() == 1 => {
+                let _ = group.pop().unwrap().reply.send(Err(e));
+            }
+            // One bad write must not fail the others: each alone.
+            Err(_) => {
+                for i in group {
+                    let r = shared.insert_group(vec![i.job]).await;
+                    let _ = i.reply.send(r.map(|mut v| v.pop().expect("one result per job")));
+                }
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Inserts new jobs in one transaction; a job whose id or idempotency key exists
+    /// is not written and the existing job is returned for it.
+    async fn insert_group(&self, mut jobs: Vec<Job>) -> Result<Vec<Inserted>> {
+        let n = jobs.len();
+        let (mut ids, mut accounts, mut statuses, mut executors, mut functions) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut function_ids, mut batches, mut tags, mut keys, mut created) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut finished, mut attempts, mut nodes, mut records) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        for job in &mut jobs {
+            if job.status == JobStatus::Running {
+                job.node = Some(self.node.name.clone());
+            }
+            ids.push(job.id.0);
+            accounts.push(job.account.clone());
+            statuses.push(status_str(job.status));
+            executors.push(job.executor.clone());
+            functions.push(job.function.clone());
+            function_ids.push(job.function_id.clone());
+            batches.push(job.batch.as_ref().map(|b| b.id.clone()));
+            let t: Vec<String> = job.tags.iter().map(|t| column_text(t)).collect();
+            tags.push(serde_json::to_string(&t)?);
+            keys.push(job.idempotency_key.as_deref().map(column_text));
+            created.push(job.created_at as i64);
+            finished.push(finished_column(job));
+            attempts.push(job.attempts as i32);
+            nodes.push(job.node.clone());
+            records.push(encode(job)?);
+        }
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let rows = tx
+            .query(
+                "INSERT INTO cp_jobs (id, account, status, executor, function, function_id,
+                   batch, tags, idempotency_key, created_at, finished_at, attempts, node,
+                   lease_expires, record)
+                 SELECT u.id, u.account, u.status, u.executor, u.function, u.function_id,
+                   u.batch, ARRAY(SELECT jsonb_array_elements_text(u.tags::jsonb)),
+                   u.idempotency_key, u.created_at, u.finished_at, u.attempts, u.node,
+                   CASE WHEN u.status = 'running' THEN cp_now() + $15 END, u.record
+                 FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+                   $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[],
+                   $12::int4[], $13::text[], $14::bytea[])
+                   AS u(id, account, status, executor, function, function_id, batch, tags,
+                     idempotency_key, created_at, finished_at, attempts, node, record)
+                 ON CONFLICT DO NOTHING
+                 RETURNING id, status, executor",
+                &[
+                    &ids,
+                    &accounts,
+                    &statuses,
+                    &executors,
+                    &functions,
+                    &function_ids,
+                    &batches,
+                    &tags,
+                    &keys,
+                    &created,
+                    &finished,
+                    &attempts,
+                    &nodes,
+                    &records,
+                    &self.lease_micros(),
+                ],
+            )
+            .await?;
+        let mut woken: Vec<String> = Vec::new();
+        let mut inserted = HashSet::new();
+        for row in &rows {
+            inserted.insert(row.get::<_, uuid::Uuid>(0));
+            let status: &str = row.get(1);
+            let executor: String = row.get(2);
+            if status == "queued" && !woken.contains(&executor) {
+                woken.push(executor);
+            }
+        }
+        if !woken.is_empty() {
+            tx.execute("SELECT pg_notify('cp_queued', e) FROM unnest($1::text[]) e", &[&woken])
+                .await?;
+        }
+        tx.commit().await?;
+        let mut out = Vec::with_capacity(n);
+        for job in jobs {
+            if inserted.contains(&job.id.0) {
+                if job.status == JobStatus::Running {
+                    self.claims.lock().unwrap().insert(job.id, job.attempts);
+                }
+                out.push(Inserted::Created(job));
+                continue;
+            }
+            let existing = match &job.idempotency_key {
+                Some(key) => client
+                    .query_opt(
+                        "SELECT record FROM cp_jobs WHERE account = $1 AND idempotency_key = $2",
+                        &[&job.account, &column_text(key)],
+                    )
+                    .await?,
+                None => None,
+            };
+            let existing = match existing {
+                Some(row) => Some(row),
+                None => {
+                    client
+                        .query_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&job.id.0])
+                        .await?
+                }
+            };
+            match existing {
+                Some(row) => out.push(Inserted::Existing(decode_job(row.get(0))?)),
+                None => bail!("job {} conflicted with a job that is gone; retry", job.id),
+            }
+        }
+        Ok(out)
+    }
 }
 
 /// Writes queued finishes, each group in one transaction.
@@ -957,73 +1130,13 @@ impl Store for PgStore {
         Ok(n == 1)
     }
 
-    async fn insert_job(&self, mut job: Job) -> Result<Inserted> {
-        let client = self.client().await?;
-        let running = job.status == JobStatus::Running;
-        if running {
-            job.node = Some(self.shared.node.name.clone());
-        }
-        let lease = self.shared.lease_micros();
-        let tags: Vec<String> = job.tags.iter().map(|t| column_text(t)).collect();
-        let idempotency_key = job.idempotency_key.as_deref().map(column_text);
-        let row = client
-            .query_opt(
-                "WITH ins AS (
-                   INSERT INTO cp_jobs (id, account, status, executor, function, function_id,
-                     batch, tags, idempotency_key, created_at, finished_at, attempts, node,
-                     lease_expires, record)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13,
-                     CASE WHEN $3 = 'running' THEN cp_now() + $14 END, $15)
-                   ON CONFLICT DO NOTHING
-                   RETURNING status, executor
-                 )
-                 SELECT CASE WHEN status = 'queued' THEN pg_notify('cp_queued', executor) END
-                 FROM ins",
-                &[
-                    &job.id.0,
-                    &job.account,
-                    &status_str(job.status),
-                    &job.executor,
-                    &job.function,
-                    &job.function_id,
-                    &job.batch.as_ref().map(|b| b.id.clone()),
-                    &tags,
-                    &idempotency_key,
-                    &(job.created_at as i64),
-                    &finished_column(&job),
-                    &(job.attempts as i32),
-                    &job.node,
-                    &lease,
-                    &encode(&job)?,
-                ],
-            )
-            .await?;
-        if row.is_some() {
-            if running {
-                self.shared.claims.lock().unwrap().insert(job.id, job.attempts);
-            }
-            return Ok(Inserted::Created(job));
-        }
-        let existing =
-            match &job.idempotency_key {
-                Some(key) => client
-                    .query_opt(
-                        "SELECT record FROM cp_jobs WHERE account = $1 AND idempotency_key = $2",
-                        &[&job.account, &column_text(key)],
-                    )
-                    .await?,
-                None => None,
-            };
-        let existing = match existing {
-            Some(row) => Some(row),
-            None => {
-                client.query_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&job.id.0]).await?
-            }
-        };
-        match existing {
-            Some(row) => Ok(Inserted::Existing(decode_job(row.get(0))?)),
-            None => bail!("job {} conflicted with a job that is gone; retry", job.id),
-        }
+    async fn insert_job(&self, job: Job) -> Result<Inserted> {
+        let (reply, rx) = oneshot::channel();
+        self.inserter
+            .send(Insert { job, reply })
+            .await
+            .map_err(|_| anyhow::anyhow!("the store is closed"))?;
+        rx.await.map_err(|_| anyhow::anyhow!("the store's writer stopped"))?
     }
 
     async fn claim_jobs(&self, limit: usize, now: Micros) -> Result<Vec<Job>> {
