@@ -31,6 +31,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
+/// Nodes of the bench run wasm jobs only: no QEMU template booting beside them (each
+/// node would boot one, in software emulation, taking a core for seconds).
+const NO_VM: [&str; 2] = ["--vm-qemu", "/nonexistent/qemu-system-x86_64"];
+
 struct Node {
     p: serve::ServeProcess,
     _dir: tempfile::TempDir,
@@ -39,7 +43,10 @@ struct Node {
 impl Node {
     fn start(flags: &[&str]) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let p = serve::spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir.path(), flags);
+        let mut all = flags.to_vec();
+        all.extend_from_slice(&NO_VM);
+        all.push("--no-runner-js");
+        let p = serve::spawn_serve(env!("CARGO_BIN_EXE_cloudpipe"), dir.path(), &all);
         Node { p, _dir: dir }
     }
 

@@ -155,8 +155,11 @@ impl Runtime {
             n => tracing::warn!(processes = n, "killed QEMU processes left by a crash"),
         }
         // In the background: checking for QEMU runs it, and booting the template
-        // takes seconds; only vm jobs wait for it.
-        vm.warm_up();
+        // takes seconds; only vm jobs wait for it. A cluster's API node runs no jobs:
+        // it boots nothing.
+        if config.postgres.as_ref().is_none_or(|pg| pg.node.role.runs_jobs()) {
+            vm.warm_up();
+        }
         let executors =
             Arc::new(Executors::new(vec![executor.clone(), docker.clone(), vm.clone()]));
         let secrets = Arc::new(

@@ -1252,11 +1252,15 @@ impl Inner {
                         if local || !self.hub.watched(id) {
                             continue;
                         }
-                        if let Ok(Some(job)) = self.store.get_job(id).await
-                            && job.status.is_terminal()
-                        {
-                            self.hub.finished(job);
-                        }
+                        // Read in parallel: this loop must keep up with the events.
+                        let this = self.clone();
+                        self.tasks.spawn(async move {
+                            if let Ok(Some(job)) = this.store.get_job(id).await
+                                && job.status.is_terminal()
+                            {
+                                this.hub.finished(job);
+                            }
+                        });
                     }
                 }
                 Ok(ClusterEvent::Cancel(id)) | Ok(ClusterEvent::LeaseLost(id)) => {
