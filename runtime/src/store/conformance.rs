@@ -96,7 +96,7 @@ fn dir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
 }
 
-fn succeeded(stdout: &[u8]) -> JobOutcome {
+pub(crate) fn succeeded(stdout: &[u8]) -> JobOutcome {
     JobOutcome {
         status: JobStatus::Succeeded,
         exit_code: Some(0),

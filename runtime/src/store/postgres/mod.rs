@@ -1386,6 +1386,7 @@ impl Store for PgStore {
 mod tests {
     use super::*;
     use crate::cluster::Cluster;
+    use crate::store::conformance::succeeded;
     use std::path::Path;
 
     /// A store on the test cluster, in a schema of its own named after `dir`, so that
@@ -1494,14 +1495,5 @@ mod tests {
         });
         assert_eq!(heard.await.unwrap(), job.id);
         assert!(b.is_leader() != a.is_leader() || !a.is_leader(), "at most one leader");
-    }
-
-    fn succeeded(stdout: &[u8]) -> JobOutcome {
-        JobOutcome {
-            status: JobStatus::Succeeded,
-            exit_code: Some(0),
-            stdout: stdout.to_vec(),
-            ..JobOutcome::default()
-        }
     }
 }
