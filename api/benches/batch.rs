@@ -74,16 +74,7 @@ async fn main() {
         let _ = child.wait();
     }
     println!();
-    println!(
-        "{} CPUs; load average {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("{}", serve::machine_line());
     println!();
     println!("| store | jobs | split | wall (submit → all ended) | jobs/s | efficiency |");
     println!("|---|---:|---:|---:|---:|---:|");

@@ -266,16 +266,7 @@ async fn main() {
     let (took, n) = failover(&pg.database("failover"), &lease).await;
 
     println!();
-    println!(
-        "{} CPUs; load average {}; PostgreSQL on the same host",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("{}; PostgreSQL on the same host", serve::machine_line());
     println!();
     println!("| sequential `?wait` submit → result | requests | p50 ms | p99 ms | mean ms |");
     println!("|---|---:|---:|---:|---:|");

@@ -100,3 +100,17 @@ pub fn peak_rss_mib(pid: u32) -> u64 {
         .unwrap();
     kb / 1024
 }
+
+/// `N CPUs; load average A B C`: the machine line every benchmark table opens with.
+pub fn machine_line() -> String {
+    format!(
+        "{} CPUs; load average {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    )
+}
