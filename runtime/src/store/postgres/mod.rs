@@ -225,6 +225,14 @@ impl Shared {
     fn claim(&self, id: JobId) -> Option<u32> {
         self.claims.lock().unwrap().get(&id).copied()
     }
+
+    /// Whether `job` (as stored) is running here, in the attempt this node claimed:
+    /// the fence on every write that ends or gives back an attempt.
+    fn holds(&self, job: &Job) -> bool {
+        job.status == JobStatus::Running
+            && job.node.as_deref() == Some(self.node.name.as_str())
+            && self.claim(job.id).is_none_or(|attempt| attempt == job.attempts)
+    }
 }
 
 /// `NOTIFY channel, 'a,b,c'` for ids, in payloads under PostgreSQL's 8,000 bytes.
@@ -442,30 +450,27 @@ impl Shared {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let ids: Vec<uuid::Uuid> = requests.iter().map(|(id, ..)| id.0).collect();
-        let rows = tx
-            .query("SELECT record, node FROM cp_jobs WHERE id = ANY($1) FOR UPDATE", &[&ids])
-            .await?;
-        let mut current: HashMap<JobId, (Job, Option<String>)> = HashMap::new();
+        let rows =
+            tx.query("SELECT record FROM cp_jobs WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
+        let mut current: HashMap<JobId, Job> = HashMap::new();
         for row in rows {
             let job = decode_job(row.get(0))?;
-            current.insert(job.id, (job, row.get(1)));
+            current.insert(job.id, job);
         }
         let mut out = Vec::with_capacity(requests.len());
         let mut updates: Vec<Job> = Vec::new();
         for (id, outcome, now) in requests {
-            let Some((old, node)) = current.get(id) else {
+            let Some(old) = current.get(id) else {
                 out.push(None);
                 continue;
             };
-            let ours = node.as_deref() == Some(self.node.name.as_str())
-                && self.claim(*id).is_none_or(|attempt| attempt == old.attempts);
-            if old.status != JobStatus::Running || !ours {
+            if !self.holds(old) {
                 out.push(Some(old.clone()));
                 continue;
             }
             let mut job = old.clone();
             job.finish(outcome.clone(), *now);
-            current.insert(*id, (job.clone(), node.clone()));
+            current.insert(*id, job.clone());
             updates.push(job.clone());
             out.push(Some(job));
         }
@@ -1256,17 +1261,13 @@ impl Store for PgStore {
     async fn release_job(&self, id: JobId) -> Result<Option<Job>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let Some(row) = tx
-            .query_opt("SELECT record, node FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0])
-            .await?
+        let Some(row) =
+            tx.query_opt("SELECT record FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0]).await?
         else {
             return Ok(None);
         };
         let mut job = decode_job(row.get(0))?;
-        let node: Option<String> = row.get(1);
-        let ours = node.as_deref() == Some(self.shared.node.name.as_str())
-            && self.shared.claim(id).is_none_or(|a| a == job.attempts);
-        if job.status != JobStatus::Running || !ours {
+        if !self.shared.holds(&job) {
             return Ok(Some(job));
         }
         job.status = JobStatus::Queued;
