@@ -266,11 +266,16 @@ pub const RUN_TIME_BUCKETS: [f64; 12] =
 /// How long [`Scheduler::submit_and_wait`] lets a job run before writing it.
 pub const FAST_WINDOW: Duration = Duration::from_millis(5);
 
+/// How long a run slot stays taken after its attempt found the executor full.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Counters kept in memory for `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
     pub submitted: AtomicU64,
     pub finished: AtomicU64,
+    /// Attempts given back to the queue because the executor was full.
+    pub busy: AtomicU64,
     /// Cumulative counts per bucket of [`RUN_TIME_BUCKETS`], then +Inf.
     pub run_time_buckets: [AtomicU64; RUN_TIME_BUCKETS.len() + 1],
     /// Sum of run times in microseconds.
@@ -1037,7 +1042,11 @@ impl Inner {
             async move {
                 let req = this.run_request(&job).await;
                 let outcome = this.execute(req, token).await;
+                let busy = outcome.is_busy();
                 this.record(job.id, outcome).await;
+                if busy {
+                    this.busy_pause().await;
+                }
                 drop(slot);
             }
             .instrument(span),
@@ -1070,9 +1079,11 @@ impl Inner {
                 };
                 match early {
                     Some(outcome) => {
+                        let busy = outcome.is_busy();
                         let mut done = job;
                         if this.released(&outcome) {
-                            // Cut short by shutdown before it was written: queue it.
+                            // Cut short by shutdown, or no room to start, before it was
+                            // written: queue it.
                             done.status = JobStatus::Queued;
                             done.attempts = 0;
                             done.started_at = None;
@@ -1090,6 +1101,9 @@ impl Inner {
                             _ => this.active.leave(&account, id),
                         }
                         let _ = ack.send(inserted);
+                        if busy {
+                            this.busy_pause().await;
+                        }
                     }
                     None => {
                         let account = job.account.clone();
@@ -1104,9 +1118,13 @@ impl Inner {
                             token.cancel();
                         }
                         let outcome = run.await;
+                        let busy = outcome.is_busy();
                         match written {
                             true => this.record(id, outcome).await,
                             false => drop(this.running.lock().unwrap().remove(&id)),
+                        }
+                        if busy {
+                            this.busy_pause().await;
                         }
                     }
                 }
@@ -1201,9 +1219,24 @@ impl Inner {
         outcome
     }
 
-    /// True when `outcome` is a run cut short by shutdown, to be released, not recorded.
+    /// True when `outcome` is an attempt to give back to the queue, not to record: one
+    /// cut short by shutdown, or one that found its executor full.
     fn released(&self, outcome: &JobOutcome) -> bool {
-        outcome.status == JobStatus::Cancelled && self.releasing.load(Ordering::SeqCst)
+        outcome.is_busy()
+            || (outcome.status == JobStatus::Cancelled && self.releasing.load(Ordering::SeqCst))
+    }
+
+    /// After an attempt found its executor full (and went back to the queue): its run
+    /// slot stays taken a moment, so that the dispatcher does not claim and give back
+    /// the same job in a tight loop; then the dispatcher looks at the queue again.
+    async fn busy_pause(&self) {
+        self.metrics.busy.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = self.stopping.cancelled() => {}
+            _ = tokio::time::sleep(BUSY_PAUSE) => {}
+        }
+        self.backlog.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     /// Writes the outcome of a running job and tells its followers.
