@@ -277,8 +277,7 @@ async fn nothing_acknowledged_is_lost_when_postgres_restarts_under_load() {
     }
 }
 
-#[path = "../support/docker.rs"]
-mod docker_support;
+use crate::docker::docker_support;
 
 /// A worker whose Docker engine comes up after it started begins claiming docker jobs
 /// (and says so in `/v1/nodes`) without a restart.
