@@ -124,6 +124,9 @@ enum AccountsCommand {
         /// Total bytes of stored function versions.
         #[arg(long)]
         max_function_bytes: Option<u64>,
+        /// Finished jobs kept (the account's oldest go first).
+        #[arg(long)]
+        max_finished_jobs: Option<u64>,
     },
     /// List accounts.
     List,
@@ -249,7 +252,9 @@ struct ServeArgs {
     /// Finished jobs are deleted after this many seconds.
     #[arg(long, env = "CLOUDPIPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     retention_secs: u64,
-    /// At most this many finished jobs are kept (the oldest go first).
+    /// At most this many finished jobs are kept per account (the account's oldest go
+    /// first; never another account's); an account's `max_finished_jobs` quota
+    /// replaces it for that account.
     #[arg(long, env = "CLOUDPIPE_RETENTION_MAX_JOBS", default_value_t = 1_000_000)]
     retention_max_jobs: u64,
     /// Timeout of one HTTP invocation (`/fn/NAME`), in milliseconds.
@@ -566,7 +571,7 @@ impl ServeArgs {
         s.output_cap = self.output_cap;
         s.retention = Retention {
             max_age_micros: self.retention_secs * 1_000_000,
-            max_finished: self.retention_max_jobs,
+            max_finished_per_account: self.retention_max_jobs,
         };
         c.egress =
             cloudpipe_runtime::egress::EgressConfig::parse_internal(&self.allow_internal_outbound)
@@ -609,6 +614,7 @@ impl ServeArgs {
                 max_timeout_ms: some(self.quota_timeout_ms),
                 max_memory_mb: some(self.quota_memory_mb),
                 max_function_bytes: some(self.quota_function_bytes),
+                max_finished_jobs: Some(self.retention_max_jobs),
             },
             external_auth: self
                 .auth_url
@@ -925,12 +931,14 @@ async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::Resul
             max_timeout_ms,
             max_memory_mb,
             max_function_bytes,
+            max_finished_jobs,
         } => {
             let quotas = cloudpipe_types::Quotas {
                 max_concurrent_jobs,
                 max_timeout_ms,
                 max_memory_mb,
                 max_function_bytes,
+                max_finished_jobs,
             };
             let role = if admin { "admin" } else { "user" };
             let body = json!({"name": name, "role": role, "quotas": quotas});
