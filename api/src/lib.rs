@@ -36,7 +36,6 @@ use cloudpipe_runtime::Runtime;
 use serde::de::DeserializeOwned;
 
 pub mod auth;
-pub mod credentials;
 pub mod error;
 pub mod logs;
 pub mod openapi;
