@@ -122,7 +122,8 @@ impl Runtime {
             }
         };
         let mut wasm = config.wasm.clone();
-        wasm.max_instances = wasm.max_instances.max(config.scheduler.concurrency as u32);
+        // `max_instances` may be under the concurrency (an operator keeping the pool's
+        // reservation small): jobs that find the pool full wait in the queue.
         wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
         let executor = Arc::new(
             WasmExecutor::new(wasm, &cache_dir, store.clone())

@@ -15,7 +15,6 @@
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
 //! | `cp_batches` | batches, with the lease of the node driving each |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
-//! | `cp_claim_turn` | the account the last claim served (claims take accounts in turn) |
 //! | `cp_nodes` | nodes and their heartbeats |
 //! | `cp_leader` | the leader lease (one row) |
 //!
@@ -169,6 +168,13 @@ CREATE TABLE cp_leader (
   node text NOT NULL,
   expires bigint NOT NULL
 );
+"#,
+    // 2: claims find the accounts with queued work and each account's oldest jobs in
+    // one index, and keep their turn in the node (no row every claim must lock).
+    r#"
+CREATE INDEX cp_jobs_queue_accounts ON cp_jobs (account, created_at, id) WHERE status = 'queued';
+DROP INDEX cp_jobs_queue;
+DROP TABLE cp_claim_turn;
 "#,
 ];
 
