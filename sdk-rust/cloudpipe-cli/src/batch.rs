@@ -49,25 +49,12 @@ pub struct BatchFlags {
     pub args: Vec<String>,
 }
 
-/// `30s`, `500ms`, `2m`, `1.5s`; a bare number is seconds (as the server's `wait`).
+/// A job timeout: as the server reads a wait (`30s`, `500ms`, `2m`, `1.5s`, a bare
+/// number is seconds), above zero and at most a day.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {s:?}: use e.g. 30s, 500ms or 2m");
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
+    cloudpipe_types::parse_duration(s)
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(86_400))
+        .ok_or_else(|| format!("bad duration {s:?}: use e.g. 30s, 500ms or 2m"))
 }
 
 /// Starts (or resumes, or retries) the batch, follows it, prints the summary; the

@@ -143,6 +143,13 @@ pub struct InvokeFlags {
     /// HTTP invocations of all functions running at once (past it: 503).
     #[arg(long, env = "CLOUDPIPE_MAX_INVOCATIONS", default_value_t = 192)]
     pub max_invocations: usize,
+    /// Wasm instances alive at once (the pooling allocator's slots, each reserving
+    /// room for the limits admitted per component: 2 memories of --max-memory-mb of
+    /// address space, 16 core instances, 8 tables) [default: --concurrency plus
+    /// --max-invocations]. Under that default, a job that finds the pool full goes
+    /// back to the queue and an invocation gets 503.
+    #[arg(long, env = "CLOUDPIPE_WASM_INSTANCES")]
+    pub wasm_instances: Option<u32>,
     /// HTTP invocations of one account's functions running at once (past it: 429).
     #[arg(long, env = "CLOUDPIPE_FN_MAX_CONCURRENCY_PER_ACCOUNT", default_value_t = 96)]
     pub fn_max_concurrency_per_account: usize,
@@ -335,7 +342,14 @@ impl ServeArgs {
         c.space.reserve_bytes = self.min_free_disk_mb << 20;
         self.executors.configure(&mut c)?;
         // Jobs and invocations share the instance pool.
-        c.wasm.max_instances = (self.jobs.concurrency + self.invoke.max_invocations) as u32;
+        c.wasm.max_instances = self
+            .invoke
+            .wasm_instances
+            .unwrap_or((self.jobs.concurrency + self.invoke.max_invocations) as u32);
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&c.wasm.max_instances),
+            "--wasm-instances must be 1 to 1000000"
+        );
         self.vm.configure(&mut c.vm, &self.data_dir, vm_agent)?;
         Ok(c)
     }
@@ -522,6 +536,8 @@ mod tests {
         assert_eq!(c.wasm.max_instances, 8, "jobs and invocations share the pool");
         assert_eq!(c.docker.tmp_size, "7m");
         assert!(c.postgres.is_none());
+        let c = parse(&["--wasm-instances", "9"]).runtime_config("http://x", b"").unwrap();
+        assert_eq!(c.wasm.max_instances, 9);
         let api = parse(&["--quota-timeout-ms", "0", "--fn-max-concurrency-per-account", "0"])
             .api_config();
         assert_eq!(api.default_quotas.max_timeout_ms, None, "0 means the server's maximum");
