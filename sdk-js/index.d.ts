@@ -68,6 +68,7 @@ export interface Quotas {
   max_timeout_ms?: number | null;
   max_memory_mb?: number | null;
   max_function_bytes?: number | null;
+  max_finished_jobs?: number | null;
 }
 
 export interface Me {

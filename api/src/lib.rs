@@ -83,6 +83,7 @@ impl Default for ApiConfig {
                 max_timeout_ms: None,
                 max_memory_mb: None,
                 max_function_bytes: Some(1 << 30),
+                max_finished_jobs: Some(1_000_000),
             },
             external_auth: None,
             auth_failures_per_minute: 30,

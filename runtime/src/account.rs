@@ -82,6 +82,7 @@ pub struct Limits {
     pub max_timeout_ms: Option<u64>,
     pub max_memory_mb: Option<u64>,
     pub max_function_bytes: Option<u64>,
+    pub max_finished_jobs: Option<u64>,
 }
 
 impl Limits {
@@ -92,6 +93,7 @@ impl Limits {
             max_timeout_ms: own.max_timeout_ms.or(defaults.max_timeout_ms),
             max_memory_mb: own.max_memory_mb.or(defaults.max_memory_mb),
             max_function_bytes: own.max_function_bytes.or(defaults.max_function_bytes),
+            max_finished_jobs: own.max_finished_jobs.or(defaults.max_finished_jobs),
         }
     }
 
@@ -101,6 +103,7 @@ impl Limits {
             max_timeout_ms: self.max_timeout_ms,
             max_memory_mb: self.max_memory_mb,
             max_function_bytes: self.max_function_bytes,
+            max_finished_jobs: self.max_finished_jobs,
         }
     }
 }

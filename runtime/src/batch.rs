@@ -77,6 +77,8 @@ impl BatchState {
                 max_timeout_ms: l.max_timeout_ms,
                 max_memory_mb: l.max_memory_mb,
                 max_function_bytes: l.max_function_bytes,
+                // Retention's business, not the batch's.
+                max_finished_jobs: None,
             },
             allow_network: self.allow_network,
         }

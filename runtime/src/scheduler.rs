@@ -68,7 +68,7 @@ impl Default for SchedulerConfig {
             max_stdin: 6 << 20,
             retention: Retention {
                 max_age_micros: 7 * 24 * 3600 * 1_000_000,
-                max_finished: 1_000_000,
+                max_finished_per_account: 1_000_000,
             },
             retention_interval: Duration::from_secs(1),
         }

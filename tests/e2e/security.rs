@@ -669,3 +669,67 @@ async fn heavy_components_cannot_take_other_tenants_instances() {
         assert_eq!(job["status"], "timed_out", "{job}");
     }
 }
+
+#[tokio::test]
+async fn one_accounts_volume_never_deletes_another_accounts_results() {
+    // Three finished jobs kept per account; retention runs every second.
+    let s = TestServer::start(&["--no-runner-js", "--retention-max-jobs", "3"]).await;
+    let quiet = account(&s, "mia", json!({})).await;
+    let busy = account(&s, "ned", json!({})).await;
+    let small = account(&s, "ola", json!({"quotas": {"max_finished_jobs": 1}})).await;
+    let (_, me) = call(&s.url, &quiet, Method::GET, "/v1/me", None).await;
+    assert_eq!(me["quotas"]["max_finished_jobs"], 3, "the limit in force: {me}");
+    for (key, name) in [(&quiet, "mia"), (&busy, "ned"), (&small, "ola")] {
+        let path = format!("/v1/functions?name=hello-{name}");
+        let (st, body) =
+            call(&s.url, key, Method::POST, &path, Some(program(programs::HELLO))).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let run = |key: &str, name: &str, idem: String| {
+        let (url, key) = (s.url.clone(), key.to_string());
+        let spec = json!({"function": format!("hello-{name}"), "idempotency_key": idem});
+        async move {
+            let (st, job) =
+                call(&url, &key, Method::POST, "/v1/jobs?wait=30s", json_body(spec)).await;
+            assert!(st.is_success(), "{st} {job}");
+            assert_eq!(job["status"], "succeeded", "{job}");
+            job["id"].as_str().unwrap().to_string()
+        }
+    };
+    // The quiet account's two results are the oldest on the server.
+    let mut quiet_jobs = Vec::new();
+    for i in 0..2 {
+        quiet_jobs.push(run(&quiet, "mia", format!("q{i}")).await);
+    }
+    let mut small_jobs = Vec::new();
+    for i in 0..3 {
+        small_jobs.push(run(&small, "ola", format!("s{i}")).await);
+    }
+    let mut busy_jobs = Vec::new();
+    for i in 0..12 {
+        busy_jobs.push(run(&busy, "ned", format!("b{i}")).await);
+    }
+    let exists = |key: &str, id: &str| {
+        let (url, key, path) = (s.url.clone(), key.to_string(), format!("/v1/jobs/{id}"));
+        async move { call(&url, &key, Method::GET, &path, None).await.0 == StatusCode::OK }
+    };
+    // Retention trims the busy account to its three newest, the small one to its
+    // quota of one.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while exists(&busy, &busy_jobs[8]).await || exists(&small, &small_jobs[1]).await {
+        assert!(Instant::now() < deadline, "retention did not run:\n{}", s.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for (i, id) in busy_jobs.iter().enumerate() {
+        assert_eq!(exists(&busy, id).await, i >= 9, "busy job {i}");
+    }
+    for (i, id) in small_jobs.iter().enumerate() {
+        assert_eq!(exists(&small, id).await, i >= 2, "small job {i}");
+    }
+    // The quiet account keeps every result, and its idempotency keys still answer
+    // with the same job: a client's retry does not run it twice.
+    for (i, id) in quiet_jobs.iter().enumerate() {
+        assert!(exists(&quiet, id).await, "quiet job {i} was deleted");
+        assert_eq!(&run(&quiet, "mia", format!("q{i}")).await, id);
+    }
+}

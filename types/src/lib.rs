@@ -676,6 +676,10 @@ pub struct Quotas {
     /// Total size of the function versions the account stores, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_function_bytes: Option<u64>,
+    /// Finished jobs kept: past it, retention deletes the account's oldest finished
+    /// jobs (never another account's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_finished_jobs: Option<u64>,
 }
 
 /// An account (`GET /v1/accounts/{name}`).

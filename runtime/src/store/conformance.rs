@@ -8,6 +8,7 @@
 //! The last argument bounds the size of the store's files after churn and a reopen,
 //! as a multiple of the live data (`None`: only report it).
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -49,6 +50,7 @@ macro_rules! suite {
             case!(release_requeues_a_running_job_without_counting_the_attempt);
             case!(list_filters_and_pages_newest_first);
             case!(purge_deletes_by_age_and_by_count_with_their_idempotency_keys);
+            case!(retention_counts_each_account_apart_and_honours_its_quota);
             case!(put_function_keeps_the_first_created_at_and_the_name_points_at_the_newest);
             case!(delete_function_by_name_and_by_id);
             case!(settings_belong_to_the_name_and_survive_a_new_version);
@@ -339,7 +341,7 @@ pub(crate) async fn job_inserted_finished_is_counted_listed_and_purged<S: Store>
     let filter =
         JobFilter { status: Some(JobStatus::Succeeded), limit: 10, ..JobFilter::default() };
     assert_eq!(store.list_jobs(&filter).await.unwrap().len(), 1);
-    let by_count = Retention { max_age_micros: u64::MAX, max_finished: 0 };
+    let by_count = Retention { max_age_micros: u64::MAX, max_finished_per_account: 0 };
     assert_eq!(store.purge_finished(by_count, 40, 10).await.unwrap(), 1);
     assert_eq!(store.get_job(job.id).await.unwrap(), None);
     assert_eq!(counts(&store).await, []);
@@ -515,7 +517,7 @@ pub(crate) async fn purge_deletes_by_age_and_by_count_with_their_idempotency_key
 
     // By age: finished more than 2500 µs before 6000, i.e. at 1000, 2000 and 3000; two
     // per call.
-    let by_age = Retention { max_age_micros: 2500, max_finished: 100 };
+    let by_age = Retention { max_age_micros: 2500, max_finished_per_account: 100 };
     assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 2);
     assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 1);
     assert_eq!(store.purge_finished(by_age, 6000, 2).await.unwrap(), 0);
@@ -533,13 +535,89 @@ pub(crate) async fn purge_deletes_by_age_and_by_count_with_their_idempotency_key
     assert_eq!(store.insert_job(reuse).await.unwrap().job().id, ids[4]);
 
     // By count: keep one finished job, the newest.
-    let by_count = Retention { max_age_micros: u64::MAX, max_finished: 1 };
+    let by_count = Retention { max_age_micros: u64::MAX, max_finished_per_account: 1 };
     assert_eq!(store.purge_finished(by_count, 6000, 10).await.unwrap(), 1);
     assert_eq!(store.get_job(ids[3]).await.unwrap(), None);
     assert!(store.get_job(ids[4]).await.unwrap().is_some());
     assert!(store.get_job(still_queued.id).await.unwrap().is_some(), "unfinished jobs stay");
     assert_eq!(store.purge_finished(by_count, 6000, 10).await.unwrap(), 0);
     assert_eq!(counts(&store).await, [(JobStatus::Queued, 2), (JobStatus::Succeeded, 1)]);
+}
+
+/// Finished jobs of one account never count against another's: a busy account loses
+/// its own oldest, a quiet one keeps everything (and its idempotency keys), and an
+/// account's `max_finished_jobs` quota replaces the policy's count for it. Counts
+/// survive a reopen.
+pub(crate) async fn retention_counts_each_account_apart_and_honours_its_quota<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let mut ids: HashMap<&str, Vec<JobId>> = HashMap::new();
+    {
+        let store = open(dir.path()).unwrap();
+        let quiet_quota =
+            cloudpipe_types::Quotas { max_finished_jobs: Some(1), ..Default::default() };
+        let record = AccountRecord {
+            name: "tiny".into(),
+            role: cloudpipe_types::Role::User,
+            disabled: false,
+            quotas: quiet_quota,
+            allow_network: false,
+            allowed_outbound: vec![],
+            created_at: 1,
+        };
+        assert!(store.insert_account(record).await.unwrap());
+        // The quiet account's jobs are the oldest of all.
+        let mut t = 0;
+        for (account, n) in [("quiet", 2), ("tiny", 3), ("busy", 6)] {
+            for i in 0..n {
+                t += 10;
+                let mut job = queued_job("f");
+                job.account = account.into();
+                job.idempotency_key = Some(format!("{account}-{i}"));
+                let job = insert(&store, job).await;
+                let claimed = store.claim_jobs(1, t).await.unwrap();
+                assert_eq!(claimed.len(), 1);
+                store.finish_job(job.id, succeeded(b""), t).await.unwrap().unwrap();
+                ids.entry(account).or_default().push(job.id);
+            }
+        }
+    }
+    let store = open(dir.path()).unwrap();
+    let keep = Retention { max_age_micros: u64::MAX, max_finished_per_account: 3 };
+    // busy: 6 - 3, tiny: 3 - 1, two per call.
+    let mut purged = 0;
+    loop {
+        let n = store.purge_finished(keep, 1000, 2).await.unwrap();
+        assert!(n <= 2);
+        purged += n;
+        if n < 2 {
+            break;
+        }
+    }
+    assert_eq!(purged, 5);
+    assert_eq!(store.purge_finished(keep, 1000, 10).await.unwrap(), 0, "nothing more");
+    for (account, kept_from) in [("quiet", 0), ("tiny", 2), ("busy", 3)] {
+        for (i, id) in ids[account].iter().enumerate() {
+            let kept = store.get_job(*id).await.unwrap().is_some();
+            assert_eq!(kept, i >= kept_from, "{account}'s job {i}");
+        }
+    }
+    assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 6)]);
+    // The quiet account's keys still name its jobs: a retry does not run twice.
+    let mut retry = queued_job("f");
+    retry.account = "quiet".into();
+    retry.idempotency_key = Some("quiet-0".into());
+    assert_eq!(store.insert_job(retry).await.unwrap().job().id, ids["quiet"][0]);
+    // New jobs of the busy account push out its own oldest only.
+    let mut job = queued_job("f");
+    job.account = "busy".into();
+    let job = insert(&store, job).await;
+    store.claim_jobs(1, 2000).await.unwrap();
+    store.finish_job(job.id, succeeded(b""), 2000).await.unwrap().unwrap();
+    assert_eq!(store.purge_finished(keep, 2000, 10).await.unwrap(), 1);
+    assert_eq!(store.get_job(ids["busy"][3]).await.unwrap(), None);
+    assert!(store.get_job(ids["quiet"][0]).await.unwrap().is_some());
 }
 
 fn meta(id: char, name: Option<&str>, created_at: u64) -> FunctionMeta {
@@ -773,7 +851,7 @@ pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
     const PER_CYCLE: usize = 500;
     const KEEP: u64 = 500;
     let dir = dir();
-    let retention = Retention { max_age_micros: u64::MAX, max_finished: KEEP };
+    let retention = Retention { max_age_micros: u64::MAX, max_finished_per_account: KEEP };
     let output = vec![b'o'; 1000];
     {
         let store = Arc::new(open(dir.path()).unwrap());
@@ -995,9 +1073,18 @@ pub(crate) async fn every_list_filter_agrees_with_a_scan_after_purge_and_reopen<
         store.cancel_queued_job(queued[0].id, 200).await.unwrap();
         check_every_filter(&store, &ids).await;
 
-        // Retention deletes the oldest finished jobs: they leave every list.
-        let keep = Retention { max_age_micros: u64::MAX, max_finished: 8 };
-        assert_eq!(store.purge_finished(keep, 300, 100).await.unwrap(), 9);
+        // Retention deletes each account's oldest finished jobs: they leave every list.
+        let mut finished: HashMap<String, usize> = HashMap::new();
+        for id in &ids {
+            let job = store.get_job(*id).await.unwrap().unwrap();
+            if job.status.is_terminal() {
+                *finished.entry(job.account).or_default() += 1;
+            }
+        }
+        let over: usize = finished.values().map(|n| n.saturating_sub(2)).sum();
+        assert!(over > 0, "{finished:?}");
+        let keep = Retention { max_age_micros: u64::MAX, max_finished_per_account: 2 };
+        assert_eq!(store.purge_finished(keep, 300, 100).await.unwrap(), over);
         check_every_filter(&store, &ids).await;
     }
     let store = open(dir.path()).unwrap();

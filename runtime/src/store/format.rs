@@ -13,6 +13,7 @@
 //! | 0 | (no record) before accounts: `f id`, names `n name` → the bare id, `i key` |
 //! | 1 | (no record) accounts: `f account 0 id`, owners `v`, names as JSON, `i account 0 key`; batches |
 //! | 2 | the format record; the secrets table `x` |
+//! | 3 | finished jobs by account `D` and their counts `C` (retention counts per account) |
 //!
 //! Stores of versions 0 and 1 carry no record and are told apart by their keys.
 
@@ -24,7 +25,7 @@ use super::kv::{KvBackend, KvRead, KvWrite};
 use crate::account::ADMIN;
 
 /// The format this version of Cloudpipe writes.
-pub const CURRENT: u32 = 2;
+pub const CURRENT: u32 = 3;
 
 const META: u8 = b'M';
 const FORMAT: &[u8] = b"format";
@@ -76,6 +77,10 @@ pub(super) fn upgrade<B: KvBackend>(backend: &B) -> Result<()> {
         // whose keys looked like format 1: no guess of the sniffing can lose data.
         if read_version(&*tx)?.is_some_and(|v| v <= 1) {
             before_accounts_to_1(tx)?;
+        }
+        // Any store before format 3 with jobs; none in a fresh one.
+        if read_version(&*tx)?.is_some_and(|v| v < 3) {
+            super::keyspace::index_finished_by_account(tx)?;
         }
         tx.put(&format_key(), &CURRENT.to_be_bytes())?;
         Ok(())
@@ -211,6 +216,20 @@ pub mod legacy {
         with_raw(backend, dir, |tx| tx.put(&format_key(), &version.to_be_bytes()))
     }
 
+    /// Turns the (current) store in `dir` into format 2: what format 2 wrote is
+    /// format 3 without the finished entries by account and their counts.
+    pub fn write_format2(backend: Backend, dir: &Path) -> Result<()> {
+        use crate::store::keyspace::{FINISHED_BY_ACCOUNT, FINISHED_COUNTS};
+        with_raw(backend, dir, |tx| {
+            for table in [FINISHED_BY_ACCOUNT, FINISHED_COUNTS] {
+                for (k, _) in super::all(&*tx, &[table])? {
+                    tx.delete(&k)?;
+                }
+            }
+            tx.put(&format_key(), &2u32.to_be_bytes())
+        })
+    }
+
     /// The kind format 0 recorded: a component is a `command`, a core module a `module`
     /// (told apart by the layer field of the preamble, 1 for components).
     fn kind_of(binary: &[u8]) -> &'static str {
@@ -235,7 +254,7 @@ pub mod legacy {
 
 #[cfg(test)]
 mod tests {
-    use super::legacy::{Format0, write_format_version, write_format0};
+    use super::legacy::{Format0, write_format_version, write_format0, write_format2};
     use super::*;
     use crate::account::Scope;
     use crate::job::now_micros;
@@ -334,6 +353,42 @@ mod tests {
     #[tokio::test(flavor = "multi_thread")]
     async fn sled_newer_format_is_refused_naming_both_versions() {
         a_newer_format_is_refused_naming_both_versions(Backend::Sled).await;
+    }
+
+    /// Format 2 → 3: finished jobs are counted per account, so that retention trims
+    /// each account apart.
+    async fn format2_store_counts_finished_jobs_per_account(backend: Backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ids = Vec::new();
+        {
+            let store = open(backend, dir.path()).unwrap();
+            for (i, account) in ["alice", "bob", "bob", "bob"].into_iter().enumerate() {
+                let mut job = queued_job("f");
+                job.account = account.into();
+                store.insert_job(job.clone()).await.unwrap();
+                store.claim_jobs(1, 10).await.unwrap();
+                let outcome = crate::store::conformance::succeeded(b"");
+                store.finish_job(job.id, outcome, 100 + i as u64).await.unwrap();
+                ids.push(job.id);
+            }
+        }
+        write_format2(backend, dir.path()).unwrap();
+        let store = open(backend, dir.path()).unwrap();
+        let keep =
+            crate::store::Retention { max_age_micros: u64::MAX, max_finished_per_account: 1 };
+        assert_eq!(store.purge_finished(keep, 1000, 10).await.unwrap(), 2);
+        let kept: Vec<bool> = futures::future::join_all(ids.iter().map(|id| store.get_job(*id)))
+            .await
+            .into_iter()
+            .map(|j| j.unwrap().is_some())
+            .collect();
+        assert_eq!(kept, [true, false, false, true]);
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn format2_stores_count_finished_jobs_per_account() {
+        format2_store_counts_finished_jobs_per_account(Backend::Redb).await;
+        format2_store_counts_finished_jobs_per_account(Backend::Sled).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -15,7 +15,9 @@
 //! | running | `r` id(16) | empty |
 //! | idempotency | `i` account 0 key | id(16) |
 //! | finished | `d` finished_at(8) id(16) | empty |
+//! | finished by account | `D` account 0 finished_at(8) id(16) | empty |
 //! | counters | `c` status(1) | count(8) |
+//! | finished counts | `C` account | the account's finished jobs, count(8) |
 //! | functions | `f` account 0 id | [`FunctionMeta`] as JSON |
 //! | owners | `v` id 0 account | empty |
 //! | binaries | `b` id | the binary (once, whoever owns it) |
@@ -72,6 +74,9 @@ const LISTS: u8 = b'l';
 const RUNNING: u8 = b'r';
 const IDEMPOTENCY: u8 = b'i';
 const FINISHED: u8 = b'd';
+/// Each account's finished jobs, oldest first: retention's count per account.
+pub(super) const FINISHED_BY_ACCOUNT: u8 = b'D';
+pub(super) const FINISHED_COUNTS: u8 = b'C';
 const COUNTERS: u8 = b'c';
 const FUNCTIONS: u8 = b'f';
 const BINARIES: u8 = b'b';
@@ -192,10 +197,22 @@ fn list_entries(job: &Job, status_only: bool) -> Vec<Vec<u8>> {
     keys
 }
 
-fn finished_key(job: &Job) -> Vec<u8> {
+/// When a terminal job ended, as its finished entries order it.
+fn finished_at(job: &Job) -> Micros {
     // A terminal job always has `finished_at`; `created_at` is only a fallback for a
     // record inserted already terminal without one.
-    timed_key(FINISHED, job.finished_at.unwrap_or(job.created_at), job.id)
+    job.finished_at.unwrap_or(job.created_at)
+}
+
+fn finished_key(job: &Job) -> Vec<u8> {
+    timed_key(FINISHED, finished_at(job), job.id)
+}
+
+fn account_finished_key(job: &Job) -> Vec<u8> {
+    let mut k = pair_key(FINISHED_BY_ACCOUNT, &job.account, "");
+    k.extend_from_slice(&finished_at(job).to_be_bytes());
+    k.extend_from_slice(&job.id.to_bytes());
+    k
 }
 
 fn counter_key(status: JobStatus) -> Vec<u8> {
@@ -301,11 +318,30 @@ fn put_json<T: serde::Serialize>(tx: &mut dyn KvWrite, key: &[u8], value: &T) ->
     tx.put(key, &serde_json::to_vec(value)?)
 }
 
-fn bump(tx: &mut dyn KvWrite, status: JobStatus, delta: i64) -> Result<()> {
-    let key = counter_key(status);
-    let current = tx.get(&key)?.map(|v| decode_u64(&v)).transpose()?.unwrap_or(0);
+/// Counts `job` in (`delta` 1) or out (-1) of its status's counter, and of its
+/// account's finished count when it is terminal.
+fn bump(tx: &mut dyn KvWrite, job: &Job, delta: i64) -> Result<()> {
+    add_to_counter(tx, &counter_key(job.status), delta, false)?;
+    if job.status.is_terminal() {
+        add_to_counter(tx, &key(FINISHED_COUNTS, job.account.as_bytes()), delta, true)?;
+    }
+    Ok(())
+}
+
+/// Adds `delta` to the counter at `key`; with `drop_zero`, a counter back at zero is
+/// deleted (so that scanning the counters costs what is counted).
+pub(super) fn add_to_counter(
+    tx: &mut dyn KvWrite,
+    key: &[u8],
+    delta: i64,
+    drop_zero: bool,
+) -> Result<()> {
+    let current = tx.get(key)?.map(|v| decode_u64(&v)).transpose()?.unwrap_or(0);
     let next = current.saturating_add_signed(delta);
-    tx.put(&key, &next.to_be_bytes())
+    match next {
+        0 if drop_zero => tx.delete(key),
+        _ => tx.put(key, &next.to_be_bytes()),
+    }
 }
 
 /// Replaces a stored job (`old`) by its new state: record, indexes and counters.
@@ -321,8 +357,8 @@ fn update_job(tx: &mut dyn KvWrite, old: &Job, job: &Job) -> Result<()> {
         for k in list_entries(job, true) {
             tx.put(&k, &[])?;
         }
-        bump(tx, old.status, -1)?;
-        bump(tx, job.status, 1)?;
+        bump(tx, old, -1)?;
+        bump(tx, job, 1)?;
     }
     put_json(tx, &job_key(job.id), job)
 }
@@ -337,10 +373,16 @@ fn status_index(job: &Job) -> Vec<u8> {
 }
 
 fn add_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
+    if job.status.is_terminal() {
+        tx.put(&account_finished_key(job), &[])?;
+    }
     tx.put(&status_index(job), &[])
 }
 
 fn remove_indexes(tx: &mut dyn KvWrite, job: &Job) -> Result<()> {
+    if job.status.is_terminal() {
+        tx.delete(&account_finished_key(job))?;
+    }
     tx.delete(&status_index(job))
 }
 
@@ -366,7 +408,7 @@ fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
     if let Some(idem_key) = &idem_key {
         tx.put(idem_key, &job.id.to_bytes())?;
     }
-    bump(tx, job.status, 1)?;
+    bump(tx, job, 1)?;
     Ok(Inserted::Created(job.clone()))
 }
 
@@ -517,36 +559,79 @@ fn purge_finished(
     now: Micros,
     max_batch: usize,
 ) -> Result<usize> {
-    let counts = count_jobs(&*tx)?;
-    let mut finished: u64 = counts.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| n).sum();
     let mut purged = 0;
-    let entries = tx.scan(&[FINISHED], None, false, max_batch)?;
-    for (dkey, _) in entries {
+    // By age: the oldest finished first, whoever owns them.
+    for (dkey, _) in tx.scan(&[FINISHED], None, false, max_batch)? {
         let at = decode_u64(&dkey[1..9])?;
-        let too_old = now.saturating_sub(at) > policy.max_age_micros;
-        if !too_old && finished <= policy.max_finished {
+        if now.saturating_sub(at) <= policy.max_age_micros {
             // Entries are oldest first: every later one is kept too.
             break;
         }
-        let id = id_suffix(&dkey)?;
-        tx.delete(&dkey)?;
-        if let Some(job) = get_job(&*tx, id)? {
-            tx.delete(&job_key(id))?;
-            for k in list_entries(&job, false) {
-                tx.delete(&k)?;
-            }
-            if let Some(idem_key) = idempotency_key(&job) {
-                // Only if it still names this job.
-                if tx.get(&idem_key)?.as_deref() == Some(&id.to_bytes()[..]) {
-                    tx.delete(&idem_key)?;
-                }
-            }
-            bump(tx, job.status, -1)?;
-        }
-        finished = finished.saturating_sub(1);
+        delete_finished(tx, &dkey)?;
         purged += 1;
     }
+    // By count: each account's oldest past its own limit, never another account's.
+    for (ckey, count) in scan_all(&*tx, &[FINISHED_COUNTS])? {
+        if purged >= max_batch {
+            break;
+        }
+        let account = std::str::from_utf8(&ckey[1..]).context("stored account name")?;
+        let limit = get_account(&*tx, account)?
+            .and_then(|a| a.quotas.max_finished_jobs)
+            .unwrap_or(policy.max_finished_per_account);
+        let excess = decode_u64(&count)?.saturating_sub(limit);
+        let n = excess.min((max_batch - purged) as u64) as usize;
+        if n == 0 {
+            continue;
+        }
+        let prefix = pair_key(FINISHED_BY_ACCOUNT, account, "");
+        for (k, _) in tx.scan(&prefix, None, false, n)? {
+            delete_finished(tx, &k)?;
+            purged += 1;
+        }
+    }
     Ok(purged)
+}
+
+/// Deletes the finished job that `entry` (its `d` or `D` entry) names: its record,
+/// every index entry, its counts and its idempotency key.
+fn delete_finished(tx: &mut dyn KvWrite, entry: &[u8]) -> Result<()> {
+    // Deleted first: an entry whose job is gone (never, unless the file was edited)
+    // goes too, rather than stop retention.
+    tx.delete(entry)?;
+    let id = id_suffix(entry)?;
+    let Some(job) = get_job(&*tx, id)? else { return Ok(()) };
+    tx.delete(&job_key(id))?;
+    remove_indexes(tx, &job)?;
+    for k in list_entries(&job, false) {
+        tx.delete(&k)?;
+    }
+    if let Some(idem_key) = idempotency_key(&job) {
+        // Only if it still names this job.
+        if tx.get(&idem_key)?.as_deref() == Some(&id.to_bytes()[..]) {
+            tx.delete(&idem_key)?;
+        }
+    }
+    bump(tx, &job, -1)
+}
+
+/// Format 2 → 3: each finished job's entry by account and its account's count.
+pub(super) fn index_finished_by_account(tx: &mut dyn KvWrite) -> Result<()> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let entries = tx.scan(&[FINISHED], after.as_deref(), false, CHUNK)?;
+        let Some((last, _)) = entries.last() else { break };
+        after = Some(last.clone());
+        for (dkey, _) in entries {
+            if let Some(job) = get_job(&*tx, id_suffix(&dkey)?)?
+                && job.status.is_terminal()
+            {
+                tx.put(&account_finished_key(&job), &[])?;
+                add_to_counter(tx, &key(FINISHED_COUNTS, job.account.as_bytes()), 1, true)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where a name points, and whose it is.

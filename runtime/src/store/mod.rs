@@ -124,8 +124,9 @@ pub struct Recovery {
 pub struct Retention {
     /// Finished jobs older than this (by `finished_at`) are deleted.
     pub max_age_micros: u64,
-    /// Beyond this many finished jobs, the oldest are deleted.
-    pub max_finished: u64,
+    /// Beyond this many finished jobs of one account, that account's oldest are
+    /// deleted; an account's `max_finished_jobs` quota replaces it for that account.
+    pub max_finished_per_account: u64,
 }
 
 /// The durable state of a Cloudpipe node. One per process, shared (`Arc<dyn Store>`).
@@ -288,9 +289,12 @@ pub trait Store: Send + Sync + 'static {
     /// kept); the others become `failed` with error kind `attempts_exhausted`.
     async fn recover(&self, now: Micros) -> Result<Recovery>;
 
-    /// Deletes up to `max_batch` finished jobs that `policy` no longer keeps (oldest
-    /// finished first) and their index entries. Returns how many were deleted; the
-    /// caller calls again while it returns `max_batch`.
+    /// Deletes up to `max_batch` finished jobs that `policy` no longer keeps, with
+    /// their index entries and idempotency keys: those finished before the age limit
+    /// (oldest first), and each account's oldest past its own count (its
+    /// `max_finished_jobs` quota, else `policy.max_finished_per_account`), so that one
+    /// account's volume never deletes another's jobs. Returns how many were deleted;
+    /// the caller calls again while it returns `max_batch`.
     async fn purge_finished(
         &self,
         policy: Retention,

@@ -59,6 +59,9 @@ pub enum AccountsCommand {
         /// Total bytes of stored function versions.
         #[arg(long)]
         max_function_bytes: Option<u64>,
+        /// Finished jobs kept (the account's oldest go first).
+        #[arg(long)]
+        max_finished_jobs: Option<u64>,
     },
     /// List accounts.
     List,
@@ -143,6 +146,7 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
             max_timeout_ms,
             max_memory_mb,
             max_function_bytes,
+            max_finished_jobs,
         } => {
             let spec = AccountCreate {
                 name,
@@ -152,6 +156,7 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
                     max_timeout_ms,
                     max_memory_mb,
                     max_function_bytes,
+                    max_finished_jobs,
                 },
                 allow_network: false,
                 allowed_outbound: Vec::new(),

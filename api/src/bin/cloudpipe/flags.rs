@@ -122,7 +122,9 @@ pub struct JobFlags {
     /// Finished jobs are deleted after this many seconds.
     #[arg(long, env = "CLOUDPIPE_RETENTION_SECS", default_value_t = 7 * 24 * 3600)]
     pub retention_secs: u64,
-    /// At most this many finished jobs are kept (the oldest go first).
+    /// At most this many finished jobs are kept per account (the account's oldest go
+    /// first; never another account's); an account's `max_finished_jobs` quota
+    /// replaces it for that account.
     #[arg(long, env = "CLOUDPIPE_RETENTION_MAX_JOBS", default_value_t = 1_000_000)]
     pub retention_max_jobs: u64,
 }
@@ -364,6 +366,7 @@ impl ServeArgs {
                 max_timeout_ms: some(q.quota_timeout_ms),
                 max_memory_mb: some(q.quota_memory_mb),
                 max_function_bytes: some(q.quota_function_bytes),
+                max_finished_jobs: Some(self.jobs.retention_max_jobs),
             },
             external_auth: a.auth_url.clone().map(|u| (u, Duration::from_secs(a.auth_cache_secs))),
             auth_failures_per_minute: a.auth_failures_per_minute,
@@ -411,7 +414,7 @@ impl JobFlags {
         s.output_cap = self.output_cap;
         s.retention = Retention {
             max_age_micros: self.retention_secs * 1_000_000,
-            max_finished: self.retention_max_jobs,
+            max_finished_per_account: self.retention_max_jobs,
         };
         Ok(())
     }

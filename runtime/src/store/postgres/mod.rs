@@ -1447,33 +1447,58 @@ impl Store for PgStore {
         if max_batch == 0 {
             return Ok(0);
         }
-        let finished: u64 =
-            self.count_jobs().await?.iter().filter(|(s, _)| s.is_terminal()).map(|(_, n)| *n).sum();
-        let excess = finished.saturating_sub(policy.max_finished);
         let cutoff = now.saturating_sub(policy.max_age_micros) as i64;
         let client = self.client().await?;
-        let max = max_batch as i64;
-        let too_old: i64 = client
-            .q_one(
-                "SELECT count(*) FROM (SELECT 1 FROM cp_jobs WHERE finished_at IS NOT NULL
-                   AND finished_at < $1 LIMIT $2) old",
-                &[&cutoff, &max],
-            )
-            .await?
-            .get(0);
-        let n = (too_old as u64).max(excess).min(max_batch as u64) as i64;
-        if n == 0 {
-            return Ok(0);
-        }
-        let deleted = client
+        // By age: the oldest finished first, whoever owns them.
+        let mut purged = client
             .exec(
                 "DELETE FROM cp_jobs WHERE id IN (
-                   SELECT id FROM cp_jobs WHERE finished_at IS NOT NULL
-                   ORDER BY finished_at, id LIMIT $1 FOR UPDATE SKIP LOCKED)",
-                &[&n],
+                   SELECT id FROM cp_jobs WHERE finished_at IS NOT NULL AND finished_at < $1
+                   ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                &[&cutoff, &(max_batch as i64)],
+            )
+            .await? as usize;
+        // By count: each account's oldest past its own limit (its quota, read from its
+        // record, else the policy's), never another account's.
+        let rows = client
+            .q(
+                "SELECT c.account, c.n, a.record FROM (
+                   SELECT account, sum(n)::int8 AS n FROM cp_finished_counts
+                   GROUP BY account HAVING sum(n) > 0) c
+                 LEFT JOIN cp_accounts a ON a.name = c.account",
+                &[],
             )
             .await?;
-        Ok(deleted as usize)
+        for row in rows {
+            if purged >= max_batch {
+                break;
+            }
+            let account: &str = row.get(0);
+            let count = row.get::<_, i64>(1).max(0) as u64;
+            let own = match row.get::<_, Option<&[u8]>>(2) {
+                Some(record) => {
+                    serde_json::from_slice::<AccountRecord>(record)
+                        .context("stored account")?
+                        .quotas
+                        .max_finished_jobs
+                }
+                None => None,
+            };
+            let excess = count.saturating_sub(own.unwrap_or(policy.max_finished_per_account));
+            let n = excess.min((max_batch - purged) as u64) as i64;
+            if n == 0 {
+                continue;
+            }
+            purged += client
+                .exec(
+                    "DELETE FROM cp_jobs WHERE id IN (
+                       SELECT id FROM cp_jobs WHERE account = $1 AND finished_at IS NOT NULL
+                       ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                    &[&account, &n],
+                )
+                .await? as usize;
+        }
+        Ok(purged)
     }
 }
 

@@ -9,12 +9,14 @@
 //! | --- | --- |
 //! | `cp_jobs` | one row per job: the record (`Job` as JSON) and the columns its queries use |
 //! | `cp_job_counts` | jobs per status, in shards kept by statement triggers |
+//! | `cp_finished_counts` | finished jobs per account, kept the same way (retention) |
 //! | `cp_binaries` | function binaries, content-addressed, once whoever owns them |
 //! | `cp_functions` | function versions per account (`FunctionMeta` as JSON) |
 //! | `cp_names` | function names: owner, version, settings |
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
 //! | `cp_batches` | batches, with the lease of the node driving each |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
+//! | `cp_claim_turn` | unused since schema 2 (read by schema-1 nodes during an upgrade) |
 //! | `cp_nodes` | nodes and their heartbeats |
 //! | `cp_leader` | the leader lease (one row) |
 //!
@@ -171,10 +173,55 @@ CREATE TABLE cp_leader (
 "#,
     // 2: claims find the accounts with queued work and each account's oldest jobs in
     // one index, and keep their turn in the node (no row every claim must lock).
+    // `cp_claim_turn` stays for nodes of schema 1 still running during an upgrade.
     r#"
 CREATE INDEX cp_jobs_queue_accounts ON cp_jobs (account, created_at, id) WHERE status = 'queued';
 DROP INDEX cp_jobs_queue;
-DROP TABLE cp_claim_turn;
+"#,
+    // 3: finished jobs per account, for retention's count per account.
+    r#"
+CREATE INDEX cp_jobs_account_finished ON cp_jobs (account, finished_at, id)
+  WHERE finished_at IS NOT NULL;
+
+-- Finished jobs per account, sharded as cp_job_counts is.
+CREATE TABLE cp_finished_counts (
+  account text NOT NULL,
+  shard integer NOT NULL,
+  n bigint NOT NULL,
+  PRIMARY KEY (account, shard)
+);
+CREATE FUNCTION cp_count_finished() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    INSERT INTO cp_finished_counts
+      SELECT account, pg_backend_pid() % 16, count(*) FROM new_rows
+        WHERE finished_at IS NOT NULL GROUP BY account
+      ON CONFLICT (account, shard) DO UPDATE SET n = cp_finished_counts.n + EXCLUDED.n;
+  ELSIF TG_OP = 'DELETE' THEN
+    INSERT INTO cp_finished_counts
+      SELECT account, pg_backend_pid() % 16, -count(*) FROM old_rows
+        WHERE finished_at IS NOT NULL GROUP BY account
+      ON CONFLICT (account, shard) DO UPDATE SET n = cp_finished_counts.n + EXCLUDED.n;
+  ELSE
+    INSERT INTO cp_finished_counts
+      SELECT account, pg_backend_pid() % 16, sum(d) FROM (
+        SELECT account, 1 AS d FROM new_rows WHERE finished_at IS NOT NULL
+        UNION ALL SELECT account, -1 AS d FROM old_rows WHERE finished_at IS NOT NULL
+      ) changes GROUP BY account HAVING sum(d) <> 0
+      ON CONFLICT (account, shard) DO UPDATE SET n = cp_finished_counts.n + EXCLUDED.n;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER cp_jobs_finished_insert AFTER INSERT ON cp_jobs
+  REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION cp_count_finished();
+CREATE TRIGGER cp_jobs_finished_update AFTER UPDATE ON cp_jobs
+  REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+  FOR EACH STATEMENT EXECUTE FUNCTION cp_count_finished();
+CREATE TRIGGER cp_jobs_finished_delete AFTER DELETE ON cp_jobs
+  REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION cp_count_finished();
+
+INSERT INTO cp_finished_counts
+  SELECT account, 0, count(*) FROM cp_jobs WHERE finished_at IS NOT NULL GROUP BY account;
 "#,
 ];
 
