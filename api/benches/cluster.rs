@@ -19,8 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-#[path = "../../tests/support/serve.rs"]
-mod serve;
+use cloudpipe_test_support::serve;
 
 #[path = "../../runtime/src/store/postgres/testdb.rs"]
 mod testdb;
