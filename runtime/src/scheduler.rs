@@ -679,11 +679,21 @@ impl Scheduler {
     /// The job once it is terminal, or as it is when `timeout` runs out.
     /// `None` if there is no such job.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> anyhow::Result<Option<Job>> {
+        Ok(self.wait_shared(id, timeout).await?.map(Arc::unwrap_or_clone))
+    }
+
+    /// [`Scheduler::wait`], the ended job shared: every waiter of one job gets the same
+    /// `Arc` (a job's output is held once however many wait for it).
+    pub async fn wait_shared(
+        &self,
+        id: JobId,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<Arc<Job>>> {
         // Watch before reading, so that an ending between the two is not missed.
         let mut end = self.inner.hub.watch_end(id);
         let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
         if job.status.is_terminal() || timeout.is_zero() {
-            return Ok(Some(job));
+            return Ok(Some(Arc::new(job)));
         }
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
@@ -701,7 +711,7 @@ impl Scheduler {
                     Err(_) if tokio::time::Instant::now() < deadline => {
                         match self.inner.store.get_job(id).await? {
                             Some(job) if !job.status.is_terminal() => continue,
-                            other => return Ok(other),
+                            other => return Ok(other.map(Arc::new)),
                         }
                     }
                     Err(_) => None,
@@ -711,8 +721,8 @@ impl Scheduler {
                 _ = self.inner.stopping.cancelled() => None,
             };
             return match ended {
-                Some(done) => Ok(Some(Arc::unwrap_or_clone(done))),
-                None => self.inner.store.get_job(id).await,
+                Some(done) => Ok(Some(done)),
+                None => Ok(self.inner.store.get_job(id).await?.map(Arc::new)),
             };
         }
     }

@@ -7,7 +7,8 @@
 //! # Tables
 //! | table | holds |
 //! | --- | --- |
-//! | `cp_jobs` | one row per job: the record (`Job` as JSON) and the columns its queries use |
+//! | `cp_jobs` | one row per job: the record (`Job::summary` as JSON) and the columns its queries use |
+//! | `cp_job_data` | stdin and output of jobs, apart from the records that lists read (2) |
 //! | `cp_job_counts` | jobs per status, in shards kept by statement triggers |
 //! | `cp_binaries` | function binaries, content-addressed, once whoever owns them |
 //! | `cp_functions` | function versions per account (`FunctionMeta` as JSON) |
@@ -169,6 +170,31 @@ CREATE TABLE cp_leader (
   node text NOT NULL,
   expires bigint NOT NULL
 );
+"#,
+    // 2: stdin and output apart from the job records, so that lists read records only.
+    r#"
+CREATE TABLE cp_job_data (
+  id uuid PRIMARY KEY REFERENCES cp_jobs (id) ON DELETE CASCADE,
+  stdin bytea NOT NULL DEFAULT '',
+  stdout bytea NOT NULL DEFAULT '',
+  stderr bytea NOT NULL DEFAULT ''
+);
+-- Records of schema 1 held the three as base64 inside the JSON. Each key appears once,
+-- at the top level, and unescaped (quotes inside strings are escaped), so a pattern
+-- finds it exactly.
+INSERT INTO cp_job_data (id, stdin, stdout, stderr)
+  SELECT id,
+    decode(coalesce(substring(r FROM '"stdin":"([A-Za-z0-9+/=]*)"'), ''), 'base64'),
+    decode(coalesce(substring(r FROM '"stdout":"([A-Za-z0-9+/=]*)"'), ''), 'base64'),
+    decode(coalesce(substring(r FROM '"stderr":"([A-Za-z0-9+/=]*)"'), ''), 'base64')
+  FROM (SELECT id, convert_from(record, 'UTF8') AS r FROM cp_jobs) j
+  WHERE r ~ '"std(in|out|err)":"[A-Za-z0-9+/=]+"';
+UPDATE cp_jobs SET record = convert_to(
+    regexp_replace(regexp_replace(regexp_replace(convert_from(record, 'UTF8'),
+      '"stdin":"[A-Za-z0-9+/=]*"', '"stdin":""'),
+      '"stdout":"[A-Za-z0-9+/=]*"', '"stdout":""'),
+      '"stderr":"[A-Za-z0-9+/=]*"', '"stderr":""'), 'UTF8')
+  WHERE id IN (SELECT id FROM cp_job_data);
 "#,
 ];
 
