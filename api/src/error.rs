@@ -163,6 +163,7 @@ impl From<UploadError> for ApiError {
             UploadError::BadName(_) => ApiError::bad("invalid_name", e.to_string()),
             UploadError::TooLarge { limit, .. } => ApiError::TooLarge { limit },
             UploadError::Invalid(m) => ApiError::bad("invalid_wasm", m),
+            UploadError::ComponentTooLarge(m) => ApiError::bad("component_too_large", m),
             UploadError::NameTaken(_) => ApiError::Conflict("name_taken", e.to_string()),
             UploadError::OverQuota { .. } => ApiError::QuotaExceeded(e.to_string()),
             UploadError::Internal(e) => ApiError::Internal(e),

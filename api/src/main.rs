@@ -264,6 +264,13 @@ struct ServeArgs {
     /// HTTP invocations of all functions running at once (past it: 503).
     #[arg(long, env = "CLOUDPIPE_MAX_INVOCATIONS", default_value_t = 192)]
     max_invocations: usize,
+    /// Wasm instances alive at once (the pooling allocator's slots, each reserving
+    /// room for the limits admitted per component: 2 memories of --max-memory-mb of
+    /// address space, 16 core instances, 8 tables) [default: --concurrency plus
+    /// --max-invocations]. Under that default, a job that finds the pool full goes
+    /// back to the queue and an invocation gets 503.
+    #[arg(long, env = "CLOUDPIPE_WASM_INSTANCES")]
+    wasm_instances: Option<u32>,
     /// At shutdown (SIGTERM, Ctrl-C), how long requests and running jobs get to finish,
     /// in milliseconds; jobs still running then go back to the queue.
     #[arg(long, env = "CLOUDPIPE_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
@@ -576,7 +583,12 @@ impl ServeArgs {
         c.secrets.max_per_account = self.max_secrets;
         c.secrets.max_value_bytes = self.max_secret_bytes;
         // Jobs and invocations share the instance pool.
-        c.wasm.max_instances = (self.concurrency + self.max_invocations) as u32;
+        c.wasm.max_instances =
+            self.wasm_instances.unwrap_or((self.concurrency + self.max_invocations) as u32);
+        anyhow::ensure!(
+            (1..=1_000_000).contains(&c.wasm.max_instances),
+            "--wasm-instances must be 1 to 1000000"
+        );
         self.vm.configure(&mut c.vm, &self.data_dir)?;
         c.docker.pull = PullPolicy::parse(&self.docker_pull).context("unknown --docker-pull")?;
         c.docker.registries = self

@@ -90,6 +90,10 @@ pub enum PrepareError {
     /// Not a Wasm binary, or a kind of Wasm this executor does not run.
     #[error("{0}")]
     Invalid(String),
+    /// Valid, but holding more of a pooled resource (core instances, memories, tables)
+    /// than the server admits per component.
+    #[error("{0}")]
+    OverLimits(String),
     /// Something failed on our side (disk, ...).
     #[error(transparent)]
     Internal(#[from] anyhow::Error),

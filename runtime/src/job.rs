@@ -254,7 +254,22 @@ impl Default for JobOutcome {
     }
 }
 
+/// The error kind of an attempt that found its executor full (the wasm instance pool):
+/// not an outcome to record. The scheduler gives the job back to the queue, the attempt
+/// not counted, and runs it when room frees up.
+pub const BUSY: &str = "busy";
+
 impl JobOutcome {
+    /// An attempt that did not start because the executor is full ([`BUSY`]).
+    pub fn busy(message: impl Into<String>) -> JobOutcome {
+        JobOutcome::error(JobStatus::Failed, BUSY, message)
+    }
+
+    /// Whether this is [`JobOutcome::busy`]: to requeue, not to record.
+    pub fn is_busy(&self) -> bool {
+        self.error.as_ref().is_some_and(|e| e.kind == BUSY)
+    }
+
     /// An outcome with no output: the job failed before it ran.
     pub fn error(status: JobStatus, kind: &str, message: impl Into<String>) -> JobOutcome {
         JobOutcome {

@@ -23,6 +23,9 @@ pub enum UploadError {
     TooLarge { size: usize, limit: usize },
     #[error("{0}")]
     Invalid(String),
+    /// Over the server's per-component limits of the instance pool.
+    #[error("{0}")]
+    ComponentTooLarge(String),
     #[error("the name {0:?} belongs to another account: choose another name")]
     NameTaken(String),
     #[error(
@@ -93,6 +96,7 @@ impl FunctionRegistry {
         let id = function_id(&binary);
         let kind = self.executor.prepare(&id, &binary).await.map_err(|e| match e {
             PrepareError::Invalid(m) => UploadError::Invalid(m),
+            PrepareError::OverLimits(m) => UploadError::ComponentTooLarge(m),
             PrepareError::Internal(e) => UploadError::Internal(e),
         })?;
         let meta = FunctionMeta {

@@ -266,11 +266,16 @@ pub const RUN_TIME_BUCKETS: [f64; 12] =
 /// How long [`Scheduler::submit_and_wait`] lets a job run before writing it.
 pub const FAST_WINDOW: Duration = Duration::from_millis(5);
 
+/// How long a run slot stays taken after its attempt found the executor full.
+const BUSY_PAUSE: Duration = Duration::from_millis(50);
+
 /// Counters kept in memory for `/metrics`.
 #[derive(Default)]
 pub struct Metrics {
     pub submitted: AtomicU64,
     pub finished: AtomicU64,
+    /// Attempts given back to the queue because the executor was full.
+    pub busy: AtomicU64,
     /// Cumulative counts per bucket of [`RUN_TIME_BUCKETS`], then +Inf.
     pub run_time_buckets: [AtomicU64; RUN_TIME_BUCKETS.len() + 1],
     /// Sum of run times in microseconds.
@@ -468,9 +473,22 @@ impl Scheduler {
         tenant: &Tenant,
         batch: Option<crate::job::BatchRef>,
     ) -> Result<Inserted, SubmitError> {
+        Ok(self.submit_watched(spec, tenant, batch, false).await?.0)
+    }
+
+    /// [`Scheduler::submit_in`], watching the job's end from before it is written
+    /// when `watch` is set: a waiter then needs no read to learn what it missed.
+    async fn submit_watched(
+        &self,
+        spec: JobSpec,
+        tenant: &Tenant,
+        batch: Option<crate::job::BatchRef>,
+        watch: bool,
+    ) -> Result<(Inserted, Option<EndWatch>), SubmitError> {
         let inner = &self.inner;
         let mut job = self.prepare(spec, tenant, batch).await?;
         self.admit(&job, tenant).await?;
+        let end = watch.then(|| inner.hub.watch_end(job.id));
         let (id, account) = (job.id, job.account.clone());
         // Start at once when a slot is free and nothing waits: saves a commit.
         let slot = self.free_slot();
@@ -503,7 +521,8 @@ impl Scheduler {
             }
             anyhow::Ok(inserted)
         });
-        Ok(task.await.map_err(|e| anyhow::anyhow!("submit task failed: {e}"))??)
+        let inserted = task.await.map_err(|e| anyhow::anyhow!("submit task failed: {e}"))??;
+        Ok((inserted, end))
     }
 
     /// Submits and waits up to `wait` for the job to end (`POST /v1/jobs?wait=`).
@@ -537,8 +556,14 @@ impl Scheduler {
             false => None,
         };
         let Some(slot) = slot else {
-            let inserted = self.submit_in(spec, tenant, batch).await?;
-            return self.wait_inserted(inserted, wait).await;
+            let (inserted, end) = self.submit_watched(spec, tenant, batch, !wait.is_zero()).await?;
+            return match (inserted, end) {
+                (Inserted::Created(job), Some(end)) if !job.status.is_terminal() => {
+                    let ended = self.wait_watched(end, job.id, wait).await?;
+                    Ok(Inserted::Created(ended.map(Arc::unwrap_or_clone).unwrap_or(job)))
+                }
+                (inserted, _) => self.wait_inserted(inserted, wait).await,
+            };
         };
         let started = tokio::time::Instant::now();
         let mut job = self.prepare(spec, tenant, batch).await?;
@@ -690,11 +715,22 @@ impl Scheduler {
         timeout: Duration,
     ) -> anyhow::Result<Option<Arc<Job>>> {
         // Watch before reading, so that an ending between the two is not missed.
-        let mut end = self.inner.hub.watch_end(id);
+        let end = self.inner.hub.watch_end(id);
         let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
         if job.status.is_terminal() || timeout.is_zero() {
             return Ok(Some(Arc::new(job)));
         }
+        self.wait_watched(end, job.id, timeout).await
+    }
+
+    /// The rest of [`Scheduler::wait`]: job `id`, read (or written) not yet ended
+    /// after `end` began watching it.
+    async fn wait_watched(
+        &self,
+        mut end: EndWatch,
+        id: JobId,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<Arc<Job>>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // On one machine every end is heard here. In a cluster a job may end on
@@ -1016,7 +1052,11 @@ impl Inner {
             async move {
                 let req = this.run_request(&job).await;
                 let outcome = this.execute(req, token).await;
+                let busy = outcome.is_busy();
                 this.record(job.id, outcome).await;
+                if busy {
+                    this.busy_pause().await;
+                }
                 drop(slot);
             }
             .instrument(span),
@@ -1049,9 +1089,11 @@ impl Inner {
                 };
                 match early {
                     Some(outcome) => {
+                        let busy = outcome.is_busy();
                         let mut done = job;
                         if this.released(&outcome) {
-                            // Cut short by shutdown before it was written: queue it.
+                            // Cut short by shutdown, or no room to start, before it was
+                            // written: queue it.
                             done.status = JobStatus::Queued;
                             done.attempts = 0;
                             done.started_at = None;
@@ -1069,6 +1111,9 @@ impl Inner {
                             _ => this.active.leave(&account, id),
                         }
                         let _ = ack.send(inserted);
+                        if busy {
+                            this.busy_pause().await;
+                        }
                     }
                     None => {
                         let account = job.account.clone();
@@ -1083,9 +1128,13 @@ impl Inner {
                             token.cancel();
                         }
                         let outcome = run.await;
+                        let busy = outcome.is_busy();
                         match written {
                             true => this.record(id, outcome).await,
                             false => drop(this.running.lock().unwrap().remove(&id)),
+                        }
+                        if busy {
+                            this.busy_pause().await;
                         }
                     }
                 }
@@ -1180,9 +1229,24 @@ impl Inner {
         outcome
     }
 
-    /// True when `outcome` is a run cut short by shutdown, to be released, not recorded.
+    /// True when `outcome` is an attempt to give back to the queue, not to record: one
+    /// cut short by shutdown, or one that found its executor full.
     fn released(&self, outcome: &JobOutcome) -> bool {
-        outcome.status == JobStatus::Cancelled && self.releasing.load(Ordering::SeqCst)
+        outcome.is_busy()
+            || (outcome.status == JobStatus::Cancelled && self.releasing.load(Ordering::SeqCst))
+    }
+
+    /// After an attempt found its executor full (and went back to the queue): its run
+    /// slot stays taken a moment, so that the dispatcher does not claim and give back
+    /// the same job in a tight loop; then the dispatcher looks at the queue again.
+    async fn busy_pause(&self) {
+        self.metrics.busy.fetch_add(1, Ordering::Relaxed);
+        tokio::select! {
+            _ = self.stopping.cancelled() => {}
+            _ = tokio::time::sleep(BUSY_PAUSE) => {}
+        }
+        self.backlog.store(true, Ordering::Release);
+        self.wake.notify_one();
     }
 
     /// Writes the outcome of a running job and tells its followers.
@@ -1257,21 +1321,24 @@ impl Inner {
                     self.wake.notify_one();
                 }
                 Ok(ClusterEvent::Finished(ids)) => {
-                    for id in ids {
-                        let local = self.running.lock().unwrap().contains_key(&id);
-                        if local || !self.hub.watched(id) {
-                            continue;
-                        }
-                        // Read in parallel: this loop must keep up with the events.
-                        let this = self.clone();
-                        self.tasks.spawn(async move {
-                            if let Ok(Some(job)) = this.store.get_job(id).await
-                                && job.status.is_terminal()
-                            {
+                    let watched: Vec<JobId> = {
+                        let running = self.running.lock().unwrap();
+                        ids.into_iter()
+                            .filter(|id| !running.contains_key(id) && self.hub.watched(*id))
+                            .collect()
+                    };
+                    if watched.is_empty() {
+                        continue;
+                    }
+                    // One read for the lot, off this loop: it must keep up with the events.
+                    let this = self.clone();
+                    self.tasks.spawn(async move {
+                        for job in this.store.get_jobs(&watched).await.unwrap_or_default() {
+                            if job.status.is_terminal() {
                                 this.hub.finished(job);
                             }
-                        });
-                    }
+                        }
+                    });
                 }
                 Ok(ClusterEvent::Cancel(id)) | Ok(ClusterEvent::LeaseLost(id)) => {
                     let token = self.running.lock().unwrap().get(&id).cloned();

@@ -17,7 +17,8 @@
 //!   accounts, the external auth service, failed-auth limits, first start, HTTPS.
 //! - `security`: no server-side request forgery (wasi:http, batch hooks), no lockout,
 //!   external names apart from local accounts, batches stop with their account,
-//!   invocation admission and the account's quotas on HTTP invocation.
+//!   invocation admission and the account's quotas on HTTP invocation, the Wasm
+//!   instance pool sized for the limits admitted per component.
 //! - `batches`: split, retries, strikes, resume after `kill -9`, cancel, the hook, the CLI.
 //! - `docker`: the docker executor against a real engine (started when needed), and
 //!   images pulled from a real registry.

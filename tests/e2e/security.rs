@@ -1,7 +1,8 @@
 //! The holes a review and a fuzzer found, each closed and kept closed: server-side
 //! request forgery through wasi:http and batch hooks, external names taking local
 //! accounts, lockout by revoking the last key, batches outliving their account,
-//! invocation slots held without a body, quotas that skipped HTTP invocation.
+//! invocation slots held without a body, quotas that skipped HTTP invocation, heavy
+//! components taking other tenants' instances.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -573,4 +574,98 @@ async fn an_upload_over_the_quota_is_refused_before_it_is_compiled() {
             .await;
     assert_eq!((st, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"), "{body}");
     assert!(!s.log().contains("executor.compile"), "compiled before the quota check:\n{}", s.log());
+}
+
+/// Polls job `id` (with `key`) until it is running.
+async fn until_running(s: &TestServer, key: &str, id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, job) = call(&s.url, key, Method::GET, &format!("/v1/jobs/{id}"), None).await;
+        match job["status"].as_str() {
+            Some("running") => return,
+            Some("queued") if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            _ => panic!("job {id} did not start: {job}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn heavy_components_cannot_take_other_tenants_instances() {
+    // Four run slots, one invocation slot, an instance pool of two.
+    let s = TestServer::start(&[
+        "--no-runner-js",
+        "--concurrency",
+        "4",
+        "--max-invocations",
+        "1",
+        "--wasm-instances",
+        "2",
+    ])
+    .await;
+    let heavy_owner = account(&s, "kim", json!({})).await;
+    let other = account(&s, "lee", json!({})).await;
+
+    // Over the limits admitted per component: refused at upload, with its own code.
+    let (st, body) = call(
+        &s.url,
+        &heavy_owner,
+        Method::POST,
+        "/v1/functions?name=too-heavy",
+        Some(program(programs::TOO_HEAVY)),
+    )
+    .await;
+    assert_eq!((st, code(&body)), (StatusCode::BAD_REQUEST, "component_too_large"), "{body}");
+    assert!(body.to_string().contains("at most 16 core instances"), "{body}");
+
+    // At the limits (16 core instances, 8 tables, 2 memories): admitted, and the pool
+    // holds as many of them as it has slots.
+    for (key, name, wasm) in
+        [(&heavy_owner, "heavy", programs::HEAVY), (&other, "hello", programs::HELLO)]
+    {
+        let path = format!("/v1/functions?name={name}");
+        let (st, body) = call(&s.url, key, Method::POST, &path, Some(program(wasm))).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+    }
+    let spin = |timeout_ms: u64| {
+        let (url, key) = (s.url.clone(), heavy_owner.clone());
+        async move {
+            let spec = json!({"function": "heavy", "timeout_ms": timeout_ms});
+            let (st, job) = call(&url, &key, Method::POST, "/v1/jobs", json_body(spec)).await;
+            assert!(st.is_success(), "{st} {job}");
+            job["id"].as_str().unwrap().to_string()
+        }
+    };
+    let hello = |key: String| {
+        let url = s.url.clone();
+        async move {
+            let spec = json_body(json!({"function": "hello"}));
+            let (st, job) = call(&url, &key, Method::POST, "/v1/jobs", spec).await;
+            assert!(st.is_success(), "{st} {job}");
+            job["id"].as_str().unwrap().to_string()
+        }
+    };
+    // A heavy job spins (until its time limit) on 16 core instances: the other
+    // tenant's job still finds room.
+    let first = spin(6000).await;
+    until_running(&s, &heavy_owner, &first).await;
+    let id = hello(other.clone()).await;
+    let job = s.wait_terminal(&id).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+
+    // A second heavy job fills the pool: the next job finds no room, goes back to the
+    // queue (its attempt not counted) and runs once a heavy job ends.
+    let second = spin(3000).await;
+    until_running(&s, &heavy_owner, &second).await;
+    let waiting = hello(other.clone()).await;
+    let job = s.wait_terminal(&waiting).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["attempts"], 1, "{job}");
+    let busy = s.metric("cloudpipe_jobs_requeued_busy_total").await;
+    assert!(busy >= 1.0, "{job}\n{}", s.log());
+    for id in [first, second] {
+        let job = s.wait_terminal(&id).await;
+        assert_eq!(job["status"], "timed_out", "{job}");
+    }
 }

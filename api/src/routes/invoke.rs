@@ -585,6 +585,9 @@ async fn proxy(
         Err(InvokeError::Cancelled) => {
             Err(ApiError::Unavailable("the server is shutting down".into()))
         }
+        Err(InvokeError::Busy(_)) => {
+            Err(ApiError::Unavailable("the server has no room for another instance now".into()))
+        }
         Err(e @ (InvokeError::NotHttp { .. } | InvokeError::Internal(_))) => {
             Err(ApiError::Internal(e.into()))
         }
@@ -660,6 +663,11 @@ fn cgi_response(
             meta_name(meta)
         ))
     };
+    if outcome.is_busy() {
+        return Err(ApiError::Unavailable(
+            "the server has no room for another instance now".into(),
+        ));
+    }
     match outcome.status {
         JobStatus::Succeeded => {}
         JobStatus::TimedOut => {

@@ -157,6 +157,11 @@ pub async fn get_metrics(
     );
     let _ = writeln!(
         out,
+        "# HELP cloudpipe_jobs_requeued_busy_total Attempts given back to the queue because the executor had no room (the wasm instance pool was full).\n# TYPE cloudpipe_jobs_requeued_busy_total counter\ncloudpipe_jobs_requeued_busy_total {}",
+        m.busy.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
         "# HELP cloudpipe_wasm_compiles_total Wasm binaries compiled since start (cache misses).\n# TYPE cloudpipe_wasm_compiles_total counter\ncloudpipe_wasm_compiles_total {}",
         state.runtime.executor.compiles()
     );

@@ -70,6 +70,7 @@ mod outbound;
 mod output;
 mod proxy;
 
+pub use engine::{COMPONENT_LIMITS, ComponentLimits};
 pub use proxy::{HttpOptions, InvokeError, ResponseBody};
 
 use cache::{DiskCache, WarmMap};
@@ -386,7 +387,10 @@ enum Ended {
         exit_code: Option<i32>,
     },
     Stopped(Stop),
-    /// Our side failed (the instance pool is full, ...).
+    /// The instance pool had no room for the guest: not the guest's failure, and
+    /// gone when other guests end.
+    Busy(String),
+    /// Our side failed.
     Internal(String),
     /// The function cannot run as a job (an http function).
     NotRunnable,
@@ -405,6 +409,11 @@ fn ended<T: GuestState>(ran: Ran, state: &mut T) -> Ended {
         },
         Ran::NotInstantiated(e) if e.downcast_ref::<Trap>().is_some() => {
             Ended::Trap(trap_message(&e))
+        }
+        Ran::NotInstantiated(e)
+            if e.chain().any(|c| c.is::<wasmtime::PoolConcurrencyLimitError>()) =>
+        {
+            Ended::Busy(format!("no room in the instance pool: {e:#}"))
         }
         Ran::NotInstantiated(e) => Ended::Internal(format!("instantiating the function: {e:#}")),
     };
@@ -452,6 +461,7 @@ impl Ended {
                 None,
                 error("cancelled", "cancelled while running".to_string()),
             ),
+            Ended::Busy(message) => (JobStatus::Failed, None, error(crate::job::BUSY, message)),
             Ended::Internal(message) => (JobStatus::Failed, None, error("internal", message)),
             Ended::NotRunnable => (
                 JobStatus::Failed,
@@ -512,6 +522,21 @@ fn trap_message(e: &wasmtime::Error) -> String {
     message
 }
 
+/// Why wasmtime would not compile a binary: over the instance pool's limits per
+/// component (wasmtime checks them as it compiles, saying "pooling allocator"), or
+/// not valid Wasm.
+fn compile_error(what: &str, e: wasmtime::Error) -> PrepareError {
+    if e.chain().any(|c| c.to_string().contains("pooling allocator")) {
+        let l = engine::COMPONENT_LIMITS;
+        return PrepareError::OverLimits(format!(
+            "the {what} is over this server's limits per component (at most {} core \
+             instances, {} memories, {} tables, one memory and one table per module): {e:#}",
+            l.core_instances, l.memories, l.tables
+        ));
+    }
+    PrepareError::Invalid(format!("invalid {what}: {e:#}"))
+}
+
 fn join_error(e: tokio::task::JoinError) -> PrepareError {
     PrepareError::Internal(anyhow::anyhow!("compilation thread failed: {e}"))
 }
@@ -570,14 +595,14 @@ impl Compiler {
         let (ready, artefact) = match binary_kind(binary)? {
             FunctionKind::Command | FunctionKind::Http => {
                 let component = Component::new(&self.engine, binary)
-                    .map_err(|e| PrepareError::Invalid(format!("invalid component: {e:#}")))?;
+                    .map_err(|e| compile_error("component", e))?;
                 self.compiles.fetch_add(1, Ordering::Relaxed);
                 let ready = self.link_component(&component)?;
                 (ready, component.serialize())
             }
             FunctionKind::Module => {
-                let module = Module::new(&self.engine, binary)
-                    .map_err(|e| PrepareError::Invalid(format!("invalid module: {e:#}")))?;
+                let module =
+                    Module::new(&self.engine, binary).map_err(|e| compile_error("module", e))?;
                 self.compiles.fetch_add(1, Ordering::Relaxed);
                 let ready = self.link_module(&module)?;
                 (ready, module.serialize())

@@ -273,6 +273,16 @@ pub trait Store: Send + Sync + 'static {
     /// they say otherwise.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
+    /// The jobs of `ids` that exist, in any order: one read for many where the
+    /// backend can (a shared store answers a burst of notifications in one query).
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>> {
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.extend(self.get_job(*id).await?);
+        }
+        Ok(jobs)
+    }
+
     /// Jobs matching `filter`, newest first, as summaries ([`Job::summary`]: no stdin,
     /// no output), so that a page costs its records, not their output. Indexed: a page
     /// costs about its own size whatever else is stored, for every filter and

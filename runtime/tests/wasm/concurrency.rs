@@ -55,3 +55,45 @@ async fn spinning_guest_does_not_hold_the_thread() {
     let last = *took.last().unwrap();
     assert!(last < Duration::from_secs(1), "short jobs ended at {took:?}, beside a 2 s spin");
 }
+
+/// The pool holds every instance at the limits admitted per component: jobs of a
+/// component with 16 core instances, 8 tables and 2 memories fill every slot at once,
+/// and a job past the pool's slots is busy (given back to the queue), not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heavy_components_fill_every_slot_and_the_next_job_is_busy() {
+    let data = tempfile::tempdir().unwrap();
+    let store = store::open(Backend::Redb, data.path()).unwrap();
+    let config = WasmConfig { max_instances: 3, ..WasmConfig::default() };
+    let executor = Arc::new(WasmExecutor::new(config, shared_cache_dir(), store.clone()).unwrap());
+    let binary = programs::read(programs::HEAVY);
+    let heavy = put(&*store, &binary).await;
+    executor.prepare(&heavy, &binary).await.unwrap();
+    let binary = programs::read(programs::HELLO);
+    let hello = put(&*store, &binary).await;
+    executor.prepare(&hello, &binary).await.unwrap();
+
+    let spinners: Vec<_> = (0..3)
+        .map(|i| {
+            let mut req = request("heavy", &heavy);
+            req.job_id = format!("heavy-{i}");
+            req.timeout = Duration::from_millis(1500);
+            let executor = executor.clone();
+            tokio::spawn(async move {
+                executor.run(req, Arc::new(NoLiveOutput), CancellationToken::new()).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let busy = executor
+        .run(request("hello", &hello), Arc::new(NoLiveOutput), CancellationToken::new())
+        .await;
+    assert!(busy.is_busy(), "a fourth instance in a pool of three: {busy:?}");
+    for spinner in spinners {
+        let outcome = spinner.await.unwrap();
+        assert_eq!(outcome.status, JobStatus::TimedOut, "{outcome:?}");
+    }
+    let outcome = executor
+        .run(request("hello", &hello), Arc::new(NoLiveOutput), CancellationToken::new())
+        .await;
+    assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
+}

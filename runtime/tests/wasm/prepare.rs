@@ -108,3 +108,18 @@ async fn corrupt_artefact_is_compiled_again() {
     assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
     assert_eq!(second.compiles(), 1);
 }
+
+#[tokio::test]
+async fn prepare_refuses_a_component_over_the_limits_per_component() {
+    let h = Harness::new();
+    let binary = programs::read(programs::TOO_HEAVY);
+    let id = format!("sha256:{}", hex::encode(Sha256::digest(&binary)));
+    let message = match h.executor.prepare(&id, &binary).await {
+        Err(PrepareError::OverLimits(message)) => message,
+        other => panic!("expected a refusal over the limits, got {other:?}"),
+    };
+    assert!(message.contains("17 core module instances"), "{message}");
+    assert!(message.contains("at most 16 core instances"), "{message}");
+    // At the limits is fine.
+    h.upload(programs::HEAVY).await;
+}

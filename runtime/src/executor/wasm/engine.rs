@@ -19,29 +19,47 @@ const WASM_PAGE: u64 = 64 << 10;
 /// a deep recursion does not make a huge error message.
 const BACKTRACE_FRAMES: usize = 16;
 
-/// Core instances one component may hold. Rust's wasm32-wasip2 components have 3-4 (the
-/// program and the shims of its lowered imports); adapted preview1 programs a few more.
-const CORE_INSTANCES_PER_COMPONENT: u32 = 16;
+/// The most one component may hold of each pooled resource. Uploads over one of them
+/// are refused (wasmtime checks them when it compiles), and the pool has room for
+/// every instance at all of them at once: a tenant's heavy components then cannot
+/// take the slots other tenants' jobs need.
+///
+/// Rust's wasm32-wasip2 components have 3-4 core instances (the program and the shims
+/// of its lowered imports), one memory and two tables; adapted preview1 programs a few
+/// more instances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ComponentLimits {
+    pub core_instances: u32,
+    pub memories: u32,
+    pub tables: u32,
+}
+
+/// What the server admits per component.
+pub const COMPONENT_LIMITS: ComponentLimits =
+    ComponentLimits { core_instances: 16, memories: 2, tables: 8 };
 
 /// The wasmtime configuration the executor runs with: pooling allocator sized from
-/// `config.max_instances`, copy-on-write memory images, async calls, epoch
-/// interruption, the component model.
+/// `config.max_instances` times [`COMPONENT_LIMITS`], copy-on-write memory images,
+/// async calls, epoch interruption, the component model.
+///
+/// Cost: each memory slot reserves (virtual, not resident) the largest memory a job
+/// may ask for plus a guard, so the reservation is `max_instances` × 2 × that; core
+/// instances are allocated when used and tables reserve 160 KiB each.
 pub(super) fn wasmtime_config(config: &WasmConfig) -> Config {
     let instances = config.max_instances.max(1);
     // The largest memory a job may ask for, in whole pages, at least one page.
     let max_memory = config.max_memory_bytes.max(WASM_PAGE).div_ceil(WASM_PAGE) * WASM_PAGE;
+    let limits = COMPONENT_LIMITS;
 
     let mut pool = PoolingAllocationConfig::new();
     pool.total_component_instances(instances)
-        .total_core_instances(instances.saturating_mul(CORE_INSTANCES_PER_COMPONENT / 4))
-        .max_core_instances_per_component(CORE_INSTANCES_PER_COMPONENT)
-        // One memory per instance is the norm; a component may carry a second one,
-        // which then counts twice against the pool.
-        .total_memories(instances)
-        .max_memories_per_component(2)
+        .total_core_instances(instances.saturating_mul(limits.core_instances))
+        .max_core_instances_per_component(limits.core_instances)
+        .total_memories(instances.saturating_mul(limits.memories))
+        .max_memories_per_component(limits.memories)
         .max_memories_per_module(1)
-        .total_tables(instances.saturating_mul(2))
-        .max_tables_per_component(8)
+        .total_tables(instances.saturating_mul(limits.tables))
+        .max_tables_per_component(limits.tables)
         .total_stacks(instances)
         .max_memory_size(usize::try_from(max_memory).unwrap_or(usize::MAX))
         // Keep the first 2 MiB of a freed slot resident (zeroed, not decommitted): a

@@ -112,7 +112,10 @@ pub enum InvokeError {
     NoResponse(String),
     #[error("cancelled")]
     Cancelled,
-    /// Our side failed (loading the function, the instance pool is full, ...).
+    /// The instance pool had no room: try again shortly.
+    #[error("{0}")]
+    Busy(String),
+    /// Our side failed (loading the function, ...).
     #[error("{0}")]
     Internal(String),
 }
@@ -257,6 +260,7 @@ fn failure(ended: Ended, limit: Duration, memory_cap: u64) -> Option<InvokeError
         )),
         Ended::Stopped(Stop::Timeout) => InvokeError::Timeout { limit },
         Ended::Stopped(Stop::Cancelled) => InvokeError::Cancelled,
+        Ended::Busy(message) => InvokeError::Busy(message),
         Ended::Internal(message) => InvokeError::Internal(message),
         Ended::NotRunnable => InvokeError::Internal("not an http function".into()),
     })

@@ -8,7 +8,7 @@
 //! | table | holds |
 //! | --- | --- |
 //! | `cp_jobs` | one row per job: the record (`Job::summary` as JSON) and the columns its queries use |
-//! | `cp_job_data` | stdin and output of jobs, apart from the records that lists read (2) |
+//! | `cp_job_data` | stdin and output of jobs, apart from the records that lists read (3) |
 //! | `cp_job_counts` | jobs per status, in shards kept by statement triggers |
 //! | `cp_binaries` | function binaries, content-addressed, once whoever owns them |
 //! | `cp_functions` | function versions per account (`FunctionMeta` as JSON) |
@@ -16,7 +16,7 @@
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
 //! | `cp_batches` | batches, with the lease of the node driving each |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
-//! | `cp_claim_turn` | the account the last claim served (claims take accounts in turn) |
+//! | `cp_claim_turn` | unused since schema 2 (read by schema-1 nodes during an upgrade) |
 //! | `cp_nodes` | nodes and their heartbeats |
 //! | `cp_leader` | the leader lease (one row) |
 //!
@@ -171,7 +171,14 @@ CREATE TABLE cp_leader (
   expires bigint NOT NULL
 );
 "#,
-    // 2: stdin and output apart from the job records, so that lists read records only.
+    // 2: claims find the accounts with queued work and each account's oldest jobs in
+    // one index, and keep their turn in the node (no row every claim must lock).
+    // `cp_claim_turn` stays for nodes of schema 1 still running during an upgrade.
+    r#"
+CREATE INDEX cp_jobs_queue_accounts ON cp_jobs (account, created_at, id) WHERE status = 'queued';
+DROP INDEX cp_jobs_queue;
+"#,
+    // 3: stdin and output apart from the job records, so that lists read records only.
     r#"
 CREATE TABLE cp_job_data (
   id uuid PRIMARY KEY REFERENCES cp_jobs (id) ON DELETE CASCADE,
@@ -179,7 +186,7 @@ CREATE TABLE cp_job_data (
   stdout bytea NOT NULL DEFAULT '',
   stderr bytea NOT NULL DEFAULT ''
 );
--- Records of schema 1 held the three as base64 inside the JSON. Each key appears once,
+-- Records of schemas 1 and 2 held the three as base64 inside the JSON. Each key appears once,
 -- at the top level, and unescaped (quotes inside strings are escaped), so a pattern
 -- finds it exactly.
 INSERT INTO cp_job_data (id, stdin, stdout, stderr)

@@ -1,0 +1,32 @@
+;; A command component at the limits the server admits per component: 16 core
+;; instances, 8 tables, 2 memories. `run` spins until the job's time limit stops it, so
+;; that each job holds its instance for as long as it asks.
+(component
+  (core module $main
+    (memory 1)
+    (table 1 funcref)
+    (func (export "run") (result i32)
+      (loop $spin (br $spin))
+      (i32.const 0)))
+  (core module $memory (memory 1) (table 1 funcref))
+  (core module $table (table 1 funcref))
+  (core module $empty)
+  (core instance $main (instantiate $main))
+  (core instance (instantiate $memory))
+  (core instance (instantiate $table))
+  (core instance (instantiate $table))
+  (core instance (instantiate $table))
+  (core instance (instantiate $table))
+  (core instance (instantiate $table))
+  (core instance (instantiate $table))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (core instance (instantiate $empty))
+  (func $run (result (result)) (canon lift (core func $main "run")))
+  (instance $cli (export "run" (func $run)))
+  (export "wasi:cli/run@0.2.0" (instance $cli)))
