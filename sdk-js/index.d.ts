@@ -151,6 +151,8 @@ export interface JobFilter extends Signalled {
   limit?: number;
   /** `nextCursor` of the previous page. */
   cursor?: string;
+  /** Each job with its stdout and stderr (pages end early at 16 MiB of output). */
+  includeOutput?: boolean;
 }
 
 export interface UploadSettings {

@@ -136,6 +136,42 @@ impl Job {
         self.finished_at = Some(now);
     }
 
+    /// The job without its stdin and output: what stores keep in the record and what
+    /// lists return (stdin and output are stored apart and read only by those who
+    /// need them: see [`Store`](crate::Store)).
+    pub fn summary(&self) -> Job {
+        // No `..`: a new field must be placed here on purpose.
+        Job {
+            id: self.id,
+            account: self.account.clone(),
+            function: self.function.clone(),
+            function_id: self.function_id.clone(),
+            args: self.args.clone(),
+            env: self.env.clone(),
+            stdin: Vec::new(),
+            tags: self.tags.clone(),
+            idempotency_key: self.idempotency_key.clone(),
+            timeout_ms: self.timeout_ms,
+            memory_mb: self.memory_mb,
+            max_attempts: self.max_attempts,
+            executor: self.executor.clone(),
+            container: self.container.clone(),
+            batch: self.batch.clone(),
+            node: self.node.clone(),
+            status: self.status,
+            attempts: self.attempts,
+            created_at: self.created_at,
+            started_at: self.started_at,
+            finished_at: self.finished_at,
+            exit_code: self.exit_code,
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            stdout_truncated: self.stdout_truncated,
+            stderr_truncated: self.stderr_truncated,
+            error: self.error.clone(),
+        }
+    }
+
     /// The wire form of this job.
     pub fn to_record(&self) -> JobRecord {
         let ms = |from: Micros, to: Micros| to.saturating_sub(from) as f64 / 1000.0;

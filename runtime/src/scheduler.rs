@@ -560,7 +560,7 @@ impl Scheduler {
             return match (inserted, end) {
                 (Inserted::Created(job), Some(end)) if !job.status.is_terminal() => {
                     let ended = self.wait_watched(end, job.id, wait).await?;
-                    Ok(Inserted::Created(ended.unwrap_or(job)))
+                    Ok(Inserted::Created(ended.map(Arc::unwrap_or_clone).unwrap_or(job)))
                 }
                 (inserted, _) => self.wait_inserted(inserted, wait).await,
             };
@@ -704,11 +704,21 @@ impl Scheduler {
     /// The job once it is terminal, or as it is when `timeout` runs out.
     /// `None` if there is no such job.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> anyhow::Result<Option<Job>> {
+        Ok(self.wait_shared(id, timeout).await?.map(Arc::unwrap_or_clone))
+    }
+
+    /// [`Scheduler::wait`], the ended job shared: every waiter of one job gets the same
+    /// `Arc` (a job's output is held once however many wait for it).
+    pub async fn wait_shared(
+        &self,
+        id: JobId,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<Arc<Job>>> {
         // Watch before reading, so that an ending between the two is not missed.
         let end = self.inner.hub.watch_end(id);
         let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
         if job.status.is_terminal() || timeout.is_zero() {
-            return Ok(Some(job));
+            return Ok(Some(Arc::new(job)));
         }
         self.wait_watched(end, job.id, timeout).await
     }
@@ -720,7 +730,7 @@ impl Scheduler {
         mut end: EndWatch,
         id: JobId,
         timeout: Duration,
-    ) -> anyhow::Result<Option<Job>> {
+    ) -> anyhow::Result<Option<Arc<Job>>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // On one machine every end is heard here. In a cluster a job may end on
@@ -737,7 +747,7 @@ impl Scheduler {
                     Err(_) if tokio::time::Instant::now() < deadline => {
                         match self.inner.store.get_job(id).await? {
                             Some(job) if !job.status.is_terminal() => continue,
-                            other => return Ok(other),
+                            other => return Ok(other.map(Arc::new)),
                         }
                     }
                     Err(_) => None,
@@ -747,8 +757,8 @@ impl Scheduler {
                 _ = self.inner.stopping.cancelled() => None,
             };
             return match ended {
-                Some(done) => Ok(Some(Arc::unwrap_or_clone(done))),
-                None => self.inner.store.get_job(id).await,
+                Some(done) => Ok(Some(done)),
+                None => Ok(self.inner.store.get_job(id).await?.map(Arc::new)),
             };
         }
     }

@@ -369,12 +369,14 @@ class Jobs {
   /**
    * One page of jobs, newest first: `{jobs: Job[], nextCursor}`. The filter's fields
    * (`status`, `tag`, `function`, `account` (the admin only; others see their own),
-   * `limit` 1–1000, `cursor`) each narrow the list.
+   * `limit` 1–1000, `cursor`) each narrow the list. Listed jobs come without stdout
+   * and stderr unless `includeOutput` is set (a page with output ends early, with a
+   * `nextCursor`, once it holds 16 MiB of output).
    */
-  async list({ status, tag, function: fn, account, limit, cursor, signal } = {}) {
+  async list({ status, tag, function: fn, account, limit, cursor, includeOutput, signal } = {}) {
     const t = this._c._t;
     const page = await t.json('GET', '/v1/jobs', {
-      query: { status, tag, function: fn, account, limit, cursor },
+      query: { status, tag, function: fn, account, limit, cursor, include: includeOutput ? 'output' : undefined },
       idempotent: true,
       signal,
     });

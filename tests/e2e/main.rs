@@ -6,6 +6,7 @@
 //! - `jobs`: the guest contract, waiting, events, listing, idempotency, cancel.
 //! - `hostile`: guests that loop, bomb memory, recurse, flood output, exit non-zero.
 //! - `bad_requests`: malformed input gets a 4xx with a stable code.
+//! - `big_jobs`: lists of big jobs carry no output (or capped output); memory stays flat.
 //! - `durability`: `kill -9` with jobs in flight, then a restart, per store backend.
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
 //! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
@@ -32,6 +33,7 @@
 mod auth;
 mod bad_requests;
 mod batches;
+mod big_jobs;
 mod cli;
 mod cluster;
 mod cors;

@@ -103,9 +103,18 @@ pub struct ListParams {
     batch: Option<String>,
     /// Only jobs that run or last ran on this cluster node.
     node: Option<String>,
+    /// `output`: each job with its stdout and stderr. Without it, jobs come without
+    /// output (read it through `/v1/jobs/{id}`, `/stdout` or `/stderr`). A page with
+    /// output ends early, with a `next_cursor`, once it holds 16 MiB of output.
+    include: Option<String>,
 }
 
-/// Lists the caller's jobs (the admin: everyone's, or one account's), newest first.
+/// How much output one page of `GET /v1/jobs?include=output` carries: the page ends
+/// after the job whose output reaches it.
+pub const LIST_OUTPUT_CAP: usize = 16 << 20;
+
+/// Lists the caller's jobs (the admin: everyone's, or one account's), newest first,
+/// without their output (`stdout` and `stderr` empty) unless `include=output`.
 #[utoipa::path(get, path = "/v1/jobs", tag = "jobs", params(ListParams),
     responses((status = 200, body = JobList), (status = 400, body = cloudpipe_types::ErrorBody)))]
 pub async fn list_jobs(
@@ -130,6 +139,16 @@ pub async fn list_jobs(
         ),
         None => None,
     };
+    let with_output = match p.include.as_deref() {
+        None | Some("") => false,
+        Some("output") => true,
+        Some(other) => {
+            return Err(ApiError::bad(
+                "invalid_query",
+                format!("unknown include {other:?}: the one choice is `output`"),
+            ));
+        }
+    };
     let account = match caller.is_admin() {
         true => p.account,
         false => Some(caller.account.clone()),
@@ -145,12 +164,28 @@ pub async fn list_jobs(
         limit: limit + 1,
     };
     let mut jobs = state.runtime.store.list_jobs(&filter).await?;
-    let next_cursor = if jobs.len() > limit {
+    let mut next_cursor = if jobs.len() > limit {
         jobs.truncate(limit);
         jobs.last().map(|j| j.id.to_string())
     } else {
         None
     };
+    if with_output {
+        // One job's output at a time, so that the page never holds more than the cap
+        // and one job's output.
+        let mut bytes = 0;
+        for i in 0..jobs.len() {
+            if bytes >= LIST_OUTPUT_CAP {
+                jobs.truncate(i);
+                next_cursor = jobs.last().map(|j| j.id.to_string());
+                break;
+            }
+            if let Some(full) = state.runtime.store.get_job(jobs[i].id).await? {
+                bytes += full.stdout.len() + full.stderr.len();
+                jobs[i] = full;
+            }
+        }
+    }
     Ok(Json(JobList { jobs: jobs.iter().map(Job::to_record).collect(), next_cursor }))
 }
 
@@ -179,7 +214,8 @@ pub async fn get_job_result(
     params.wait.get_or_insert_with(|| "30s".into());
     let wait = wait_of(&state, &params)?;
     let job = load(&state, &caller, &id).await?;
-    let job = state.runtime.scheduler.wait(job.id, wait).await?.ok_or_else(|| not_found(&id))?;
+    let job =
+        state.runtime.scheduler.wait_shared(job.id, wait).await?.ok_or_else(|| not_found(&id))?;
     let code = if job.status.is_terminal() { StatusCode::OK } else { StatusCode::ACCEPTED };
     Ok((code, Json(job.to_record())))
 }

@@ -762,6 +762,12 @@ pub async fn list_v1_jobs(
                 break;
             }
         }
+        // Lists give summaries; v1 answered each job with its result.
+        for job in &mut jobs {
+            if let Some(full) = state.runtime.scheduler.get(job.id).await? {
+                *job = full;
+            }
+        }
     }
     Ok(Json(V1JobList { jobs: jobs.iter().map(view).collect() }))
 }

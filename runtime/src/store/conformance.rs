@@ -63,6 +63,7 @@ macro_rules! suite {
             case!(every_list_filter_agrees_with_a_scan_after_purge_and_reopen);
             case!(claims_take_accounts_in_turn_and_each_account_first_in_first_out);
             case!(secrets_are_per_account_bounded_and_keep_their_first_time);
+            case!(stdin_and_output_are_read_apart_and_lists_carry_neither);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn reopened_store_after_churn_stays_near_live_data() {
@@ -107,6 +108,11 @@ pub(crate) fn succeeded(stdout: &[u8]) -> JobOutcome {
     }
 }
 
+/// A job as reads return it: without its stdin (only a claim reads that).
+fn read_back(job: &Job) -> Job {
+    Job { stdin: Vec::new(), ..job.clone() }
+}
+
 async fn counts<S: Store>(store: &S) -> Vec<(JobStatus, u64)> {
     let counts = store.count_jobs().await.unwrap();
     assert_eq!(counts.len(), JobStatus::ALL.len(), "every status is counted");
@@ -128,14 +134,14 @@ pub(crate) async fn insert_then_get_round_trips<S: Store>(open: impl Fn(&Path) -
     job.env.insert("K".into(), "V".into());
     let created = insert(&store, job.clone()).await;
     assert_eq!(created, job);
-    assert_eq!(store.get_job(job.id).await.unwrap(), Some(job.clone()));
+    assert_eq!(store.get_job(job.id).await.unwrap(), Some(read_back(&job)));
     assert_eq!(store.get_job(JobId::new()).await.unwrap(), None);
     assert_eq!(counts(&store).await, [(JobStatus::Queued, 1)]);
     // Many at once: those that exist, whatever the order asked.
     let other = insert(&store, queued_job("other")).await;
     let mut got = store.get_jobs(&[other.id, JobId::new(), job.id]).await.unwrap();
     got.sort_by_key(|j| j.function.clone());
-    assert_eq!(got, [job, other]);
+    assert_eq!(got, [read_back(&job), read_back(&other)]);
     assert_eq!(store.get_jobs(&[]).await.unwrap(), []);
 }
 
@@ -151,7 +157,7 @@ pub(crate) async fn idempotency_key_returns_the_existing_job_and_writes_nothing<
     let mut again = queued_job("other");
     again.idempotency_key = Some("key-1".into());
     let inserted = store.insert_job(again.clone()).await.unwrap();
-    assert_eq!(inserted, Inserted::Existing(first.clone()));
+    assert_eq!(inserted, Inserted::Existing(read_back(&first)));
     assert_eq!(store.get_job(again.id).await.unwrap(), None, "the second job is not written");
     assert_eq!(counts(&store).await, [(JobStatus::Queued, 1)]);
     let claimed = store.claim_jobs(10, now_micros()).await.unwrap();
@@ -181,7 +187,8 @@ pub(crate) async fn claim_takes_oldest_first_and_marks_them_running<S: Store>(
         assert_eq!(job.status, JobStatus::Running);
         assert_eq!(job.attempts, 1);
         assert_eq!(job.started_at, Some(now));
-        assert_eq!(store.get_job(job.id).await.unwrap().as_ref(), Some(job));
+        assert_eq!(job.stdin, queued_job("f").stdin, "a claim returns the stdin");
+        assert_eq!(store.get_job(job.id).await.unwrap(), Some(read_back(job)));
     }
     let second = store.claim_jobs(10, now).await.unwrap();
     assert_eq!(second.iter().map(|j| j.id).collect::<Vec<_>>(), [jobs[2].id]);
@@ -218,8 +225,8 @@ pub(crate) async fn finish_of_a_job_that_is_not_running_changes_nothing<S: Store
 
     assert_eq!(store.finish_job(JobId::new(), outcome.clone(), 5).await.unwrap(), None);
     let same = store.finish_job(queued.id, outcome.clone(), 5).await.unwrap();
-    assert_eq!(same.as_ref(), Some(&queued));
-    assert_eq!(store.get_job(queued.id).await.unwrap(), Some(queued.clone()));
+    assert_eq!(same, Some(read_back(&queued)));
+    assert_eq!(store.get_job(queued.id).await.unwrap(), Some(read_back(&queued)));
 
     store.claim_jobs(1, 10).await.unwrap();
     let failed = JobOutcome::error(JobStatus::Failed, "trap", "unreachable");
@@ -248,7 +255,7 @@ pub(crate) async fn cancel_queued_cancels_only_queued_jobs<S: Store>(
     assert_eq!(store.claim_jobs(10, 60).await.unwrap(), [], "no longer in the queue");
 
     let same = store.cancel_queued_job(running.id, 70).await.unwrap();
-    assert_eq!(same, Some(running.clone()), "a running job is left as it is");
+    assert_eq!(same, Some(read_back(&running)), "a running job is left as it is");
     let same = store.cancel_queued_job(queued.id, 80).await.unwrap();
     assert_eq!(same, Some(cancelled), "a cancelled job is left as it is");
     assert_eq!(store.cancel_queued_job(JobId::new(), 90).await.unwrap(), None);
@@ -334,7 +341,7 @@ pub(crate) async fn job_inserted_finished_is_counted_listed_and_purged<S: Store>
     job.started_at = Some(10);
     job.finish(succeeded(b"out"), 20);
     insert(&store, job.clone()).await;
-    assert_eq!(store.get_job(job.id).await.unwrap().unwrap(), job);
+    assert_eq!(store.get_job(job.id).await.unwrap().unwrap(), read_back(&job));
     assert_eq!(counts(&store).await, [(JobStatus::Succeeded, 1)]);
     assert_eq!(store.claim_jobs(10, 30).await.unwrap(), [], "not in the queue");
     assert_eq!(store.recover(30).await.unwrap(), Recovery::default(), "not running");
@@ -734,7 +741,7 @@ pub(crate) async fn data_survives_drop_and_reopen<S: Store>(open: impl Fn(&Path)
     assert_eq!(store.get_function(&Scope::All, "hello").await.unwrap(), Some(f.clone()));
     assert_eq!(store.function_binary(&f.id).await.unwrap().unwrap(), &b"wasm"[..]);
     for job in [&queued, &running, &done] {
-        assert_eq!(store.get_job(job.id).await.unwrap().as_ref(), Some(job));
+        assert_eq!(store.get_job(job.id).await.unwrap(), Some(read_back(job)));
     }
     assert_eq!(
         counts(&store).await,
@@ -742,7 +749,7 @@ pub(crate) async fn data_survives_drop_and_reopen<S: Store>(open: impl Fn(&Path)
     );
     let mut again = queued_job("hello");
     again.idempotency_key = Some("k".into());
-    assert_eq!(store.insert_job(again).await.unwrap(), Inserted::Existing(queued.clone()));
+    assert_eq!(store.insert_job(again).await.unwrap(), Inserted::Existing(read_back(&queued)));
     assert_eq!(store.recover(7).await.unwrap(), Recovery { requeued: 1, exhausted: 0 });
     let claimed = store.claim_jobs(10, 8).await.unwrap();
     assert_eq!(claimed.iter().map(|j| j.id).collect::<Vec<_>>(), [running.id, queued.id]);
@@ -873,8 +880,11 @@ pub(crate) async fn reopened_store_after_churn_stays_near_live_data<S: Store>(
     let live = store.list_jobs(&JobFilter { limit: 10_000, ..Default::default() }).await.unwrap();
     assert_eq!(live.len() as u64, KEEP);
     assert_eq!(counts(&store).await, [(JobStatus::Succeeded, KEEP)]);
-    let live_bytes: u64 =
-        live.iter().map(|j| serde_json::to_vec(j).unwrap().len() as u64 + 17).sum();
+    let mut live_bytes = 0;
+    for job in &live {
+        let job = store.get_job(job.id).await.unwrap().unwrap();
+        live_bytes += serde_json::to_vec(&job).unwrap().len() as u64 + 17;
+    }
     drop(store);
     let size = dir_size(dir.path());
     let growth = size as f64 / live_bytes as f64;
@@ -1009,7 +1019,10 @@ pub(crate) async fn idempotency_keys_are_per_account_and_active_jobs_are_listed<
     let a = store.insert_job(keyed("alice")).await.unwrap();
     let b = store.insert_job(keyed("bob")).await.unwrap();
     assert!(matches!((&a, &b), (Inserted::Created(_), Inserted::Created(_))));
-    assert_eq!(store.insert_job(keyed("bob")).await.unwrap(), Inserted::Existing(b.job().clone()));
+    assert_eq!(
+        store.insert_job(keyed("bob")).await.unwrap(),
+        Inserted::Existing(read_back(b.job()))
+    );
     let done = insert(&store, queued_job("f")).await;
     store.claim_jobs(1, 5).await.unwrap(); // one of them runs: listed as well
     let mut active = store.active_jobs().await.unwrap();
@@ -1266,4 +1279,49 @@ pub(crate) async fn secrets_are_per_account_bounded_and_keep_their_first_time<S:
     assert!(!store.delete_secret("alice", "a").await.unwrap());
     assert_eq!(store.get_secret("bob", "a").await.unwrap().unwrap().created_at, 5);
     assert_eq!(names(store.list_secrets("alice").await.unwrap()), ["b"]);
+}
+
+pub(crate) async fn stdin_and_output_are_read_apart_and_lists_carry_neither<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let big: Vec<u8> = (0..(1 << 20)).map(|i| (i % 251) as u8).collect();
+    let mut job = queued_job("f");
+    job.stdin = big.clone();
+    job.idempotency_key = Some("once".into());
+    insert(&store, job.clone()).await;
+    let all = JobFilter { limit: 10, ..Default::default() };
+    let listed = store.list_jobs(&all).await.unwrap();
+    assert_eq!(listed, [job.summary()], "a list carries no stdin");
+
+    let claimed = store.claim_jobs(1, 10).await.unwrap();
+    assert_eq!(claimed[0].stdin, big, "the claim reads the stdin");
+    let outcome = JobOutcome { stderr: b"err\x00".to_vec(), ..succeeded(&big) };
+    let done = store.finish_job(job.id, outcome.clone(), 20).await.unwrap().unwrap();
+    assert_eq!((done.stdout.as_slice(), done.stderr.as_slice()), (&big[..], &b"err\x00"[..]));
+    let got = store.get_job(job.id).await.unwrap().unwrap();
+    assert_eq!(got, read_back(&done));
+    assert!(got.stdin.is_empty(), "a read of one job leaves its stdin out");
+    let listed = store.list_jobs(&all).await.unwrap();
+    assert_eq!(listed, [done.summary()], "a list carries no output");
+    let by_status = JobFilter { status: Some(JobStatus::Succeeded), ..all.clone() };
+    assert_eq!(store.list_jobs(&by_status).await.unwrap(), [done.summary()]);
+
+    // Every answer that gives back a job as it is gives its output.
+    let again = store.finish_job(job.id, succeeded(b"x"), 30).await.unwrap().unwrap();
+    assert_eq!(again, read_back(&done));
+    assert_eq!(store.cancel_queued_job(job.id, 30).await.unwrap().unwrap(), read_back(&done));
+    assert_eq!(store.release_job(job.id).await.unwrap().unwrap(), read_back(&done));
+    let mut twin = queued_job("f");
+    twin.idempotency_key = Some("once".into());
+    assert_eq!(store.insert_job(twin).await.unwrap(), Inserted::Existing(read_back(&done)));
+
+    // Purged with its record.
+    let retention = Retention { max_age_micros: 0, max_finished_per_account: 0 };
+    assert_eq!(store.purge_finished(retention, 40, 10).await.unwrap(), 1);
+    assert_eq!(store.get_job(job.id).await.unwrap(), None);
+    drop(store);
+    let store = open(dir.path()).unwrap();
+    assert_eq!(store.get_job(job.id).await.unwrap(), None);
 }

@@ -14,18 +14,20 @@
 //! | 1 | (no record) accounts: `f account 0 id`, owners `v`, names as JSON, `i account 0 key`; batches |
 //! | 2 | the format record; the secrets table `x` |
 //! | 3 | finished jobs by account `D` and their counts `C` (retention counts per account) |
+//! | 4 | stdin and output apart from job records (`o` id stream), records are summaries |
 //!
 //! Stores of versions 0 and 1 carry no record and are told apart by their keys.
 
 use anyhow::{Context, bail};
 
 use super::Result;
-use super::keyspace::{key, pair_key};
+use super::keyspace::{key, pair_key, put_job};
 use super::kv::{KvBackend, KvRead, KvWrite};
 use crate::account::ADMIN;
+use crate::job::Job;
 
 /// The format this version of Cloudpipe writes.
-pub const CURRENT: u32 = 3;
+pub const CURRENT: u32 = 4;
 
 const META: u8 = b'M';
 const FORMAT: &[u8] = b"format";
@@ -35,6 +37,7 @@ const FUNCTIONS: u8 = b'f';
 const OWNERS: u8 = b'v';
 const NAMES: u8 = b'n';
 const IDEMPOTENCY: u8 = b'i';
+const JOBS: u8 = b'j';
 
 fn format_key() -> Vec<u8> {
     key(META, FORMAT)
@@ -81,6 +84,9 @@ pub(super) fn upgrade<B: KvBackend>(backend: &B) -> Result<()> {
         // Any store before format 3 with jobs; none in a fresh one.
         if read_version(&*tx)?.is_some_and(|v| v < 3) {
             super::keyspace::index_finished_by_account(tx)?;
+        }
+        if read_version(&*tx)?.is_none_or(|v| v <= 3) {
+            job_data_apart_4(tx)?;
         }
         tx.put(&format_key(), &CURRENT.to_be_bytes())?;
         Ok(())
@@ -136,6 +142,24 @@ fn before_accounts_to_1(tx: &mut dyn KvWrite) -> Result<()> {
         tx.delete(&k)?;
     }
     Ok(())
+}
+
+/// Format 3 → 4: stdin and output move out of the job records to keys of their own,
+/// so that lists read records without them.
+fn job_data_apart_4(tx: &mut dyn KvWrite) -> Result<()> {
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let chunk = tx.scan(&[JOBS], after.as_deref(), false, 256)?;
+        let Some((last, _)) = chunk.last() else { return Ok(()) };
+        after = Some(last.clone());
+        for (_, v) in chunk {
+            let job: Job =
+                serde_json::from_slice(&v).context("decoding a stored job of format 3")?;
+            if !(job.stdin.is_empty() && job.stdout.is_empty() && job.stderr.is_empty()) {
+                put_job(tx, &job, true)?;
+            }
+        }
+    }
 }
 
 /// Writers of older formats, kept to test the upgrades (here and end to end): they
@@ -211,13 +235,31 @@ pub mod legacy {
         })
     }
 
+    /// Turns the store in `dir`, written by this version and holding `jobs`, into the
+    /// format-3 store that held them: format 3 differs from 4 only in that each job
+    /// record held its stdin and output inline (as base64 in the JSON) and there were
+    /// no `o` keys.
+    pub fn inline_job_data(backend: Backend, dir: &Path, jobs: &[Job]) -> Result<()> {
+        with_raw(backend, dir, |tx| {
+            for job in jobs {
+                let id = job.id.to_bytes();
+                tx.put(&key(b'j', &id), &serde_json::to_vec(job)?)?;
+                for stream in [b'i', b'o', b'e'] {
+                    tx.delete(&[&[b'o'][..], &id, &[stream]].concat())?;
+                }
+            }
+            tx.put(&format_key(), &3u32.to_be_bytes())
+        })
+    }
+
     /// Sets the format record of the store in `dir` (a store "from the future").
     pub fn write_format_version(backend: Backend, dir: &Path, version: u32) -> Result<()> {
         with_raw(backend, dir, |tx| tx.put(&format_key(), &version.to_be_bytes()))
     }
 
     /// Turns the (current) store in `dir` into format 2: what format 2 wrote is
-    /// format 3 without the finished entries by account and their counts.
+    /// format 3 without the finished entries by account and their counts. (Job data
+    /// stays apart: the step to format 4 leaves such records as they are.)
     pub fn write_format2(backend: Backend, dir: &Path) -> Result<()> {
         use crate::store::keyspace::{FINISHED_BY_ACCOUNT, FINISHED_COUNTS};
         with_raw(backend, dir, |tx| {
@@ -333,6 +375,73 @@ mod tests {
             }
         };
         assert_eq!(raw.unwrap(), Some(CURRENT));
+    }
+
+    /// Reads the store in `dir` without opening it as a store (no upgrade).
+    fn raw_read<T>(
+        backend: Backend,
+        dir: &std::path::Path,
+        f: impl FnOnce(&dyn KvRead) -> Result<T>,
+    ) -> T {
+        match backend {
+            Backend::Redb => crate::store::redb::RedbKv::open(dir).unwrap().read(f),
+            Backend::Sled => crate::store::sled::SledKv::open(dir).unwrap().read(f),
+        }
+        .unwrap()
+    }
+
+    async fn format3_job_data_moves_out_of_the_records(backend: Backend) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut queued = queued_job("f");
+        queued.stdin = b"in\0put".to_vec();
+        let mut done = queued_job("f");
+        done.stdin = b"data".to_vec();
+        done.status = cloudpipe_types::JobStatus::Succeeded;
+        done.attempts = 1;
+        done.started_at = Some(now_micros());
+        done.finished_at = Some(now_micros());
+        done.stdout = b"out\xff".to_vec();
+        done.stderr = b"err".to_vec();
+        let store = open(backend, dir.path()).unwrap();
+        store.insert_job(queued.clone()).await.unwrap();
+        store.insert_job(done.clone()).await.unwrap();
+        drop(store);
+        legacy::inline_job_data(backend, dir.path(), &[queued.clone(), done.clone()]).unwrap();
+        let record = |id: crate::job::JobId| {
+            move |r: &dyn KvRead| -> Result<Job> {
+                let bytes = r.get(&key(JOBS, &id.to_bytes()))?.context("the record")?;
+                Ok(serde_json::from_slice(&bytes)?)
+            }
+        };
+        assert_eq!(raw_read(backend, dir.path(), read_version), Some(3));
+        assert_eq!(raw_read(backend, dir.path(), record(done.id)).stdout, b"out\xff");
+
+        let store = open(backend, dir.path()).unwrap();
+        let got = store.get_job(done.id).await.unwrap().expect("the finished job survives");
+        assert_eq!((got.stdout.as_slice(), got.stderr.as_slice()), (&b"out\xff"[..], &b"err"[..]));
+        let listed =
+            store.list_jobs(&crate::store::JobFilter { limit: 10, ..Default::default() }).await;
+        let listed = listed.unwrap();
+        assert_eq!(listed.len(), 2);
+        assert!(listed.iter().all(|j| j.stdout.is_empty() && j.stdin.is_empty()), "{listed:?}");
+        let claimed = store.claim_jobs(10, now_micros()).await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        assert_eq!(claimed[0].stdin, b"in\0put", "stdin survives the move");
+        drop(store);
+
+        assert_eq!(raw_read(backend, dir.path(), read_version), Some(CURRENT));
+        let stored = raw_read(backend, dir.path(), record(done.id));
+        assert!(stored.stdout.is_empty() && stored.stdin.is_empty(), "{stored:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn redb_format3_job_data_moves_out_of_the_records() {
+        format3_job_data_moves_out_of_the_records(Backend::Redb).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn sled_format3_job_data_moves_out_of_the_records() {
+        format3_job_data_moves_out_of_the_records(Backend::Sled).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -7,7 +7,8 @@
 //!
 //! | table | key | value |
 //! | --- | --- | --- |
-//! | jobs | `j` id(16) | [`Job`] as JSON |
+//! | jobs | `j` id(16) | [`Job::summary`] as JSON (no stdin, no output) |
+//! | job data | `o` id(16) stream(1) | stdin (`i`), stdout (`o`), stderr (`e`): raw bytes, absent when empty |
 //! | queue | `Q` account 0 created_at(8) id(16) | empty |
 //! | claim cursor | `Mclaim` | the account the last claim served last |
 //! | lists | `l` dimension(1) len(4) account len(4) value id(16) | empty |
@@ -66,6 +67,11 @@ use crate::job::{Job, JobId, JobOutcome, Micros};
 use crate::secrets::{PutSecret, SecretRecord};
 
 const JOBS: u8 = b'j';
+/// Stdin and output of jobs, apart from their records (see the module docs).
+const DATA: u8 = b'o';
+const STDIN: u8 = b'i';
+const STDOUT: u8 = b'o';
+const STDERR: u8 = b'e';
 /// The single queue of stores written before queues were kept per account: moved to
 /// [`QUEUE`] by [`upgrade`].
 const LEGACY_QUEUE: u8 = b'q';
@@ -132,6 +138,35 @@ fn idempotency_key(job: &Job) -> Option<Vec<u8>> {
 
 fn job_key(id: JobId) -> Vec<u8> {
     key(JOBS, &id.to_bytes())
+}
+
+fn data_key(id: JobId, stream: u8) -> Vec<u8> {
+    let mut k = Vec::with_capacity(18);
+    k.push(DATA);
+    k.extend_from_slice(&id.to_bytes());
+    k.push(stream);
+    k
+}
+
+/// Writes a job's record (its summary) and, apart, its output and, when `with_stdin`,
+/// its stdin; empty streams are not written. Stdin never changes after the insert, so
+/// later writes leave it alone.
+pub(super) fn put_job(tx: &mut dyn KvWrite, job: &Job, with_stdin: bool) -> Result<()> {
+    put_json(tx, &job_key(job.id), &job.summary())?;
+    let stdin: &[u8] = if with_stdin { &job.stdin } else { &[] };
+    for (stream, bytes) in [(STDIN, stdin), (STDOUT, &job.stdout[..]), (STDERR, &job.stderr[..])] {
+        if !bytes.is_empty() {
+            tx.put(&data_key(job.id, stream), bytes)?;
+        }
+    }
+    Ok(())
+}
+
+fn delete_job_data(tx: &mut dyn KvWrite, id: JobId) -> Result<()> {
+    for stream in [STDIN, STDOUT, STDERR] {
+        tx.delete(&data_key(id, stream))?;
+    }
+    Ok(())
 }
 
 fn timed_key(table: u8, at: Micros, id: JobId) -> Vec<u8> {
@@ -360,7 +395,7 @@ fn update_job(tx: &mut dyn KvWrite, old: &Job, job: &Job) -> Result<()> {
         bump(tx, old, -1)?;
         bump(tx, job, 1)?;
     }
-    put_json(tx, &job_key(job.id), job)
+    put_job(tx, job, false)
 }
 
 /// The queue, running or finished entry that a job's status calls for.
@@ -400,7 +435,7 @@ fn insert_job(tx: &mut dyn KvWrite, job: &Job) -> Result<Inserted> {
     if let Some(existing) = get_job(&*tx, job.id)? {
         return Ok(Inserted::Existing(existing));
     }
-    put_json(tx, &job_key(job.id), job)?;
+    put_job(tx, job, true)?;
     add_indexes(tx, job)?;
     for k in list_entries(job, false) {
         tx.put(&k, &[])?;
@@ -447,13 +482,15 @@ fn claim_jobs(tx: &mut dyn KvWrite, limit: usize, now: Micros) -> Result<Vec<Job
             continue;
         };
         let id = id_suffix(&qkey)?;
-        match get_job(&*tx, id)? {
+        match get_record(&*tx, id)? {
             Some(old) if old.status == JobStatus::Queued => {
                 let mut job = old.clone();
                 job.status = JobStatus::Running;
                 job.attempts += 1;
                 job.started_at = Some(now);
                 update_job(tx, &old, &job)?;
+                // The one read of stdin: the job is about to run.
+                job.stdin = tx.get(&data_key(id, STDIN))?.unwrap_or_default();
                 claimed.push(job);
                 served = Some(account.clone());
             }
@@ -478,9 +515,9 @@ fn finish_job(
     if !outcome.status.is_terminal() {
         bail!("finish_job with a non-terminal status {}", outcome.status.as_str());
     }
-    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    let Some(old) = get_record(&*tx, id)? else { return Ok(None) };
     if old.status != JobStatus::Running {
-        return Ok(Some(old));
+        return get_job(&*tx, id);
     }
     let mut job = old.clone();
     job.finish(outcome.clone(), now);
@@ -489,9 +526,9 @@ fn finish_job(
 }
 
 fn cancel_queued_job(tx: &mut dyn KvWrite, id: JobId, now: Micros) -> Result<Option<Job>> {
-    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    let Some(old) = get_record(&*tx, id)? else { return Ok(None) };
     if old.status != JobStatus::Queued {
-        return Ok(Some(old));
+        return get_job(&*tx, id);
     }
     let mut job = old.clone();
     job.finish(
@@ -512,7 +549,7 @@ fn recover(tx: &mut dyn KvWrite, now: Micros) -> Result<Recovery> {
         }
         for (rkey, _) in entries {
             let id = id_suffix(&rkey)?;
-            let old = match get_job(&*tx, id)? {
+            let old = match get_record(&*tx, id)? {
                 Some(job) if job.status == JobStatus::Running => job,
                 _ => {
                     tx.delete(&rkey)?;
@@ -541,9 +578,9 @@ fn recover(tx: &mut dyn KvWrite, now: Micros) -> Result<Recovery> {
 /// A running job given back unrun (its attempt was cut short by a clean shutdown):
 /// queued again in its original place, the attempt not counted.
 fn release_job(tx: &mut dyn KvWrite, id: JobId) -> Result<Option<Job>> {
-    let Some(old) = get_job(&*tx, id)? else { return Ok(None) };
+    let Some(old) = get_record(&*tx, id)? else { return Ok(None) };
     if old.status != JobStatus::Running {
-        return Ok(Some(old));
+        return get_job(&*tx, id);
     }
     let mut job = old.clone();
     job.status = JobStatus::Queued;
@@ -600,8 +637,9 @@ fn delete_finished(tx: &mut dyn KvWrite, entry: &[u8]) -> Result<()> {
     // goes too, rather than stop retention.
     tx.delete(entry)?;
     let id = id_suffix(entry)?;
-    let Some(job) = get_job(&*tx, id)? else { return Ok(()) };
+    let Some(job) = get_record(&*tx, id)? else { return Ok(()) };
     tx.delete(&job_key(id))?;
+    delete_job_data(tx, id)?;
     remove_indexes(tx, &job)?;
     for k in list_entries(&job, false) {
         tx.delete(&k)?;
@@ -615,15 +653,27 @@ fn delete_finished(tx: &mut dyn KvWrite, entry: &[u8]) -> Result<()> {
     bump(tx, &job, -1)
 }
 
-/// Format 2 → 3: each finished job's entry by account and its account's count.
+/// Format 2 → 3: each finished job's entry by account and its account's count, built
+/// afresh (whatever of them the store holds is dropped first).
 pub(super) fn index_finished_by_account(tx: &mut dyn KvWrite) -> Result<()> {
+    for table in [FINISHED_BY_ACCOUNT, FINISHED_COUNTS] {
+        loop {
+            let keys = tx.scan(&[table], None, false, CHUNK)?;
+            if keys.is_empty() {
+                break;
+            }
+            for (k, _) in keys {
+                tx.delete(&k)?;
+            }
+        }
+    }
     let mut after: Option<Vec<u8>> = None;
     loop {
         let entries = tx.scan(&[FINISHED], after.as_deref(), false, CHUNK)?;
         let Some((last, _)) = entries.last() else { break };
         after = Some(last.clone());
         for (dkey, _) in entries {
-            if let Some(job) = get_job(&*tx, id_suffix(&dkey)?)?
+            if let Some(job) = get_record(&*tx, id_suffix(&dkey)?)?
                 && job.status.is_terminal()
             {
                 tx.put(&account_finished_key(&job), &[])?;
@@ -845,8 +895,17 @@ fn delete_key(tx: &mut dyn KvWrite, id: &str) -> Result<Option<KeyRecord>> {
 
 // ---- reads ----
 
-pub(crate) fn get_job(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
+/// A job's record: the job without stdin and output.
+fn get_record(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
     r.get(&job_key(id))?.map(|b| decode_job(&b)).transpose()
+}
+
+/// A job with its output (not its stdin: only a claim, which runs it, reads that).
+pub(crate) fn get_job(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
+    let Some(mut job) = get_record(r, id)? else { return Ok(None) };
+    job.stdout = r.get(&data_key(id, STDOUT))?.unwrap_or_default();
+    job.stderr = r.get(&data_key(id, STDERR))?.unwrap_or_default();
+    Ok(Some(job))
 }
 
 /// The index ranges whose common ids are the jobs `filter` asks for (see the module
@@ -918,7 +977,7 @@ pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> 
             for (k, v) in entries {
                 let job = match range[..] {
                     [JOBS] => decode_job(&v)?,
-                    _ => match get_job(r, id_suffix(&k)?)? {
+                    _ => match get_record(r, id_suffix(&k)?)? {
                         Some(job) => job,
                         None => continue,
                     },
@@ -945,7 +1004,7 @@ pub(crate) fn list_jobs(r: &dyn KvRead, filter: &JobFilter) -> Result<Vec<Job>> 
                 }
             }
         }
-        if push(get_job(r, id)?) {
+        if push(get_record(r, id)?) {
             break;
         }
         candidate = newest_below(r, first, Some(id), false)?;
@@ -1071,7 +1130,7 @@ pub(crate) fn active_jobs(r: &dyn KvRead) -> Result<Vec<(JobId, String)>> {
         out.push((id_suffix(&k)?, account));
     }
     for (k, _) in scan_all(r, &[RUNNING])? {
-        if let Some(job) = get_job(r, id_suffix(&k)?)? {
+        if let Some(job) = get_record(r, id_suffix(&k)?)? {
             out.push((job.id, job.account));
         }
     }
@@ -1104,7 +1163,7 @@ pub(crate) fn upgrade(tx: &mut dyn KvWrite) -> Result<bool> {
         }
         for (k, _) in entries {
             tx.delete(&k)?;
-            if let Some(job) = get_job(&*tx, id_suffix(&k)?)?
+            if let Some(job) = get_record(&*tx, id_suffix(&k)?)?
                 && job.status == JobStatus::Queued
             {
                 tx.put(&queue_key(&job), &[])?;

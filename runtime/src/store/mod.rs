@@ -37,6 +37,12 @@ pub use space::{SpaceConfig, StorageFull};
 #[cfg(test)]
 pub(crate) mod conformance;
 
+/// Memory each embedded engine may use to cache pages. Their defaults (1 GiB for both
+/// redb and sled) fill with whatever was written last, so a server that stored 1 GiB
+/// of output held 1 GiB of it in memory; records are small (stdin and output are
+/// apart from them), so this holds the records of hundreds of thousands of jobs.
+pub(crate) const CACHE_BYTES: usize = 64 << 20;
+
 /// Store errors are I/O or corruption: callers cannot do much but report them.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
 
@@ -237,7 +243,8 @@ pub trait Store: Send + Sync + 'static {
     async fn insert_job(&self, job: Job) -> Result<Inserted>;
 
     /// Takes up to `limit` queued jobs and marks them running: `attempts += 1`,
-    /// `started_at = now`, queue entry removed. Returns them in the order taken.
+    /// `started_at = now`, queue entry removed. Returns them in the order taken, with
+    /// their stdin (the only read that loads it: the jobs are about to run).
     ///
     /// Fair across accounts: one job of each account with queued work in turn, the
     /// accounts in name order starting after the account the previous claim took its
@@ -261,6 +268,10 @@ pub trait Store: Send + Sync + 'static {
     /// any other status is left as it is. Returns the job as it now is.
     async fn release_job(&self, id: JobId) -> Result<Option<Job>>;
 
+    /// A job with its stdout and stderr; its `stdin` is empty (stdin and output are
+    /// stored apart from the record, and stdin is read only by the claim that runs
+    /// the job). The jobs other methods return are in this form too, except where
+    /// they say otherwise.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
     /// The jobs of `ids` that exist, in any order: one read for many where the
@@ -273,9 +284,10 @@ pub trait Store: Send + Sync + 'static {
         Ok(jobs)
     }
 
-    /// Jobs matching `filter`, newest first. Indexed: a page costs about its own size
-    /// whatever else is stored, for every filter and combination of filters (a backend
-    /// must not scan and skip).
+    /// Jobs matching `filter`, newest first, as summaries ([`Job::summary`]: no stdin,
+    /// no output), so that a page costs its records, not their output. Indexed: a page
+    /// costs about its own size whatever else is stored, for every filter and
+    /// combination of filters (a backend must not scan and skip).
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
 
     /// Id and account of every queued or running job.

@@ -37,8 +37,10 @@ impl RedbKv {
     pub(crate) fn open(dir: &Path) -> Result<RedbKv> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let path = dir.join(FILE);
-        let mut db =
-            Database::create(&path).with_context(|| format!("opening {}", path.display()))?;
+        let mut db = Database::builder()
+            .set_cache_size(super::CACHE_BYTES)
+            .create(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
         // Retention deletes in small batches; without compaction the file would keep
         // the size of its high-water mark forever.
         db.compact().with_context(|| format!("compacting {}", path.display()))?;

@@ -67,6 +67,7 @@ impl SledKv {
         let path = dir.join("sled");
         let db = sled::Config::new()
             .path(&path)
+            .cache_capacity(super::CACHE_BYTES as u64)
             .open()
             .with_context(|| format!("opening {}", path.display()))?;
         let log_path = path.join("db");

@@ -572,6 +572,7 @@ async fn jobs(client: &Client, a: &JobsArgs) -> anyhow::Result<i32> {
         batch: a.batch.clone(),
         limit: Some(a.limit),
         cursor: None,
+        include_output: false,
     };
     let list = client.jobs(&q).await?;
     let mut out = std::io::stdout().lock();

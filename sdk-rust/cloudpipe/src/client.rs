@@ -55,6 +55,10 @@ pub struct JobQuery {
     pub limit: Option<usize>,
     /// The `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    /// Each job with its stdout and stderr (`include=output`); without it, listed jobs
+    /// come without output. A page with output ends early (with a `next_cursor`) once
+    /// it holds 16 MiB of output.
+    pub include_output: bool,
 }
 
 /// One HTTP request to a function's endpoint (`/fn/{name}/{path}`), for
@@ -506,6 +510,9 @@ impl Client {
         }
         if let Some(c) = &query.cursor {
             q.push(("cursor", c.clone()));
+        }
+        if query.include_output {
+            q.push(("include", "output".into()));
         }
         self.json(Method::GET, self.endpoint(&["v1", "jobs"], &q), None).await
     }

@@ -52,7 +52,13 @@ mod tests {
             .args(["-c", "sleep 30; :", &label])
             .spawn()
             .expect("sh runs");
-        let found = labelled_processes(&label);
+        // A process may show its new command line a moment after `spawn` returned.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut found = labelled_processes(&label);
+        while !found.contains(&(child.id() as i32)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            found = labelled_processes(&label);
+        }
         let partial = labelled_processes(&label[..label.len() - 1]);
         let _ = child.kill();
         let _ = child.wait();

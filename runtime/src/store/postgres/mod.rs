@@ -5,8 +5,9 @@
 //! notification stream, and the two crates add no macros, no compile-time database
 //! and far less to the build than sqlx.
 //!
-//! The job record is the same JSON as in the embedded stores (`record`); the columns
-//! beside it are what queries select and order by. Every method is one transaction.
+//! The job record is the same JSON as in the embedded stores (`record`: the job's
+//! summary); the columns beside it are what queries select and order by, and stdin
+//! and output are rows of `cp_job_data`, read only by what returns them. Every method is one transaction.
 //! Claims take jobs with `FOR UPDATE SKIP LOCKED` (two nodes never take the same
 //! job) and stamp them with this node's name and a lease ([`cluster`]); finishing a
 //! job is fenced by that claim, so a node that lost a job to another never writes
@@ -166,6 +167,80 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Vec<u8>> {
 
 fn decode_job(bytes: &[u8]) -> Result<Job> {
     serde_json::from_slice(bytes).context("decoding a stored job")
+}
+
+/// The `record` column of a job: its summary (stdin and output go to `cp_job_data`).
+fn encode_record(job: &Job) -> Result<Vec<u8>> {
+    encode(&job.summary())
+}
+
+/// Writes the output of `jobs` and, when `with_stdin`, their stdin to `cp_job_data`
+/// (jobs with nothing to write are skipped; stdin never changes after the insert).
+async fn put_data(
+    c: &impl deadpool_postgres::GenericClient,
+    jobs: &[&Job],
+    with_stdin: bool,
+) -> Result<()> {
+    let empty: &[u8] = &[];
+    let (mut ids, mut stdins, mut stdouts, mut stderrs) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for job in jobs {
+        let stdin = if with_stdin { &job.stdin[..] } else { empty };
+        if stdin.is_empty() && job.stdout.is_empty() && job.stderr.is_empty() {
+            continue;
+        }
+        ids.push(job.id.0);
+        stdins.push(stdin);
+        stdouts.push(&job.stdout[..]);
+        stderrs.push(&job.stderr[..]);
+    }
+    if ids.is_empty() {
+        return Ok(());
+    }
+    c.execute(
+        "INSERT INTO cp_job_data (id, stdin, stdout, stderr)
+         SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::bytea[], $4::bytea[])
+         ON CONFLICT (id) DO UPDATE SET stdout = EXCLUDED.stdout, stderr = EXCLUDED.stderr",
+        &[&ids, &stdins, &stdouts, &stderrs],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reads the output of `jobs` (and, when `with_stdin`, their stdin) from `cp_job_data`.
+async fn fill_data(
+    c: &impl deadpool_postgres::GenericClient,
+    jobs: &mut [Job],
+    with_stdin: bool,
+    with_output: bool,
+) -> Result<()> {
+    if jobs.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.id.0).collect();
+    let rows = c
+        .query(
+            "SELECT id, CASE WHEN $2 THEN stdin ELSE ''::bytea END,
+               CASE WHEN $3 THEN stdout ELSE ''::bytea END,
+               CASE WHEN $3 THEN stderr ELSE ''::bytea END
+             FROM cp_job_data WHERE id = ANY($1)",
+            &[&ids, &with_stdin, &with_output],
+        )
+        .await?;
+    let mut by_id: HashMap<uuid::Uuid, tokio_postgres::Row> =
+        rows.into_iter().map(|r| (r.get(0), r)).collect();
+    for job in jobs {
+        // No row: nothing to read (or a record written inline before schema 2).
+        let Some(row) = by_id.remove(&job.id.0) else { continue };
+        if with_stdin {
+            job.stdin = row.get(1);
+        }
+        if with_output {
+            job.stdout = row.get(2);
+            job.stderr = row.get(3);
+        }
+    }
+    Ok(())
 }
 
 /// Text as a PostgreSQL `text` column holds it: `text` cannot hold NUL, which tags and
@@ -386,7 +461,7 @@ impl Shared {
             finished.push(finished_column(job));
             attempts.push(job.attempts as i32);
             nodes.push(job.node.clone());
-            records.push(encode(job)?);
+            records.push(encode_record(job)?);
         }
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -435,6 +510,8 @@ impl Shared {
                 woken.push(executor);
             }
         }
+        let written: Vec<&Job> = jobs.iter().filter(|j| inserted.contains(&j.id.0)).collect();
+        put_data(&tx, &written, true).await?;
         if !woken.is_empty() {
             tx.exec("SELECT pg_notify('cp_queued', e) FROM unnest($1::text[]) e", &[&woken])
                 .await?;
@@ -465,7 +542,11 @@ impl Shared {
                 }
             };
             match existing {
-                Some(row) => out.push(Inserted::Existing(decode_job(row.get(0))?)),
+                Some(row) => {
+                    let mut existing = decode_job(row.get(0))?;
+                    fill_data(&client, std::slice::from_mut(&mut existing), false, true).await?;
+                    out.push(Inserted::Existing(existing));
+                }
                 None => bail!("job {} conflicted with a job that is gone; retry", job.id),
             }
         }
@@ -518,7 +599,11 @@ impl Shared {
             tx.q("SELECT record FROM cp_jobs WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
         let mut current: HashMap<JobId, Job> = HashMap::new();
         for row in rows {
-            let job = decode_job(row.get(0))?;
+            let mut job = decode_job(row.get(0))?;
+            // A job this call leaves as it is comes back with its output.
+            if !self.holds(&job) {
+                fill_data(&tx, std::slice::from_mut(&mut job), false, true).await?;
+            }
             current.insert(job.id, job);
         }
         let mut out = Vec::with_capacity(requests.len());
@@ -540,6 +625,7 @@ impl Shared {
         }
         if !updates.is_empty() {
             update_jobs(&tx, &updates, self.lease_micros()).await?;
+            put_data(&tx, &updates.iter().collect::<Vec<_>>(), false).await?;
             let done: Vec<JobId> = updates.iter().map(|j| j.id).collect();
             for sql in notify_ids("cp_finished", &done) {
                 tx.batch_execute(&sql).await?;
@@ -574,7 +660,7 @@ async fn update_jobs(
         attempts.push(job.attempts as i32);
         finished.push(finished_column(job));
         nodes.push(job.node.clone());
-        records.push(encode(job)?);
+        records.push(encode_record(job)?);
     }
     tx.exec(
         "UPDATE cp_jobs SET status = u.status, attempts = u.attempts, finished_at = u.finished_at,
@@ -1301,6 +1387,8 @@ impl Store for PgStore {
         if let Some(last) = jobs.last() {
             update_jobs(&tx, &jobs, self.shared.lease_micros()).await?;
             *self.shared.turn.lock().unwrap() = last.account.clone();
+            // The one read of stdin: the jobs are about to run.
+            fill_data(&tx, &mut jobs, true, false).await?;
         }
         tx.commit().await?;
         let mut claims = self.shared.claims.lock().unwrap();
@@ -1332,6 +1420,7 @@ impl Store for PgStore {
         };
         let mut job = decode_job(row.get(0))?;
         if job.status != JobStatus::Queued {
+            fill_data(&tx, std::slice::from_mut(&mut job), false, true).await?;
             return Ok(Some(job));
         }
         job.finish(
@@ -1356,6 +1445,7 @@ impl Store for PgStore {
         };
         let mut job = decode_job(row.get(0))?;
         if !self.shared.holds(&job) {
+            fill_data(&tx, std::slice::from_mut(&mut job), false, true).await?;
             return Ok(Some(job));
         }
         job.status = JobStatus::Queued;
@@ -1371,14 +1461,19 @@ impl Store for PgStore {
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let client = self.client().await?;
         let row = client.q_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&id.0]).await?;
-        row.map(|r| decode_job(r.get(0))).transpose()
+        let Some(row) = row else { return Ok(None) };
+        let mut job = decode_job(row.get(0))?;
+        fill_data(&client, std::slice::from_mut(&mut job), false, true).await?;
+        Ok(Some(job))
     }
 
     async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>> {
         let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
         let client = self.client().await?;
         let rows = client.q("SELECT record FROM cp_jobs WHERE id = ANY($1)", &[&ids]).await?;
-        rows.iter().map(|r| decode_job(r.get(0))).collect()
+        let mut jobs = rows.iter().map(|r| decode_job(r.get(0))).collect::<Result<Vec<_>>>()?;
+        fill_data(&client, &mut jobs, false, true).await?;
+        Ok(jobs)
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -1522,6 +1617,62 @@ mod tests {
     }
 
     crate::store::conformance::suite!(postgres, |dir: &Path| open(dir), None);
+
+    /// A schema-2 database (records with stdin and output inline, no `cp_job_data`) is
+    /// brought to schema 3 at open: nothing lost, records left without their data.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn schema_3_job_data_moves_out_of_the_records() {
+        let db = testdb::shared();
+        let config = || PgConfig {
+            url: db.url(),
+            schema: Some("mig_data".into()),
+            node: NodeConfig::new("mig"),
+        };
+        let mut queued = crate::job::tests::queued_job("f");
+        queued.stdin = b"in\"put\x00".to_vec();
+        let mut done = crate::job::tests::queued_job("f");
+        done.status = JobStatus::Running;
+        done.attempts = 1;
+        done.started_at = Some(1);
+        done.finish(JobOutcome { stderr: b"e".to_vec(), ..succeeded(&[0xff; 70_000]) }, 2);
+        let store = PgStore::open(config()).await.unwrap();
+        store.insert_job(queued.clone()).await.unwrap();
+        store.insert_job(done.clone()).await.unwrap();
+        drop(store);
+
+        // Back to schema 3, as its code wrote the rows.
+        let (client, conn) = tokio_postgres::connect(&db.url(), NoTls).await.unwrap();
+        tokio::spawn(conn);
+        client.batch_execute("SET search_path = mig_data").await.unwrap();
+        for job in [&queued, &done] {
+            client
+                .execute(
+                    "UPDATE cp_jobs SET record = $2 WHERE id = $1",
+                    &[&job.id.0, &encode(job).unwrap()],
+                )
+                .await
+                .unwrap();
+        }
+        client
+            .batch_execute("DROP TABLE cp_job_data; DELETE FROM cp_migrations WHERE version = 4")
+            .await
+            .unwrap();
+
+        let store = PgStore::open(config()).await.unwrap();
+        let got = store.get_job(done.id).await.unwrap().unwrap();
+        assert_eq!(got, Job { stdin: Vec::new(), ..done.clone() });
+        let all = JobFilter { limit: 10, ..Default::default() };
+        let listed = store.list_jobs(&all).await.unwrap();
+        assert_eq!(listed, [done.summary(), queued.summary()]);
+        let claimed = store.claim_jobs(10, 3).await.unwrap();
+        assert_eq!(claimed[0].stdin, queued.stdin);
+        let record: Vec<u8> = client
+            .query_one("SELECT record FROM cp_jobs WHERE id = $1", &[&done.id.0])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(decode_job(&record).unwrap(), done.summary(), "the record holds no output");
+    }
 
     /// Two nodes on one schema.
     async fn two_nodes(schema: &str) -> (PgStore, PgStore) {

@@ -7,7 +7,8 @@
 //! # Tables
 //! | table | holds |
 //! | --- | --- |
-//! | `cp_jobs` | one row per job: the record (`Job` as JSON) and the columns its queries use |
+//! | `cp_jobs` | one row per job: the record (`Job::summary` as JSON) and the columns its queries use |
+//! | `cp_job_data` | stdin and output of jobs, apart from the records that lists read (3) |
 //! | `cp_job_counts` | jobs per status, in shards kept by statement triggers |
 //! | `cp_finished_counts` | finished jobs per account, kept the same way (retention) |
 //! | `cp_binaries` | function binaries, content-addressed, once whoever owns them |
@@ -222,6 +223,31 @@ CREATE TRIGGER cp_jobs_finished_delete AFTER DELETE ON cp_jobs
 
 INSERT INTO cp_finished_counts
   SELECT account, 0, count(*) FROM cp_jobs WHERE finished_at IS NOT NULL GROUP BY account;
+"#,
+    // 4: stdin and output apart from the job records, so that lists read records only.
+    r#"
+CREATE TABLE cp_job_data (
+  id uuid PRIMARY KEY REFERENCES cp_jobs (id) ON DELETE CASCADE,
+  stdin bytea NOT NULL DEFAULT '',
+  stdout bytea NOT NULL DEFAULT '',
+  stderr bytea NOT NULL DEFAULT ''
+);
+-- Records of schemas 1 to 3 held the three as base64 inside the JSON. Each key appears once,
+-- at the top level, and unescaped (quotes inside strings are escaped), so a pattern
+-- finds it exactly.
+INSERT INTO cp_job_data (id, stdin, stdout, stderr)
+  SELECT id,
+    decode(coalesce(substring(r FROM '"stdin":"([A-Za-z0-9+/=]*)"'), ''), 'base64'),
+    decode(coalesce(substring(r FROM '"stdout":"([A-Za-z0-9+/=]*)"'), ''), 'base64'),
+    decode(coalesce(substring(r FROM '"stderr":"([A-Za-z0-9+/=]*)"'), ''), 'base64')
+  FROM (SELECT id, convert_from(record, 'UTF8') AS r FROM cp_jobs) j
+  WHERE r ~ '"std(in|out|err)":"[A-Za-z0-9+/=]+"';
+UPDATE cp_jobs SET record = convert_to(
+    regexp_replace(regexp_replace(regexp_replace(convert_from(record, 'UTF8'),
+      '"stdin":"[A-Za-z0-9+/=]*"', '"stdin":""'),
+      '"stdout":"[A-Za-z0-9+/=]*"', '"stdout":""'),
+      '"stderr":"[A-Za-z0-9+/=]*"', '"stderr":""'), 'UTF8')
+  WHERE id IN (SELECT id FROM cp_job_data);
 "#,
 ];
 
