@@ -473,9 +473,22 @@ impl Scheduler {
         tenant: &Tenant,
         batch: Option<crate::job::BatchRef>,
     ) -> Result<Inserted, SubmitError> {
+        Ok(self.submit_watched(spec, tenant, batch, false).await?.0)
+    }
+
+    /// [`Scheduler::submit_in`], watching the job's end from before it is written
+    /// when `watch` is set: a waiter then needs no read to learn what it missed.
+    async fn submit_watched(
+        &self,
+        spec: JobSpec,
+        tenant: &Tenant,
+        batch: Option<crate::job::BatchRef>,
+        watch: bool,
+    ) -> Result<(Inserted, Option<EndWatch>), SubmitError> {
         let inner = &self.inner;
         let mut job = self.prepare(spec, tenant, batch).await?;
         self.admit(&job, tenant).await?;
+        let end = watch.then(|| inner.hub.watch_end(job.id));
         let (id, account) = (job.id, job.account.clone());
         // Start at once when a slot is free and nothing waits: saves a commit.
         let slot = self.free_slot();
@@ -508,7 +521,8 @@ impl Scheduler {
             }
             anyhow::Ok(inserted)
         });
-        Ok(task.await.map_err(|e| anyhow::anyhow!("submit task failed: {e}"))??)
+        let inserted = task.await.map_err(|e| anyhow::anyhow!("submit task failed: {e}"))??;
+        Ok((inserted, end))
     }
 
     /// Submits and waits up to `wait` for the job to end (`POST /v1/jobs?wait=`).
@@ -542,8 +556,14 @@ impl Scheduler {
             false => None,
         };
         let Some(slot) = slot else {
-            let inserted = self.submit_in(spec, tenant, batch).await?;
-            return self.wait_inserted(inserted, wait).await;
+            let (inserted, end) = self.submit_watched(spec, tenant, batch, !wait.is_zero()).await?;
+            return match (inserted, end) {
+                (Inserted::Created(job), Some(end)) if !job.status.is_terminal() => {
+                    let ended = self.wait_watched(end, job.id, wait).await?;
+                    Ok(Inserted::Created(ended.unwrap_or(job)))
+                }
+                (inserted, _) => self.wait_inserted(inserted, wait).await,
+            };
         };
         let started = tokio::time::Instant::now();
         let mut job = self.prepare(spec, tenant, batch).await?;
@@ -685,11 +705,22 @@ impl Scheduler {
     /// `None` if there is no such job.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> anyhow::Result<Option<Job>> {
         // Watch before reading, so that an ending between the two is not missed.
-        let mut end = self.inner.hub.watch_end(id);
+        let end = self.inner.hub.watch_end(id);
         let Some(job) = self.inner.store.get_job(id).await? else { return Ok(None) };
         if job.status.is_terminal() || timeout.is_zero() {
             return Ok(Some(job));
         }
+        self.wait_watched(end, job.id, timeout).await
+    }
+
+    /// The rest of [`Scheduler::wait`]: job `id`, read (or written) not yet ended
+    /// after `end` began watching it.
+    async fn wait_watched(
+        &self,
+        mut end: EndWatch,
+        id: JobId,
+        timeout: Duration,
+    ) -> anyhow::Result<Option<Job>> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // On one machine every end is heard here. In a cluster a job may end on
@@ -1280,21 +1311,24 @@ impl Inner {
                     self.wake.notify_one();
                 }
                 Ok(ClusterEvent::Finished(ids)) => {
-                    for id in ids {
-                        let local = self.running.lock().unwrap().contains_key(&id);
-                        if local || !self.hub.watched(id) {
-                            continue;
-                        }
-                        // Read in parallel: this loop must keep up with the events.
-                        let this = self.clone();
-                        self.tasks.spawn(async move {
-                            if let Ok(Some(job)) = this.store.get_job(id).await
-                                && job.status.is_terminal()
-                            {
+                    let watched: Vec<JobId> = {
+                        let running = self.running.lock().unwrap();
+                        ids.into_iter()
+                            .filter(|id| !running.contains_key(id) && self.hub.watched(*id))
+                            .collect()
+                    };
+                    if watched.is_empty() {
+                        continue;
+                    }
+                    // One read for the lot, off this loop: it must keep up with the events.
+                    let this = self.clone();
+                    self.tasks.spawn(async move {
+                        for job in this.store.get_jobs(&watched).await.unwrap_or_default() {
+                            if job.status.is_terminal() {
                                 this.hub.finished(job);
                             }
-                        });
-                    }
+                        }
+                    });
                 }
                 Ok(ClusterEvent::Cancel(id)) | Ok(ClusterEvent::LeaseLost(id)) => {
                     let token = self.running.lock().unwrap().get(&id).cloned();

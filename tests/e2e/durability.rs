@@ -17,11 +17,12 @@ async fn jobs_survive_kill_9(backend: &str) {
     s.upload("sleep", &program(programs::SLEEP)).await;
     s.upload("echo", &program(programs::ECHO)).await;
 
-    // 40 jobs sleep (running at the kill), 60 wait in the queue behind them.
+    // 40 jobs sleep (running at the kill, even on a slow machine), 60 wait in the
+    // queue behind them.
     let mut ids = Vec::new();
     for i in 0..100 {
         let spec = if i < 40 {
-            json!({"function": "sleep", "args": ["1"], "idempotency_key": format!("k{i}")})
+            json!({"function": "sleep", "args": ["5"], "idempotency_key": format!("k{i}")})
         } else {
             json!({"function": "echo", "args": [i.to_string()], "idempotency_key": format!("k{i}")})
         };

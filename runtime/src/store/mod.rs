@@ -263,6 +263,16 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
+    /// The jobs of `ids` that exist, in any order: one read for many where the
+    /// backend can (a shared store answers a burst of notifications in one query).
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>> {
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            jobs.extend(self.get_job(*id).await?);
+        }
+        Ok(jobs)
+    }
+
     /// Jobs matching `filter`, newest first. Indexed: a page costs about its own size
     /// whatever else is stored, for every filter and combination of filters (a backend
     /// must not scan and skip).

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast;
 use tokio_postgres::AsyncMessage;
 
-use super::{PgStore, Shared};
+use super::{Cached, PgStore, Shared};
 use crate::cluster::{Cluster, ClusterEvent, NodeInfo, Role};
 use crate::job::{JobId, now_micros};
 
@@ -37,7 +37,7 @@ impl Shared {
         let deadline = tokio::time::Instant::now() + 2 * self.node.lease;
         loop {
             let row = client
-                .query_opt(
+                .q_opt(
                     "SELECT heartbeat_at > cp_now() - $2 FROM cp_nodes WHERE name = $1",
                     &[&self.node.name, &lease],
                 )
@@ -98,7 +98,7 @@ impl Shared {
         if !held.is_empty() {
             let ids: Vec<uuid::Uuid> = held.iter().map(|(id, _)| id.0).collect();
             let rows = client
-                .query(
+                .q(
                     "UPDATE cp_jobs SET lease_expires = cp_now() + $3
                      WHERE id = ANY($1) AND node = $2 AND status = 'running'
                      RETURNING id, attempts, cancel_requested",
@@ -132,7 +132,7 @@ impl Shared {
         let batches: Vec<String> = self.batches.lock().unwrap().iter().cloned().collect();
         if !batches.is_empty() {
             client
-                .execute(
+                .exec(
                     "UPDATE cp_batches SET driver_expires = cp_now() + $3
                      WHERE id = ANY($1) AND driver = $2",
                     &[&batches, &self.node.name, &lease],
@@ -140,7 +140,7 @@ impl Shared {
                 .await?;
         }
         let leader = client
-            .query_opt(
+            .q_opt(
                 "INSERT INTO cp_leader (id, node, expires) VALUES (1, $1, cp_now() + $2)
                  ON CONFLICT (id) DO UPDATE SET node = EXCLUDED.node, expires = EXCLUDED.expires
                  WHERE cp_leader.node = EXCLUDED.node OR cp_leader.expires < cp_now()
@@ -165,7 +165,7 @@ impl Shared {
             // Rows of nodes gone for an hour.
             let client = self.client().await?;
             client
-                .execute("DELETE FROM cp_nodes WHERE heartbeat_at < cp_now() - 3600000000", &[])
+                .exec("DELETE FROM cp_nodes WHERE heartbeat_at < cp_now() - 3600000000", &[])
                 .await?;
         }
         Ok(())
@@ -234,6 +234,8 @@ async fn listen(shared: Arc<Shared>) {
                     backoff = Duration::from_millis(100);
                     if !first {
                         tracing::info!("the cluster listener reconnected");
+                        shared.recent_functions.clear();
+                        shared.recent_accounts.clear();
                         shared.send(ClusterEvent::Resync);
                     }
                     first = false;
@@ -275,8 +277,14 @@ impl Shared {
                     self.send(ClusterEvent::Cancel(id));
                 }
             }
-            "cp_auth" => self.send(ClusterEvent::AuthChanged),
-            "cp_functions" => self.send(ClusterEvent::FunctionsChanged),
+            "cp_auth" => {
+                self.recent_accounts.clear();
+                self.send(ClusterEvent::AuthChanged);
+            }
+            "cp_functions" => {
+                self.recent_functions.clear();
+                self.send(ClusterEvent::FunctionsChanged);
+            }
             "cp_batch_cancel" if self.batches.lock().unwrap().contains(payload) => {
                 self.send(ClusterEvent::BatchCancel(payload.to_string()));
             }
@@ -311,13 +319,13 @@ impl Cluster for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let n = tx
-            .execute(
+            .exec(
                 "UPDATE cp_jobs SET cancel_requested = true WHERE id = $1 AND status = 'running'",
                 &[&id.0],
             )
             .await?;
         if n > 0 {
-            tx.execute("SELECT pg_notify('cp_cancel', $1)", &[&id.to_string()]).await?;
+            tx.exec("SELECT pg_notify('cp_cancel', $1)", &[&id.to_string()]).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -326,7 +334,7 @@ impl Cluster for PgStore {
     async fn active_jobs(&self, account: &str) -> anyhow::Result<u64> {
         let client = self.client().await?;
         let n: i64 = client
-            .query_one(
+            .q_one(
                 "SELECT count(*) FROM cp_jobs WHERE account = $1 AND status IN ('queued', 'running')",
                 &[&account],
             )
@@ -339,7 +347,7 @@ impl Cluster for PgStore {
         let client = self.client().await?;
         let lease = self.shared.lease_micros();
         let rows = client
-            .query(
+            .q(
                 "SELECT n.name, n.role, n.executors, n.version, n.advertise_url, n.started_at,
                         n.heartbeat_at, n.running,
                         coalesce(l.node = n.name AND l.expires > cp_now(), false),
@@ -369,7 +377,7 @@ impl Cluster for PgStore {
     async fn claim_batch(&self, id: &str) -> anyhow::Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .exec(
                 "UPDATE cp_batches SET driver = $2, driver_expires = cp_now() + $3
                  WHERE id = $1 AND (driver IS NULL OR driver = $2 OR driver_expires < cp_now())",
                 &[&id, &self.shared.node.name, &self.shared.lease_micros()],
@@ -385,7 +393,7 @@ impl Cluster for PgStore {
         self.shared.batches.lock().unwrap().remove(id);
         let client = self.client().await?;
         client
-            .execute(
+            .exec(
                 "UPDATE cp_batches SET driver = NULL, driver_expires = NULL
                  WHERE id = $1 AND driver = $2",
                 &[&id, &self.shared.node.name],
@@ -397,7 +405,7 @@ impl Cluster for PgStore {
     async fn orphaned_batches(&self) -> anyhow::Result<Vec<String>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .q(
                 "SELECT id FROM cp_batches WHERE running
                  AND (driver IS NULL OR driver_expires < cp_now()) ORDER BY id",
                 &[],
@@ -408,7 +416,7 @@ impl Cluster for PgStore {
 
     async fn request_batch_cancel(&self, id: &str) -> anyhow::Result<()> {
         let client = self.client().await?;
-        client.execute("SELECT pg_notify('cp_batch_cancel', $1)", &[&id]).await?;
+        client.exec("SELECT pg_notify('cp_batch_cancel', $1)", &[&id]).await?;
         Ok(())
     }
 
@@ -420,11 +428,10 @@ impl Cluster for PgStore {
 
     async fn leave(&self) {
         let Ok(client) = self.client().await else { return };
-        let _ = client
-            .execute("DELETE FROM cp_leader WHERE node = $1", &[&self.shared.node.name])
-            .await;
         let _ =
-            client.execute("DELETE FROM cp_nodes WHERE name = $1", &[&self.shared.node.name]).await;
+            client.exec("DELETE FROM cp_leader WHERE node = $1", &[&self.shared.node.name]).await;
+        let _ =
+            client.exec("DELETE FROM cp_nodes WHERE name = $1", &[&self.shared.node.name]).await;
         self.shared.leader.store(false, Ordering::SeqCst);
     }
 }

@@ -24,7 +24,9 @@ use bytes::Bytes;
 use cloudpipe_types::{FunctionSettings, JobStatus};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::{broadcast, mpsc, oneshot};
-use tokio_postgres::NoTls;
+use tokio_postgres::{NoTls, Row};
+
+use recent::Recent;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +38,7 @@ use crate::job::{Job, JobId, JobOutcome, Micros, now_micros};
 use crate::secrets::{PutSecret, SecretRecord};
 
 mod cluster;
+mod recent;
 pub mod schema;
 pub mod testdb;
 
@@ -65,6 +68,11 @@ pub(crate) struct Shared {
     claims: Claims,
     /// Batches this node drives.
     batches: Mutex<HashSet<String>>,
+    /// Functions by name and accounts, as the submit path reads them.
+    recent_functions: Recent<FunctionMeta>,
+    recent_accounts: Recent<AccountRecord>,
+    /// The account whose job this node's last claim took: the next claim starts after it.
+    turn: Mutex<String>,
     /// Executors whose jobs this node claims (`None`: any, until set).
     executors: RwLock<Option<Vec<String>>>,
     leader: AtomicBool,
@@ -122,6 +130,31 @@ struct Finish {
     now: Micros,
     reply: oneshot::Sender<Result<Option<Job>>>,
 }
+
+/// Queries through the connection's cache of prepared statements: a query is parsed
+/// and planned once per connection, and then runs in one round trip instead of two.
+#[async_trait]
+pub(crate) trait Cached: deadpool_postgres::GenericClient {
+    async fn q(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> PgResult<Vec<Row>> {
+        self.query(&self.prepare_cached(sql).await?, params).await
+    }
+
+    async fn q_opt(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> PgResult<Option<Row>> {
+        self.query_opt(&self.prepare_cached(sql).await?, params).await
+    }
+
+    async fn q_one(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> PgResult<Row> {
+        self.query_one(&self.prepare_cached(sql).await?, params).await
+    }
+
+    async fn exec(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> PgResult<u64> {
+        self.execute(&self.prepare_cached(sql).await?, params).await
+    }
+}
+
+impl<C: deadpool_postgres::GenericClient + ?Sized> Cached for C {}
+
+type PgResult<T> = std::result::Result<T, tokio_postgres::Error>;
 
 fn status_str(s: JobStatus) -> &'static str {
     s.as_str()
@@ -185,6 +218,9 @@ impl PgStore {
             node: config.node,
             claims: Mutex::default(),
             batches: Mutex::default(),
+            turn: Mutex::default(),
+            recent_functions: Recent::default(),
+            recent_accounts: Recent::default(),
             executors: RwLock::new(None),
             leader: AtomicBool::new(false),
             events,
@@ -209,6 +245,36 @@ impl PgStore {
 
     async fn client(&self) -> Result<deadpool_postgres::Object> {
         self.shared.client().await
+    }
+
+    /// [`Store::get_function`], from the database.
+    async fn read_function(&self, scope: &Scope, name_or_id: &str) -> Result<Option<FunctionMeta>> {
+        let client = self.client().await?;
+        if let Some(entry) = name_row(&client, name_or_id, false).await? {
+            if !scope.sees(&entry.account) {
+                return Ok(None);
+            }
+            return named(&client, name_or_id, &entry).await;
+        }
+        let row = match scope {
+            Scope::Account(a) => {
+                client
+                    .q_opt(
+                        "SELECT meta FROM cp_functions WHERE account = $1 AND id = $2",
+                        &[a, &name_or_id],
+                    )
+                    .await?
+            }
+            Scope::All => {
+                client
+                    .q_opt(
+                        "SELECT meta FROM cp_functions WHERE id = $1 ORDER BY account LIMIT 1",
+                        &[&name_or_id],
+                    )
+                    .await?
+            }
+        };
+        row.map(|r| decode_meta(r.get(0))).transpose()
     }
 }
 
@@ -325,7 +391,7 @@ impl Shared {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let rows = tx
-            .query(
+            .q(
                 "INSERT INTO cp_jobs (id, account, status, executor, function, function_id,
                    batch, tags, idempotency_key, created_at, finished_at, attempts, node,
                    lease_expires, record)
@@ -370,7 +436,7 @@ impl Shared {
             }
         }
         if !woken.is_empty() {
-            tx.execute("SELECT pg_notify('cp_queued', e) FROM unnest($1::text[]) e", &[&woken])
+            tx.exec("SELECT pg_notify('cp_queued', e) FROM unnest($1::text[]) e", &[&woken])
                 .await?;
         }
         tx.commit().await?;
@@ -385,7 +451,7 @@ impl Shared {
             }
             let existing = match &job.idempotency_key {
                 Some(key) => client
-                    .query_opt(
+                    .q_opt(
                         "SELECT record FROM cp_jobs WHERE account = $1 AND idempotency_key = $2",
                         &[&job.account, &column_text(key)],
                     )
@@ -395,9 +461,7 @@ impl Shared {
             let existing = match existing {
                 Some(row) => Some(row),
                 None => {
-                    client
-                        .query_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&job.id.0])
-                        .await?
+                    client.q_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&job.id.0]).await?
                 }
             };
             match existing {
@@ -451,7 +515,7 @@ impl Shared {
         let tx = client.transaction().await?;
         let ids: Vec<uuid::Uuid> = requests.iter().map(|(id, ..)| id.0).collect();
         let rows =
-            tx.query("SELECT record FROM cp_jobs WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
+            tx.q("SELECT record FROM cp_jobs WHERE id = ANY($1) FOR UPDATE", &[&ids]).await?;
         let mut current: HashMap<JobId, Job> = HashMap::new();
         for row in rows {
             let job = decode_job(row.get(0))?;
@@ -475,7 +539,7 @@ impl Shared {
             out.push(Some(job));
         }
         if !updates.is_empty() {
-            update_jobs(&tx, &updates).await?;
+            update_jobs(&tx, &updates, self.lease_micros()).await?;
             let done: Vec<JobId> = updates.iter().map(|j| j.id).collect();
             for sql in notify_ids("cp_finished", &done) {
                 tx.batch_execute(&sql).await?;
@@ -491,7 +555,13 @@ impl Shared {
 }
 
 /// Writes new states of existing jobs: record and columns, one statement.
-async fn update_jobs(tx: &impl deadpool_postgres::GenericClient, jobs: &[Job]) -> Result<()> {
+/// A job that turns `running` gets a lease of `lease` microseconds; one already
+/// running keeps its own.
+async fn update_jobs(
+    tx: &impl deadpool_postgres::GenericClient,
+    jobs: &[Job],
+    lease: i64,
+) -> Result<()> {
     let mut ids = Vec::with_capacity(jobs.len());
     let mut statuses = Vec::with_capacity(jobs.len());
     let mut attempts = Vec::with_capacity(jobs.len());
@@ -506,15 +576,16 @@ async fn update_jobs(tx: &impl deadpool_postgres::GenericClient, jobs: &[Job]) -
         nodes.push(job.node.clone());
         records.push(encode(job)?);
     }
-    tx.execute(
+    tx.exec(
         "UPDATE cp_jobs SET status = u.status, attempts = u.attempts, finished_at = u.finished_at,
                 node = u.node, record = u.record,
-                lease_expires = CASE WHEN u.status = 'running' THEN lease_expires END,
+                lease_expires = CASE WHEN u.status = 'running'
+                  THEN coalesce(lease_expires, cp_now() + $7) END,
                 cancel_requested = cancel_requested AND u.status = 'running'
          FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::int8[], $5::text[], $6::bytea[])
            AS u(id, status, attempts, finished_at, node, record)
          WHERE cp_jobs.id = u.id",
-        &[&ids, &statuses, &attempts, &finished, &nodes, &records],
+        &[&ids, &statuses, &attempts, &finished, &nodes, &records, &lease],
     )
     .await?;
     Ok(())
@@ -555,17 +626,17 @@ impl Shared {
              ORDER BY created_at, id LIMIT $2 FOR UPDATE SKIP LOCKED"
         );
         let rows = match condition.contains("$1") {
-            true => tx.query(&sql, &[&self.node.name, &limit]).await?,
+            true => tx.q(&sql, &[&self.node.name, &limit]).await?,
             false => {
                 let sql = sql.replace("$2", "$1");
-                tx.query(&sql, &[&limit]).await?
+                tx.q(&sql, &[&limit]).await?
             }
         };
         let jobs = rows.iter().map(|r| decode_job(r.get(0))).collect::<Result<Vec<_>>>()?;
         let mut recovery = Recovery::default();
         let jobs = rescued(jobs, now, &mut recovery);
         if !jobs.is_empty() {
-            update_jobs(&tx, &jobs).await?;
+            update_jobs(&tx, &jobs, self.lease_micros()).await?;
             if recovery.requeued > 0 {
                 tx.batch_execute("NOTIFY cp_queued").await?;
             }
@@ -643,7 +714,7 @@ async fn name_row(
         true => "SELECT account, id, settings FROM cp_names WHERE name = $1 FOR UPDATE",
         false => "SELECT account, id, settings FROM cp_names WHERE name = $1",
     };
-    Ok(c.query_opt(sql, &[&name]).await?.map(|r| NameRow {
+    Ok(c.q_opt(sql, &[&name]).await?.map(|r| NameRow {
         account: r.get(0),
         id: r.get(1),
         settings: r.get(2),
@@ -657,7 +728,7 @@ async fn named(
     entry: &NameRow,
 ) -> Result<Option<FunctionMeta>> {
     let Some(row) = c
-        .query_opt(
+        .q_opt(
             "SELECT meta FROM cp_functions WHERE account = $1 AND id = $2",
             &[&entry.account, &entry.id],
         )
@@ -680,7 +751,7 @@ fn decode_meta(bytes: &[u8]) -> Result<FunctionMeta> {
 
 /// Serialises the writes of one account's functions (quota sums, deletes).
 async fn lock_account(c: &impl deadpool_postgres::GenericClient, account: &str) -> Result<()> {
-    c.execute("SELECT pg_advisory_xact_lock(hashtext('cp_functions'), hashtext($1))", &[&account])
+    c.exec("SELECT pg_advisory_xact_lock(hashtext('cp_functions'), hashtext($1))", &[&account])
         .await?;
     Ok(())
 }
@@ -707,7 +778,7 @@ impl Store for PgStore {
             return Ok(PutFunction::NameTaken);
         }
         let existing = tx
-            .query_opt(
+            .q_opt(
                 "SELECT meta FROM cp_functions WHERE account = $1 AND id = $2",
                 &[&meta.account, &meta.id],
             )
@@ -718,7 +789,7 @@ impl Store for PgStore {
                 if meta.name.is_some() {
                     existing.name = meta.name.clone();
                 }
-                tx.execute(
+                tx.exec(
                     "UPDATE cp_functions SET meta = $3 WHERE account = $1 AND id = $2",
                     &[&meta.account, &meta.id, &encode(&existing)?],
                 )
@@ -728,7 +799,7 @@ impl Store for PgStore {
             None => {
                 if let Some(limit) = max_bytes {
                     let used: i64 = tx
-                        .query_one(
+                        .q_one(
                             "SELECT coalesce(sum(size), 0)::int8 FROM cp_functions WHERE account = $1",
                             &[&meta.account],
                         )
@@ -739,12 +810,12 @@ impl Store for PgStore {
                         return Ok(PutFunction::OverQuota { used, limit });
                     }
                 }
-                tx.execute(
+                tx.exec(
                     "INSERT INTO cp_binaries (id, bytes) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING",
                     &[&meta.id, &binary.as_ref()],
                 )
                 .await?;
-                tx.execute(
+                tx.exec(
                     "INSERT INTO cp_functions (account, id, size, meta) VALUES ($1, $2, $3, $4)",
                     &[&meta.account, &meta.id, &(meta.size as i64), &encode(&meta)?],
                 )
@@ -756,7 +827,7 @@ impl Store for PgStore {
         if let Some(name) = &meta.name {
             // A name another account took meanwhile is not overwritten.
             let n = tx
-                .execute(
+                .exec(
                     "INSERT INTO cp_names (name, account, id) VALUES ($1, $2, $3)
                      ON CONFLICT (name) DO UPDATE SET id = EXCLUDED.id
                      WHERE cp_names.account = EXCLUDED.account",
@@ -774,36 +845,24 @@ impl Store for PgStore {
         }
         tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
+        self.shared.recent_functions.clear();
         Ok(PutFunction::Stored(result))
     }
 
     async fn get_function(&self, scope: &Scope, name_or_id: &str) -> Result<Option<FunctionMeta>> {
-        let client = self.client().await?;
-        if let Some(entry) = name_row(&client, name_or_id, false).await? {
-            if !scope.sees(&entry.account) {
-                return Ok(None);
-            }
-            return named(&client, name_or_id, &entry).await;
-        }
-        let row = match scope {
-            Scope::Account(a) => {
-                client
-                    .query_opt(
-                        "SELECT meta FROM cp_functions WHERE account = $1 AND id = $2",
-                        &[a, &name_or_id],
-                    )
-                    .await?
-            }
-            Scope::All => {
-                client
-                    .query_opt(
-                        "SELECT meta FROM cp_functions WHERE id = $1 ORDER BY account LIMIT 1",
-                        &[&name_or_id],
-                    )
-                    .await?
-            }
+        let key = match scope {
+            Scope::All => format!("*\0{name_or_id}"),
+            Scope::Account(a) => format!("{a}\0{name_or_id}"),
         };
-        row.map(|r| decode_meta(r.get(0))).transpose()
+        let generation = match self.shared.recent_functions.get(&key) {
+            Ok(meta) => return Ok(Some(meta)),
+            Err(generation) => generation,
+        };
+        let meta = self.read_function(scope, name_or_id).await?;
+        if let Some(meta) = &meta {
+            self.shared.recent_functions.keep(generation, key, meta.clone());
+        }
+        Ok(meta)
     }
 
     async fn put_settings(
@@ -819,17 +878,18 @@ impl Store for PgStore {
             return Ok(None);
         };
         let bytes = encode(&settings)?;
-        tx.execute("UPDATE cp_names SET settings = $2 WHERE name = $1", &[&name, &bytes]).await?;
+        tx.exec("UPDATE cp_names SET settings = $2 WHERE name = $1", &[&name, &bytes]).await?;
         entry.settings = Some(bytes);
         let meta = named(&tx, name, &entry).await?;
         tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
+        self.shared.recent_functions.clear();
         Ok(meta)
     }
 
     async fn function_binary(&self, id: &str) -> Result<Option<Bytes>> {
         let client = self.client().await?;
-        let row = client.query_opt("SELECT bytes FROM cp_binaries WHERE id = $1", &[&id]).await?;
+        let row = client.q_opt("SELECT bytes FROM cp_binaries WHERE id = $1", &[&id]).await?;
         Ok(row.map(|r| Bytes::from(r.get::<_, Vec<u8>>(0))))
     }
 
@@ -838,7 +898,7 @@ impl Store for PgStore {
         let rows = match scope {
             Scope::All => {
                 client
-                    .query(
+                    .q(
                         "SELECT n.name, f.meta, n.settings FROM cp_names n
                          JOIN cp_functions f ON f.account = n.account AND f.id = n.id
                          ORDER BY n.name",
@@ -848,7 +908,7 @@ impl Store for PgStore {
             }
             Scope::Account(a) => {
                 client
-                    .query(
+                    .q(
                         "SELECT n.name, f.meta, n.settings FROM cp_names n
                          JOIN cp_functions f ON f.account = n.account AND f.id = n.id
                          WHERE n.account = $1 ORDER BY n.name",
@@ -878,16 +938,15 @@ impl Store for PgStore {
             // A name: it goes, and so does every version of its account last uploaded
             // under it (the one it points at included) that no other name points at.
             lock_account(&tx, &entry.account).await?;
-            tx.execute("DELETE FROM cp_names WHERE name = $1", &[&name_or_id]).await?;
+            tx.exec("DELETE FROM cp_names WHERE name = $1", &[&name_or_id]).await?;
             let kept: HashSet<String> = tx
-                .query("SELECT id FROM cp_names WHERE account = $1", &[&entry.account])
+                .q("SELECT id FROM cp_names WHERE account = $1", &[&entry.account])
                 .await?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
-            let rows = tx
-                .query("SELECT meta FROM cp_functions WHERE account = $1", &[&entry.account])
-                .await?;
+            let rows =
+                tx.q("SELECT meta FROM cp_functions WHERE account = $1", &[&entry.account]).await?;
             for row in rows {
                 let meta = decode_meta(row.get(0))?;
                 let uploaded_under = meta.name.as_deref() == Some(name_or_id);
@@ -898,17 +957,14 @@ impl Store for PgStore {
         } else {
             // An id: that version of each visible owner, and every name pointing at it.
             let rows = tx
-                .query(
-                    "SELECT meta FROM cp_functions WHERE id = $1 ORDER BY account",
-                    &[&name_or_id],
-                )
+                .q("SELECT meta FROM cp_functions WHERE id = $1 ORDER BY account", &[&name_or_id])
                 .await?;
             for row in rows {
                 let meta = decode_meta(row.get(0))?;
                 if !scope.sees(&meta.account) {
                     continue;
                 }
-                tx.execute(
+                tx.exec(
                     "DELETE FROM cp_names WHERE id = $1 AND account = $2",
                     &[&name_or_id, &meta.account],
                 )
@@ -917,12 +973,12 @@ impl Store for PgStore {
             }
         }
         for meta in &doomed {
-            tx.execute(
+            tx.exec(
                 "DELETE FROM cp_functions WHERE account = $1 AND id = $2",
                 &[&meta.account, &meta.id],
             )
             .await?;
-            tx.execute(
+            tx.exec(
                 "DELETE FROM cp_binaries b WHERE b.id = $1
                  AND NOT EXISTS (SELECT 1 FROM cp_functions f WHERE f.id = $1)",
                 &[&meta.id],
@@ -931,13 +987,14 @@ impl Store for PgStore {
         }
         tx.batch_execute("NOTIFY cp_functions").await?;
         tx.commit().await?;
+        self.shared.recent_functions.clear();
         Ok(doomed)
     }
 
     async fn function_bytes(&self, account: &str) -> Result<u64> {
         let client = self.client().await?;
         let used: i64 = client
-            .query_one(
+            .q_one(
                 "SELECT coalesce(sum(size), 0)::int8 FROM cp_functions WHERE account = $1",
                 &[&account],
             )
@@ -950,7 +1007,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         let running = batch.status == cloudpipe_types::BatchStatus::Running;
         client
-            .execute(
+            .exec(
                 "INSERT INTO cp_batches (id, account, running, record) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (id) DO UPDATE SET running = EXCLUDED.running, record = EXCLUDED.record",
                 &[&batch.id, &batch.account, &running, &encode(&batch)?],
@@ -961,7 +1018,7 @@ impl Store for PgStore {
 
     async fn get_batch(&self, id: &str) -> Result<Option<BatchState>> {
         let client = self.client().await?;
-        let row = client.query_opt("SELECT record FROM cp_batches WHERE id = $1", &[&id]).await?;
+        let row = client.q_opt("SELECT record FROM cp_batches WHERE id = $1", &[&id]).await?;
         row.map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).transpose()
     }
 
@@ -970,10 +1027,10 @@ impl Store for PgStore {
         let rows = match account {
             Some(a) => {
                 client
-                    .query("SELECT record FROM cp_batches WHERE account = $1 ORDER BY id", &[&a])
+                    .q("SELECT record FROM cp_batches WHERE account = $1 ORDER BY id", &[&a])
                     .await?
             }
-            None => client.query("SELECT record FROM cp_batches ORDER BY id", &[]).await?,
+            None => client.q("SELECT record FROM cp_batches ORDER BY id", &[]).await?,
         };
         rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).collect()
     }
@@ -981,7 +1038,7 @@ impl Store for PgStore {
     async fn insert_account(&self, account: AccountRecord) -> Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .exec(
                 "INSERT INTO cp_accounts (name, record) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING",
                 &[&account.name, &encode(&account)?],
             )
@@ -993,33 +1050,42 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let n = tx
-            .execute(
+            .exec(
                 "UPDATE cp_accounts SET record = $2 WHERE name = $1",
                 &[&account.name, &encode(&account)?],
             )
             .await?;
         tx.batch_execute("NOTIFY cp_auth").await?;
         tx.commit().await?;
+        self.shared.recent_accounts.clear();
         Ok(n == 1)
     }
 
     async fn get_account(&self, name: &str) -> Result<Option<AccountRecord>> {
+        let generation = match self.shared.recent_accounts.get(name) {
+            Ok(account) => return Ok(Some(account)),
+            Err(generation) => generation,
+        };
         let client = self.client().await?;
-        let row =
-            client.query_opt("SELECT record FROM cp_accounts WHERE name = $1", &[&name]).await?;
-        row.map(|r| serde_json::from_slice(r.get(0)).context("stored account")).transpose()
+        let row = client.q_opt("SELECT record FROM cp_accounts WHERE name = $1", &[&name]).await?;
+        let account: Option<AccountRecord> =
+            row.map(|r| serde_json::from_slice(r.get(0)).context("stored account")).transpose()?;
+        if let Some(account) = &account {
+            self.shared.recent_accounts.keep(generation, name.to_string(), account.clone());
+        }
+        Ok(account)
     }
 
     async fn list_accounts(&self) -> Result<Vec<AccountRecord>> {
         let client = self.client().await?;
-        let rows = client.query("SELECT record FROM cp_accounts ORDER BY name", &[]).await?;
+        let rows = client.q("SELECT record FROM cp_accounts ORDER BY name", &[]).await?;
         rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored account")).collect()
     }
 
     async fn insert_key(&self, key: KeyRecord) -> Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute(
+            .exec(
                 "INSERT INTO cp_keys (hash, id, account, record)
                  SELECT $1, $2, $3, $4 WHERE EXISTS (SELECT 1 FROM cp_accounts WHERE name = $3)
                  ON CONFLICT (hash) DO UPDATE SET id = EXCLUDED.id, account = EXCLUDED.account,
@@ -1032,7 +1098,7 @@ impl Store for PgStore {
 
     async fn key_by_hash(&self, hash: &str) -> Result<Option<KeyRecord>> {
         let client = self.client().await?;
-        let row = client.query_opt("SELECT record FROM cp_keys WHERE hash = $1", &[&hash]).await?;
+        let row = client.q_opt("SELECT record FROM cp_keys WHERE hash = $1", &[&hash]).await?;
         row.map(|r| serde_json::from_slice(r.get(0)).context("stored key")).transpose()
     }
 
@@ -1040,11 +1106,9 @@ impl Store for PgStore {
         let client = self.client().await?;
         let rows = match account {
             Some(a) => {
-                client
-                    .query("SELECT record FROM cp_keys WHERE account = $1 ORDER BY id", &[&a])
-                    .await?
+                client.q("SELECT record FROM cp_keys WHERE account = $1 ORDER BY id", &[&a]).await?
             }
-            None => client.query("SELECT record FROM cp_keys ORDER BY id", &[]).await?,
+            None => client.q("SELECT record FROM cp_keys ORDER BY id", &[]).await?,
         };
         rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored key")).collect()
     }
@@ -1052,10 +1116,10 @@ impl Store for PgStore {
     async fn delete_key(&self, id: &str) -> Result<Option<KeyRecord>> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        let row =
-            tx.query_opt("DELETE FROM cp_keys WHERE id = $1 RETURNING record", &[&id]).await?;
+        let row = tx.q_opt("DELETE FROM cp_keys WHERE id = $1 RETURNING record", &[&id]).await?;
         tx.batch_execute("NOTIFY cp_auth").await?;
         tx.commit().await?;
+        self.shared.recent_accounts.clear();
         row.map(|r| serde_json::from_slice(r.get(0)).context("stored key")).transpose()
     }
 
@@ -1066,13 +1130,13 @@ impl Store for PgStore {
     ) -> Result<PutSecret> {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
-        tx.execute(
+        tx.exec(
             "SELECT pg_advisory_xact_lock(hashtext('cp_secrets'), hashtext($1))",
             &[&record.account],
         )
         .await?;
         let existing = tx
-            .query_opt(
+            .q_opt(
                 "SELECT record FROM cp_secrets WHERE account = $1 AND name = $2",
                 &[&record.account, &record.name],
             )
@@ -1086,7 +1150,7 @@ impl Store for PgStore {
             None => {
                 if let Some(limit) = max_per_account {
                     let n: i64 = tx
-                        .query_one(
+                        .q_one(
                             "SELECT count(*) FROM cp_secrets WHERE account = $1",
                             &[&record.account],
                         )
@@ -1098,7 +1162,7 @@ impl Store for PgStore {
                 }
             }
         }
-        tx.execute(
+        tx.exec(
             "INSERT INTO cp_secrets (account, name, record) VALUES ($1, $2, $3)
              ON CONFLICT (account, name) DO UPDATE SET record = EXCLUDED.record",
             &[&record.account, &record.name, &encode(&record)?],
@@ -1111,7 +1175,7 @@ impl Store for PgStore {
     async fn get_secret(&self, account: &str, name: &str) -> Result<Option<SecretRecord>> {
         let client = self.client().await?;
         let row = client
-            .query_opt(
+            .q_opt(
                 "SELECT record FROM cp_secrets WHERE account = $1 AND name = $2",
                 &[&account, &name],
             )
@@ -1122,7 +1186,7 @@ impl Store for PgStore {
     async fn list_secrets(&self, account: &str) -> Result<Vec<SecretRecord>> {
         let client = self.client().await?;
         let rows = client
-            .query("SELECT record FROM cp_secrets WHERE account = $1 ORDER BY name", &[&account])
+            .q("SELECT record FROM cp_secrets WHERE account = $1 ORDER BY name", &[&account])
             .await?;
         rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored secret")).collect()
     }
@@ -1130,7 +1194,7 @@ impl Store for PgStore {
     async fn delete_secret(&self, account: &str, name: &str) -> Result<bool> {
         let client = self.client().await?;
         let n = client
-            .execute("DELETE FROM cp_secrets WHERE account = $1 AND name = $2", &[&account, &name])
+            .exec("DELETE FROM cp_secrets WHERE account = $1 AND name = $2", &[&account, &name])
             .await?;
         Ok(n == 1)
     }
@@ -1153,66 +1217,90 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut client = self.client().await?;
-        let tx = client.transaction().await?;
-        let limit = limit as i64;
-        // Accounts take turns (in name order, going on after the account the last
-        // claim served), each first in, first out: one account's flood of jobs does
-        // not starve the others. The turn row also makes claims take turns.
-        let turn: String = tx
-            .query_opt("SELECT account FROM cp_claim_turn WHERE id = 1 FOR UPDATE", &[])
+        // Accounts take turns, each first in, first out: one account's flood of jobs
+        // does not starve the others. The accounts with queued work, in name order
+        // going on after the one this node's last claim served; at most `limit` of
+        // them, each offered an equal share of the claim.
+        let accounts: Vec<String> = client
+            .q(
+                "WITH RECURSIVE a(account) AS (
+                   (SELECT account FROM cp_jobs WHERE status = 'queued'
+                    ORDER BY account LIMIT 1)
+                   UNION ALL
+                   SELECT (SELECT j.account FROM cp_jobs j
+                           WHERE j.status = 'queued' AND j.account > a.account
+                           ORDER BY j.account LIMIT 1)
+                   FROM a WHERE a.account IS NOT NULL
+                 )
+                 SELECT account FROM a WHERE account IS NOT NULL",
+                &[],
+            )
             .await?
+            .iter()
             .map(|r| r.get(0))
-            .unwrap_or_default();
+            .collect();
+        if accounts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let turn = self.shared.turn.lock().unwrap().clone();
+        let mut order: Vec<String> = accounts.iter().filter(|a| **a > turn).cloned().collect();
+        order.extend(accounts.into_iter().filter(|a| *a <= turn));
+        order.truncate(limit);
+        let tx = client.transaction().await?;
         let any: Vec<String> = Vec::new();
-        let picked = tx
-            .query(
-                "SELECT id FROM (
-                   SELECT id, account, created_at,
-                     row_number() OVER (PARTITION BY account ORDER BY created_at, id) AS rn
-                   FROM cp_jobs
-                   WHERE status = 'queued' AND ($1 OR executor = ANY($2))
-                 ) q WHERE rn <= $3
-                 ORDER BY rn, account <= $4, account
-                 LIMIT $3",
-                &[&executors.is_none(), executors.as_ref().unwrap_or(&any), &limit, &turn],
-            )
-            .await?;
-        let order: Vec<uuid::Uuid> = picked.iter().map(|r| r.get(0)).collect();
-        let locked = tx
-            .query(
-                "SELECT id, record FROM cp_jobs WHERE id = ANY($1) AND status = 'queued'
-                 FOR UPDATE SKIP LOCKED",
-                &[&order],
-            )
-            .await?;
-        let mut by_id: HashMap<uuid::Uuid, tokio_postgres::Row> =
-            locked.into_iter().map(|r| (r.get(0), r)).collect();
-        let rows: Vec<tokio_postgres::Row> =
-            order.iter().filter_map(|id| by_id.remove(id)).collect();
-        let mut jobs = Vec::with_capacity(rows.len());
-        for row in rows {
-            let mut job = decode_job(row.get(1))?;
+        let executors = executors.as_ref();
+        // (place in the turn, place in its account's queue, job)
+        let mut taken: Vec<(usize, i64, Job)> = Vec::with_capacity(limit);
+        let mut open: Vec<usize> = (0..order.len()).collect();
+        let mut per = vec![0i64; order.len()];
+        while taken.len() < limit && !open.is_empty() {
+            let share = (limit - taken.len()).div_ceil(open.len()) as i64;
+            let names: Vec<&str> = open.iter().map(|&i| order[i].as_str()).collect();
+            let have: Vec<uuid::Uuid> = taken.iter().map(|(.., j)| j.id.0).collect();
+            let rows = tx
+                .q(
+                    "SELECT a.turn, q.rn, q.record
+                     FROM unnest($1::text[]) WITH ORDINALITY AS a(account, turn)
+                     CROSS JOIN LATERAL (
+                       SELECT record, row_number() OVER () AS rn FROM (
+                         SELECT record FROM cp_jobs
+                         WHERE status = 'queued' AND account = a.account
+                           AND ($2 OR executor = ANY($3)) AND id <> ALL($5)
+                         ORDER BY created_at, id
+                         LIMIT $4
+                         FOR UPDATE SKIP LOCKED
+                       ) l
+                     ) q",
+                    &[&names, &executors.is_none(), executors.unwrap_or(&any), &share, &have],
+                )
+                .await?;
+            let mut got = vec![0i64; open.len()];
+            for row in &rows {
+                let k = row.get::<_, i64>(0) as usize - 1;
+                got[k] += 1;
+                let rn = per[open[k]] + row.get::<_, i64>(1);
+                taken.push((open[k], rn, decode_job(row.get(2))?));
+            }
+            for (k, n) in got.iter().enumerate() {
+                per[open[k]] += n;
+            }
+            // An account that gave less than its share has nothing more to give.
+            open = open.iter().zip(&got).filter(|(_, n)| **n == share).map(|(&i, _)| i).collect();
+        }
+        // Round-robin: every account's first job, then every account's second...
+        taken.sort_by_key(|(turn, rn, _)| (*rn, *turn));
+        taken.truncate(limit);
+        let mut jobs = Vec::with_capacity(taken.len());
+        for (.., mut job) in taken {
             job.status = JobStatus::Running;
             job.attempts += 1;
             job.started_at = Some(now);
             job.node = Some(self.shared.node.name.clone());
             jobs.push(job);
         }
-        if !jobs.is_empty() {
-            update_jobs(&tx, &jobs).await?;
-            let ids: Vec<uuid::Uuid> = jobs.iter().map(|j| j.id.0).collect();
-            tx.execute(
-                "UPDATE cp_jobs SET lease_expires = cp_now() + $2 WHERE id = ANY($1)",
-                &[&ids, &self.shared.lease_micros()],
-            )
-            .await?;
-            let last = &jobs[jobs.len() - 1].account;
-            tx.execute(
-                "INSERT INTO cp_claim_turn (id, account) VALUES (1, $1)
-                 ON CONFLICT (id) DO UPDATE SET account = EXCLUDED.account",
-                &[last],
-            )
-            .await?;
+        if let Some(last) = jobs.last() {
+            update_jobs(&tx, &jobs, self.shared.lease_micros()).await?;
+            *self.shared.turn.lock().unwrap() = last.account.clone();
         }
         tx.commit().await?;
         let mut claims = self.shared.claims.lock().unwrap();
@@ -1238,7 +1326,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) =
-            tx.query_opt("SELECT record FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0]).await?
+            tx.q_opt("SELECT record FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0]).await?
         else {
             return Ok(None);
         };
@@ -1250,7 +1338,7 @@ impl Store for PgStore {
             JobOutcome::error(JobStatus::Cancelled, "cancelled", "cancelled before it started"),
             now,
         );
-        update_jobs(&tx, std::slice::from_ref(&job)).await?;
+        update_jobs(&tx, std::slice::from_ref(&job), self.shared.lease_micros()).await?;
         for sql in notify_ids("cp_finished", &[id]) {
             tx.batch_execute(&sql).await?;
         }
@@ -1262,7 +1350,7 @@ impl Store for PgStore {
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
         let Some(row) =
-            tx.query_opt("SELECT record FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0]).await?
+            tx.q_opt("SELECT record FROM cp_jobs WHERE id = $1 FOR UPDATE", &[&id.0]).await?
         else {
             return Ok(None);
         };
@@ -1273,7 +1361,7 @@ impl Store for PgStore {
         job.status = JobStatus::Queued;
         job.started_at = None;
         job.attempts = job.attempts.saturating_sub(1);
-        update_jobs(&tx, std::slice::from_ref(&job)).await?;
+        update_jobs(&tx, std::slice::from_ref(&job), self.shared.lease_micros()).await?;
         tx.batch_execute("NOTIFY cp_queued").await?;
         tx.commit().await?;
         self.shared.claims.lock().unwrap().remove(&id);
@@ -1282,8 +1370,15 @@ impl Store for PgStore {
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let client = self.client().await?;
-        let row = client.query_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&id.0]).await?;
+        let row = client.q_opt("SELECT record FROM cp_jobs WHERE id = $1", &[&id.0]).await?;
         row.map(|r| decode_job(r.get(0))).transpose()
+    }
+
+    async fn get_jobs(&self, ids: &[JobId]) -> Result<Vec<Job>> {
+        let ids: Vec<uuid::Uuid> = ids.iter().map(|id| id.0).collect();
+        let client = self.client().await?;
+        let rows = client.q("SELECT record FROM cp_jobs WHERE id = ANY($1)", &[&ids]).await?;
+        rows.iter().map(|r| decode_job(r.get(0))).collect()
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -1297,14 +1392,14 @@ impl Store for PgStore {
         );
         let refs: Vec<&(dyn ToSql + Sync)> =
             params.iter().map(|p| p.as_ref() as &(dyn ToSql + Sync)).collect();
-        let rows = client.query(&sql, &refs).await?;
+        let rows = client.q(&sql, &refs).await?;
         rows.iter().map(|r| decode_job(r.get(0))).collect()
     }
 
     async fn active_jobs(&self) -> Result<Vec<(JobId, String)>> {
         let client = self.client().await?;
         let rows = client
-            .query(
+            .q(
                 "SELECT id, account FROM cp_jobs WHERE status IN ('queued', 'running') ORDER BY id",
                 &[],
             )
@@ -1314,9 +1409,8 @@ impl Store for PgStore {
 
     async fn count_jobs(&self) -> Result<BTreeMap<JobStatus, u64>> {
         let client = self.client().await?;
-        let rows = client
-            .query("SELECT status, sum(n)::int8 FROM cp_job_counts GROUP BY status", &[])
-            .await?;
+        let rows =
+            client.q("SELECT status, sum(n)::int8 FROM cp_job_counts GROUP BY status", &[]).await?;
         let mut counts: BTreeMap<JobStatus, u64> = JobStatus::ALL.iter().map(|s| (*s, 0)).collect();
         for row in rows {
             let status: &str = row.get(0);
@@ -1357,7 +1451,7 @@ impl Store for PgStore {
         let client = self.client().await?;
         // By age: the oldest finished first, whoever owns them.
         let mut purged = client
-            .execute(
+            .exec(
                 "DELETE FROM cp_jobs WHERE id IN (
                    SELECT id FROM cp_jobs WHERE finished_at IS NOT NULL AND finished_at < $1
                    ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -1367,7 +1461,7 @@ impl Store for PgStore {
         // By count: each account's oldest past its own limit (its quota, read from its
         // record, else the policy's), never another account's.
         let rows = client
-            .query(
+            .q(
                 "SELECT c.account, c.n, a.record FROM (
                    SELECT account, sum(n)::int8 AS n FROM cp_finished_counts
                    GROUP BY account HAVING sum(n) > 0) c
@@ -1396,7 +1490,7 @@ impl Store for PgStore {
                 continue;
             }
             purged += client
-                .execute(
+                .exec(
                     "DELETE FROM cp_jobs WHERE id IN (
                        SELECT id FROM cp_jobs WHERE account = $1 AND finished_at IS NOT NULL
                        ORDER BY finished_at, id LIMIT $2 FOR UPDATE SKIP LOCKED)",
@@ -1484,7 +1578,7 @@ mod tests {
         assert_eq!(a.claim_jobs(1, 1).await.unwrap().len(), 1);
         // A falls silent: its lease runs out, B rescues and runs the job.
         let client = a.client().await.unwrap();
-        client.execute("UPDATE cp_jobs SET lease_expires = 0", &[]).await.unwrap();
+        client.exec("UPDATE cp_jobs SET lease_expires = 0", &[]).await.unwrap();
         assert_eq!(b.recover(2).await.unwrap(), Recovery { requeued: 1, exhausted: 0 });
         let taken = b.claim_jobs(1, 3).await.unwrap();
         assert_eq!((taken[0].attempts, taken[0].node.as_deref()), (2, Some("b")));
@@ -1502,6 +1596,49 @@ mod tests {
             }
         });
         assert_eq!(lost.await.unwrap(), job.id);
+    }
+
+    /// Reads kept for the submit path follow changes made on any node: at once on the
+    /// node that made them, within a notification on the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn kept_reads_follow_a_change_made_on_another_node() {
+        use crate::store::conformance::owned;
+        let (a, b) = two_nodes("recent").await;
+        let carol = Scope::Account("carol".into());
+        let record = AccountRecord {
+            name: "carol".into(),
+            role: cloudpipe_types::Role::User,
+            disabled: false,
+            quotas: Default::default(),
+            allow_network: false,
+            allowed_outbound: vec![],
+            created_at: 1,
+        };
+        assert!(b.get_account("carol").await.unwrap().is_none(), "a miss is not kept");
+        assert!(a.insert_account(record.clone()).await.unwrap());
+        assert!(!b.get_account("carol").await.unwrap().unwrap().disabled);
+        let bin = || Bytes::from_static(b"abc");
+        assert!(b.get_function(&carol, "web").await.unwrap().is_none());
+        a.put_function(owned("carol", 'a', Some("web")), bin(), None).await.unwrap();
+        assert_eq!(
+            b.get_function(&carol, "web").await.unwrap().unwrap().id,
+            owned("carol", 'a', None).id
+        );
+
+        // Changed on A: B follows once it hears of it, well before the values expire.
+        a.update_account(AccountRecord { disabled: true, ..record }).await.unwrap();
+        a.put_function(owned("carol", 'b', Some("web")), bin(), None).await.unwrap();
+        assert!(a.get_account("carol").await.unwrap().unwrap().disabled, "at once on A");
+        let started = std::time::Instant::now();
+        loop {
+            let disabled = b.get_account("carol").await.unwrap().unwrap().disabled;
+            let id = b.get_function(&carol, "web").await.unwrap().unwrap().id;
+            if disabled && id == owned("carol", 'b', None).id {
+                break;
+            }
+            assert!(started.elapsed() < recent::KEEP / 2, "B still reads the old values");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -16,7 +16,7 @@
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
 //! | `cp_batches` | batches, with the lease of the node driving each |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
-//! | `cp_claim_turn` | the account the last claim served (claims take accounts in turn) |
+//! | `cp_claim_turn` | unused since schema 2 (read by schema-1 nodes during an upgrade) |
 //! | `cp_nodes` | nodes and their heartbeats |
 //! | `cp_leader` | the leader lease (one row) |
 //!
@@ -171,7 +171,14 @@ CREATE TABLE cp_leader (
   expires bigint NOT NULL
 );
 "#,
-    // 2: finished jobs per account, for retention's count per account.
+    // 2: claims find the accounts with queued work and each account's oldest jobs in
+    // one index, and keep their turn in the node (no row every claim must lock).
+    // `cp_claim_turn` stays for nodes of schema 1 still running during an upgrade.
+    r#"
+CREATE INDEX cp_jobs_queue_accounts ON cp_jobs (account, created_at, id) WHERE status = 'queued';
+DROP INDEX cp_jobs_queue;
+"#,
+    // 3: finished jobs per account, for retention's count per account.
     r#"
 CREATE INDEX cp_jobs_account_finished ON cp_jobs (account, finished_at, id)
   WHERE finished_at IS NOT NULL;
