@@ -411,6 +411,21 @@ struct VmArgs {
     /// [default: DATA_DIR/vm/templates].
     #[arg(long, env = "CLOUDPIPE_VM_SNAPSHOT_DIR")]
     vm_snapshot_dir: Option<PathBuf>,
+    /// `UID:GID` that clones (where jobs' commands run) drop to when the server runs
+    /// as root; they also chroot into an empty directory. A user of their own, owning
+    /// no file.
+    #[arg(long, env = "CLOUDPIPE_VM_RUN_AS", default_value = "64999:64999", value_parser = parse_ids)]
+    vm_run_as: (u32, u32),
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = s.split_once(':').ok_or("use UID:GID (numbers)")?;
+    let id = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{v:?} is not a number"));
+    let (uid, gid) = (id(uid)?, id(gid)?);
+    if uid == 0 || gid == 0 {
+        return Err("clones must not run as root (0)".into());
+    }
+    Ok((uid, gid))
 }
 
 /// The JS runner (guest-runners/js), pre-initialised, as `guest-runners/js/build.sh`
@@ -438,6 +453,7 @@ impl VmArgs {
         c.pool_size = self.vm_pool;
         c.accel = Some(self.vm_accel.clone());
         c.snapshot_dir = self.vm_snapshot_dir.clone();
+        c.run_as = self.vm_run_as;
         c.agent = match &self.vm_agent {
             Some(p) => Some(p.clone()),
             None if VM_AGENT.is_empty() => None,
