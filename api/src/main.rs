@@ -372,6 +372,13 @@ struct ServeArgs {
     /// uploads) is refused with 507 while reads and running jobs go on (0: no check).
     #[arg(long, env = "CLOUDPIPE_MIN_FREE_DISK_MB", default_value_t = 64)]
     min_free_disk_mb: u64,
+    /// CPUs a docker job gets when it names none (`cpus`); 0: no limit.
+    #[arg(long, env = "CLOUDPIPE_DOCKER_CPUS", default_value_t = 1.0)]
+    docker_cpus: f64,
+    /// Images docker jobs may run, comma-separated: exact references, or prefixes
+    /// ending in `*` (`docker.io/library/*,ghcr.io/acme/*`) [default: any].
+    #[arg(long, env = "CLOUDPIPE_DOCKER_IMAGES", value_delimiter = ',')]
+    docker_images: Vec<String>,
     /// Size of a docker job's `/tmp` (its only writable place), in MiB.
     #[arg(long, env = "CLOUDPIPE_DOCKER_TMP_MB", default_value_t = 64)]
     docker_tmp_mb: u64,
@@ -601,6 +608,18 @@ impl ServeArgs {
         );
         c.space.reserve_bytes = self.min_free_disk_mb << 20;
         c.docker.tmp_size = format!("{}m", self.docker_tmp_mb);
+        anyhow::ensure!(
+            self.docker_cpus.is_finite() && (0.0..=1024.0).contains(&self.docker_cpus),
+            "--docker-cpus must be 0 to 1024"
+        );
+        c.docker.default_nano_cpus =
+            (self.docker_cpus > 0.0).then_some((self.docker_cpus * 1e9) as u64);
+        c.scheduler.docker_images = self
+            .docker_images
+            .iter()
+            .map(|i| i.trim().to_string())
+            .filter(|i| !i.is_empty())
+            .collect();
         c.secrets.max_per_account = self.max_secrets;
         c.secrets.max_value_bytes = self.max_secret_bytes;
         // Jobs and invocations share the instance pool.
