@@ -10,8 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-#[path = "../../tests/support/serve.rs"]
-mod serve;
+use cloudpipe_test_support::serve;
 
 const HELLO_WAT: &str = include_str!("../../examples/hello.wat");
 

@@ -27,8 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-#[path = "../../tests/support/serve.rs"]
-mod serve;
+use cloudpipe_test_support::serve;
 use serve::spawn_serve;
 
 const HELLO_WAT: &str = include_str!("../../examples/hello.wat");

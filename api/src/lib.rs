@@ -30,14 +30,11 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::FromRequestParts;
-use axum::http::request::Parts;
 use cloudpipe_runtime::Runtime;
-use serde::de::DeserializeOwned;
 
 pub mod auth;
-pub mod credentials;
 pub mod error;
+pub mod extract;
 pub mod logs;
 pub mod openapi;
 pub mod routes;
@@ -343,64 +340,12 @@ pub(crate) async fn read_body(body: Body, limit: usize) -> Result<Bytes, ApiErro
     Ok(buf.freeze())
 }
 
-/// A JSON body parsed with our error shape (axum's own rejections are plain text).
-pub(crate) fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::bad(
-            "invalid_json",
-            format!("request body is not valid JSON for this endpoint: {e}"),
-        )
-    })
-}
-
-/// Query-string parameters with our error shape.
-pub struct Q<T>(pub T);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Q<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        let q = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(q)
-            .map(Q)
-            .map_err(|e| ApiError::bad("invalid_query", format!("bad query string: {e}")))
-    }
-}
-
-/// Path parameters with our error shape (a segment that is not UTF-8, say).
-pub struct P<T>(pub T);
-
-impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for P<T> {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        axum::extract::Path::<T>::from_request_parts(parts, state)
-            .await
-            .map(|p| P(p.0))
-            .map_err(|e| ApiError::bad("invalid_path", e.body_text()))
-    }
-}
-
 /// Parses `30s`, `500ms`, `2m` or a bare number of seconds.
 pub fn parse_wait(s: &str) -> Result<Duration, ApiError> {
-    let bad =
-        || ApiError::bad("invalid_query", format!("bad wait {s:?}: use e.g. 30s, 500ms or 2m"));
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs.min(86_400.0)))
+    let d = cloudpipe_types::parse_duration(s).ok_or_else(|| {
+        ApiError::bad("invalid_query", format!("bad wait {s:?}: use e.g. 30s, 500ms or 2m"))
+    })?;
+    Ok(d.min(Duration::from_secs(86_400)))
 }
 
 #[cfg(test)]

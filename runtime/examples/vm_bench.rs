@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use cloudpipe_runtime::executor::vm::{VmConfig, VmExecutor};
+use cloudpipe_runtime::executor::vm::{VmConfig, VmExecutor, bench};
 use cloudpipe_runtime::executor::{ContainerRequest, RunRequest};
 
 fn ms(d: Duration) -> String {
@@ -48,17 +48,17 @@ async fn main() -> anyhow::Result<()> {
 
     let mut boot = Vec::new();
     for _ in 0..boots {
-        boot.push(cold.boot_to_first_output(&echo).await?);
+        boot.push(bench::boot_to_first_output(&cold, &echo).await?);
     }
     let mut restore = Vec::new();
     for _ in 0..runs {
-        restore.push(cold.clone_to_first_output(&echo).await?);
+        restore.push(bench::clone_to_first_output(&cold, &echo).await?);
     }
     let warm = VmExecutor::new(config(1, "warm"));
     warm.template_boot_time().await?;
     let mut pooled = Vec::new();
     for _ in 0..runs {
-        pooled.push(warm.pooled_to_first_output(&echo).await?);
+        pooled.push(bench::pooled_to_first_output(&warm, &echo).await?);
     }
     drop(warm);
     tokio::time::sleep(Duration::from_millis(300)).await;

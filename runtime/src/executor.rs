@@ -23,7 +23,7 @@ pub mod wasm;
 /// Everything an executor needs for one attempt of one job.
 #[derive(Debug, Clone, Default)]
 pub struct RunRequest {
-    /// The executor that runs it (`wasm`, `docker`).
+    /// The executor that runs it (`wasm`, `docker`, `vm`).
     pub executor: String,
     /// The job id (also given to the guest as `CLOUDPIPE_JOB_ID`).
     pub job_id: String,

@@ -168,16 +168,7 @@ impl Runtime {
                 .context("loading the secrets key")?,
         );
         if let Some(cluster) = &cluster {
-            // Claims match the executors this node can run now.
-            let mut names = Vec::new();
-            if cluster.role().runs_jobs() {
-                for name in executors.names() {
-                    if matches!(executors.available(name).await, Some(Ok(()))) {
-                        names.push(name.to_string());
-                    }
-                }
-            }
-            cluster.set_executors(names);
+            cluster.set_executors(available_executors(cluster.as_ref(), &executors).await);
         }
         let scheduler = Scheduler::start(
             store.clone(),
@@ -187,6 +178,15 @@ impl Runtime {
             cluster.clone(),
         )
         .await?;
+        if let Some(cluster) = &cluster
+            && cluster.role().runs_jobs()
+        {
+            tokio::spawn(follow_executors(
+                cluster.clone(),
+                executors.clone(),
+                scheduler.stopping().clone(),
+            ));
+        }
         let egress = Arc::new(config.egress.clone());
         let batches =
             crate::batch::Batches::start(store.clone(), scheduler.clone(), egress.clone()).await?;
@@ -248,4 +248,42 @@ fn instance_id(data_dir: &Path) -> String {
     use sha2::{Digest, Sha256};
     let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
     hex::encode(&Sha256::digest(path.as_os_str().as_encoded_bytes())[..8])
+}
+
+/// The executors of this node that can take jobs now: what its claims match.
+async fn available_executors(cluster: &dyn Cluster, executors: &Executors) -> Vec<String> {
+    let mut names = Vec::new();
+    if cluster.role().runs_jobs() {
+        for name in executors.names() {
+            if matches!(executors.available(name).await, Some(Ok(()))) {
+                names.push(name.to_string());
+            }
+        }
+    }
+    names
+}
+
+/// How often a worker looks again at which of its executors can take jobs.
+const EXECUTORS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Keeps the executors a worker claims for in step with what it can run: a Docker
+/// engine that stops (or starts), a VM template that finished booting.
+async fn follow_executors(
+    cluster: Arc<dyn Cluster>,
+    executors: Arc<Executors>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut current = available_executors(cluster.as_ref(), &executors).await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(EXECUTORS_EVERY) => {}
+        }
+        let now = available_executors(cluster.as_ref(), &executors).await;
+        if now != current {
+            tracing::info!(executors = ?now, was = ?current, "the executors this node runs changed");
+            cluster.set_executors(now.clone());
+            current = now;
+        }
+    }
 }

@@ -276,3 +276,53 @@ async fn nothing_acknowledged_is_lost_when_postgres_restarts_under_load() {
         assert!(job["stdout"].as_str().unwrap().contains(&format!("\"{i}\"")), "{job}");
     }
 }
+
+use crate::docker::docker_support;
+
+/// A worker whose Docker engine comes up after it started begins claiming docker jobs
+/// (and says so in `/v1/nodes`) without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_worker_takes_jobs_of_an_executor_that_came_up_after_it_started() {
+    docker_support::ensure_engine();
+    docker_support::ensure_image();
+    let dir = tempfile::tempdir().unwrap();
+    let db = database("late_executor");
+    let api = node(dir.path(), &db, "api", "api", &[]).await;
+    // The worker's engine socket does not exist yet.
+    let socket = dir.path().join("docker.sock");
+    let host = format!("unix://{}", socket.display());
+    let sub = dir.path().join("worker");
+    std::fs::create_dir_all(&sub).unwrap();
+    let flags = ["--store", &db, "--role", "worker", "--node", "worker", "--lease-ms", LEASE_MS];
+    let _w = TestServer::start_in_env(&sub, &flags, &[("DOCKER_HOST", host.as_str())]).await;
+    let executors = async || -> Vec<Value> {
+        let (st, nodes) = api.get("/v1/nodes").await;
+        assert_eq!(st, StatusCode::OK, "{nodes}");
+        let worker = nodes["nodes"].as_array().unwrap().iter().find(|n| n["name"] == "worker");
+        worker.map(|w| w["executors"].as_array().unwrap().clone()).unwrap_or_default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !executors().await.contains(&json!("wasm")) {
+        assert!(Instant::now() < deadline, "the worker never reported its executors");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!executors().await.contains(&json!("docker")), "no engine yet");
+
+    // The engine comes up (its socket appears where the worker looks).
+    std::os::unix::fs::symlink("/var/run/docker.sock", &socket).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !executors().await.contains(&json!("docker")) {
+        assert!(
+            Instant::now() < deadline,
+            "the worker never took up docker: {:?}",
+            executors().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let spec = json!({"executor": "docker", "image": docker_support::TEST_IMAGE,
+                      "command": ["sh", "-c", "echo from-docker"]});
+    let job = api.wait_terminal(&submit(&api, spec).await).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["node"], "worker");
+    assert_eq!(job["stdout"], "from-docker\n");
+}

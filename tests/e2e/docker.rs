@@ -8,8 +8,7 @@ use serde_json::{Value, json};
 
 use crate::server::{TestServer, code};
 
-#[path = "../support/docker.rs"]
-mod docker_support;
+pub(crate) use cloudpipe_test_support::docker as docker_support;
 use docker_support::{Registry, TEST_IMAGE, ensure_image, job_containers};
 
 /// A docker job of the test image running `sh -c script`.

@@ -5,8 +5,7 @@ use std::sync::{Arc, Mutex};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-#[path = "../support/serve.rs"]
-pub mod serve;
+pub use cloudpipe_test_support::serve;
 use serve::spawn_serve;
 pub use serve::{ADMIN_KEY, admin_headers, peak_rss_mib};
 

@@ -14,12 +14,7 @@ use serde_json::{Value, json};
 
 use crate::server::TestServer;
 
-// `docker` includes the same helpers; each copy keeps its own once-only state, and
-// both only ever find or build the same image.
-#[allow(clippy::duplicate_mod)]
-#[path = "../support/docker.rs"]
-mod docker_support;
-use docker_support::{TEST_IMAGE, ensure_image};
+use cloudpipe_test_support::docker::{TEST_IMAGE, ensure_image};
 
 /// A job as `GET /v1/job` shows it. Typed, because a jid is a 128-bit integer, more
 /// than a `serde_json::Value` keeps exactly.

@@ -4,7 +4,6 @@
 //! keys. Another account's account or key is "not found", like one that does not
 //! exist.
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -20,7 +19,8 @@ use cloudpipe_types::{
 };
 
 use crate::auth::{Caller, generate_key, key_record};
-use crate::{ApiError, AppState, P, Q, parse_json, read_body};
+use crate::extract::{Json, Path, Query, parse_json, read_json};
+use crate::{ApiError, AppState, read_body};
 
 /// Checks an account's egress policy: at most 64 destination patterns.
 fn check_outbound(patterns: &[String]) -> Result<(), ApiError> {
@@ -80,9 +80,9 @@ pub async fn create_account(
     caller: Caller,
     body: Body,
 ) -> Result<(StatusCode, Json<Account>), ApiError> {
+    // The admin check comes before the body is read (so not as an extractor).
     caller.require_admin()?;
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let req: AccountCreate = parse_json(&bytes)?;
+    let req: AccountCreate = read_json(body, state.config.max_json_body).await?;
     if !is_valid_name(&req.name) {
         return Err(ApiError::bad(
             "invalid_name",
@@ -130,7 +130,7 @@ pub async fn list_accounts(
 pub async fn get_account(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
 ) -> Result<Json<Account>, ApiError> {
     Ok(Json(account(visible(&state, &caller, &name).await?)))
 }
@@ -145,12 +145,11 @@ pub async fn get_account(
 pub async fn update_account(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
     body: Body,
 ) -> Result<Json<Account>, ApiError> {
     caller.require_admin()?;
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let patch: AccountPatch = parse_json(&bytes)?;
+    let patch: AccountPatch = read_json(body, state.config.max_json_body).await?;
     let mut record = visible(&state, &caller, &name).await?;
     if patch.disabled == Some(true) && record.role == Role::Admin {
         return Err(ApiError::bad("invalid_request", "an admin account cannot be disabled"));
@@ -221,7 +220,7 @@ pub const MAX_KEYS_PER_ACCOUNT: usize = 100;
 pub async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
     body: Body,
 ) -> Result<(StatusCode, Json<NewApiKey>), ApiError> {
     let bytes = read_body(body, state.config.max_json_body).await?;
@@ -254,7 +253,7 @@ pub async fn create_key(
 pub async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
 ) -> Result<Json<ApiKeyList>, ApiError> {
     visible(&state, &caller, &name).await?;
     let keys = state.runtime.store.list_keys(Some(&name)).await?.into_iter().map(key_info);
@@ -279,8 +278,8 @@ pub struct RevokeParams {
 pub async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
-    Q(params): Q<RevokeParams>,
+    Path(id): Path<String>,
+    Query(params): Query<RevokeParams>,
 ) -> Result<Json<ApiKeyInfo>, ApiError> {
     // One revocation at a time, so that two concurrent ones cannot both see a second
     // key left and together remove the last.

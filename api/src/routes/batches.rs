@@ -2,7 +2,6 @@
 //! resume, retry and cancel by id. The jobs of a batch are listed by
 //! `GET /v1/jobs?batch=ID`.
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -12,7 +11,8 @@ use cloudpipe_runtime::batch::BatchError;
 use cloudpipe_types::{BatchList, BatchRecord, BatchSpec};
 
 use crate::auth::Caller;
-use crate::{ApiError, AppState, P, parse_json, read_body};
+use crate::extract::{Json, Path, read_json};
+use crate::{ApiError, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -51,8 +51,7 @@ pub async fn create_batch(
     body: Body,
 ) -> Result<(StatusCode, Json<BatchRecord>), ApiError> {
     // Inputs can be many: a larger body than a job's.
-    let bytes = read_body(body, state.config.max_json_body.saturating_mul(8)).await?;
-    let spec: BatchSpec = parse_json(&bytes)?;
+    let spec: BatchSpec = read_json(body, state.config.max_json_body.saturating_mul(8)).await?;
     let record = state.runtime.batches.create(spec, &caller.tenant()).await?;
     Ok((StatusCode::CREATED, Json(record)))
 }
@@ -72,7 +71,7 @@ pub async fn list_batches(
 pub async fn get_batch(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<BatchRecord>, ApiError> {
     let record = state.runtime.batches.get(&id, owner(&caller)).await?;
     record.map(Json).ok_or_else(|| ApiError::NotFound(format!("batch {id:?} not found")))
@@ -85,7 +84,7 @@ pub async fn get_batch(
 pub async fn resume_batch(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<BatchRecord>, ApiError> {
     Ok(Json(state.runtime.batches.resume(&id, owner(&caller)).await?))
 }
@@ -98,7 +97,7 @@ pub async fn resume_batch(
 pub async fn retry_batch(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<BatchRecord>, ApiError> {
     Ok(Json(state.runtime.batches.retry(&id, owner(&caller)).await?))
 }
@@ -110,7 +109,7 @@ pub async fn retry_batch(
 pub async fn cancel_batch(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<BatchRecord>, ApiError> {
     Ok(Json(state.runtime.batches.cancel(&id, owner(&caller)).await?))
 }

@@ -2,7 +2,6 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::State;
@@ -15,7 +14,8 @@ use cloudpipe_types::{FunctionInfo, FunctionList, FunctionSettings, FunctionSett
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::{ApiError, AppState, P, Q, parse_json, read_body};
+use crate::extract::{Json, Path, Query};
+use crate::{ApiError, AppState, read_body};
 
 pub fn router() -> Router<AppState> {
     Router::new().route("/v1/functions", post(create_function).get(list_functions)).route(
@@ -193,7 +193,7 @@ async fn check_name_cap(state: &AppState, account: &str, name: &str) -> Result<(
 pub async fn create_function(
     State(state): State<AppState>,
     caller: Caller,
-    Q(params): Q<UploadParams>,
+    Query(params): Query<UploadParams>,
     body: Body,
 ) -> Result<(StatusCode, Json<FunctionInfo>), ApiError> {
     let registry = &state.runtime.registry;
@@ -257,7 +257,7 @@ pub async fn list_functions(
 pub async fn get_function(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
 ) -> Result<Json<FunctionInfo>, ApiError> {
     match state.runtime.registry.get(&caller.scope(), &name).await? {
         Some(m) => Ok(Json(info(m))),
@@ -274,11 +274,9 @@ pub async fn get_function(
 pub async fn update_function(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
-    body: Body,
+    Path(name): Path<String>,
+    Json(patch): Json<FunctionSettingsPatch>,
 ) -> Result<Json<FunctionInfo>, ApiError> {
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let patch: FunctionSettingsPatch = parse_json(&bytes)?;
     let not_found = || ApiError::NotFound(format!("function {name:?} not found"));
     let scope = caller.scope();
     let current = state
@@ -305,7 +303,7 @@ pub async fn update_function(
 pub async fn delete_function(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
 ) -> Result<Json<FunctionList>, ApiError> {
     let deleted = state.runtime.registry.delete(&caller.scope(), &name).await;
     state.invocations.functions.invalidate_all();

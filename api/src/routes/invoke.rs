@@ -44,8 +44,9 @@ use serde::Deserialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::auth::{Caller, ClientAddr, MaybeCaller};
+use crate::extract::{Path, Query};
 use crate::logs::StderrLines;
-use crate::{ApiError, AppState, P, Q, read_body};
+use crate::{ApiError, AppState, read_body};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -251,7 +252,7 @@ fn or_default<T: PartialEq + Default>(own: T, default: T) -> T {
 pub async fn invoke_function(
     State(state): State<AppState>,
     MaybeCaller(caller): MaybeCaller,
-    P(name): P<String>,
+    Path(name): Path<String>,
     req: Request,
 ) -> Response {
     invoke(state, caller, name, String::new(), req).await
@@ -260,7 +261,7 @@ pub async fn invoke_function(
 pub async fn invoke_function_path(
     State(state): State<AppState>,
     MaybeCaller(caller): MaybeCaller,
-    P((name, path)): P<(String, String)>,
+    Path((name, path)): Path<(String, String)>,
     req: Request,
 ) -> Response {
     invoke(state, caller, name, path, req).await
@@ -800,8 +801,8 @@ pub struct LogParams {
 pub async fn get_function_logs(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
-    Q(p): Q<LogParams>,
+    Path(name): Path<String>,
+    Query(p): Query<LogParams>,
 ) -> Result<Response, ApiError> {
     let Some(meta) = state.runtime.registry.get(&caller.scope(), &name).await? else {
         return Err(ApiError::NotFound(format!("function {name:?} not found")));

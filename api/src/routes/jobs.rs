@@ -3,9 +3,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::Json;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -20,7 +18,8 @@ use futures::Stream;
 use serde::Deserialize;
 
 use crate::auth::Caller;
-use crate::{ApiError, AppState, P, Q, parse_json, parse_wait, read_body};
+use crate::extract::{Json, Path, Query};
+use crate::{ApiError, AppState, parse_wait};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -72,12 +71,10 @@ fn wait_of(state: &AppState, p: &WaitParams) -> Result<Duration, ApiError> {
 pub async fn create_job(
     State(state): State<AppState>,
     caller: Caller,
-    Q(params): Q<WaitParams>,
-    body: Body,
+    Query(params): Query<WaitParams>,
+    Json(spec): Json<JobSpec>,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     let wait = wait_of(&state, &params)?;
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let spec: JobSpec = parse_json(&bytes)?;
     let tenant = caller.tenant();
     let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, &tenant, wait).await? {
         Inserted::Created(job) => (job, StatusCode::CREATED),
@@ -114,7 +111,7 @@ pub struct ListParams {
 pub async fn list_jobs(
     State(state): State<AppState>,
     caller: Caller,
-    Q(p): Q<ListParams>,
+    Query(p): Query<ListParams>,
 ) -> Result<Json<JobList>, ApiError> {
     let status = match &p.status {
         Some(s) => Some(JobStatus::parse(s).ok_or_else(|| {
@@ -163,7 +160,7 @@ pub async fn list_jobs(
 pub async fn get_job(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     Ok(Json(load(&state, &caller, &id).await?.to_record()))
 }
@@ -176,8 +173,8 @@ pub async fn get_job(
 pub async fn get_job_result(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
-    Q(mut params): Q<WaitParams>,
+    Path(id): Path<String>,
+    Query(mut params): Query<WaitParams>,
 ) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
     params.wait.get_or_insert_with(|| "30s".into());
     let wait = wait_of(&state, &params)?;
@@ -197,7 +194,7 @@ fn raw(bytes: Vec<u8>) -> Response {
 pub async fn get_job_stdout(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &caller, &id).await?.stdout))
 }
@@ -208,7 +205,7 @@ pub async fn get_job_stdout(
 pub async fn get_job_stderr(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(raw(load(&state, &caller, &id).await?.stderr))
 }
@@ -220,7 +217,7 @@ pub async fn get_job_stderr(
 pub async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Json<JobRecord>, ApiError> {
     let job = load(&state, &caller, &id).await?;
     let job = state.runtime.scheduler.cancel(job.id).await?.ok_or_else(|| not_found(&id))?;
@@ -372,7 +369,7 @@ pub async fn job_events(
     State(state): State<AppState>,
     caller: Caller,
     headers: axum::http::HeaderMap,
-    P(id): P<String>,
+    Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let jid = job_id(&id)?;
     let scheduler = state.runtime.scheduler.clone();

@@ -4,9 +4,7 @@
 //!
 //! Secrets are per account: each account (the admin's too) sees and uses only its own.
 
-use axum::Json;
 use axum::Router;
-use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
@@ -15,7 +13,8 @@ use cloudpipe_runtime::secrets::SecretRecord;
 use cloudpipe_types::{SecretInfo, SecretList, SecretPut};
 
 use crate::auth::Caller;
-use crate::{ApiError, AppState, P, parse_json, read_body};
+use crate::extract::{Json, Path};
+use crate::{ApiError, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -43,11 +42,9 @@ fn info(r: &SecretRecord) -> SecretInfo {
 pub async fn put_secret(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
-    body: Body,
+    Path(name): Path<String>,
+    Json(req): Json<SecretPut>,
 ) -> Result<(StatusCode, Json<SecretInfo>), ApiError> {
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let req: SecretPut = parse_json(&bytes)?;
     let record = state.runtime.secrets.put(&caller.account, &name, &req.value).await?;
     let status = match record.created_at == record.updated_at {
         true => StatusCode::CREATED,
@@ -75,7 +72,7 @@ pub async fn list_secrets(
 pub async fn delete_secret(
     State(state): State<AppState>,
     caller: Caller,
-    P(name): P<String>,
+    Path(name): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     match state.runtime.secrets.delete(&caller.account, &name).await? {
         true => Ok(StatusCode::NO_CONTENT),

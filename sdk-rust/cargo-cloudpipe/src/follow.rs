@@ -7,34 +7,7 @@ use anyhow::Context;
 use cloudpipe::{Client, JobEvent, JobRecord, JobStatus};
 
 use crate::ui::Ui;
-
-/// Ctrl-C (SIGINT), caught from the moment this exists: a job must never be left
-/// running because the signal came between its submit and the wait for it.
-pub struct Interrupts {
-    #[cfg(unix)]
-    sig: tokio::signal::unix::Signal,
-}
-
-impl Interrupts {
-    pub fn catch() -> anyhow::Result<Interrupts> {
-        #[cfg(unix)]
-        {
-            let sig = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-                .context("installing the Ctrl-C handler")?;
-            Ok(Interrupts { sig })
-        }
-        #[cfg(not(unix))]
-        Ok(Interrupts {})
-    }
-
-    /// Resolves at the next Ctrl-C.
-    pub async fn next(&mut self) {
-        #[cfg(unix)]
-        self.sig.recv().await;
-        #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
-    }
-}
+pub use cloudpipe_cli::Interrupts;
 
 /// What to do on Ctrl-C while following.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

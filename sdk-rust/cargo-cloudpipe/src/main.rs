@@ -10,14 +10,15 @@
 //!   (HTTP functions) and the binary it made.
 //! - `scaffold`: `new` (command, typed and HTTP crates).
 //! - `follow`: live output of a job, Ctrl-C to cancel, its exit code.
-//! - `ui`: status lines, the upload spinner, errors explained.
-//! - `batch`: one function over many inputs, its progress, and its summary.
+//! - `ui`: errors explained (the status lines and spinner are `cloudpipe-cli`'s).
+//!
+//! `batch` (one function over many inputs, its progress and summary) is the
+//! `cloudpipe-cli` crate's, shared with the server's `cloudpipe batch`.
 //!
 //! Exit codes: the job's own for `submit` and `result` (130 when it was cancelled);
 //! for `batch` 0 when every input succeeded, 1 otherwise, 130 on Ctrl-C; 2 when
 //! `cargo cloudpipe` itself failed.
 
-mod batch;
 mod build;
 mod follow;
 mod scaffold;
@@ -99,7 +100,31 @@ enum Cmd {
     Login(LoginArgs),
     /// Run a function once per line of stdin (its words appended to the arguments),
     /// a few at a time; prints `x/y OK` at the end and exits 0 only if all succeeded.
-    Batch(batch::BatchArgs),
+    Batch(BatchArgs),
+}
+
+/// `cargo cloudpipe batch`: the shared batch command, its function named or built
+/// from the crate here.
+#[derive(Args)]
+#[command(group(
+    clap::ArgGroup::new("function_source")
+        .args(["function", "name", "manifest_path", "bin"])
+        .multiple(true)
+        .conflicts_with_all(["resume", "retry"])
+))]
+struct BatchArgs {
+    #[command(flatten)]
+    build: BuildArgs,
+    /// The function every input runs (default: build the crate here and upload it,
+    /// as `submit` does).
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["manifest_path", "bin", "name"])]
+    function: Option<String>,
+    /// Name to upload the crate under when there is no --function (default: the
+    /// binary's name).
+    #[arg(long)]
+    name: Option<String>,
+    #[command(flatten)]
+    batch: cloudpipe_cli::batch::BatchFlags,
 }
 
 #[derive(Args)]
@@ -312,7 +337,19 @@ async fn run(cli: Cli, ui: Ui) -> anyhow::Result<i32> {
             Ok(0)
         }
         Cmd::Login(a) => login(&cli, a, ui).await,
-        Cmd::Batch(a) => batch::run(&client(&cli)?, a, ui).await,
+        Cmd::Batch(a) => {
+            let client = client(&cli)?;
+            let function = async || match &a.function {
+                Some(f) => Ok(f.clone()),
+                None => {
+                    let (target, settings) =
+                        (build::Target::Module, FunctionSettingsPatch::default());
+                    build_and_upload(&client, &a.build, target, a.name.as_deref(), &settings, ui)
+                        .await
+                }
+            };
+            cloudpipe_cli::batch::run(&client, &a.batch, function, ui, "cargo cloudpipe").await
+        }
     }
 }
 

@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "../../test-support/server.rs"]
-mod server;
-use server::{KEY, Server, lines_of, server_bin, workspace};
+use cloudpipe_test_support::serve::ADMIN_KEY as KEY;
+use cloudpipe_test_support::server;
+use server::{Server, lines_of, server_bin, workspace};
 
 /// Where every guest of every test builds: beside the server's own build output.
 fn guests_target() -> PathBuf {

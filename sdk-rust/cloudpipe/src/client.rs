@@ -4,8 +4,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use cloudpipe_types::{
+    Account, AccountCreate, AccountList, AccountPatch, ApiKeyCreate, ApiKeyInfo, ApiKeyList,
     BatchList, BatchRecord, BatchSpec, BatchStatus, FunctionInfo, FunctionList,
-    FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec, JobStatus, SecretInfo, SecretList,
+    FunctionSettingsPatch, Health, JobList, JobRecord, JobSpec, JobStatus, Me, NewApiKey,
+    SecretInfo, SecretList,
 };
 use reqwest::header::{self, HeaderMap};
 use reqwest::{Method, StatusCode, Url};
@@ -658,6 +660,72 @@ impl Client {
     /// Deletes one of the account's secrets.
     pub async fn delete_secret(&self, name: &str) -> Result<()> {
         self.send(Method::DELETE, self.endpoint(&["v1", "secrets", name], &[]), None).await?;
+        Ok(())
+    }
+
+    /// `GET /v1/me`: the account the key belongs to, its quotas in force and its usage.
+    pub async fn me(&self) -> Result<Me> {
+        self.json(Method::GET, self.endpoint(&["v1", "me"], &[]), None).await
+    }
+
+    /// Creates an account (admin).
+    ///
+    /// ```no_run
+    /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
+    /// use cloudpipe::{AccountCreate, Quotas, Role};
+    /// let quotas = Quotas { max_concurrent_jobs: Some(3), ..Quotas::default() };
+    /// let spec = AccountCreate {
+    ///     name: "erin".into(),
+    ///     role: Role::User,
+    ///     quotas,
+    ///     allow_network: false,
+    ///     allowed_outbound: vec![],
+    /// };
+    /// client.create_account(&spec).await?;
+    /// let key = client.create_key("erin", Some("laptop")).await?;
+    /// println!("erin's key (shown once): {}", key.key);
+    /// # Ok(()) }
+    /// ```
+    pub async fn create_account(&self, spec: &AccountCreate) -> Result<Account> {
+        let url = self.endpoint(&["v1", "accounts"], &[]);
+        self.json(Method::POST, url, Client::json_body(spec)).await
+    }
+
+    /// Every account (admin); a user's key sees its own only.
+    pub async fn accounts(&self) -> Result<Vec<Account>> {
+        let list: AccountList =
+            self.json(Method::GET, self.endpoint(&["v1", "accounts"], &[]), None).await?;
+        Ok(list.accounts)
+    }
+
+    /// One account.
+    pub async fn account(&self, name: &str) -> Result<Account> {
+        self.json(Method::GET, self.endpoint(&["v1", "accounts", name], &[]), None).await
+    }
+
+    /// Changes an account's settings (admin): each field given replaces that setting.
+    pub async fn update_account(&self, name: &str, patch: &AccountPatch) -> Result<Account> {
+        let url = self.endpoint(&["v1", "accounts", name], &[]);
+        self.json(Method::PATCH, url, Client::json_body(patch)).await
+    }
+
+    /// Creates an API key for an account; the answer is the only one carrying its secret.
+    pub async fn create_key(&self, account: &str, label: Option<&str>) -> Result<NewApiKey> {
+        let body = ApiKeyCreate { label: label.map(str::to_string) };
+        let url = self.endpoint(&["v1", "accounts", account, "keys"], &[]);
+        self.json(Method::POST, url, Client::json_body(&body)).await
+    }
+
+    /// An account's keys: ids and labels, never secrets.
+    pub async fn keys(&self, account: &str) -> Result<Vec<ApiKeyInfo>> {
+        let url = self.endpoint(&["v1", "accounts", account, "keys"], &[]);
+        let list: ApiKeyList = self.json(Method::GET, url, None).await?;
+        Ok(list.keys)
+    }
+
+    /// Revokes a key by its id (`key_…`).
+    pub async fn revoke_key(&self, id: &str) -> Result<()> {
+        self.send(Method::DELETE, self.endpoint(&["v1", "keys", id], &[]), None).await?;
         Ok(())
     }
 

@@ -33,12 +33,18 @@ pub struct Credentials {
 
 impl Credentials {
     /// Where the credentials file is (whether or not it exists); `None` when neither
-    /// `CLOUDPIPE_CREDENTIALS`, `XDG_CONFIG_HOME` nor `HOME` is set.
+    /// `CLOUDPIPE_CREDENTIALS`, `XDG_CONFIG_HOME` nor `HOME` is set. An empty variable
+    /// counts as unset.
     pub fn path() -> Option<PathBuf> {
-        let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-        if let Some(p) = var("CLOUDPIPE_CREDENTIALS") {
-            return Some(PathBuf::from(p));
+        match var("CLOUDPIPE_CREDENTIALS") {
+            Some(p) => Some(PathBuf::from(p)),
+            None => Credentials::home_path(),
         }
+    }
+
+    /// Where the credentials file is when `CLOUDPIPE_CREDENTIALS` is not set (as in a
+    /// new shell).
+    pub fn home_path() -> Option<PathBuf> {
         let config = match var("XDG_CONFIG_HOME") {
             Some(d) => PathBuf::from(d),
             None => PathBuf::from(var("HOME")?).join(".config"),
@@ -71,24 +77,38 @@ impl Credentials {
         }
         let mut text = serde_json::to_string_pretty(self).expect("credentials serialize");
         text.push('\n');
-        // Written beside the target and renamed over it, so that a reader never sees
-        // half a file and the key is never readable by others, even briefly.
-        let tmp = path.with_extension("json.tmp");
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
-        let mut f = opts.open(&tmp).map_err(|e| fail("write", e))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            f.set_permissions(std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| fail("set the permissions of", e))?;
-        }
+        // Written beside the target under a fresh name opened with O_EXCL (an existing
+        // file or link there, planted by another user of a shared directory, is never
+        // written through), mode 0600 from the moment it exists, and renamed over the
+        // target, so that a reader never sees half a file.
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let (tmp, mut f) = (0u32..)
+            .map(|n| dir.join(format!(".credentials.{}.{nanos}.{n}.tmp", std::process::id())))
+            .find_map(|tmp| {
+                let mut opts = std::fs::OpenOptions::new();
+                opts.write(true).create_new(true);
+                #[cfg(unix)]
+                std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+                match opts.open(&tmp) {
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => None,
+                    r => Some(r.map(|f| (tmp, f))),
+                }
+            })
+            .expect("an endless range")
+            .map_err(|e| fail("write", e))?;
         std::io::Write::write_all(&mut f, text.as_bytes()).map_err(|e| fail("write", e))?;
         f.sync_all().map_err(|e| fail("write", e))?;
+        drop(f);
         std::fs::rename(&tmp, path).map_err(|e| fail("write", e))
     }
+}
+
+/// An environment variable's value; an empty one counts as unset.
+fn var(key: &str) -> Option<std::ffi::OsString> {
+    std::env::var_os(key).filter(|v| !v.is_empty())
 }
 
 /// Where to connect and how to authenticate; plain data, see the module docs for
@@ -128,14 +148,17 @@ impl Config {
     /// Like [`Config::from_env`] with values given explicitly (command-line flags)
     /// taking precedence over everything else.
     pub fn resolve(url: Option<String>, api_key: Option<String>) -> Result<Config> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let env = |k: &str| var(k).and_then(|v| v.into_string().ok());
         let file = match Credentials::path() {
             Some(p) => Credentials::load(&p)?.unwrap_or_default(),
             None => Credentials::default(),
         };
+        // A flag given empty (`--url ""`, or clap's env fallback of an empty variable)
+        // counts as unset, like an empty variable.
+        let given = |v: Option<String>| v.filter(|v| !v.is_empty());
         Ok(Config::layer(
-            [url, env("CLOUDPIPE_URL"), file.url],
-            [api_key, env("CLOUDPIPE_API_KEY"), file.api_key],
+            [given(url), env("CLOUDPIPE_URL"), file.url],
+            [given(api_key), env("CLOUDPIPE_API_KEY"), file.api_key],
             file.account,
         ))
     }

@@ -59,9 +59,10 @@ pub mod sse;
 
 pub use client::{Client, Invocation, InvokeResponse, JobQuery};
 pub use cloudpipe_types::{
-    BatchCounts, BatchList, BatchRecord, BatchSpec, BatchStatus, EnvValue, ErrorBody, FunctionInfo,
-    FunctionKind, FunctionSettings, FunctionSettingsPatch, JobError, JobEvent, JobList, JobRecord,
-    JobSpec, JobStatus, SecretInfo, SecretList, SecretRef,
+    Account, AccountCreate, AccountPatch, ApiKeyInfo, BatchCounts, BatchList, BatchRecord,
+    BatchSpec, BatchStatus, EnvValue, ErrorBody, FunctionInfo, FunctionKind, FunctionSettings,
+    FunctionSettingsPatch, JobError, JobEvent, JobList, JobRecord, JobSpec, JobStatus, Me,
+    NewApiKey, Quotas, Role, SecretInfo, SecretList, SecretRef,
 };
 pub use config::{Config, Credentials, DEFAULT_URL};
 pub use error::{Error, Result};

@@ -9,9 +9,9 @@ use cloudpipe::{
 };
 use cloudpipe_test_programs_artifacts as programs;
 
-#[path = "../../test-support/server.rs"]
-mod server;
-use server::{KEY, Server};
+use cloudpipe_test_support::serve::ADMIN_KEY as KEY;
+use cloudpipe_test_support::server;
+use server::Server;
 
 fn client(url: &str) -> Client {
     Client::new(Config { api_key: Some(KEY.into()), ..Config::new(url) }).unwrap()

@@ -187,7 +187,7 @@ fn server_binary(root: &Path) -> PathBuf {
     let server = profile_dir.join(format!("cloudpipe{}", std::env::consts::EXE_SUFFIX));
     let built = std::fs::metadata(&server).and_then(|m| m.modified()).ok();
     let mut sources = vec![root.join("Cargo.lock"), root.join("Cargo.toml")];
-    for krate in ["api", "api/types", "runtime"] {
+    for krate in ["api", "types", "runtime", "sdk-rust/cloudpipe", "sdk-rust/cloudpipe-cli"] {
         sources.push(root.join(krate).join("Cargo.toml"));
         sources.push(root.join(krate).join("src"));
     }

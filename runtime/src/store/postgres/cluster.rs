@@ -309,6 +309,8 @@ impl Cluster for PgStore {
 
     fn set_executors(&self, names: Vec<String>) {
         *self.shared.executors.write().unwrap() = Some(names);
+        // Jobs of an executor that just came up may be waiting: claim.
+        self.shared.send(ClusterEvent::Queued);
     }
 
     fn is_leader(&self) -> bool {

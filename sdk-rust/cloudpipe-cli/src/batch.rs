@@ -1,37 +1,28 @@
-//! `cargo cloudpipe batch`: one function over the lines of stdin (cloudtask-style),
-//! followed to its end with a progress line, then a one-line summary.
+//! The batch command of both command lines (`cloudpipe batch`, `cargo cloudpipe
+//! batch`): one function over the lines of stdin (cloudtask-style), followed to its
+//! end with a progress line, then a one-line summary.
 //!
-//! The same flags and output as the server's own `cloudpipe batch`: `x/y OK`, or
-//! `x/y !OK - P pending, T timeouts, E errors, S OK`, on stdout; exit 0 only when
-//! every input succeeded, 1 otherwise, 130 after Ctrl-C (which cancels the batch and
-//! says how to resume it).
+//! The summary goes to stdout: `x/y OK`, or `x/y !OK - P pending, T timeouts, E errors,
+//! S OK`; the exit code is 0 only when every input succeeded, 1 otherwise, 130 after
+//! Ctrl-C (which cancels the batch and says how to resume it).
 
 use std::io::{IsTerminal, Read, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use cloudpipe::{BatchRecord, BatchSpec, BatchStatus, Client, FunctionSettingsPatch, JobSpec};
+use cloudpipe::{BatchRecord, BatchSpec, BatchStatus, Client, JobSpec};
 
-use crate::build::BuildArgs;
-use crate::follow::Interrupts;
-use crate::ui::Ui;
+use crate::{Interrupts, Ui};
 
 /// How often the batch is looked at while it runs.
 const POLL: Duration = Duration::from_millis(200);
 
-#[derive(Args)]
-pub struct BatchArgs {
-    #[command(flatten)]
-    pub build: BuildArgs,
-    /// The function every input runs (default: build the crate here and upload it,
-    /// as `submit` does).
-    #[arg(long, value_name = "NAME", conflicts_with_all = ["manifest_path", "bin", "name"])]
-    pub function: Option<String>,
-    /// Name to upload the crate under when there is no --function (default: the
-    /// binary's name).
-    #[arg(long)]
-    pub name: Option<String>,
+/// The flags of the batch command both binaries share; each adds how the function
+/// is named (`--function`, or a crate to build), which conflicts with `--resume` and
+/// `--retry`.
+#[derive(Args, Debug, Clone)]
+pub struct BatchFlags {
     /// Most jobs running at once.
     #[arg(long, default_value_t = 8)]
     pub split: u32,
@@ -48,40 +39,36 @@ pub struct BatchArgs {
     #[arg(long)]
     pub hook: Option<String>,
     /// Run the pending inputs of a stopped batch instead of starting one.
-    #[arg(long, value_name = "ID", conflicts_with_all = ["retry", "function", "name", "manifest_path", "bin"])]
+    #[arg(long, value_name = "ID", conflicts_with = "retry")]
     pub resume: Option<String>,
     /// Run the failed and timed-out inputs of a batch again.
-    #[arg(long, value_name = "ID", conflicts_with_all = ["resume", "function", "name", "manifest_path", "bin"])]
+    #[arg(long, value_name = "ID")]
     pub retry: Option<String>,
     /// Arguments before each input's words (after `--`).
     #[arg(last = true, value_name = "ARGS")]
     pub args: Vec<String>,
 }
 
-/// `30s`, `500ms`, `2m`, `1.5s`; a bare number is seconds (as the server's `wait`).
+/// A job timeout: as the server reads a wait (`30s`, `500ms`, `2m`, `1.5s`, a bare
+/// number is seconds), above zero and at most a day.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("bad duration {s:?}: use e.g. 30s, 500ms or 2m");
-    let t = s.trim();
-    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => t.split_at(i),
-        None => (t, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| bad())?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        _ => return Err(bad()),
-    };
-    if !secs.is_finite() || secs <= 0.0 || secs > 86_400.0 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(secs))
+    cloudpipe_types::parse_duration(s)
+        .filter(|d| !d.is_zero() && *d <= Duration::from_secs(86_400))
+        .ok_or_else(|| format!("bad duration {s:?}: use e.g. 30s, 500ms or 2m"))
 }
 
 /// Starts (or resumes, or retries) the batch, follows it, prints the summary; the
-/// process's exit code.
-pub async fn run(client: &Client, a: &BatchArgs, ui: Ui) -> anyhow::Result<i32> {
+/// process's exit code. `function` names the function every input runs; it is
+/// called once the inputs are read (so that a mistake in them shows before a build).
+/// `program` is how the user ran this command (`cloudpipe`, `cargo cloudpipe`), for
+/// the hint after Ctrl-C.
+pub async fn run(
+    client: &Client,
+    a: &BatchFlags,
+    function: impl AsyncFnOnce() -> anyhow::Result<String>,
+    ui: Ui,
+    program: &str,
+) -> anyhow::Result<i32> {
     let (verb, starting) = match (&a.resume, &a.retry) {
         (Some(id), _) => ("Resumed", Starting::Resume(id.clone())),
         (_, Some(id)) => ("Retrying", Starting::Retry(id.clone())),
@@ -96,20 +83,7 @@ pub async fn run(client: &Client, a: &BatchArgs, ui: Ui) -> anyhow::Result<i32> 
             if input.trim().is_empty() {
                 bail!("no inputs on stdin: give one per line (its words are the job's arguments)");
             }
-            let function = match &a.function {
-                Some(f) => f.clone(),
-                None => {
-                    crate::build_and_upload(
-                        client,
-                        &a.build,
-                        crate::build::Target::Module,
-                        a.name.as_deref(),
-                        &FunctionSettingsPatch::default(),
-                        ui,
-                    )
-                    .await?
-                }
-            };
+            let function = function().await?;
             let spec = BatchSpec {
                 template: JobSpec { function, args: a.args.clone(), ..JobSpec::default() },
                 input_text: Some(input),
@@ -144,7 +118,7 @@ pub async fn run(client: &Client, a: &BatchArgs, ui: Ui) -> anyhow::Result<i32> 
     let id = created.id.clone();
     ui.status(verb, format_args!("batch {id}: {} inputs, split {}", created.total, created.split));
     if interrupted {
-        return cancel(client, &id, ui).await;
+        return cancel(client, &id, ui, program).await;
     }
 
     let progress = Progress::new(ui);
@@ -158,7 +132,7 @@ pub async fn run(client: &Client, a: &BatchArgs, ui: Ui) -> anyhow::Result<i32> 
             () = tokio::time::sleep(POLL) => {}
             () = interrupts.next() => {
                 progress.end();
-                return cancel(client, &id, ui).await;
+                return cancel(client, &id, ui, program).await;
             }
         }
         b = client.batch(&id).await?;
@@ -185,7 +159,7 @@ enum Starting {
 }
 
 /// Cancels the batch after Ctrl-C and says how to run what is left; exit code 130.
-async fn cancel(client: &Client, id: &str, ui: Ui) -> anyhow::Result<i32> {
+async fn cancel(client: &Client, id: &str, ui: Ui, program: &str) -> anyhow::Result<i32> {
     ui.status("Cancelling", format_args!("batch {id}"));
     let mut tries = 0;
     let b = loop {
@@ -201,7 +175,7 @@ async fn cancel(client: &Client, id: &str, ui: Ui) -> anyhow::Result<i32> {
     // Printed even with --quiet: without it the batch is hard to pick up again.
     eprintln!(
         "batch {id} {} with {} of {} inputs pending; run what is left with: \
-         cargo cloudpipe batch --resume {id}",
+         {program} batch --resume {id}",
         status_str(b.status),
         b.counts.pending,
         b.total
@@ -290,7 +264,7 @@ mod tests {
     use cloudpipe::BatchCounts;
 
     #[test]
-    fn durations_as_the_server_reads_them() {
+    fn durations_as_the_server_reads_them_but_positive() {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
@@ -301,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn the_summary_line_matches_the_server_cli() {
+    fn the_summary_line_counts_errors_and_pending() {
         let mut b = BatchRecord {
             id: "b".into(),
             account: "admin".into(),

@@ -11,6 +11,12 @@
 //! - [`EnvValue`]: an environment variable's value, a text or a [`SecretRef`].
 //! - [`SecretPut`], [`SecretInfo`], [`SecretList`]: write-only secrets.
 //! - [`ErrorBody`]: every error answer, `{"error": {"code", "message"}}`.
+//! - [`BatchSpec`], [`BatchRecord`], [`BatchStatus`], [`BatchCounts`], [`BatchList`]: one
+//!   job template over many inputs.
+//! - [`Account`], [`AccountCreate`], [`AccountPatch`], [`Quotas`], [`Role`], [`Me`]:
+//!   accounts and their limits; [`ApiKeyCreate`], [`ApiKeyInfo`], [`NewApiKey`]: their keys.
+//! - [`ExecutorList`], [`NodeList`], [`Health`], [`LogList`]: the server's own state.
+//! - [`parse_duration`]: durations as the API writes them (`30s`, `500ms`, `2m`).
 //!
 //! # Example
 //! ```
@@ -31,6 +37,32 @@ use serde::{Deserialize, Serialize};
 
 #[cfg(feature = "openapi")]
 use utoipa::ToSchema;
+
+/// A duration as the API and its command lines write them (`?wait=30s`, a batch's
+/// `--timeout`): `30s`, `500ms`, `2m`, `1.5s`; a bare number is seconds. `None` when it
+/// is none of these (or negative); each caller bounds it as its use needs.
+///
+/// ```
+/// use std::time::Duration;
+/// assert_eq!(cloudpipe_types::parse_duration("1.5"), Some(Duration::from_millis(1500)));
+/// assert_eq!(cloudpipe_types::parse_duration("3h"), None);
+/// ```
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return None,
+    };
+    (secs.is_finite() && secs >= 0.0)
+        .then(|| std::time::Duration::from_secs_f64(secs.min(u32::MAX as f64)))
+}
 
 /// What kind of Wasm binary a function is; decided at upload from the binary itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

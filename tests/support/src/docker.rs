@@ -5,7 +5,6 @@
 //! the test image from Debian's busybox-static with `docker import` (there is no image
 //! registry here). When neither can be done the tests fail, saying what to install:
 //! they never skip.
-#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Command, Stdio};

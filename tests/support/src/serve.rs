@@ -1,7 +1,5 @@
-//! Starts the real `cloudpipe serve` as a child process on a port the OS picks.
-//! Shared by the end-to-end tests and the load benchmark (`#[path]`-included, so each
-//! includer uses only part of it).
-#![allow(dead_code)]
+//! Starts the real `cloudpipe serve` as a child process on a port the OS picks, and
+//! what benchmarks read of it (metrics, peak memory, the machine line).
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -43,8 +41,19 @@ pub fn spawn_serve_with(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> ServeProcess {
+    spawn_serve_on(bin, "127.0.0.1:0", data_dir, extra, env)
+}
+
+/// [`spawn_serve_with`] listening on `listen`.
+pub fn spawn_serve_on(
+    bin: &str,
+    listen: &str,
+    data_dir: &Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> ServeProcess {
     let mut child = Command::new(bin)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .args(["serve", "--listen", listen, "--data-dir"])
         .arg(data_dir)
         .args(extra)
         .env("RUST_LOG", "info")

@@ -1,16 +1,14 @@
-//! The real `cloudpipe serve` for the SDK's tests (`#[path]`-included by the test
-//! binaries of `cloudpipe` and `cargo-cloudpipe`, each using part of it).
-#![allow(dead_code)]
+//! [`Server`]: the real `cloudpipe serve` for tests of crates that do not build the
+//! binary themselves (the SDK's `cloudpipe` and `cargo-cloudpipe`): [`server_bin`]
+//! finds it, or builds it when its sources are newer.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-/// The admin key every test server is started with.
-pub const KEY: &str = "sdk-test-admin-key-0123456789abcdef";
+use crate::serve::ADMIN_KEY;
 
 /// The workspace's root directory.
 pub fn workspace() -> PathBuf {
@@ -30,10 +28,17 @@ pub fn server_bin() -> &'static Path {
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("target"));
         let built = target.join("debug").join("cloudpipe");
-        let newest_source = ["api/src", "api/types/src", "runtime/src", "Cargo.lock"]
-            .iter()
-            .filter_map(|p| newest_mtime(&root.join(p)))
-            .max();
+        let newest_source = [
+            "api/src",
+            "types/src",
+            "runtime/src",
+            "sdk-rust/cloudpipe/src",
+            "sdk-rust/cloudpipe-cli/src",
+            "Cargo.lock",
+        ]
+        .iter()
+        .filter_map(|p| newest_mtime(&root.join(p)))
+        .max();
         let built_at = std::fs::metadata(&built).and_then(|m| m.modified()).ok();
         if let (Some(b), Some(s)) = (built_at, newest_source)
             && b >= s
@@ -81,10 +86,10 @@ pub fn without_test_env(cmd: &mut Command) {
     }
 }
 
-/// A `cloudpipe serve` child with its own data directory, started with [`KEY`] as
-/// its admin key; killed on drop.
+/// A `cloudpipe serve` child with its own data directory, started with
+/// [`ADMIN_KEY`](crate::serve::ADMIN_KEY) as its admin key; killed on drop.
 pub struct Server {
-    child: Child,
+    process: crate::serve::ServeProcess,
     /// `http://127.0.0.1:PORT`
     pub url: String,
     _data: tempfile::TempDir,
@@ -99,45 +104,22 @@ impl Server {
     /// A server listening on `addr`; waits until it serves.
     pub fn start_on(addr: &str) -> Server {
         let data = tempfile::tempdir().unwrap();
-        let mut child = Command::new(server_bin())
-            .args(["serve", "--listen", addr, "--data-dir"])
-            .arg(data.path().join("data"))
-            .env("CLOUDPIPE_ADMIN_KEY", KEY)
-            // Where the server writes its credentials file on first start: not $HOME.
-            .env("CLOUDPIPE_CREDENTIALS", data.path().join("server-credentials.json"))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting cloudpipe serve");
-        let lines = lines_of(child.stderr.take().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut log = String::new();
-        let url = loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let Ok(line) = lines.recv_timeout(left) else {
-                let _ = child.kill();
-                panic!("cloudpipe serve did not start:\n{log}");
-            };
-            log.push_str(&line);
-            log.push('\n');
-            if line.contains("cloudpipe serving")
-                && let Some(a) = line.split_whitespace().find_map(|w| w.strip_prefix("listen="))
-            {
-                break format!("http://{a}");
-            }
-        };
-        // Keep draining the log so that the server never blocks on a full pipe.
-        std::thread::spawn(move || for _ in lines {});
-        Server { child, url, _data: data }
+        let bin = server_bin().to_str().expect("a UTF-8 path").to_string();
+        let process = crate::serve::spawn_serve_on(
+            &bin,
+            addr,
+            &data.path().join("data"),
+            &[],
+            &[("CLOUDPIPE_ADMIN_KEY", ADMIN_KEY)],
+        );
+        Server { url: process.url.clone(), process, _data: data }
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.process.child.kill();
+        let _ = self.process.child.wait();
     }
 }
 
