@@ -53,6 +53,9 @@ pub struct SchedulerConfig {
     pub retention: Retention,
     /// How often retention runs.
     pub retention_interval: Duration,
+    /// Images docker jobs may name: exact references, or prefixes ending in `*`
+    /// (`docker.io/library/*`, `alpine*`); empty: any.
+    pub docker_images: Vec<String>,
 }
 
 impl Default for SchedulerConfig {
@@ -71,6 +74,7 @@ impl Default for SchedulerConfig {
                 max_finished_per_account: 1_000_000,
             },
             retention_interval: Duration::from_secs(1),
+            docker_images: Vec::new(),
         }
     }
 }
@@ -857,7 +861,9 @@ impl Inner {
         let invalid = |m: String| Err(SubmitError::Invalid(m));
         let executor = spec.executor.clone().unwrap_or_else(|| self.executor.default_name().into());
         let container = match executor.as_str() {
-            "docker" => Some(container_spec(&spec).map_err(SubmitError::Invalid)?),
+            "docker" => {
+                Some(container_spec(&spec, &c.docker_images).map_err(SubmitError::Invalid)?)
+            }
             "vm" => Some(vm_spec(&spec).map_err(SubmitError::Invalid)?),
             _ => {
                 if spec.image.is_some()
@@ -1404,12 +1410,18 @@ fn run_span(job: &Job) -> tracing::Span {
 }
 
 /// The container of a `docker` job spec, checked.
-fn container_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
+fn container_spec(spec: &JobSpec, allowed: &[String]) -> Result<crate::job::ContainerSpec, String> {
     let image = spec.image.clone().filter(|i| !i.trim().is_empty()).ok_or_else(|| {
         "a docker job needs `image` (an image present on the Docker engine)".to_string()
     })?;
     if image.len() > 512 || image.contains(char::is_whitespace) {
         return Err(format!("{image:?} is not an image reference"));
+    }
+    if !image_allowed(&image, allowed) {
+        return Err(format!(
+            "image {image:?} is not one this server runs (allowed: {})",
+            allowed.join(", ")
+        ));
     }
     if !spec.function.is_empty() {
         return Err("a docker job runs `image` and `command`, not `function`".into());
@@ -1442,6 +1454,16 @@ fn container_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
         result_file,
         network: false,
     })
+}
+
+/// Whether `image` matches one of the operator's patterns (exact, or a prefix ending
+/// in `*`); every image when there are none.
+fn image_allowed(image: &str, allowed: &[String]) -> bool {
+    allowed.is_empty()
+        || allowed.iter().any(|p| match p.strip_suffix('*') {
+            Some(prefix) => image.starts_with(prefix),
+            None => image == p,
+        })
 }
 
 /// The command of a `vm` job spec, checked: it runs as a container without an image

@@ -335,3 +335,30 @@ async fn tmp_is_capped_even_for_jobs_with_a_result_file() {
     );
     assert!(!s.log().contains("uncapped"), "{}", s.log());
 }
+
+#[tokio::test]
+async fn jobs_get_a_default_cpu_limit_and_only_allowed_images_run() {
+    ensure_image();
+    let allowed = format!("{TEST_IMAGE},docker.io/acme/*");
+    let s = TestServer::start(&["--docker-cpus", "0.5", "--docker-images", &allowed]).await;
+    // No `cpus` in the spec: the server's default (half a CPU) holds; a job's own
+    // `cpus` replaces it.
+    // `quota period`, from cgroup v2 or v1.
+    let cpu_max = "cat /sys/fs/cgroup/cpu.max 2>/dev/null || \
+         echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us)";
+    let job = s.run(sh(cpu_max)).await;
+    assert_eq!(job["status"], "succeeded", "{job}");
+    assert_eq!(job["stdout"], "50000 100000\n", "{job}");
+    let job = s.run(with(sh(cpu_max), json!({"cpus": 2}))).await;
+    assert_eq!(job["stdout"], "200000 100000\n", "{job}");
+    // Images off the operator's list are refused before anything runs.
+    for image in ["ubuntu:24.04", "docker.io/evil/acme", &format!("{TEST_IMAGE}-other")] {
+        let spec = json!({"executor": "docker", "image": image, "command": ["true"]});
+        let (st, body) = s.post_json("/v1/jobs", &spec).await;
+        assert_eq!((st, code(&body)), (StatusCode::BAD_REQUEST, "invalid_request"), "{body}");
+        assert!(body.to_string().contains("not one this server runs"), "{body}");
+    }
+    let spec = json!({"executor": "docker", "image": "docker.io/acme/tool:1", "command": ["true"]});
+    let (st, body) = s.post_json("/v1/jobs", &spec).await;
+    assert_ne!(st, StatusCode::BAD_REQUEST, "a prefix match is allowed: {body}");
+}

@@ -90,6 +90,8 @@ pub struct DockerConfig {
     pub user: String,
     /// Most processes (and threads) in one container: a fork bomb stops here.
     pub pids_limit: i64,
+    /// CPU limit of a job that asks for none, in billionths of a CPU (`None`: none).
+    pub default_nano_cpus: Option<u64>,
     /// Size of the tmpfs mounted at `/tmp`, the only writable place (`64m`).
     pub tmp_size: String,
     /// Where the size-capped `/tmp` of jobs with a result file is mounted on the host
@@ -108,6 +110,7 @@ impl Default for DockerConfig {
             socket: None,
             user: "65534:65534".into(),
             pids_limit: 256,
+            default_nano_cpus: Some(1_000_000_000),
             tmp_size: "64m".into(),
             scratch_dir: None,
             instance: "default".into(),
@@ -250,7 +253,10 @@ impl DockerExecutor {
             pids_limit: Some(self.config.pids_limit),
             memory: Some(memory),
             memory_swap: Some(memory),
-            nano_cpus: c.nano_cpus.map(|n| n.min(i64::MAX as u64) as i64),
+            nano_cpus: c
+                .nano_cpus
+                .or(self.config.default_nano_cpus)
+                .map(|n| n.min(i64::MAX as u64) as i64),
             ..Default::default()
         };
         ContainerCreateBody {

@@ -16,7 +16,8 @@
 //! together behind a barrier; [`VmExecutor::reserve`] holds N clones for a while first.
 //!
 //! # Limits and isolation
-//! No network device at all. The guest has `memory_mb` of RAM (the template's); the
+//! No network device at all. Clones run under QEMU's seccomp sandbox and, when the
+//! server is root, as their own user in an empty chroot (`clone::Confined`). The guest has `memory_mb` of RAM (the template's); the
 //! job's `memory_mb` caps its address space inside (`RLIMIT_AS`), and a guest OOM kill
 //! is reported as `memory_limit`. The timeout and cancel kill the clone.
 //!
@@ -71,7 +72,7 @@ use clone::Vm;
 use frame::JobFrame;
 use template::{Template, check};
 
-pub use config::VmConfig;
+pub use config::{DEFAULT_RUN_AS, VmConfig};
 pub use fanout::{FanOut, Reservation};
 pub use initramfs::initramfs;
 

@@ -257,6 +257,13 @@ pub struct ExecutorFlags {
     /// Size of a docker job's `/tmp` (its only writable place), in MiB.
     #[arg(long, env = "CLOUDPIPE_DOCKER_TMP_MB", default_value_t = 64)]
     pub docker_tmp_mb: u64,
+    /// CPUs a docker job gets when it names none (`cpus`); 0: no limit.
+    #[arg(long, env = "CLOUDPIPE_DOCKER_CPUS", default_value_t = 1.0)]
+    pub docker_cpus: f64,
+    /// Images docker jobs may run, comma-separated: exact references, or prefixes
+    /// ending in `*` (`docker.io/library/*,ghcr.io/acme/*`) [default: any].
+    #[arg(long, env = "CLOUDPIPE_DOCKER_IMAGES", value_delimiter = ',')]
+    pub docker_images: Vec<String>,
     /// The image Cloudpipe v1 jobs (`POST /v1/job`) run in (present on the engine).
     #[arg(long, env = "CLOUDPIPE_V1_IMAGE", default_value = "cloudpipe/runner:latest")]
     pub v1_image: String,
@@ -292,6 +299,21 @@ pub struct VmFlags {
     /// [default: DATA_DIR/vm/templates].
     #[arg(long, env = "CLOUDPIPE_VM_SNAPSHOT_DIR")]
     pub vm_snapshot_dir: Option<PathBuf>,
+    /// `UID:GID` that clones (where jobs' commands run) drop to when the server runs
+    /// as root; they also chroot into an empty directory. A user of their own, owning
+    /// no file.
+    #[arg(long, env = "CLOUDPIPE_VM_RUN_AS", default_value = "64999:64999", value_parser = parse_ids)]
+    pub vm_run_as: (u32, u32),
+}
+
+fn parse_ids(s: &str) -> Result<(u32, u32), String> {
+    let (uid, gid) = s.split_once(':').ok_or("use UID:GID (numbers)")?;
+    let id = |v: &str| v.trim().parse::<u32>().map_err(|_| format!("{v:?} is not a number"));
+    let (uid, gid) = (id(uid)?, id(gid)?);
+    if uid == 0 || gid == 0 {
+        return Err("clones must not run as root (0)".into());
+    }
+    Ok((uid, gid))
 }
 
 fn parse_cors_origin(s: &str) -> Result<String, String> {
@@ -470,6 +492,18 @@ impl ExecutorFlags {
             "--docker-tmp-mb must be 1 to 1048576"
         );
         c.docker.tmp_size = format!("{}m", self.docker_tmp_mb);
+        anyhow::ensure!(
+            self.docker_cpus.is_finite() && (0.0..=1024.0).contains(&self.docker_cpus),
+            "--docker-cpus must be 0 to 1024"
+        );
+        c.docker.default_nano_cpus =
+            (self.docker_cpus > 0.0).then_some((self.docker_cpus * 1e9) as u64);
+        c.scheduler.docker_images = self
+            .docker_images
+            .iter()
+            .map(|i| i.trim().to_string())
+            .filter(|i| !i.is_empty())
+            .collect();
         c.docker.pull = PullPolicy::parse(&self.docker_pull).context("unknown --docker-pull")?;
         c.docker.registries = self
             .docker_registries
@@ -492,6 +526,7 @@ impl VmFlags {
         c.pool_size = self.vm_pool;
         c.accel = Some(self.vm_accel.clone());
         c.snapshot_dir = self.vm_snapshot_dir.clone();
+        c.run_as = self.vm_run_as;
         c.agent = match &self.vm_agent {
             Some(p) => Some(p.clone()),
             None if built_in.is_empty() => None,

@@ -20,6 +20,59 @@ use super::{Inner, RESTORE_TIMEOUT};
 use crate::executor::{Capped, OutputSink, OutputStream, RunRequest};
 use crate::job::JobOutcome;
 
+/// The fd a clone reads its snapshot from.
+const SNAPSHOT_FD: i32 = 3;
+
+/// How a clone (where jobs' commands run) is confined, beside having no network
+/// device: QEMU's seccomp sandbox with no process spawning, no obsolete or
+/// resource-control system calls; its snapshot handed over as an open fd (it opens
+/// no file by name); and, when the server is root, QEMU drops to
+/// [`VmConfig::run_as`](super::VmConfig::run_as) and chroots into an empty directory
+/// once it has set up, so a guest that escaped into QEMU could neither read the data
+/// directory (nor any other file) nor act as root. A server that is not root runs
+/// clones as itself, with privilege-raising system calls denied too.
+///
+/// Changing its user clears QEMU's `PR_SET_PDEATHSIG`: after a `kill -9` of a root
+/// server its clones live on (paused) until the reaper at the next start.
+struct Confined {
+    snapshot: std::fs::File,
+    /// `(uid, gid, empty directory)` when the server is root.
+    drop_to: Option<(u32, u32, PathBuf)>,
+}
+
+impl Confined {
+    fn open(inner: &Inner, snapshot: &Path) -> anyhow::Result<Confined> {
+        let snapshot = std::fs::File::open(snapshot)
+            .with_context(|| format!("opening the snapshot {}", snapshot.display()))?;
+        #[allow(unsafe_code)]
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let drop_to = match root {
+            true => {
+                let (uid, gid) = inner.config.run_as;
+                Some((uid, gid, inner.config.empty_dir()?))
+            }
+            false => None,
+        };
+        Ok(Confined { snapshot, drop_to })
+    }
+
+    fn args(&self) -> Vec<String> {
+        let mut sandbox = "on,obsolete=deny,spawn=deny,resourcecontrol=deny".to_string();
+        let mut args = vec!["-incoming".to_string(), format!("fd:{SNAPSHOT_FD}")];
+        match &self.drop_to {
+            // QEMU changes its ids itself, after the sandbox is in place.
+            Some((uid, gid, empty)) => {
+                args.extend(["-runas".into(), format!("{uid}:{gid}")]);
+                args.extend(["-chroot".into(), empty.display().to_string()]);
+            }
+            None => sandbox.push_str(",elevateprivileges=deny"),
+        }
+        args.extend(["-sandbox".into(), sandbox]);
+        args
+    }
+}
+
 /// One QEMU process: the template while it boots, or a clone. Killed when dropped.
 pub(super) struct Vm {
     child: Child,
@@ -51,8 +104,20 @@ enum End {
 }
 
 impl Vm {
-    /// Starts QEMU with `args` plus this server's label, a pidfile and a monitor.
+    /// Starts QEMU with `args` plus this server's label, a pidfile and a monitor, under
+    /// QEMU's seccomp sandbox. Used for templates (which run only the agent, never a
+    /// job's command); clones are [`Vm::restore`]d.
     pub async fn spawn(inner: &Inner, args: &[String], extra: &[&str]) -> anyhow::Result<Vm> {
+        Vm::spawn_with(inner, args, extra, None).await
+    }
+
+    /// [`Vm::spawn`]; with `confined`, restored from its snapshot and confined.
+    async fn spawn_with(
+        inner: &Inner,
+        args: &[String],
+        extra: &[&str],
+        confined: Option<Confined>,
+    ) -> anyhow::Result<Vm> {
         let n = inner.seq.fetch_add(1, Ordering::Relaxed);
         let dir = inner.config.clones_dir();
         let base = dir.join(format!("{}-{n}", std::process::id()));
@@ -73,11 +138,23 @@ impl Vm {
             .stderr(std::fs::File::create(&log).context("creating the VM's log")?)
             .process_group(0)
             .kill_on_drop(true);
+        let snapshot_fd = match &confined {
+            Some(c) => {
+                cmd.args(c.args());
+                Some(std::os::fd::AsRawFd::as_raw_fd(&c.snapshot))
+            }
+            None => {
+                // Templates migrate out through `exec:`, so they may spawn.
+                cmd.args(["-sandbox", "on,obsolete=deny,resourcecontrol=deny"]);
+                None
+            }
+        };
         #[allow(unsafe_code)]
-        // SAFETY: only async-signal-safe calls (prctl, getppid, kill) between fork and
-        // exec. QEMU gets SIGKILL when the thread that started it (a runtime worker,
+        // SAFETY: only async-signal-safe calls (prctl, getppid, kill, dup2) between fork
+        // and exec. QEMU gets SIGKILL when the thread that started it (a runtime worker,
         // living as long as the server) dies, `kill -9` of the server included; if the
-        // server died before the prctl, QEMU kills itself.
+        // server died before the prctl, QEMU kills itself. A clone's snapshot becomes
+        // its fd 3 (`-incoming fd:3`; dup2 clears close-on-exec).
         unsafe {
             let parent = libc::getpid();
             cmd.pre_exec(move || {
@@ -85,11 +162,18 @@ impl Vm {
                 if libc::getppid() != parent {
                     libc::kill(libc::getpid(), libc::SIGKILL);
                 }
+                if let Some(fd) = snapshot_fd
+                    && libc::dup2(fd, SNAPSHOT_FD) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
                 Ok(())
             });
         }
         let mut child =
             cmd.spawn().with_context(|| format!("starting {}", inner.config.qemu.display()))?;
+        // The child has its copy (fd 3).
+        drop(confined);
         let stdin = child.stdin.take().unwrap();
         let stdout = BufReader::with_capacity(64 << 10, child.stdout.take().unwrap());
         let deadline = Instant::now() + RESTORE_TIMEOUT;
@@ -168,10 +252,10 @@ impl Vm {
         Ok(())
     }
 
-    /// Restores a clone of `template`, paused.
+    /// Restores a clone of `template`, paused and confined ([`Confined`]).
     pub async fn restore(inner: &Inner, template: &Template) -> anyhow::Result<Vm> {
-        let incoming = format!("exec:cat {}", shell_quote(&template.snapshot));
-        let mut vm = Vm::spawn(inner, &template.args, &["-S", "-incoming", &incoming]).await?;
+        let confined = Confined::open(inner, &template.snapshot)?;
+        let mut vm = Vm::spawn_with(inner, &template.args, &["-S"], Some(confined)).await?;
         let deadline = Instant::now() + RESTORE_TIMEOUT;
         loop {
             match vm.qmp.status().await?.as_str() {

@@ -30,7 +30,14 @@ pub struct VmConfig {
     pub run_dir: PathBuf,
     /// Identifies this server's QEMU processes (set from the data directory).
     pub instance: String,
+    /// `uid:gid` that clones run as once QEMU has set up, when the server runs as
+    /// root (QEMU's `-runas`); a server that is not root runs them as itself.
+    pub run_as: (u32, u32),
 }
+
+/// The ids clones run as by default when the server is root: a user of their own,
+/// owning no file.
+pub const DEFAULT_RUN_AS: (u32, u32) = (64_999, 64_999);
 
 impl Default for VmConfig {
     fn default() -> Self {
@@ -45,6 +52,7 @@ impl Default for VmConfig {
             snapshot_dir: None,
             run_dir: std::env::temp_dir().join("cloudpipe-vm"),
             instance: "default".into(),
+            run_as: DEFAULT_RUN_AS,
         }
     }
 }
@@ -59,6 +67,16 @@ impl VmConfig {
     /// finds them.
     pub(super) fn label(&self) -> String {
         format!("cloudpipe-vm-{}", self.instance)
+    }
+
+    /// An empty directory, read-only, that confined clones chroot into.
+    pub(super) fn empty_dir(&self) -> anyhow::Result<PathBuf> {
+        use anyhow::Context;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = self.run_dir.join("empty");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
+        Ok(dir)
     }
 
     /// Pidfiles, monitor sockets and logs of running VMs.
