@@ -262,6 +262,11 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
 
+    /// The job that idempotency key `key` of `account` names, if any: the lookup
+    /// `insert_job` makes, for a caller that must know before it writes (a waiting
+    /// client's keyed job runs before it is written).
+    async fn job_by_idempotency_key(&self, account: &str, key: &str) -> Result<Option<Job>>;
+
     /// Jobs matching `filter`, newest first. Indexed: a page costs about its own size
     /// whatever else is stored, for every filter and combination of filters (a backend
     /// must not scan and skip).
