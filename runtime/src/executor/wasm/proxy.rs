@@ -10,7 +10,8 @@
 //! per guest put a second thread, and its scheduling, on every request's path: the
 //! p99 was several times the median under load). Bodies are never buffered whole: the
 //! request body is read by the guest as it arrives, the response body is handed to the
-//! caller one write (at most 1 MiB) at a time.
+//! caller one write (at most 1 MiB) at a time. A long body (past [`INLINE_BODY`]) moves
+//! its guest to a task of its own, so that producing and sending overlap on two cores.
 
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
@@ -26,6 +27,7 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use tokio_util::sync::CancellationToken;
 use wasmtime::component::ResourceTable;
+use wasmtime_wasi::runtime::AbortOnDropJoinHandle;
 use wasmtime_wasi::{WasiCtx, WasiCtxBuilder, WasiCtxView, WasiView};
 use wasmtime_wasi_http::p2::bindings::http::types::{ErrorCode, Scheme as WasiScheme};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
@@ -224,7 +226,8 @@ impl WasmExecutor {
         let fail = |ended| failure(ended, timeout, memory_cap);
         match head {
             Some(Ok(response)) => Ok(response.map(|body| {
-                GuestBody { body, body_ended: None, guest, timeout, memory_cap }.boxed_unsync()
+                GuestBody { body, body_ended: None, guest, streamed: Some(0), timeout, memory_cap }
+                    .boxed_unsync()
             })),
             Some(Err(code)) => Err(InvokeError::NoResponse(format!(
                 "the handler answered with error code {}",
@@ -238,6 +241,10 @@ impl WasmExecutor {
         }
     }
 }
+
+/// Bytes of a response body sent while its guest runs in the caller's task; past
+/// them the guest moves to a task of its own.
+const INLINE_BODY: usize = 256 << 10;
 
 /// A guest's whole run: instantiation, the handler call and its teardown.
 type GuestFuture = Pin<Box<dyn Future<Output = Ended> + Send>>;
@@ -323,6 +330,8 @@ struct GuestBody {
     /// Set once `body` has ended: `Some(why)` if the guest aborted it.
     body_ended: Option<Option<String>>,
     guest: Guest,
+    /// Bytes handed out so far; `None` once the guest moved to a task of its own.
+    streamed: Option<usize>,
     timeout: Duration,
     memory_cap: u64,
 }
@@ -339,6 +348,16 @@ impl Body for GuestBody {
         if matches!(this.guest, Guest::Reported) {
             return Poll::Ready(None);
         }
+        // A long body: the guest gets a task of its own, so that it produces the next
+        // chunks on one core while this one sends the last (a short answer never
+        // pays for a task).
+        if this.streamed.is_some_and(|n| n > INLINE_BODY)
+            && let Guest::Running(running) = &mut this.guest
+        {
+            let inline = std::mem::replace(running, Box::pin(std::future::pending()));
+            *running = Box::pin(AbortOnDropJoinHandle::from(tokio::spawn(inline)));
+            this.streamed = None;
+        }
         // First let the guest write (or finish), then take what it wrote.
         if let Guest::Running(running) = &mut this.guest
             && let Poll::Ready(ended) = running.as_mut().poll(cx)
@@ -347,7 +366,11 @@ impl Body for GuestBody {
         }
         if this.body_ended.is_none() {
             this.body_ended = Some(match ready!(Pin::new(&mut this.body).poll_frame(cx)) {
-                Some(Ok(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Some(Ok(frame)) => {
+                    let len = frame.data_ref().map_or(0, Bytes::len);
+                    this.streamed = this.streamed.map(|n| n.saturating_add(len));
+                    return Poll::Ready(Some(Ok(frame)));
+                }
                 Some(Err(e)) => Some(e.to_string()),
                 None => None,
             });
