@@ -591,7 +591,10 @@ impl Scheduler {
             return self.wait_inserted(inserted, wait).await;
         };
         let started = tokio::time::Instant::now();
-        let mut job = self.prepare(spec, tenant, batch).await?;
+        let mut job = self
+            .prepare(spec, tenant, batch)
+            .instrument(tracing::debug_span!("runtime.prepare"))
+            .await?;
         let hold = self.hold_key(&job).await;
         if let (Some(key), Some(_)) = (&job.idempotency_key, &hold)
             && let Some(existing) = inner.store.job_by_idempotency_key(&job.account, key).await?
@@ -1099,7 +1102,9 @@ impl Inner {
             async move {
                 let id = job.id;
                 let req = this.run_request(&job).await;
-                let run = this.execute(req, token.clone());
+                let run = this
+                    .execute(req, token.clone())
+                    .instrument(tracing::debug_span!("runtime.execute"));
                 tokio::pin!(run);
                 let early = tokio::select! {
                     outcome = &mut run => Some(outcome),
@@ -1117,7 +1122,11 @@ impl Inner {
                             done.finish(outcome, now_micros());
                         }
                         let account = done.account.clone();
-                        let inserted = this.store.insert_job(done).await;
+                        let inserted = this
+                            .store
+                            .insert_job(done)
+                            .instrument(tracing::debug_span!("store.insert_job"))
+                            .await;
                         drop(key);
                         this.running.lock().unwrap().remove(&id);
                         match &inserted {

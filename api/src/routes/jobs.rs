@@ -18,6 +18,7 @@ use cloudpipe_runtime::{Job, JobId};
 use cloudpipe_types::{JobEvent, JobList, JobRecord, JobSpec, JobStatus};
 use futures::Stream;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::auth::Caller;
 use crate::{ApiError, AppState, P, Q, parse_json, parse_wait, read_body};
@@ -74,16 +75,31 @@ pub async fn create_job(
     caller: Caller,
     Q(params): Q<WaitParams>,
     body: Body,
-) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+) -> Result<Response, ApiError> {
+    // The spans break a submit down (`RUST_LOG=cloudpipe_api=debug,cloudpipe_runtime=debug`
+    // logs each one's time as it closes): api.auth, api.read_body, api.parse,
+    // runtime.submit (its runtime.prepare, store.insert_job, runtime.execute) and
+    // api.serialise.
     let wait = wait_of(&state, &params)?;
-    let bytes = read_body(body, state.config.max_json_body).await?;
-    let spec: JobSpec = parse_json(&bytes)?;
+    let bytes = read_body(body, state.config.max_json_body)
+        .instrument(tracing::debug_span!("api.read_body"))
+        .await?;
+    let spec: JobSpec = tracing::debug_span!("api.parse").in_scope(|| parse_json(&bytes))?;
     let tenant = caller.tenant();
-    let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, &tenant, wait).await? {
+    let submitted = state
+        .runtime
+        .scheduler
+        .submit_and_wait(spec, &tenant, wait)
+        .instrument(tracing::debug_span!("runtime.submit"))
+        .await?;
+    let (job, code) = match submitted {
         Inserted::Created(job) => (job, StatusCode::CREATED),
         Inserted::Existing(job) => (job, StatusCode::OK),
     };
-    Ok((code, Json(job.to_record())))
+    let body = tracing::debug_span!("api.serialise")
+        .in_scope(|| serde_json::to_vec(&job.to_record()))
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok((code, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
