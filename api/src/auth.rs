@@ -34,6 +34,7 @@ use cloudpipe_runtime::job::now_micros;
 use cloudpipe_types::{Quotas, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 use crate::{ApiError, AppState};
 
@@ -715,7 +716,7 @@ pub async fn require(State(state): State<AppState>, mut req: Request, next: Next
     {
         return ApiError::TooManyAuthFailures(retry).into_response();
     }
-    match auth.caller(&creds).await {
+    match auth.caller(&creds).instrument(tracing::debug_span!("api.auth")).await {
         Ok(caller) => {
             req.extensions_mut().insert(Some(caller));
             next.run(req).await

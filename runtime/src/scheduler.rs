@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use cloudpipe_types::{JobSpec, JobStatus};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, broadcast, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -332,6 +332,51 @@ struct Inner {
     active: Active,
     /// Functions every account may run by a reserved name (`runner:js`) → their ids.
     builtins: std::sync::RwLock<HashMap<String, String>>,
+    keys: Arc<KeysInFlight>,
+}
+
+/// Idempotency keys whose job is being submitted in this process, from the lookup
+/// to the write. A second submit of a key waits until the first one's job is
+/// written and then finds it in the store: a keyed job may thus run before it is
+/// written (the waiting client's fast path) and still run once. In a cluster keyed
+/// jobs are written before they run, since another node may hold the same key.
+#[derive(Default)]
+struct KeysInFlight(Mutex<HashMap<(String, String), watch::Receiver<()>>>);
+
+/// One key held in [`KeysInFlight`]; released when dropped (after the job's write).
+struct KeyHold {
+    keys: Arc<KeysInFlight>,
+    key: (String, String),
+    /// Dropped after the entry is removed: wakes the submits waiting for the key.
+    _done: watch::Sender<()>,
+}
+
+impl KeysInFlight {
+    /// Holds `key` of `account`, waiting while another submit holds it.
+    async fn hold(self: &Arc<Self>, account: &str, key: &str) -> KeyHold {
+        let key = (account.to_string(), key.to_string());
+        loop {
+            let mut held = {
+                let mut map = self.0.lock().unwrap();
+                match map.entry(key.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.get().clone(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        let (done, rx) = watch::channel(());
+                        e.insert(rx);
+                        return KeyHold { keys: self.clone(), key, _done: done };
+                    }
+                }
+            };
+            // Ends (with an error) once the holder is dropped, even if it already was.
+            let _ = held.changed().await;
+        }
+    }
+}
+
+impl Drop for KeyHold {
+    fn drop(&mut self) {
+        self.keys.0.lock().unwrap().remove(&self.key);
+    }
 }
 
 /// The queued and running jobs of each account, for its concurrent-jobs quota. A job
@@ -406,6 +451,7 @@ impl Scheduler {
             tasks: tokio_util::task::TaskTracker::new(),
             active: Active::default(),
             builtins: Default::default(),
+            keys: Default::default(),
         });
         // On one machine the quota's counts live here; in a cluster, in the database.
         if inner.cluster.is_none() {
@@ -491,6 +537,7 @@ impl Scheduler {
     ) -> Result<(Inserted, Option<EndWatch>), SubmitError> {
         let inner = &self.inner;
         let mut job = self.prepare(spec, tenant, batch).await?;
+        let hold = self.hold_key(&job).await;
         self.admit(&job, tenant).await?;
         let end = watch.then(|| inner.hub.watch_end(job.id));
         let (id, account) = (job.id, job.account.clone());
@@ -507,6 +554,7 @@ impl Scheduler {
         let this = inner.clone();
         let task = inner.tasks.spawn(async move {
             let inserted = this.store.insert_job(job).await;
+            drop(hold);
             if !matches!(inserted, Ok(Inserted::Created(_))) {
                 this.active.leave(&account, id);
             }
@@ -535,8 +583,9 @@ impl Scheduler {
     /// anything is written, and a job that ends within [`FAST_WINDOW`] is written once,
     /// already finished: one commit instead of two on the path of every short job. The
     /// caller hears of the job only after that commit, so the promise holds: a job
-    /// the API acknowledged is durable. (A key must be reserved before the run, so
-    /// keyed jobs take the ordinary path.)
+    /// the API acknowledged is durable. A job with an idempotency key takes the same
+    /// path on one machine: its key is held in memory from the store lookup until the
+    /// job is written, the key in the same commit ([`KeysInFlight`]).
     pub async fn submit_and_wait(
         &self,
         spec: JobSpec,
@@ -555,7 +604,8 @@ impl Scheduler {
         wait: Duration,
     ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
-        let slot = match spec.idempotency_key.is_none() && !wait.is_zero() {
+        let keyed_here = spec.idempotency_key.is_none() || inner.cluster.is_none();
+        let slot = match keyed_here && !wait.is_zero() {
             true => self.free_slot(),
             false => None,
         };
@@ -570,18 +620,37 @@ impl Scheduler {
             };
         };
         let started = tokio::time::Instant::now();
-        let mut job = self.prepare(spec, tenant, batch).await?;
+        let mut job = self
+            .prepare(spec, tenant, batch)
+            .instrument(tracing::debug_span!("runtime.prepare"))
+            .await?;
+        let hold = self.hold_key(&job).await;
+        if let (Some(key), Some(_)) = (&job.idempotency_key, &hold)
+            && let Some(existing) = inner.store.job_by_idempotency_key(&job.account, key).await?
+        {
+            drop((hold, slot));
+            return self.wait_inserted(Inserted::Existing(existing), wait).await;
+        }
         self.admit(&job, tenant).await?;
         job.status = JobStatus::Running;
         job.attempts = 1;
         job.started_at = Some(now_micros());
         let (ack, acked) = oneshot::channel();
         inner.metrics.submitted.fetch_add(1, Ordering::Relaxed);
-        inner.spawn_fast_run(job, slot, wait.min(FAST_WINDOW), ack);
+        inner.spawn_fast_run(job, slot, hold, wait.min(FAST_WINDOW), ack);
         let inserted = acked
             .await
             .map_err(|_| anyhow::anyhow!("the job's task ended before it was written"))??;
         self.wait_inserted(inserted, wait.saturating_sub(started.elapsed())).await
+    }
+
+    /// Holds `job`'s idempotency key until the job is written, on one machine (in a
+    /// cluster the store's unique index alone decides). `None` without a key.
+    async fn hold_key(&self, job: &Job) -> Option<KeyHold> {
+        match (&job.idempotency_key, &self.inner.cluster) {
+            (Some(key), None) => Some(self.inner.keys.hold(&job.account, key).await),
+            _ => None,
+        }
     }
 
     /// The same job once it ended, or as it is when `wait` runs out.
@@ -1072,11 +1141,13 @@ impl Inner {
     /// The fast path of [`Scheduler::submit_and_wait`]: runs `job` (already marked
     /// running) before anything is written. A job done within `window` is written
     /// once, already finished; a longer one is written `running` when the window
-    /// closes and finished as usual. `ack` gets the first write's result.
+    /// closes and finished as usual. `ack` gets the first write's result; `key` (its
+    /// idempotency key) is released once that write is done.
     fn spawn_fast_run(
         self: &Arc<Self>,
         job: Job,
         slot: OwnedSemaphorePermit,
+        key: Option<KeyHold>,
         window: Duration,
         ack: oneshot::Sender<anyhow::Result<Inserted>>,
     ) {
@@ -1087,7 +1158,9 @@ impl Inner {
             async move {
                 let id = job.id;
                 let req = this.run_request(&job).await;
-                let run = this.execute(req, token.clone());
+                let run = this
+                    .execute(req, token.clone())
+                    .instrument(tracing::debug_span!("runtime.execute"));
                 tokio::pin!(run);
                 let early = tokio::select! {
                     outcome = &mut run => Some(outcome),
@@ -1107,7 +1180,12 @@ impl Inner {
                             done.finish(outcome, now_micros());
                         }
                         let account = done.account.clone();
-                        let inserted = this.store.insert_job(done).await;
+                        let inserted = this
+                            .store
+                            .insert_job(done)
+                            .instrument(tracing::debug_span!("store.insert_job"))
+                            .await;
+                        drop(key);
                         this.running.lock().unwrap().remove(&id);
                         match &inserted {
                             Ok(Inserted::Created(job)) if job.status.is_terminal() => {
@@ -1124,6 +1202,7 @@ impl Inner {
                     None => {
                         let account = job.account.clone();
                         let inserted = this.store.insert_job(job).await;
+                        drop(key);
                         let written = matches!(inserted, Ok(Inserted::Created(_)));
                         if !written {
                             this.active.leave(&account, id);

@@ -19,6 +19,14 @@ export { DEFAULT_RETRY } from './http.js';
 /** How long one long-poll asks the server to hold (the server caps it at its own maximum). */
 const POLL_WAIT = '30s';
 
+/**
+ * How long `submit` lets the server hold its answer: the server's fast-path window. A
+ * job that ends within it comes back finished from a single commit (so `result()`
+ * sends nothing more); a longer one is acknowledged, written `running`, when the
+ * window closes.
+ */
+const SUBMIT_WAIT = '5ms';
+
 const TERMINAL = new Set(['succeeded', 'failed', 'timed_out', 'cancelled']);
 
 /** True once a job status will not change any more. */
@@ -108,17 +116,18 @@ export class Cloudpipe {
   }
 
   /**
-   * Submits `fn(...args)` as a job and returns its `Job` at once. `fn` travels as
-   * source: it sees its arguments and the runner's globals, not variables it closed
-   * over. `args` travel as JSON.
+   * Submits `fn(...args)` as a job and returns its `Job` once it is durable (within
+   * a few milliseconds: a job that ends that soon comes back already finished). `fn`
+   * travels as source: it sees its arguments and the runner's globals, not variables
+   * it closed over. `args` travel as JSON.
    */
   async submit(fn, ...args) {
-    return this._submit(fn, args, { keyed: true });
+    return this._submit(fn, args, { wait: SUBMIT_WAIT, keyed: true });
   }
 
   /** Submits `fn(...args)` and waits for its result: `await cp.run((a, b) => a + b, 3, 4)` is 7. */
   async run(fn, ...args) {
-    const job = await this._submit(fn, args, { wait: POLL_WAIT });
+    const job = await this._submit(fn, args, { wait: POLL_WAIT, keyed: true });
     return job.result();
   }
 
@@ -138,7 +147,7 @@ export class Cloudpipe {
         const i = next++;
         try {
           signal?.throwIfAborted();
-          const job = await this._submit(source, [list[i]], { wait: POLL_WAIT, signal });
+          const job = await this._submit(source, [list[i]], { wait: POLL_WAIT, keyed: true, signal });
           results[i] = await job.result({ signal });
         } catch (e) {
           if (failed === null) {
@@ -156,11 +165,9 @@ export class Cloudpipe {
 
   /**
    * `keyed`: send an idempotency key, so that a try repeated after a lost answer
-   * returns the job the first try made. `run` and `map` send none: the server runs a
-   * short unkeyed job before its first write and commits it once, finished (a keyed
-   * job is committed before it runs, which costs a commit and measured ≈ 1 ms more
-   * per job). A repeated try may then leave a second job; a function of the JS runner
-   * cannot act outside its sandbox, so that costs only the run.
+   * returns the job the first try made. With a `wait`, the server still runs a short
+   * job before its first write and commits it once, finished, the key in the same
+   * commit.
    */
   async _submit(fn, args, { wait = null, keyed = false, signal } = {}) {
     const { runner, ...jobOptions } = this._job;

@@ -107,6 +107,32 @@ async fn results_answered_to_waiting_clients_survive_kill_9() {
 }
 
 #[tokio::test]
+async fn keyed_results_answered_to_waiting_clients_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = TestServer::start_in(dir.path(), &[]).await;
+    s.upload("echo", &program(programs::ECHO)).await;
+    let mut answered = Vec::new();
+    for i in 0..20 {
+        // A key and a free slot: run before the write, the key in the job's commit.
+        let spec = json!({"function": "echo", "args": [i.to_string()], "idempotency_key": format!("k{i}")});
+        let (st, job) = s.post_json("/v1/jobs?wait=10s", &spec).await;
+        assert_eq!(st, StatusCode::CREATED, "{job}");
+        assert_eq!(job["status"], "succeeded");
+        answered.push((spec, job));
+    }
+    s.kill9();
+    let s = TestServer::start_in(dir.path(), &[]).await;
+    for (spec, job) in answered {
+        let (st, kept) = s.get(&format!("/v1/jobs/{}", job["id"].as_str().unwrap())).await;
+        assert_eq!(st, StatusCode::OK, "{kept}");
+        assert_eq!(kept, job);
+        let (st, again) = s.post_json("/v1/jobs?wait=10s", &spec).await;
+        assert_eq!(st, StatusCode::OK, "the key was written with the job: {again}");
+        assert_eq!(again, job);
+    }
+}
+
+#[tokio::test]
 async fn a_clean_shutdown_hands_running_jobs_back_without_using_an_attempt() {
     let dir = tempfile::tempdir().unwrap();
     let flags = ["--shutdown-grace-ms", "200"];

@@ -164,6 +164,29 @@ async fn an_idempotency_key_returns_the_first_job() {
 }
 
 #[tokio::test]
+async fn concurrent_waiting_submits_of_one_key_run_one_job() {
+    let s = TestServer::start(&[]).await;
+    s.upload("echo", &program(programs::ECHO)).await;
+    let spec = json!({"function": "echo", "args": ["once"], "idempotency_key": "order-7"});
+    let answers =
+        futures::future::join_all((0..8).map(|_| s.post_json("/v1/jobs?wait=10s", &spec))).await;
+    let created = answers.iter().filter(|(st, _)| *st == StatusCode::CREATED).count();
+    assert_eq!(created, 1, "{answers:?}");
+    for (st, job) in &answers {
+        assert!(matches!(*st, StatusCode::CREATED | StatusCode::OK), "{st} {job}");
+        assert_eq!(job["id"], answers[0].1["id"]);
+        assert_eq!(job["status"], "succeeded", "{job}");
+        assert_eq!(job["attempts"], 1);
+    }
+    let (_, list) = s.get("/v1/jobs?function=echo").await;
+    assert_eq!(list["jobs"].as_array().unwrap().len(), 1, "{list}");
+    // Written once, finished: the same key later still names it.
+    let (st, again) = s.post_json("/v1/jobs?wait=10s", &spec).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(again, answers[0].1);
+}
+
+#[tokio::test]
 async fn jobs_are_listed_newest_first_with_filters_and_cursor() {
     let s = TestServer::start(&[]).await;
     s.upload("echo", &program(programs::ECHO)).await;

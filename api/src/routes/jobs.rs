@@ -16,6 +16,7 @@ use cloudpipe_runtime::{Job, JobId};
 use cloudpipe_types::{JobEvent, JobList, JobRecord, JobSpec, JobStatus};
 use futures::Stream;
 use serde::Deserialize;
+use tracing::Instrument;
 
 use crate::auth::Caller;
 use crate::extract::{Json, Path, Query};
@@ -73,14 +74,27 @@ pub async fn create_job(
     caller: Caller,
     Query(params): Query<WaitParams>,
     Json(spec): Json<JobSpec>,
-) -> Result<(StatusCode, Json<JobRecord>), ApiError> {
+) -> Result<Response, ApiError> {
+    // The spans break a submit down (`RUST_LOG=cloudpipe_api=debug,cloudpipe_runtime=debug`
+    // logs each one's time as it closes): api.auth, runtime.submit (its
+    // runtime.prepare, store.insert_job, runtime.execute) and api.serialise; reading
+    // and parsing the body happen in the `Json` extractor, before the handler.
     let wait = wait_of(&state, &params)?;
     let tenant = caller.tenant();
-    let (job, code) = match state.runtime.scheduler.submit_and_wait(spec, &tenant, wait).await? {
+    let submitted = state
+        .runtime
+        .scheduler
+        .submit_and_wait(spec, &tenant, wait)
+        .instrument(tracing::debug_span!("runtime.submit"))
+        .await?;
+    let (job, code) = match submitted {
         Inserted::Created(job) => (job, StatusCode::CREATED),
         Inserted::Existing(job) => (job, StatusCode::OK),
     };
-    Ok((code, Json(job.to_record())))
+    let body = tracing::debug_span!("api.serialise")
+        .in_scope(|| serde_json::to_vec(&job.to_record()))
+        .map_err(|e| ApiError::Internal(e.into()))?;
+    Ok((code, [(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]

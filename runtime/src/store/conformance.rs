@@ -534,6 +534,9 @@ pub(crate) async fn purge_deletes_by_age_and_by_count_with_their_idempotency_key
     assert_eq!(counts(&store).await, [(JobStatus::Queued, 1), (JobStatus::Succeeded, 2)]);
 
     // The idempotency key of a purged job is free again; the others still hold.
+    assert_eq!(store.job_by_idempotency_key(ADMIN, "key-0").await.unwrap(), None);
+    let kept = store.job_by_idempotency_key(ADMIN, "key-4").await.unwrap();
+    assert_eq!(kept.map(|j| j.id), Some(ids[4]));
     let mut reuse = queued_job("f");
     reuse.idempotency_key = Some("key-0".into());
     assert!(matches!(store.insert_job(reuse).await.unwrap(), Inserted::Created(_)));
@@ -1023,12 +1026,27 @@ pub(crate) async fn idempotency_keys_are_per_account_and_active_jobs_are_listed<
         store.insert_job(keyed("bob")).await.unwrap(),
         Inserted::Existing(read_back(b.job()))
     );
+    // Looked up per account, without writing.
+    let by_key = |account: &'static str, key: &'static str| {
+        let store = &store;
+        async move { store.job_by_idempotency_key(account, key).await.unwrap().map(|j| j.id) }
+    };
+    assert_eq!(by_key("alice", "same").await, Some(a.job().id));
+    assert_eq!(by_key("bob", "same").await, Some(b.job().id));
+    assert_eq!(by_key("carol", "same").await, None);
+    assert_eq!(by_key("alice", "other").await, None);
+    let mut odd = keyed("alice");
+    odd.idempotency_key = Some("50%\0off".into());
+    let odd = insert(&store, odd).await;
+    assert_eq!(by_key("alice", "50%\0off").await, Some(odd.id));
+    assert_eq!(by_key("alice", "50%").await, None);
     let done = insert(&store, queued_job("f")).await;
     store.claim_jobs(1, 5).await.unwrap(); // one of them runs: listed as well
     let mut active = store.active_jobs().await.unwrap();
     active.sort();
     let mut want = vec![
         (a.job().id, "alice".to_string()),
+        (odd.id, "alice".to_string()),
         (b.job().id, "bob".to_string()),
         (done.id, ADMIN.to_string()),
     ];

@@ -908,6 +908,17 @@ pub(crate) fn get_job(r: &dyn KvRead, id: JobId) -> Result<Option<Job>> {
     Ok(Some(job))
 }
 
+pub(crate) fn job_by_idempotency_key(
+    r: &dyn KvRead,
+    account: &str,
+    key: &str,
+) -> Result<Option<Job>> {
+    match r.get(&pair_key(IDEMPOTENCY, account, key))? {
+        Some(id) => get_job(r, id_suffix(&id)?),
+        None => Ok(None),
+    }
+}
+
 /// The index ranges whose common ids are the jobs `filter` asks for (see the module
 /// docs); the jobs table itself when nothing narrows the list.
 fn filter_ranges(filter: &JobFilter) -> Vec<Vec<u8>> {

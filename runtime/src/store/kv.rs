@@ -311,6 +311,10 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.backend.read(|r| keyspace::get_job(r, id))
     }
 
+    async fn job_by_idempotency_key(&self, account: &str, key: &str) -> Result<Option<Job>> {
+        self.backend.read(|r| keyspace::job_by_idempotency_key(r, account, key))
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let filter = filter.clone();
         self.read_blocking(move |r| keyspace::list_jobs(r, &filter)).await

@@ -284,6 +284,11 @@ pub trait Store: Send + Sync + 'static {
         Ok(jobs)
     }
 
+    /// The job that idempotency key `key` of `account` names, if any: the lookup
+    /// `insert_job` makes, for a caller that must know before it writes (a waiting
+    /// client's keyed job runs before it is written).
+    async fn job_by_idempotency_key(&self, account: &str, key: &str) -> Result<Option<Job>>;
+
     /// Jobs matching `filter`, newest first, as summaries ([`Job::summary`]: no stdin,
     /// no output), so that a page costs its records, not their output. Indexed: a page
     /// costs about its own size whatever else is stored, for every filter and

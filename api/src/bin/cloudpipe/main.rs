@@ -83,6 +83,9 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| "info,cranelift=warn,wasmtime=warn".into()),
         )
         .with_writer(std::io::stderr)
+        // Spans (all at debug level: off by default) log their busy and idle time as
+        // they close: how `BENCHMARKS.md` breaks a submit down.
+        .with_span_events(tracing_subscriber::fmt::format::FmtSpan::CLOSE)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

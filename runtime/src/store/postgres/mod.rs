@@ -1476,6 +1476,17 @@ impl Store for PgStore {
         Ok(jobs)
     }
 
+    async fn job_by_idempotency_key(&self, account: &str, key: &str) -> Result<Option<Job>> {
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT record FROM cp_jobs WHERE account = $1 AND idempotency_key = $2",
+                &[&account, &column_text(key)],
+            )
+            .await?;
+        row.map(|r| decode_job(r.get(0))).transpose()
+    }
+
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let client = self.client().await?;
         let (cond, mut params) = filter_sql(filter, 1);
