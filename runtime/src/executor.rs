@@ -139,6 +139,10 @@ pub trait Executor: Send + Sync + 'static {
     /// content address (`sha256:…`) of `binary`.
     async fn prepare(&self, id: &str, binary: &[u8]) -> Result<FunctionKind, PrepareError>;
 
+    /// Function version `id` is gone from the store (no account has it any more): drop
+    /// whatever [`Executor::prepare`] kept of it (compiled code, on disk and in memory).
+    fn forget(&self, _id: &str) {}
+
     /// Runs once per job attempt and returns how it ended. Never panics on guest
     /// behaviour: traps, limits, timeouts and cancellation are outcomes. When `cancel`
     /// fires the attempt ends promptly with status `cancelled`.
@@ -221,6 +225,10 @@ impl Executor for Executors {
 
     async fn prepare(&self, id: &str, binary: &[u8]) -> Result<FunctionKind, PrepareError> {
         self.executors[0].prepare(id, binary).await
+    }
+
+    fn forget(&self, id: &str) {
+        self.executors[0].forget(id)
     }
 
     async fn run(

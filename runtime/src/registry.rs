@@ -151,7 +151,14 @@ impl FunctionRegistry {
         scope: &Scope,
         name_or_id: &str,
     ) -> anyhow::Result<Vec<FunctionMeta>> {
-        self.store.delete_function(scope, name_or_id).await
+        let doomed = self.store.delete_function(scope, name_or_id).await?;
+        // A binary no account has any more goes from the store: its compiled code too.
+        for meta in &doomed {
+            if self.store.function_binary(&meta.id).await?.is_none() {
+                self.executor.forget(&meta.id);
+            }
+        }
+        Ok(doomed)
     }
 }
 

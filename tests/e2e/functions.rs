@@ -58,3 +58,29 @@ async fn the_openapi_document_is_served() {
     assert_eq!(health["status"], "ok");
     assert_eq!(health["store"], "redb");
 }
+
+/// The compiled code of a function version goes when the store no longer has the
+/// version.
+#[tokio::test]
+async fn compiled_code_goes_with_the_deleted_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start_in(dir.path(), &[]).await;
+    let artefacts = || -> usize {
+        std::fs::read_dir(dir.path().join("cache"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".cwasm"))
+            .count()
+    };
+    let before = artefacts();
+    s.upload("hello", &program(programs::HELLO)).await;
+    assert_eq!(artefacts(), before + 1);
+    let job = s.run(json!({"function": "hello"})).await;
+    assert_eq!(job["stdout"], "hello, world\n");
+    let (st, _) = s.request(reqwest::Method::DELETE, "/v1/functions/hello", None).await;
+    assert!(st.is_success(), "{st}");
+    assert_eq!(artefacts(), before, "the version is gone: its compiled code too");
+    // Uploaded again, it compiles again and runs.
+    s.upload("hello", &program(programs::HELLO)).await;
+    assert_eq!(s.run(json!({"function": "hello"})).await["stdout"], "hello, world\n");
+}

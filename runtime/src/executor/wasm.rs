@@ -699,6 +699,11 @@ impl Executor for WasmExecutor {
         "wasm"
     }
 
+    fn forget(&self, id: &str) {
+        self.warm.lock().unwrap().remove(id);
+        self.compiler.disk.remove(id);
+    }
+
     /// Checks the kind from the header, then compiles on a blocking thread (unless the
     /// artefact is already on disk) and keeps the function warm.
     async fn prepare(&self, id: &str, binary: &[u8]) -> Result<FunctionKind, PrepareError> {

@@ -129,6 +129,10 @@ impl<V: Clone> WarmMap<V> {
         self.entries.insert(id.to_string(), (value, self.clock));
     }
 
+    pub(super) fn remove(&mut self, id: &str) {
+        self.entries.remove(id);
+    }
+
     #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.entries.len()
