@@ -1341,4 +1341,7 @@ pub(crate) async fn stdin_and_output_are_read_apart_and_lists_carry_neither<S: S
     assert_eq!(store.get_job(job.id).await.unwrap(), None);
     let all = JobFilter { limit: 10, ..Default::default() };
     assert_eq!(store.list_jobs(&all).await.unwrap(), []);
+    drop(store);
+    let store = open(dir.path()).unwrap();
+    assert_eq!(store.get_job(job.id).await.unwrap(), None);
 }

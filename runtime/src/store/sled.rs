@@ -65,11 +65,21 @@ pub struct SledKv {
 impl SledKv {
     pub(crate) fn open(dir: &Path) -> Result<SledKv> {
         let path = dir.join("sled");
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(super::CACHE_BYTES as u64)
-            .open()
-            .with_context(|| format!("opening {}", path.display()))?;
+        let config = sled::Config::new().path(&path).cache_capacity(super::CACHE_BYTES as u64);
+        // The directory's lock may still be held for a moment by a store of this
+        // process just dropped: sled's flusher thread lets go of the database last.
+        let mut tries = 0;
+        let db = loop {
+            match config.open() {
+                Err(sled::Error::Io(e))
+                    if tries < 40 && e.to_string().contains("could not acquire lock") =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                other => break other.with_context(|| format!("opening {}", path.display()))?,
+            }
+        };
         let log_path = path.join("db");
         let log = File::open(&log_path)
             .with_context(|| format!("opening {} to sync it", log_path.display()))?;
