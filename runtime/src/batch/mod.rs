@@ -10,21 +10,30 @@
 //! itself is written only when the batch starts, changes status or has called its
 //! hook; per-job progress costs no extra write. Jobs are submitted on the fast path
 //! (a job that ends within a few milliseconds is written once, finished).
+//!
+//! # Layout
+//! - this module: [`Batches`] (create, read, resume, retry, cancel; takes over the
+//!   batches of stopped nodes in a cluster) and the stored [`BatchState`];
+//! - `progress`: where each input is, a pure state machine rebuilt from the jobs;
+//! - `driver`: the task that runs a batch's inputs and writes how it ended.
+
+mod driver;
+mod progress;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloudpipe_types::{BatchCounts, BatchRecord, BatchSpec, BatchStatus, JobSpec, JobStatus};
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use cloudpipe_types::{BatchCounts, BatchRecord, BatchSpec, BatchStatus, JobSpec};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+use self::driver::hook_destination;
+use self::progress::Progress;
 use crate::account::{Limits, Tenant};
 use crate::cluster::{Cluster, ClusterEvent};
-use crate::egress::{Egress, EgressConfig};
-use crate::job::{BatchRef, Job, JobId, Micros, now_micros, rfc3339};
+use crate::egress::EgressConfig;
+use crate::job::{JobId, Micros, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
 use crate::store::{JobFilter, Store};
 
@@ -109,48 +118,9 @@ pub enum BatchError {
     Internal(#[from] anyhow::Error),
 }
 
-/// Where one input is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Input {
-    Pending,
-    Running(JobId),
-    Ok,
-    Failed,
-    TimedOut,
-    Cancelled,
-}
-
-/// The live state of a running batch, shared with readers.
-#[derive(Debug)]
-struct Live {
-    inputs: Vec<Input>,
-    /// Tries of each input in the current round.
-    tries: Vec<u32>,
-    job_micros: u64,
-    /// Inputs that ended failed in a row.
-    failures_in_a_row: u32,
-}
-
-impl Live {
-    fn counts(&self) -> BatchCounts {
-        let mut c = BatchCounts::default();
-        for i in &self.inputs {
-            match i {
-                Input::Pending => c.pending += 1,
-                Input::Running(_) => c.running += 1,
-                Input::Ok => c.ok += 1,
-                Input::Failed => c.failed += 1,
-                Input::TimedOut => c.timed_out += 1,
-                Input::Cancelled => c.cancelled += 1,
-            }
-        }
-        c
-    }
-}
-
 struct Handle {
     account: String,
-    live: Arc<Mutex<Live>>,
+    progress: Arc<Mutex<Progress>>,
     stop: CancellationToken,
 }
 
@@ -389,11 +359,11 @@ impl Batches {
     }
 
     fn record(&self, s: &BatchState) -> BatchRecord {
-        let live = self.inner.running.lock().unwrap().get(&s.id).map(|h| h.live.clone());
+        let live = self.inner.running.lock().unwrap().get(&s.id).map(|h| h.progress.clone());
         let (status, counts, job_micros) = match &live {
-            Some(l) => {
-                let l = l.lock().unwrap();
-                (BatchStatus::Running, l.counts(), l.job_micros)
+            Some(p) => {
+                let p = p.lock().unwrap();
+                (BatchStatus::Running, p.counts(), p.job_micros())
             }
             None => (s.status, s.final_counts.unwrap_or_default(), s.final_job_micros),
         };
@@ -518,403 +488,30 @@ impl Batches {
     /// Rebuilds the inputs' states from the batch's jobs and starts its driver.
     /// `resuming`: inputs whose job was cancelled are pending again.
     async fn launch(&self, state: BatchState, resuming: bool) -> anyhow::Result<()> {
-        let n = state.inputs.len();
-        let mut inputs = vec![Input::Pending; n];
-        let mut tries = vec![0u32; n];
-        let mut job_micros = 0u64;
-        // Latest job per input (ids grow with time), tries counted in this round.
         let filter =
             JobFilter { batch: Some(state.id.clone()), limit: usize::MAX, ..Default::default() };
         let mut jobs = self.inner.store.list_jobs(&filter).await?;
         jobs.reverse(); // oldest first
-        let mut latest: Vec<Option<Job>> = vec![None; n];
-        for job in jobs {
-            let Some(b) = &job.batch else { continue };
-            let i = b.index as usize;
-            if i >= n {
-                continue;
-            }
-            if let (Some(s), Some(f)) = (job.started_at, job.finished_at) {
-                job_micros += f.saturating_sub(s);
-            }
-            if b.round == state.round {
-                tries[i] += 1;
-            }
-            latest[i] = Some(job);
-        }
-        let allowed = state.retries + 1;
-        for (i, job) in latest.into_iter().enumerate() {
-            let Some(job) = job else { continue };
-            let this_round = job.batch.as_ref().is_some_and(|b| b.round == state.round);
-            inputs[i] = match job.status {
-                JobStatus::Queued | JobStatus::Running => Input::Running(job.id),
-                JobStatus::Succeeded => Input::Ok,
-                JobStatus::Cancelled if resuming => Input::Pending,
-                JobStatus::Cancelled => Input::Cancelled,
-                _ if this_round && tries[i] < allowed => Input::Pending,
-                _ if !this_round => Input::Pending,
-                JobStatus::TimedOut => Input::TimedOut,
-                _ => Input::Failed,
-            };
-        }
-        let live = Arc::new(Mutex::new(Live { inputs, tries, job_micros, failures_in_a_row: 0 }));
+        let progress = Progress::rebuild(
+            state.inputs.len(),
+            state.round,
+            state.retries,
+            state.strikes,
+            resuming,
+            &jobs,
+        );
+        let progress = Arc::new(Mutex::new(progress));
         let stop = CancellationToken::new();
         self.inner.running.lock().unwrap().insert(
             state.id.clone(),
-            Handle { account: state.account.clone(), live: live.clone(), stop: stop.clone() },
+            Handle {
+                account: state.account.clone(),
+                progress: progress.clone(),
+                stop: stop.clone(),
+            },
         );
         let inner = self.inner.clone();
-        tokio::spawn(async move { inner.drive(state, live, stop).await });
+        tokio::spawn(async move { inner.drive(state, progress, stop).await });
         Ok(())
     }
-}
-
-impl Inner {
-    /// Keeps up to `split` jobs of the batch running until no input is pending, the
-    /// strikes are reached or the batch is cancelled; then writes how it ended.
-    async fn drive(
-        self: Arc<Self>,
-        mut state: BatchState,
-        live: Arc<Mutex<Live>>,
-        stop: CancellationToken,
-    ) {
-        let tenant = state.tenant();
-        let allowed = state.retries + 1;
-        // Set when the account turns out disabled: the batch pauses as if cancelled.
-        let paused = stop.clone();
-        let stopping = self.scheduler.stopping().clone();
-        let mut in_flight: FuturesUnordered<futures::future::BoxFuture<'static, (usize, Ended)>> =
-            FuturesUnordered::new();
-        // Jobs found running at a restart are waited for like new ones.
-        let already: Vec<(usize, JobId)> = live
-            .lock()
-            .unwrap()
-            .inputs
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match s {
-                Input::Running(id) => Some((i, *id)),
-                _ => None,
-            })
-            .collect();
-        for (i, id) in already {
-            in_flight.push(self.clone().await_job(i, id).boxed());
-        }
-        let mut next = 0usize;
-        let mut struck = false;
-        let mut backoff = false;
-        loop {
-            // Launch while there is room.
-            while !struck
-                && !stop.is_cancelled()
-                && !stopping.is_cancelled()
-                && !backoff
-                && in_flight.len() < state.split as usize
-            {
-                let i = {
-                    let l = live.lock().unwrap();
-                    let n = l.inputs.len();
-                    (0..n).map(|k| (next + k) % n).find(|&k| l.inputs[k] == Input::Pending)
-                };
-                let Some(i) = i else { break };
-                next = i + 1;
-                let spec = state.job_spec(i);
-                let batch = BatchRef { id: state.id.clone(), index: i as u64, round: state.round };
-                let fut = self.clone().run_input(i, spec, tenant.clone(), batch);
-                live.lock().unwrap().inputs[i] = Input::Running(JobId(uuid::Uuid::nil()));
-                in_flight.push(fut.boxed());
-            }
-            if in_flight.is_empty() {
-                if backoff {
-                    backoff = false;
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-                break;
-            }
-            let ended = tokio::select! {
-                ended = in_flight.next() => ended,
-                // Cancelled: stop what runs, again every 50 ms until nothing does (a job
-                // on the fast path reaches the store a moment after it starts). Their
-                // inputs go back to pending below.
-                _ = stop.cancelled(), if !stop.is_cancelled() => {
-                    self.cancel_running(&state.id).await;
-                    continue;
-                }
-                _ = tokio::time::sleep(Duration::from_millis(50)), if stop.is_cancelled() => {
-                    self.cancel_running(&state.id).await;
-                    continue;
-                }
-                _ = stopping.cancelled(), if !stopping.is_cancelled() => {
-                    // The server stops: leave the batch running in the store; it
-                    // continues at the next start (in a cluster, on another node now).
-                    self.running.lock().unwrap().remove(&state.id);
-                    if let Some(cluster) = self.scheduler.cluster() {
-                        let _ = cluster.release_batch(&state.id).await;
-                    }
-                    return;
-                }
-            };
-            let Some((i, result)) = ended else { continue };
-            let mut l = live.lock().unwrap();
-            match result {
-                Ended::Job(job) => {
-                    if let (Some(s), Some(f)) = (job.started_at, job.finished_at) {
-                        l.job_micros += f.saturating_sub(s);
-                    }
-                    l.tries[i] += 1;
-                    l.inputs[i] = match job.status {
-                        JobStatus::Succeeded => {
-                            l.failures_in_a_row = 0;
-                            Input::Ok
-                        }
-                        JobStatus::Cancelled if stop.is_cancelled() => Input::Pending,
-                        JobStatus::Cancelled => Input::Cancelled,
-                        _ if l.tries[i] < allowed => Input::Pending,
-                        status => {
-                            l.failures_in_a_row += 1;
-                            if state.strikes > 0 && l.failures_in_a_row >= state.strikes {
-                                struck = true;
-                            }
-                            match status {
-                                JobStatus::TimedOut => Input::TimedOut,
-                                _ => Input::Failed,
-                            }
-                        }
-                    };
-                }
-                Ended::Launched(id) => {
-                    // Submitted, not ended within the submit's wait: follow it.
-                    l.inputs[i] = Input::Running(id);
-                    in_flight.push(self.clone().await_job(i, id).boxed());
-                }
-                Ended::AccountDisabled => {
-                    // Checked at each submit: the account was disabled meanwhile.
-                    l.inputs[i] = Input::Pending;
-                    if !paused.is_cancelled() {
-                        tracing::info!(batch = %state.id, account = %state.account, "the account is disabled: pausing its batch");
-                        paused.cancel();
-                    }
-                }
-                Ended::Busy => {
-                    // The account is at its concurrent-jobs quota: try again shortly.
-                    l.inputs[i] = Input::Pending;
-                    backoff = true;
-                }
-                Ended::Refused(e) => {
-                    tracing::warn!(batch = %state.id, input = i, error = %e, "batch input refused");
-                    l.tries[i] = allowed;
-                    l.inputs[i] = Input::Failed;
-                    l.failures_in_a_row += 1;
-                    if state.strikes > 0 && l.failures_in_a_row >= state.strikes {
-                        struck = true;
-                    }
-                }
-            }
-        }
-        let (counts, job_micros) = {
-            let l = live.lock().unwrap();
-            (l.counts(), l.job_micros)
-        };
-        state.status = if stop.is_cancelled() {
-            BatchStatus::Cancelled
-        } else if struck {
-            BatchStatus::Struck
-        } else {
-            BatchStatus::Finished
-        };
-        state.finished_at = Some(now_micros());
-        state.final_counts = Some(counts);
-        state.final_job_micros = job_micros;
-        loop {
-            match self.store.put_batch(state.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::error!(batch = %state.id, error = format!("{e:#}"), "writing a batch failed; retrying");
-                    if stopping.is_cancelled() {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-        self.running.lock().unwrap().remove(&state.id);
-        if let Some(cluster) = self.scheduler.cluster() {
-            let _ = cluster.release_batch(&state.id).await;
-        }
-        tracing::info!(batch = %state.id, status = ?state.status, ok = counts.ok, failed = counts.failed, timed_out = counts.timed_out, pending = counts.pending, "batch ended");
-        // The report goes out when the batch is over, not when it is only paused by
-        // a cancel (it can be resumed).
-        if state.hook.is_some() && state.status != BatchStatus::Cancelled {
-            self.call_hook(state);
-        }
-    }
-
-    /// Cancels the batch's queued and running jobs.
-    async fn cancel_running(&self, batch: &str) {
-        for status in [JobStatus::Running, JobStatus::Queued] {
-            let filter = JobFilter {
-                batch: Some(batch.to_string()),
-                status: Some(status),
-                limit: usize::MAX,
-                ..Default::default()
-            };
-            if let Ok(jobs) = self.store.list_jobs(&filter).await {
-                for job in jobs {
-                    let _ = self.scheduler.cancel(job.id).await;
-                }
-            }
-        }
-    }
-
-    /// The batch's submitter as the account is now: its current network policy and
-    /// quotas (its own over those stored with the batch); `None` when it is disabled.
-    /// An account without a record (vouched for by an external auth service) keeps
-    /// what was stored.
-    async fn tenant_now(&self, stored: &Tenant) -> anyhow::Result<Option<Tenant>> {
-        let Some(account) = self.store.get_account(&stored.account).await? else {
-            return Ok(Some(stored.clone()));
-        };
-        if account.disabled {
-            return Ok(None);
-        }
-        let admin = account.role == cloudpipe_types::Role::Admin;
-        Ok(Some(Tenant {
-            account: account.name,
-            admin,
-            limits: match admin {
-                true => Limits::default(),
-                false => Limits::resolve(&account.quotas, &stored.limits.to_quotas()),
-            },
-            allow_network: account.allow_network,
-        }))
-    }
-
-    /// Where requests sent for `account` may go now.
-    async fn egress_of(&self, account: &str, admin: bool) -> anyhow::Result<Egress> {
-        let policy = match (admin, self.store.get_account(account).await?) {
-            (true, _) => vec!["*".to_string()],
-            (false, Some(record)) => record.egress(),
-            (false, None) => Vec::new(),
-        };
-        Ok(Egress::for_account(&policy, self.egress.clone()))
-    }
-
-    /// Submits the job of input `i` and waits for it on the fast path. The account is
-    /// read again first: a disabled account's batch launches nothing more, and a
-    /// changed network policy or quota applies to the next job.
-    async fn run_input(
-        self: Arc<Self>,
-        i: usize,
-        spec: JobSpec,
-        stored: Tenant,
-        batch: BatchRef,
-    ) -> (usize, Ended) {
-        let tenant = match self.tenant_now(&stored).await {
-            Ok(Some(t)) => t,
-            Ok(None) => return (i, Ended::AccountDisabled),
-            Err(e) => return (i, Ended::Refused(format!("reading the account: {e:#}"))),
-        };
-        // Waits for the end: a short job is written once, already finished.
-        let wait = Duration::from_secs(86_400);
-        match self.scheduler.submit_and_wait_in(spec, &tenant, Some(batch), wait).await {
-            Ok(inserted) => {
-                let job = inserted.job().clone();
-                match job.status.is_terminal() {
-                    true => (i, Ended::Job(Box::new(job))),
-                    false => (i, Ended::Launched(job.id)),
-                }
-            }
-            Err(SubmitError::OverQuota(_)) => (i, Ended::Busy),
-            Err(e) => (i, Ended::Refused(e.to_string())),
-        }
-    }
-
-    /// Waits for a job that is queued or running.
-    async fn await_job(self: Arc<Self>, i: usize, id: JobId) -> (usize, Ended) {
-        loop {
-            match self.scheduler.wait(id, Duration::from_secs(3600)).await {
-                Ok(Some(job)) if job.status.is_terminal() => return (i, Ended::Job(Box::new(job))),
-                Ok(Some(_)) => continue,
-                Ok(None) => return (i, Ended::Refused("its job vanished".into())),
-                Err(e) => {
-                    tracing::warn!(error = format!("{e:#}"), "waiting for a batch job failed");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-            }
-        }
-    }
-
-    /// Calls the report hook once (a few tries), then records that it was called.
-    fn call_hook(self: Arc<Self>, mut state: BatchState) {
-        tokio::spawn(async move {
-            let Some(url) = state.hook.clone() else { return };
-            let record = {
-                let b = Batches { inner: self.clone() };
-                b.record(&state)
-            };
-            for attempt in 0..3 {
-                match self.send_hook(&state, &url, &record).await {
-                    Ok(r) if r.status().is_success() => break,
-                    Ok(r) => {
-                        tracing::warn!(batch = %state.id, status = %r.status(), "the batch hook answered with an error")
-                    }
-                    Err(e) => {
-                        tracing::warn!(batch = %state.id, error = format!("{e:#}"), "calling the batch hook failed")
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(500 << attempt)).await;
-            }
-            state.hook_called = true;
-            if let Err(e) = self.store.put_batch(state).await {
-                tracing::warn!(error = format!("{e:#}"), "recording the hook call failed");
-            }
-        });
-    }
-}
-
-impl Inner {
-    /// POSTs the report to `url`, connecting only to addresses the account's egress
-    /// policy and the server's settings allow (resolved and checked here, then pinned
-    /// for the client, so the name cannot be re-resolved elsewhere); no redirects.
-    async fn send_hook(
-        &self,
-        state: &BatchState,
-        url: &str,
-        record: &BatchRecord,
-    ) -> anyhow::Result<reqwest::Response> {
-        let (host, port) = hook_destination(url).map_err(anyhow::Error::msg)?;
-        let egress = self.egress_of(&state.account, state.admin).await?;
-        let addrs = egress.resolve(&host, port).await?;
-        let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .resolve_to_addrs(&host, &addrs)
-            .build()?;
-        Ok(client.post(url).json(record).send().await?)
-    }
-}
-
-/// The host (without IPv6 brackets) and port of a hook URL, which must be http(s).
-fn hook_destination(url: &str) -> Result<(String, u16), String> {
-    let bad = || format!("`hook` must be an http:// or https:// URL with a host, not {url:?}");
-    let parsed = reqwest::Url::parse(url).map_err(|_| bad())?;
-    if !matches!(parsed.scheme(), "http" | "https") {
-        return Err(bad());
-    }
-    let host = parsed.host_str().ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']').to_string();
-    let port = parsed.port_or_known_default().ok_or_else(bad)?;
-    Ok((host, port))
-}
-
-/// How a batch input's run came back to the driver.
-enum Ended {
-    Job(Box<Job>),
-    Launched(JobId),
-    Busy,
-    /// The account was disabled: nothing was submitted.
-    AccountDisabled,
-    Refused(String),
 }
