@@ -16,7 +16,7 @@ use crate::account::{Limits, Tenant};
 use crate::egress::Egress;
 use crate::job::{BatchRef, Job, JobId, now_micros};
 use crate::scheduler::SubmitError;
-use crate::store::JobFilter;
+use crate::store::{BATCH_CHUNK, JobFilter, Store};
 
 impl Inner {
     /// Keeps up to `split` jobs of the batch running until no input is pending, the
@@ -38,6 +38,7 @@ impl Inner {
         for (i, id) in already {
             in_flight.push(self.clone().await_job(i, id).boxed());
         }
+        let mut inputs = InputChunk::default();
         let mut next = 0usize;
         let mut backoff = false;
         loop {
@@ -49,8 +50,21 @@ impl Inner {
                 && in_flight.len() < state.split as usize
             {
                 let Some(i) = progress.lock().unwrap().next_pending(next) else { break };
+                let input = match inputs.get(&*self.store, &state.id, i).await {
+                    Ok(Some(input)) => input,
+                    Ok(None) => {
+                        tracing::error!(batch = %state.id, input = i, "a batch input is not in the store");
+                        progress.lock().unwrap().refused(i);
+                        continue;
+                    }
+                    Err(e) => {
+                        tracing::warn!(batch = %state.id, error = format!("{e:#}"), "reading batch inputs failed; retrying");
+                        backoff = true;
+                        break;
+                    }
+                };
                 next = i + 1;
-                let spec = state.job_spec(i);
+                let spec = state.job_spec(&input);
                 let batch = BatchRef { id: state.id.clone(), index: i as u64, round: state.round };
                 let fut = self.clone().run_input(i, spec, tenant.clone(), batch);
                 progress.lock().unwrap().launching(i);
@@ -131,7 +145,15 @@ impl Inner {
         state.final_job_micros = job_micros;
         loop {
             match self.store.put_batch(state.clone()).await {
-                Ok(()) => break,
+                Ok(true) => break,
+                Ok(false) => {
+                    // Deleted while it stopped: nothing to report.
+                    self.running.lock().unwrap().remove(&state.id);
+                    if let Some(cluster) = self.scheduler.cluster() {
+                        let _ = cluster.release_batch(&state.id).await;
+                    }
+                    return;
+                }
                 Err(e) => {
                     tracing::error!(batch = %state.id, error = format!("{e:#}"), "writing a batch failed; retrying");
                     if stopping.is_cancelled() {
@@ -318,4 +340,30 @@ enum Ended {
     /// The account was disabled: nothing was submitted.
     AccountDisabled,
     Refused(String),
+}
+
+/// The chunk of a batch's inputs its driver holds: one at a time, read when the next
+/// input to launch is outside it.
+#[derive(Default)]
+struct InputChunk {
+    start: u64,
+    inputs: Vec<Vec<String>>,
+}
+
+impl InputChunk {
+    /// The words of input `i` (`None`: the store does not have it).
+    async fn get(
+        &mut self,
+        store: &dyn Store,
+        batch: &str,
+        i: usize,
+    ) -> anyhow::Result<Option<Vec<String>>> {
+        let i = i as u64;
+        if !(self.start..self.start + self.inputs.len() as u64).contains(&i) {
+            let start = i - i % BATCH_CHUNK as u64;
+            self.inputs = store.batch_inputs(batch, start, BATCH_CHUNK).await?;
+            self.start = start;
+        }
+        Ok(self.inputs.get((i - self.start) as usize).cloned())
+    }
 }

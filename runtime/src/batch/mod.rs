@@ -11,6 +11,13 @@
 //! hook; per-job progress costs no extra write. Jobs are submitted on the fast path
 //! (a job that ends within a few milliseconds is written once, finished).
 //!
+//! A batch is bounded: its record is small (reading it reads no input), its inputs
+//! are stored apart in chunks that only its driver reads, one chunk at a time, and
+//! each account has caps on its inputs per batch, its batches and their inputs
+//! ([`Limits`]). A stopped batch is deleted by `DELETE` (a running one is cancelled
+//! first) or by retention, at the age at which finished jobs go; its jobs stay until
+//! job retention takes them.
+//!
 //! # Layout
 //! - this module: [`Batches`] (create, read, resume, retry, cancel; takes over the
 //!   batches of stopped nodes in a cluster) and the stored [`BatchState`];
@@ -35,12 +42,16 @@ use crate::cluster::{Cluster, ClusterEvent};
 use crate::egress::EgressConfig;
 use crate::job::{JobId, Micros, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
-use crate::store::{JobFilter, Store};
+use crate::store::{BatchCaps, BatchFilter, CreateBatch, JobFilter, Store};
 
-/// Most inputs of one batch.
+/// Most inputs of one batch, whatever the account's quota.
 pub const MAX_INPUTS: usize = 1_000_000;
 
-/// A batch as stored: its spec, its inputs and its status.
+/// How many batches a page of [`Batches::list`] holds at most.
+pub const MAX_PAGE: usize = 1000;
+
+/// A batch as stored: its spec and its status. Its inputs are stored apart
+/// ([`Store::batch_inputs`]).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchState {
     pub id: String,
@@ -50,7 +61,9 @@ pub struct BatchState {
     pub limits: StoredLimits,
     pub allow_network: bool,
     pub template: JobSpec,
-    pub inputs: Vec<Vec<String>>,
+    /// Number of inputs.
+    #[serde(default)]
+    pub total: u64,
     pub split: u32,
     pub retries: u32,
     pub strikes: u32,
@@ -86,17 +99,32 @@ impl BatchState {
                 max_timeout_ms: l.max_timeout_ms,
                 max_memory_mb: l.max_memory_mb,
                 max_function_bytes: l.max_function_bytes,
-                // Retention's business, not the batch's.
-                max_finished_jobs: None,
+                // Retention's and batch creation's business, not the jobs'.
+                ..Limits::default()
             },
             allow_network: self.allow_network,
         }
     }
 
-    /// The job spec of input `index`.
-    fn job_spec(&self, index: usize) -> JobSpec {
+    /// Whether a start-up has something to do with the batch: drive it, or call its
+    /// report hook.
+    pub fn is_open(&self) -> bool {
+        self.status == BatchStatus::Running
+            || (self.hook.is_some() && !self.hook_called && self.status != BatchStatus::Cancelled)
+    }
+
+    /// When the batch stopped (`None`: it runs); retention counts its age from this.
+    pub fn stopped_at(&self) -> Option<Micros> {
+        match self.status {
+            BatchStatus::Running => None,
+            _ => Some(self.finished_at.unwrap_or(self.created_at)),
+        }
+    }
+
+    /// The job spec of the input whose words are `input`.
+    fn job_spec(&self, input: &[String]) -> JobSpec {
         let mut spec = self.template.clone();
-        spec.args.extend(self.inputs[index].iter().cloned());
+        spec.args.extend(input.iter().cloned());
         spec
     }
 }
@@ -114,6 +142,9 @@ pub enum BatchError {
     /// Resume/retry of a running batch, and the like.
     #[error("{0}")]
     Conflict(String),
+    /// Past one of the account's batch quotas; `code` names which.
+    #[error("{message}")]
+    OverQuota { code: &'static str, message: String },
     #[error(transparent)]
     Internal(#[from] anyhow::Error),
 }
@@ -143,7 +174,9 @@ struct Inner {
 
 impl Batches {
     /// Continues every batch that was running when the process stopped, except those
-    /// of an account disabled since: they are paused (cancelled, resumable) instead.
+    /// of an account disabled since: they are paused (cancelled, resumable) instead;
+    /// calls the report hooks still due; starts batch retention. Reads the records of
+    /// those batches only, not their inputs, nor any other batch.
     pub async fn start(
         store: Arc<dyn Store>,
         scheduler: Scheduler,
@@ -153,7 +186,7 @@ impl Batches {
             inner: Arc::new(Inner { store, scheduler, running: Mutex::default(), egress }),
         };
         let cluster = b.inner.scheduler.cluster().cloned();
-        for mut state in b.inner.store.list_batches(None).await? {
+        for mut state in b.inner.store.open_batches().await? {
             match state.status {
                 BatchStatus::Running if b.inner.tenant_now(&state.tenant()).await?.is_none() => {
                     tracing::info!(batch = %state.id, account = %state.account, "pausing a batch of a disabled account");
@@ -180,6 +213,7 @@ impl Batches {
             tokio::spawn(b.clone().take_over(cluster.clone()));
             tokio::spawn(b.clone().follow_cancels(cluster));
         }
+        tokio::spawn(b.inner.clone().retain());
         Ok(b)
     }
 
@@ -255,7 +289,7 @@ impl Batches {
         tenant: &Tenant,
     ) -> Result<BatchRecord, BatchError> {
         let invalid = |m: &str| Err(BatchError::Invalid(m.to_string()));
-        let mut inputs = match (spec.inputs, spec.input_text) {
+        let inputs: Vec<Vec<String>> = match (spec.inputs, spec.input_text) {
             (Some(_), Some(_)) => return invalid("give `inputs` or `input_text`, not both"),
             (Some(v), None) => v,
             (None, Some(t)) => t
@@ -267,6 +301,18 @@ impl Batches {
         };
         if inputs.is_empty() || inputs.len() > MAX_INPUTS {
             return Err(BatchError::Invalid(format!("a batch has 1 to {MAX_INPUTS} inputs")));
+        }
+        if let Some(limit) = tenant.limits.max_batch_inputs
+            && inputs.len() as u64 > limit
+        {
+            return Err(BatchError::OverQuota {
+                code: "too_many_inputs",
+                message: format!(
+                    "the batch has {} inputs; account {:?} may have {limit} in one batch",
+                    inputs.len(),
+                    tenant.account
+                ),
+            });
         }
         if inputs.iter().flatten().any(|a| a.contains('\0')) {
             return invalid("inputs may not contain NUL");
@@ -308,7 +354,7 @@ impl Batches {
             },
             allow_network: tenant.allow_network,
             template,
-            inputs: std::mem::take(&mut inputs),
+            total: inputs.len() as u64,
             split,
             retries,
             strikes: spec.strikes.unwrap_or(0),
@@ -323,16 +369,43 @@ impl Batches {
         };
         // The first input is checked as a job would be, so a bad template is a 400 now
         // rather than a batch of failures.
-        self.inner.scheduler.check(state.job_spec(0), &state.tenant()).await.map_err(
+        self.inner.scheduler.check(state.job_spec(&inputs[0]), &state.tenant()).await.map_err(
             |e| match e {
                 SubmitError::Internal(e) => BatchError::Internal(e),
                 SubmitError::FunctionNotFound(f) => BatchError::FunctionNotFound(f),
                 other => BatchError::Invalid(format!("the template does not make a job: {other}")),
             },
         )?;
-        self.inner.store.put_batch(state.clone()).await?;
+        let caps = BatchCaps {
+            max_batches: tenant.limits.max_batches,
+            max_inputs: tenant.limits.max_stored_batch_inputs,
+        };
+        let account = &tenant.account;
+        match self.inner.store.create_batch(state.clone(), inputs, caps).await? {
+            CreateBatch::Created => {}
+            CreateBatch::TooManyBatches { used, limit } => {
+                return Err(BatchError::OverQuota {
+                    code: "too_many_batches",
+                    message: format!(
+                        "account {account:?} stores {used} batches, its limit {limit}: delete some \
+                         (DELETE /v1/batches/ID) or wait for retention"
+                    ),
+                });
+            }
+            CreateBatch::TooManyInputs { used, limit } => {
+                return Err(BatchError::OverQuota {
+                    code: "too_many_stored_inputs",
+                    message: format!(
+                        "account {account:?} stores {used} batch inputs; with this batch's {} \
+                         it would pass its limit of {limit}: delete some batches \
+                         (DELETE /v1/batches/ID) or wait for retention",
+                        state.total
+                    ),
+                });
+            }
+        }
         self.lease(&state.id).await?;
-        tracing::info!(batch = %state.id, account = %state.account, inputs = state.inputs.len(), split, "batch started");
+        tracing::info!(batch = %state.id, account = %state.account, inputs = state.total, split, "batch started");
         let id = state.id.clone();
         self.launch(state, false).await?;
         self.get(&id, None).await?.ok_or(BatchError::NotFound(id))
@@ -352,10 +425,50 @@ impl Batches {
         Ok(Some(self.record(&state)))
     }
 
-    /// Batches of `account` (all: `None`), oldest first.
-    pub async fn list(&self, account: Option<&str>) -> Result<Vec<BatchRecord>, BatchError> {
-        let states = self.inner.store.list_batches(account).await?;
-        Ok(states.iter().map(|s| self.record(s)).collect())
+    /// A page of the batches of `account` (all: `None`), newest first: at most
+    /// `limit` older than the batch `before`; and the cursor of the next page, if
+    /// there is one.
+    pub async fn list(
+        &self,
+        account: Option<&str>,
+        before: Option<String>,
+        limit: usize,
+    ) -> Result<(Vec<BatchRecord>, Option<String>), BatchError> {
+        let limit = limit.clamp(1, MAX_PAGE);
+        let filter = BatchFilter { account: account.map(str::to_string), before, limit: limit + 1 };
+        let mut states = self.inner.store.list_batches(&filter).await?;
+        let next = match states.len() > limit {
+            true => {
+                states.truncate(limit);
+                states.last().map(|s| s.id.clone())
+            }
+            false => None,
+        };
+        Ok((states.iter().map(|s| self.record(s)).collect(), next))
+    }
+
+    /// Deletes a stopped batch, its record and inputs (its jobs stay until job
+    /// retention takes them). A running batch is cancelled first, as
+    /// [`cancel`](Self::cancel) does; one that does not stop in time (driven by
+    /// another node that does not answer) is refused with a conflict.
+    pub async fn delete(&self, id: &str, account: Option<&str>) -> Result<(), BatchError> {
+        let not_found = || BatchError::NotFound(id.to_string());
+        let state = self.inner.store.get_batch(id).await?.ok_or_else(not_found)?;
+        if account.is_some_and(|a| a != state.account) {
+            return Err(not_found());
+        }
+        let running = self.inner.running.lock().unwrap().contains_key(id);
+        if running || state.status == BatchStatus::Running {
+            let stopped = self.cancel(id, None).await?;
+            if stopped.status == BatchStatus::Running {
+                return Err(BatchError::Conflict(format!(
+                    "batch {id:?} is still running after its cancel; retry"
+                )));
+            }
+        }
+        self.inner.store.delete_batch(id).await?.ok_or_else(not_found)?;
+        tracing::info!(batch = %id, account = %state.account, "batch deleted");
+        Ok(())
     }
 
     fn record(&self, s: &BatchState) -> BatchRecord {
@@ -378,7 +491,7 @@ impl Batches {
             id: s.id.clone(),
             account: s.account.clone(),
             status,
-            total: s.inputs.len() as u64,
+            total: s.total,
             counts,
             split: s.split,
             retries: s.retries,
@@ -425,7 +538,13 @@ impl Batches {
         state.final_counts = None;
         state.hook_called = false;
         self.lease(id).await?;
-        self.inner.store.put_batch(state.clone()).await?;
+        if !self.inner.store.put_batch(state.clone()).await? {
+            // Deleted meanwhile.
+            if let Some(cluster) = self.inner.scheduler.cluster() {
+                let _ = cluster.release_batch(id).await;
+            }
+            return Err(not_found());
+        }
         self.launch(state, true).await?;
         self.get(id, None).await?.ok_or_else(not_found)
     }
@@ -493,7 +612,7 @@ impl Batches {
         let mut jobs = self.inner.store.list_jobs(&filter).await?;
         jobs.reverse(); // oldest first
         let progress = Progress::rebuild(
-            state.inputs.len(),
+            state.total as usize,
             state.round,
             state.retries,
             state.strikes,
@@ -513,5 +632,37 @@ impl Batches {
         let inner = self.inner.clone();
         tokio::spawn(async move { inner.drive(state, progress, stop).await });
         Ok(())
+    }
+}
+
+impl Inner {
+    /// Deletes stopped batches past the job retention's age, a few at a time; in a
+    /// cluster, on the leader only.
+    async fn retain(self: Arc<Self>) {
+        const BATCH: usize = 64;
+        let stopping = self.scheduler.stopping().clone();
+        let config = self.scheduler.config().clone();
+        loop {
+            tokio::select! {
+                _ = stopping.cancelled() => return,
+                _ = tokio::time::sleep(config.retention_interval) => {}
+            }
+            if self.scheduler.cluster().is_some_and(|c| !c.is_leader()) {
+                continue;
+            }
+            let max_age = config.retention.max_age_micros;
+            loop {
+                match self.store.purge_batches(max_age, now_micros(), BATCH).await {
+                    Ok(n) if n == BATCH && !stopping.is_cancelled() => {
+                        tokio::task::yield_now().await
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "batch retention failed");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }

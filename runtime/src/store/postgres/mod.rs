@@ -31,13 +31,17 @@ use recent::Recent;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
-use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
+use super::{
+    BatchCaps, BatchFilter, CreateBatch, FunctionMeta, Inserted, JobFilter, PutFunction, Recovery,
+    Result, Retention, Store,
+};
 use crate::account::{AccountRecord, KeyRecord, Scope};
 use crate::batch::BatchState;
 use crate::cluster::{ClusterEvent, NodeConfig};
 use crate::job::{Job, JobId, JobOutcome, Micros, now_micros};
 use crate::secrets::{PutSecret, SecretRecord};
 
+mod batches;
 mod cluster;
 mod recent;
 pub mod schema;
@@ -1089,36 +1093,46 @@ impl Store for PgStore {
         Ok(used as u64)
     }
 
-    async fn put_batch(&self, batch: BatchState) -> Result<()> {
-        let client = self.client().await?;
-        let running = batch.status == cloudpipe_types::BatchStatus::Running;
-        client
-            .exec(
-                "INSERT INTO cp_batches (id, account, running, record) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (id) DO UPDATE SET running = EXCLUDED.running, record = EXCLUDED.record",
-                &[&batch.id, &batch.account, &running, &encode(&batch)?],
-            )
-            .await?;
-        Ok(())
+    async fn create_batch(
+        &self,
+        batch: BatchState,
+        inputs: Vec<Vec<String>>,
+        caps: BatchCaps,
+    ) -> Result<CreateBatch> {
+        self.create_batch_row(batch, inputs, caps).await
+    }
+
+    async fn put_batch(&self, batch: BatchState) -> Result<bool> {
+        self.put_batch_row(batch).await
     }
 
     async fn get_batch(&self, id: &str) -> Result<Option<BatchState>> {
-        let client = self.client().await?;
-        let row = client.q_opt("SELECT record FROM cp_batches WHERE id = $1", &[&id]).await?;
-        row.map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).transpose()
+        self.get_batch_row(id).await
     }
 
-    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>> {
-        let client = self.client().await?;
-        let rows = match account {
-            Some(a) => {
-                client
-                    .q("SELECT record FROM cp_batches WHERE account = $1 ORDER BY id", &[&a])
-                    .await?
-            }
-            None => client.q("SELECT record FROM cp_batches ORDER BY id", &[]).await?,
-        };
-        rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).collect()
+    async fn batch_inputs(&self, id: &str, start: u64, count: usize) -> Result<Vec<Vec<String>>> {
+        self.batch_input_rows(id, start, count).await
+    }
+
+    async fn list_batches(&self, filter: &BatchFilter) -> Result<Vec<BatchState>> {
+        self.list_batch_rows(filter).await
+    }
+
+    async fn open_batches(&self) -> Result<Vec<BatchState>> {
+        self.open_batch_rows().await
+    }
+
+    async fn delete_batch(&self, id: &str) -> Result<Option<BatchState>> {
+        self.delete_batch_row(id).await
+    }
+
+    async fn purge_batches(
+        &self,
+        max_age_micros: u64,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize> {
+        self.purge_batch_rows(max_age_micros, now, max_batch).await
     }
 
     async fn insert_account(&self, account: AccountRecord) -> Result<bool> {
