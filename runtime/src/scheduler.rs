@@ -31,7 +31,7 @@ use crate::cluster::{Cluster, ClusterEvent};
 use crate::executor::{
     ContainerRequest, Executor, Executors, OutputSink, OutputStream, RunRequest,
 };
-use crate::job::{Job, JobId, JobOutcome, now_micros};
+use crate::model::{Job, JobId, JobOutcome, now_micros};
 use crate::registry::is_function_id;
 use crate::secrets::Secrets;
 use crate::store::{Inserted, Retention, Store};
@@ -521,7 +521,7 @@ impl Scheduler {
         &self,
         spec: JobSpec,
         tenant: &Tenant,
-        batch: Option<crate::job::BatchRef>,
+        batch: Option<crate::model::BatchRef>,
     ) -> Result<Inserted, SubmitError> {
         Ok(self.submit_watched(spec, tenant, batch, false).await?.0)
     }
@@ -532,7 +532,7 @@ impl Scheduler {
         &self,
         spec: JobSpec,
         tenant: &Tenant,
-        batch: Option<crate::job::BatchRef>,
+        batch: Option<crate::model::BatchRef>,
         watch: bool,
     ) -> Result<(Inserted, Option<EndWatch>), SubmitError> {
         let inner = &self.inner;
@@ -600,7 +600,7 @@ impl Scheduler {
         &self,
         spec: JobSpec,
         tenant: &Tenant,
-        batch: Option<crate::job::BatchRef>,
+        batch: Option<crate::model::BatchRef>,
         wait: Duration,
     ) -> Result<Inserted, SubmitError> {
         let inner = &self.inner;
@@ -701,7 +701,7 @@ impl Scheduler {
         &self,
         spec: JobSpec,
         tenant: &Tenant,
-        batch: Option<crate::job::BatchRef>,
+        batch: Option<crate::model::BatchRef>,
     ) -> Result<Job, SubmitError> {
         let inner = &self.inner;
         if inner.stopping.is_cancelled() {
@@ -740,7 +740,7 @@ impl Scheduler {
         }
         let builtin = inner.builtins.read().unwrap().get(&job.function).cloned();
         let scope = match builtin {
-            Some(_) => crate::account::Scope::All,
+            Some(_) => crate::model::Scope::All,
             None => tenant.scope(),
         };
         let lookup = builtin.as_deref().unwrap_or(&job.function);
@@ -1036,7 +1036,7 @@ impl Inner {
         }
         Ok(Job {
             id: JobId::new(),
-            account: crate::account::ADMIN.to_string(),
+            account: crate::model::ADMIN.to_string(),
             function,
             function_id: String::new(),
             args: spec.args,
@@ -1489,7 +1489,10 @@ fn run_span(job: &Job) -> tracing::Span {
 }
 
 /// The container of a `docker` job spec, checked.
-fn container_spec(spec: &JobSpec, allowed: &[String]) -> Result<crate::job::ContainerSpec, String> {
+fn container_spec(
+    spec: &JobSpec,
+    allowed: &[String],
+) -> Result<crate::model::ContainerSpec, String> {
     let image = spec.image.clone().filter(|i| !i.trim().is_empty()).ok_or_else(|| {
         "a docker job needs `image` (an image present on the Docker engine)".to_string()
     })?;
@@ -1526,7 +1529,7 @@ fn container_spec(spec: &JobSpec, allowed: &[String]) -> Result<crate::job::Cont
             }
         },
     };
-    Ok(crate::job::ContainerSpec {
+    Ok(crate::model::ContainerSpec {
         image,
         command: spec.command.clone(),
         nano_cpus,
@@ -1547,7 +1550,7 @@ fn image_allowed(image: &str, allowed: &[String]) -> bool {
 
 /// The command of a `vm` job spec, checked: it runs as a container without an image
 /// (`function` is `vm`).
-fn vm_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
+fn vm_spec(spec: &JobSpec) -> Result<crate::model::ContainerSpec, String> {
     if !spec.function.is_empty() || spec.image.is_some() {
         return Err("a vm job runs `command` (in busybox), not `function` or `image`".into());
     }
@@ -1560,7 +1563,7 @@ fn vm_spec(spec: &JobSpec) -> Result<crate::job::ContainerSpec, String> {
     if spec.command.len() > 4096 || spec.command.iter().any(|a| a.contains('\0')) {
         return Err("`command`: at most 4096 arguments, without NUL".into());
     }
-    Ok(crate::job::ContainerSpec {
+    Ok(crate::model::ContainerSpec {
         image: "vm".into(),
         command: spec.command.clone(),
         nano_cpus: None,
