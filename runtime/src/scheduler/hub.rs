@@ -178,3 +178,108 @@ impl OutputSink for LiveSink {
         self.hub.output(self.id, stream, data);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::job::tests::queued_job;
+
+    fn replayed(events: &[LiveEvent]) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        for ev in events {
+            match ev {
+                LiveEvent::Output(OutputStream::Stdout, b) => out.extend_from_slice(b),
+                LiveEvent::Output(OutputStream::Stderr, b) => err.extend_from_slice(b),
+                LiveEvent::Status(..) => panic!("a replay holds output only"),
+            }
+        }
+        (out, err)
+    }
+
+    #[test]
+    fn the_replay_keeps_the_first_bytes_of_each_stream_up_to_its_bound() {
+        let hub = Arc::new(Hub::default());
+        let id = JobId::new();
+        hub.started(id);
+        let chunk: Vec<u8> = (0..40_000u32).map(|i| i as u8).collect();
+        hub.output(id, OutputStream::Stdout, &chunk);
+        hub.output(id, OutputStream::Stdout, &chunk);
+        hub.output(id, OutputStream::Stdout, b"dropped");
+        hub.output(id, OutputStream::Stderr, b"warn");
+        let (_sub, replay) = hub.subscribe_with_replay(id);
+        let (out, err) = replayed(&replay);
+        assert_eq!(out.len(), REPLAY_BYTES);
+        assert_eq!(&out[..40_000], &chunk[..]);
+        assert_eq!(&out[40_000..], &chunk[..REPLAY_BYTES - 40_000]);
+        assert_eq!(err, b"warn");
+    }
+
+    #[test]
+    fn output_of_a_job_not_started_here_is_not_kept() {
+        let hub = Arc::new(Hub::default());
+        let id = JobId::new();
+        hub.output(id, OutputStream::Stdout, b"x");
+        assert!(hub.subscribe_with_replay(id).1.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_the_replay_then_only_what_comes_after() {
+        let hub = Arc::new(Hub::default());
+        let id = JobId::new();
+        hub.started(id);
+        hub.output(id, OutputStream::Stdout, b"before ");
+        let (mut sub, replay) = hub.subscribe_with_replay(id);
+        hub.output(id, OutputStream::Stdout, b"after");
+        assert_eq!(replayed(&replay).0, b"before ");
+        match sub.recv().await {
+            Some(Ok(LiveEvent::Output(OutputStream::Stdout, b))) => assert_eq!(&b[..], b"after"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_end_reaches_waiters_and_followers_and_clears_the_replay() {
+        let hub = Arc::new(Hub::default());
+        let mut job = queued_job("f");
+        job.status = JobStatus::Succeeded;
+        hub.started(job.id);
+        hub.output(job.id, OutputStream::Stdout, b"out");
+        let mut end = hub.watch_end(job.id);
+        let mut sub = hub.subscribe(job.id);
+        assert!(hub.watched(job.id));
+        hub.finished(job.clone());
+        assert_eq!((&mut end.rx).await.unwrap().id, job.id);
+        match sub.recv().await {
+            Some(Ok(LiveEvent::Status(JobStatus::Succeeded, Some(done)))) => {
+                assert_eq!(done.id, job.id)
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(hub.subscribe_with_replay(job.id).1.is_empty(), "replay gone");
+    }
+
+    #[test]
+    fn dropping_the_last_follower_or_waiter_stops_the_fan_out() {
+        let hub = Arc::new(Hub::default());
+        let id = JobId::new();
+        let (a, b) = (hub.subscribe(id), hub.subscribe(id));
+        drop(a);
+        assert!(hub.watched(id));
+        drop(b);
+        assert!(!hub.watched(id));
+        let end = hub.watch_end(id);
+        assert!(hub.watched(id));
+        drop(end);
+        assert!(!hub.watched(id));
+    }
+
+    #[test]
+    fn a_discarded_replay_is_gone() {
+        let hub = Arc::new(Hub::default());
+        let id = JobId::new();
+        hub.started(id);
+        hub.output(id, OutputStream::Stderr, b"x");
+        hub.discard_replay(id);
+        assert!(hub.subscribe_with_replay(id).1.is_empty());
+    }
+}

@@ -48,3 +48,27 @@ impl Drop for KeyHold {
         self.keys.0.lock().unwrap().remove(&self.key);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_submit_of_a_key_waits_until_the_first_lets_go() {
+        let keys = Arc::new(KeysInFlight::default());
+        let first = keys.hold("acme", "k").await;
+        let other_account = tokio::time::timeout(Duration::from_secs(1), keys.hold("other", "k"));
+        drop(other_account.await.expect("keys are per account"));
+        let second = tokio::spawn({
+            let keys = keys.clone();
+            async move { drop(keys.hold("acme", "k").await) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!second.is_finished(), "the key is held");
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(1), second).await.unwrap().unwrap();
+        assert!(keys.0.lock().unwrap().is_empty(), "nothing held once both let go");
+    }
+}

@@ -32,3 +32,33 @@ impl Metrics {
         self.run_time_sum_micros.fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(m: &Metrics) -> Vec<u64> {
+        m.run_time_buckets.iter().map(|b| b.load(Ordering::Relaxed)).collect()
+    }
+
+    #[test]
+    fn a_run_counts_in_every_bucket_at_or_above_its_time() {
+        let m = Metrics::default();
+        m.observe_run(Duration::from_millis(3));
+        m.observe_run(Duration::from_secs(120));
+        // 3 ms is past the 0.0025 s bucket (index 4) and within 0.005 s (index 5).
+        let c = counts(&m);
+        assert_eq!(&c[..5], [0; 5]);
+        assert_eq!(&c[5..12], [1; 7]);
+        assert_eq!(c[12], 2, "+Inf counts every run");
+        assert_eq!(m.run_time_sum_micros.load(Ordering::Relaxed), 120_003_000);
+    }
+
+    #[test]
+    fn a_run_exactly_on_a_bound_counts_in_that_bucket() {
+        let m = Metrics::default();
+        m.observe_run(Duration::from_millis(1));
+        assert_eq!(counts(&m)[3], 1, "le=0.001");
+        assert_eq!(counts(&m)[2], 0, "le=0.0005");
+    }
+}

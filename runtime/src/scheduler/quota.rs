@@ -68,3 +68,62 @@ pub(super) fn resolve_limit(
     }
     Ok(value)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_account_is_admitted_up_to_its_limit_and_a_job_that_ends_frees_its_place() {
+        let active = Active::default();
+        let (a, b, c) = (JobId::new(), JobId::new(), JobId::new());
+        assert!(active.admit("acme", a, Some(2)));
+        assert!(active.admit("acme", b, Some(2)));
+        assert!(!active.admit("acme", c, Some(2)));
+        assert!(active.admit("other", c, Some(2)), "limits are per account");
+        assert_eq!(active.count("acme"), 2);
+        active.leave("acme", a);
+        active.leave("acme", a);
+        assert_eq!(active.count("acme"), 1, "leaving twice counts once");
+        assert!(active.admit("acme", c, Some(2)));
+        assert!(active.admit("acme", JobId::new(), None), "no limit: always");
+        active.leave("nobody", a);
+        assert_eq!(active.count("nobody"), 0);
+    }
+
+    #[test]
+    fn a_job_admitted_twice_counts_once() {
+        let active = Active::default();
+        let id = JobId::new();
+        assert!(active.admit("acme", id, Some(1)));
+        assert!(!active.admit("acme", id, Some(1)), "at the limit, even for itself");
+        assert!(active.admit("acme", id, None));
+        assert_eq!(active.count("acme"), 1);
+    }
+
+    #[test]
+    fn the_default_is_lowered_to_the_account_limit() {
+        assert_eq!(resolve_limit("t", None, 30, None, 100).unwrap(), 30);
+        assert_eq!(resolve_limit("t", None, 30, Some(10), 100).unwrap(), 10);
+        assert_eq!(resolve_limit("t", Some(10), 30, Some(10), 100).unwrap(), 10);
+        assert_eq!(resolve_limit("t", Some(100), 30, None, 100).unwrap(), 100);
+    }
+
+    #[test]
+    fn past_the_account_is_over_quota_past_the_server_is_invalid() {
+        match resolve_limit("memory_mb", Some(11), 30, Some(10), 100) {
+            Err(SubmitError::OverQuota(m)) => {
+                assert_eq!(m, "`memory_mb` 11 is over the account's limit of 10")
+            }
+            other => panic!("{other:?}"),
+        }
+        for asked in [0, 101] {
+            match resolve_limit("memory_mb", Some(asked), 30, None, 100) {
+                Err(SubmitError::Invalid(m)) => {
+                    assert_eq!(m, "`memory_mb` must be between 1 and 100")
+                }
+                other => panic!("{asked}: {other:?}"),
+            }
+        }
+    }
+}

@@ -216,3 +216,175 @@ fn vm_spec(spec: &JobSpec) -> Result<ContainerSpec, String> {
         network: false,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::json;
+
+    use super::*;
+
+    fn config() -> SchedulerConfig {
+        SchedulerConfig {
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(60),
+            default_memory_mb: 128,
+            max_memory_mb: 1024,
+            max_stdin: 16,
+            docker_images: vec!["alpine*".into(), "docker.io/library/busybox".into()],
+            ..SchedulerConfig::default()
+        }
+    }
+
+    fn job(spec: serde_json::Value) -> Result<Job, SubmitError> {
+        let spec: JobSpec = serde_json::from_value(spec).unwrap();
+        job_from_spec(spec, &config(), "wasm", &Limits::default())
+    }
+
+    /// The message of an `Invalid` refusal of `spec`.
+    fn invalid(spec: serde_json::Value) -> String {
+        match job(spec.clone()) {
+            Err(SubmitError::Invalid(m)) => m,
+            other => panic!("{spec} gave {other:?}, not Invalid"),
+        }
+    }
+
+    #[test]
+    fn a_plain_spec_takes_the_server_defaults() {
+        let job = job(json!({"function": "hello", "args": ["a"]})).unwrap();
+        assert_eq!(job.function, "hello");
+        assert_eq!(job.executor, "wasm");
+        assert_eq!((job.timeout_ms, job.memory_mb, job.max_attempts), (30_000, 128, 3));
+        assert_eq!(job.status, JobStatus::Queued);
+        assert!(job.container.is_none());
+        assert!(job.function_id.is_empty(), "resolved by the caller");
+    }
+
+    #[test]
+    fn a_job_without_function_or_with_a_bad_id_is_refused() {
+        assert!(invalid(json!({})).contains("`function` must name a function"));
+        assert!(invalid(json!({"function": "sha256:abc"})).contains("is not a function id"));
+        let id = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(job(json!({ "function": id })).unwrap().function, id);
+    }
+
+    #[test]
+    fn container_fields_on_a_wasm_job_are_refused() {
+        for extra in [json!({"image": "x"}), json!({"command": ["x"]}), json!({"cpus": 1.0})] {
+            let mut spec = json!({"function": "f"});
+            spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            assert!(invalid(spec).contains("are for `\"executor\": \"docker\"`"));
+        }
+    }
+
+    #[test]
+    fn stdin_is_text_or_base64_within_the_cap() {
+        assert_eq!(job(json!({"function": "f", "stdin": "hi"})).unwrap().stdin, b"hi");
+        assert_eq!(job(json!({"function": "f", "stdin_base64": "AP8="})).unwrap().stdin, [0, 255]);
+        assert!(
+            invalid(json!({"function": "f", "stdin": "a", "stdin_base64": "YQ=="}))
+                .contains("not both")
+        );
+        assert!(
+            invalid(json!({"function": "f", "stdin_base64": "!!"})).contains("not valid base64")
+        );
+        assert_eq!(
+            invalid(json!({"function": "f", "stdin": "x".repeat(17)})),
+            "stdin is 17 bytes, over the limit of 16 bytes"
+        );
+    }
+
+    #[test]
+    fn limits_past_the_account_are_over_quota_and_past_the_server_invalid() {
+        let spec: JobSpec =
+            serde_json::from_value(json!({"function": "f", "timeout_ms": 5000})).unwrap();
+        let limits = Limits { max_timeout_ms: Some(1000), ..Limits::default() };
+        match job_from_spec(spec, &config(), "wasm", &limits) {
+            Err(SubmitError::OverQuota(m)) => {
+                assert_eq!(m, "`timeout_ms` 5000 is over the account's limit of 1000")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            invalid(json!({"function": "f", "memory_mb": 2048})),
+            "`memory_mb` must be between 1 and 1024"
+        );
+        assert_eq!(
+            invalid(json!({"function": "f", "timeout_ms": 0})),
+            "`timeout_ms` must be between 1 and 60000"
+        );
+    }
+
+    #[test]
+    fn attempts_env_args_keys_and_tags_are_checked() {
+        assert!(invalid(json!({"function": "f", "max_attempts": 0})).contains("max_attempts"));
+        assert!(invalid(json!({"function": "f", "env": {"A=B": "x"}})).contains("\"A=B\""));
+        assert!(
+            invalid(json!({"function": "f", "env": {"S": {"secret": "no/slash"}}}))
+                .contains("\"S\"")
+        );
+        assert!(invalid(json!({"function": "f", "args": ["a\u{0}"]})).contains("NUL"));
+        assert!(invalid(json!({"function": "f", "idempotency_key": ""})).contains("1 to 256"));
+        let tags: Vec<String> = (0..33).map(|i| i.to_string()).collect();
+        assert!(invalid(json!({"function": "f", "tags": tags})).contains("at most 32 tags"));
+        let env = json!({"function": "f", "env": {"T": "v", "S": {"secret": "token"}}});
+        assert_eq!(job(env).unwrap().env.len(), 2);
+    }
+
+    #[test]
+    fn a_docker_spec_becomes_a_container_named_by_its_image() {
+        let job = job(json!({
+            "executor": "docker", "image": "alpine:3", "command": ["sh", "-c", "true"],
+            "cpus": 0.5, "result_source": "file:/out/result.json"
+        }))
+        .unwrap();
+        assert_eq!(job.function, "alpine:3");
+        let c = job.container.unwrap();
+        assert_eq!(c.image, "alpine:3");
+        assert_eq!(c.command, ["sh", "-c", "true"]);
+        assert_eq!(c.nano_cpus, Some(500_000_000));
+        assert_eq!(c.result_file.as_deref(), Some("/out/result.json"));
+        assert!(!c.network, "the network is the account's policy, set by the caller");
+    }
+
+    #[test]
+    fn docker_specs_are_refused_with_the_reason() {
+        let docker = |extra: serde_json::Value| {
+            let mut spec = json!({"executor": "docker", "image": "alpine"});
+            spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            invalid(spec)
+        };
+        assert!(invalid(json!({"executor": "docker"})).contains("needs `image`"));
+        assert!(docker(json!({"image": "al pine"})).contains("is not an image reference"));
+        assert!(docker(json!({"image": "ubuntu"})).contains("is not one this server runs"));
+        assert!(docker(json!({"function": "f"})).contains("not `function`"));
+        assert!(docker(json!({"cpus": 0.0})).contains("more than 0"));
+        assert!(docker(json!({"result_source": "file:relative"})).contains("file:/absolute/path"));
+    }
+
+    #[test]
+    fn images_match_exactly_or_by_a_star_prefix() {
+        let allowed = ["alpine*".to_string(), "docker.io/library/busybox".to_string()];
+        assert!(image_allowed("alpine:3.20", &allowed));
+        assert!(image_allowed("docker.io/library/busybox", &allowed));
+        assert!(!image_allowed("docker.io/library/busybox:latest", &allowed));
+        assert!(image_allowed("anything", &[]));
+    }
+
+    #[test]
+    fn a_vm_spec_is_a_command_without_image_or_function() {
+        let job = job(json!({"executor": "vm", "command": ["echo", "hi"]})).unwrap();
+        assert_eq!(job.function, "vm");
+        assert_eq!(job.container.unwrap().command, ["echo", "hi"]);
+        assert!(invalid(json!({"executor": "vm"})).contains("needs `command`"));
+        assert!(
+            invalid(json!({"executor": "vm", "command": ["x"], "image": "i"}))
+                .contains("not `function` or `image`")
+        );
+        assert!(
+            invalid(json!({"executor": "vm", "command": ["x"], "cpus": 1.0}))
+                .contains("for docker jobs")
+        );
+    }
+}
