@@ -83,84 +83,47 @@ pub struct JobTemplate {
     pub max_attempts: Option<u32>,
 }
 
-impl From<JobSpec> for JobTemplate {
-    fn from(spec: JobSpec) -> JobTemplate {
-        // No `..`: a new wire field must be placed here on purpose.
-        let JobSpec {
-            function,
-            executor,
-            image,
-            command,
-            cpus,
-            result_source,
-            args,
-            env,
-            stdin,
-            stdin_base64,
-            timeout_ms,
-            memory_mb,
-            tags,
-            idempotency_key,
-            max_attempts,
-        } = spec;
-        JobTemplate {
-            function,
-            executor,
-            image,
-            command,
-            cpus,
-            result_source,
-            args,
-            env,
-            stdin,
-            stdin_base64,
-            timeout_ms,
-            memory_mb,
-            tags,
-            idempotency_key,
-            max_attempts,
+/// `From` both ways between two structs with the same fields, named once. The
+/// destructuring names every field: a field added to either side is a compile error
+/// here until it is placed on purpose.
+macro_rules! convert_both_ways {
+    ($a:ident, $b:ident, [$($field:ident),* $(,)?]) => {
+        impl From<$a> for $b {
+            fn from(v: $a) -> $b {
+                let $a { $($field),* } = v;
+                $b { $($field),* }
+            }
         }
-    }
+        impl From<$b> for $a {
+            fn from(v: $b) -> $a {
+                let $b { $($field),* } = v;
+                $a { $($field),* }
+            }
+        }
+    };
 }
 
-impl From<JobTemplate> for JobSpec {
-    fn from(t: JobTemplate) -> JobSpec {
-        let JobTemplate {
-            function,
-            executor,
-            image,
-            command,
-            cpus,
-            result_source,
-            args,
-            env,
-            stdin,
-            stdin_base64,
-            timeout_ms,
-            memory_mb,
-            tags,
-            idempotency_key,
-            max_attempts,
-        } = t;
-        JobSpec {
-            function,
-            executor,
-            image,
-            command,
-            cpus,
-            result_source,
-            args,
-            env,
-            stdin,
-            stdin_base64,
-            timeout_ms,
-            memory_mb,
-            tags,
-            idempotency_key,
-            max_attempts,
-        }
-    }
-}
+convert_both_ways!(
+    JobSpec,
+    JobTemplate,
+    [
+        function,
+        executor,
+        image,
+        command,
+        cpus,
+        result_source,
+        args,
+        env,
+        stdin,
+        stdin_base64,
+        timeout_ms,
+        memory_mb,
+        tags,
+        idempotency_key,
+        max_attempts,
+    ]
+);
 
 #[cfg(test)]
 mod tests {
