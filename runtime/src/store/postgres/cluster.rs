@@ -16,7 +16,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::{Cached, PgStore, Shared};
 use crate::cluster::{Cluster, ClusterEvent, NodeInfo, Role};
-use crate::job::{JobId, now_micros};
+use crate::model::{JobId, now_micros};
 
 /// The channels every node listens on.
 const CHANNELS: &str = "LISTEN cp_queued; LISTEN cp_finished; LISTEN cp_cancel; LISTEN cp_auth; LISTEN cp_functions; LISTEN cp_batch_cancel;";

@@ -36,12 +36,14 @@ use recent::Recent;
 use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
-use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
-use crate::account::{AccountRecord, KeyRecord, Scope};
-use crate::batch::BatchState;
+use super::{
+    FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret, Recovery, Result, Retention, Store,
+};
 use crate::cluster::{ClusterEvent, NodeConfig};
-use crate::job::{Job, JobId, JobOutcome, Micros, now_micros};
-use crate::secrets::{PutSecret, SecretRecord};
+use crate::model::{
+    AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
+    now_micros,
+};
 
 mod cluster;
 mod recent;
@@ -1668,9 +1670,9 @@ mod tests {
             schema: Some("mig_data".into()),
             node: NodeConfig::new("mig"),
         };
-        let mut queued = crate::job::tests::queued_job("f");
+        let mut queued = crate::model::job::tests::queued_job("f");
         queued.stdin = b"in\"put\x00".to_vec();
-        let mut done = crate::job::tests::queued_job("f");
+        let mut done = crate::model::job::tests::queued_job("f");
         done.status = JobStatus::Running;
         done.attempts = 1;
         done.started_at = Some(1);
@@ -1747,7 +1749,7 @@ mod tests {
     async fn two_nodes_racing_never_claim_one_job_twice() {
         let (a, b) = two_nodes("race").await;
         for _ in 0..400 {
-            a.insert_job(crate::job::tests::queued_job("f")).await.unwrap();
+            a.insert_job(crate::model::job::tests::queued_job("f")).await.unwrap();
         }
         let (a, b) = (Arc::new(a), Arc::new(b));
         let drain = |s: Arc<PgStore>| {
@@ -1826,7 +1828,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_node_that_lost_its_lease_never_writes_over_the_new_attempt() {
         let (a, b) = two_nodes("fence").await;
-        let job = a.insert_job(crate::job::tests::queued_job("f")).await.unwrap().job().clone();
+        let job =
+            a.insert_job(crate::model::job::tests::queued_job("f")).await.unwrap().job().clone();
         let mut events = a.subscribe();
         assert_eq!(a.claim_jobs(1, 1).await.unwrap().len(), 1);
         // A falls silent: its lease runs out, B rescues and runs the job.
@@ -1897,7 +1900,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_cancel_through_one_node_reaches_the_node_running_the_job() {
         let (a, b) = two_nodes("cancel").await;
-        let job = a.insert_job(crate::job::tests::queued_job("f")).await.unwrap().job().clone();
+        let job =
+            a.insert_job(crate::model::job::tests::queued_job("f")).await.unwrap().job().clone();
         a.claim_jobs(1, 1).await.unwrap();
         let mut events = a.subscribe();
         tokio::time::sleep(std::time::Duration::from_millis(200)).await; // listeners up
