@@ -60,7 +60,7 @@ async fn a_format4_batch_keeps_its_inputs_and_continues_after_the_upgrade() {
     let mut s = TestServer::start_in(data.path(), &[]).await;
     s.upload("echo", &program(programs::ECHO)).await;
     s.terminate();
-    let id = cloudpipe_runtime::job::JobId::new().to_string();
+    let id = cloudpipe_runtime::model::JobId::new().to_string();
     let inputs: Vec<Vec<String>> = (0..3).map(|i| vec![format!("word{i}")]).collect();
     let batch = serde_json::json!({
         "id": id, "account": "admin", "admin": true, "limits": {},

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use cloudpipe_runtime::batch::{BatchError, MAX_PAGE};
-use cloudpipe_runtime::job::JobId;
+use cloudpipe_runtime::model::JobId;
 use cloudpipe_types::{BatchList, BatchRecord, BatchSpec};
 use serde::Deserialize;
 

@@ -11,10 +11,10 @@ use futures::{FutureExt, StreamExt};
 use tokio_util::sync::CancellationToken;
 
 use super::progress::Progress;
-use super::{BatchState, Batches, Inner};
+use super::{Batches, Inner};
 use crate::account::{Limits, Tenant};
 use crate::egress::Egress;
-use crate::job::{BatchRef, Job, JobId, now_micros};
+use crate::model::{BatchRef, BatchState, Job, JobId, now_micros};
 use crate::scheduler::SubmitError;
 use crate::store::{BATCH_CHUNK, JobFilter, Store};
 

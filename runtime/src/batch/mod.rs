@@ -31,8 +31,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use cloudpipe_types::{BatchCounts, BatchRecord, BatchSpec, BatchStatus, JobSpec};
-use serde::{Deserialize, Serialize};
+use cloudpipe_types::{BatchRecord, BatchSpec, BatchStatus, JobSpec};
 use tokio_util::sync::CancellationToken;
 
 use self::driver::hook_destination;
@@ -40,7 +39,7 @@ use self::progress::Progress;
 use crate::account::{Limits, Tenant};
 use crate::cluster::{Cluster, ClusterEvent};
 use crate::egress::EgressConfig;
-use crate::job::{JobId, Micros, now_micros, rfc3339};
+use crate::model::{BatchState, JobId, StoredLimits, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
 use crate::store::{BatchCaps, BatchFilter, CreateBatch, JobFilter, Store};
 
@@ -49,44 +48,6 @@ pub const MAX_INPUTS: usize = 1_000_000;
 
 /// How many batches a page of [`Batches::list`] holds at most.
 pub const MAX_PAGE: usize = 1000;
-
-/// A batch as stored: its spec and its status. Its inputs are stored apart
-/// ([`Store::batch_inputs`]).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BatchState {
-    pub id: String,
-    pub account: String,
-    /// The submitter's limits and network policy, kept for the jobs launched later.
-    pub admin: bool,
-    pub limits: StoredLimits,
-    pub allow_network: bool,
-    pub template: JobSpec,
-    /// Number of inputs.
-    #[serde(default)]
-    pub total: u64,
-    pub split: u32,
-    pub retries: u32,
-    pub strikes: u32,
-    pub hook: Option<String>,
-    pub status: BatchStatus,
-    /// Retry rounds started by `retry`; an input gets `retries + 1` tries per round.
-    pub round: u32,
-    pub created_at: Micros,
-    pub finished_at: Option<Micros>,
-    /// Counts and summed job time when it stopped running.
-    pub final_counts: Option<BatchCounts>,
-    pub final_job_micros: u64,
-    pub hook_called: bool,
-}
-
-/// [`Limits`] as stored.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct StoredLimits {
-    pub max_concurrent_jobs: Option<u64>,
-    pub max_timeout_ms: Option<u64>,
-    pub max_memory_mb: Option<u64>,
-    pub max_function_bytes: Option<u64>,
-}
 
 impl BatchState {
     fn tenant(&self) -> Tenant {
@@ -106,24 +67,9 @@ impl BatchState {
         }
     }
 
-    /// Whether a start-up has something to do with the batch: drive it, or call its
-    /// report hook.
-    pub fn is_open(&self) -> bool {
-        self.status == BatchStatus::Running
-            || (self.hook.is_some() && !self.hook_called && self.status != BatchStatus::Cancelled)
-    }
-
-    /// When the batch stopped (`None`: it runs); retention counts its age from this.
-    pub fn stopped_at(&self) -> Option<Micros> {
-        match self.status {
-            BatchStatus::Running => None,
-            _ => Some(self.finished_at.unwrap_or(self.created_at)),
-        }
-    }
-
     /// The job spec of the input whose words are `input`.
     fn job_spec(&self, input: &[String]) -> JobSpec {
-        let mut spec = self.template.clone();
+        let mut spec = JobSpec::from(self.template.clone());
         spec.args.extend(input.iter().cloned());
         spec
     }
@@ -353,7 +299,7 @@ impl Batches {
                 max_function_bytes: l.max_function_bytes,
             },
             allow_network: tenant.allow_network,
-            template,
+            template: template.into(),
             total: inputs.len() as u64,
             split,
             retries,

@@ -4,7 +4,7 @@
 
 use cloudpipe_types::{BatchCounts, JobStatus};
 
-use crate::job::{Job, JobId};
+use crate::model::{Job, JobId};
 
 /// Where one input is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -183,8 +183,8 @@ fn run_micros(job: &Job) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::job::BatchRef;
-    use crate::job::tests::queued_job;
+    use crate::model::BatchRef;
+    use crate::model::job::tests::queued_job;
 
     fn job(index: u64, round: u32, status: JobStatus) -> Job {
         let mut j = queued_job("f");

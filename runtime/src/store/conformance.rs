@@ -19,10 +19,10 @@ use super::{
     BatchCaps, BatchFilter, CreateBatch, FunctionMeta, Inserted, JobFilter, PutFunction, Recovery,
     Result, Retention, Store,
 };
-use crate::account::{ADMIN, AccountRecord, KeyRecord, Scope};
-use crate::batch::BatchState;
-use crate::job::tests::queued_job;
-use crate::job::{Job, JobId, JobOutcome, now_micros};
+use crate::model::job::tests::queued_job;
+use crate::model::{
+    ADMIN, AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Scope, now_micros,
+};
 
 /// Runs every conformance test against one backend. `$open` is a closure from a data
 /// directory to the store; `$max_growth` is an `Option<f64>` (see the module docs).
@@ -1088,7 +1088,7 @@ pub(crate) async fn every_list_filter_agrees_with_a_scan_after_purge_and_reopen<
             };
             if i % 4 == 1 {
                 job.batch =
-                    Some(crate::job::BatchRef { id: "b1".into(), index: i as u64, round: 0 });
+                    Some(crate::model::BatchRef { id: "b1".into(), index: i as u64, round: 0 });
             }
             ids.push(insert(&store, job).await.id);
         }
@@ -1266,7 +1266,8 @@ pub(crate) async fn claims_take_accounts_in_turn_and_each_account_first_in_first
 pub(crate) async fn secrets_are_per_account_bounded_and_keep_their_first_time<S: Store>(
     open: impl Fn(&Path) -> Result<S>,
 ) {
-    use crate::secrets::{PutSecret, SecretRecord};
+    use crate::model::SecretRecord;
+    use crate::store::PutSecret;
     let dir = dir();
     let secret = |account: &str, name: &str, at: u64| SecretRecord {
         account: account.into(),
@@ -1363,7 +1364,7 @@ fn batch(account: &str) -> BatchState {
         admin: false,
         limits: Default::default(),
         allow_network: false,
-        template: cloudpipe_types::JobSpec { function: "f".into(), ..Default::default() },
+        template: crate::model::JobTemplate { function: "f".into(), ..Default::default() },
         total: 0,
         split: 2,
         retries: 0,

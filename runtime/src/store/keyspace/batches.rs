@@ -6,8 +6,7 @@ use anyhow::Context;
 use super::super::kv::{KvRead, KvWrite};
 use super::super::{BATCH_CHUNK, BatchCaps, BatchFilter, CreateBatch, Result};
 use super::{CHUNK, decode_u64, key, pair_key, put_json, scan_all};
-use crate::batch::BatchState;
-use crate::job::Micros;
+use crate::model::{BatchState, Micros};
 
 pub(in crate::store) const BATCHES: u8 = b'B';
 /// Inputs: `I` id 0 chunk(8) → a JSON array of up to [`BATCH_CHUNK`] inputs.

@@ -5,8 +5,7 @@ use anyhow::Context;
 use tokio_postgres::Row;
 
 use super::{Cached, PgStore, encode};
-use crate::batch::BatchState;
-use crate::job::Micros;
+use crate::model::{BatchState, Micros};
 use crate::store::{BATCH_CHUNK, BatchCaps, BatchFilter, CreateBatch, Result};
 
 fn decode(row: &Row) -> Result<BatchState> {
@@ -193,10 +192,10 @@ mod tests {
     use crate::cluster::NodeConfig;
     use crate::store::{BATCH_CHUNK, BatchCaps, BatchFilter, CreateBatch, Store};
 
-    /// A schema-4 database (batch records with their inputs inline) is brought to
-    /// schema 5 at open: inputs in chunks, counts, open and stopped batches known.
+    /// A schema-5 database (batch records with their inputs inline) is brought to
+    /// schema 6 at open: inputs in chunks, counts, open and stopped batches known.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn schema_5_batch_inputs_move_out_of_the_records() {
+    async fn schema_6_batch_inputs_move_out_of_the_records() {
         let db = testdb::shared();
         let config = || PgConfig {
             url: db.url(),
@@ -216,11 +215,11 @@ mod tests {
                 "final_counts": null, "final_job_micros": 0, "hook_called": false
             })
         };
-        let running = crate::job::JobId::new().to_string();
-        let hooked = crate::job::JobId::new().to_string();
-        let done = crate::job::JobId::new().to_string();
+        let running = crate::model::JobId::new().to_string();
+        let hooked = crate::model::JobId::new().to_string();
+        let done = crate::model::JobId::new().to_string();
 
-        // Back to schema 4, as its code wrote the rows.
+        // Back to schema 5, as its code wrote the rows.
         let (client, conn) = tokio_postgres::connect(&db.url(), NoTls).await.unwrap();
         tokio::spawn(conn);
         client.batch_execute("SET search_path = mig_batches").await.unwrap();
@@ -228,7 +227,7 @@ mod tests {
             .batch_execute(
                 "DROP TABLE cp_batch_inputs;
                  ALTER TABLE cp_batches DROP COLUMN inputs, DROP COLUMN stopped_at, DROP COLUMN open;
-                 DELETE FROM cp_migrations WHERE version = 5",
+                 DELETE FROM cp_migrations WHERE version = 6",
             )
             .await
             .unwrap();
@@ -264,7 +263,7 @@ mod tests {
         assert_eq!(store.list_batches(&alice).await.unwrap().len(), 3);
         let caps = BatchCaps { max_batches: None, max_inputs: Some(3 * n as u64) };
         let mut another = b.clone();
-        another.id = crate::job::JobId::new().to_string();
+        another.id = crate::model::JobId::new().to_string();
         let refused = store.create_batch(another, vec![vec![]], caps).await.unwrap();
         assert_eq!(refused, CreateBatch::TooManyInputs { used: 3 * n as u64, limit: 3 * n as u64 });
         // Stopped at 80 and 90: both past an age of 5 at 100; the running one stays.

@@ -15,8 +15,8 @@
 //! | `cp_functions` | function versions per account (`FunctionMeta` as JSON) |
 //! | `cp_names` | function names: owner, version, settings |
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
-//! | `cp_batches` | batch records (no inputs), with the lease of the node driving each (5: input counts, when each stopped, which are open) |
-//! | `cp_batch_inputs` | batch inputs in chunks, apart from the records (5) |
+//! | `cp_batches` | batch records (no inputs), with the lease of the node driving each (6: input counts, when each stopped, which are open) |
+//! | `cp_batch_inputs` | batch inputs in chunks, apart from the records (6) |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
 //! | `cp_claim_turn` | unused since schema 2 (read by schema-1 nodes during an upgrade) |
 //! | `cp_nodes` | nodes and their heartbeats |
@@ -250,7 +250,27 @@ UPDATE cp_jobs SET record = convert_to(
       '"stderr":"[A-Za-z0-9+/=]*"', '"stderr":""'), 'UTF8')
   WHERE id IN (SELECT id FROM cp_job_data);
 "#,
-    // 5: batch inputs apart from the batch records, in chunks of `BATCH_CHUNK` (1024)
+    // 5: claims, renewals, cancels and requeues are HOT updates. No index reads a
+    // column they change (status, node, attempts, lease_expires, cancel_requested,
+    // record), so such an update writes no index entry: before this, each of them
+    // added one to each of the table's twelve indexes. Queued and running jobs are
+    // found through one index of the unfinished jobs (a claim steps over the running
+    // ones); finished jobs by status and node through columns that change only when
+    // a job finishes. Rows leave room on their page for their next versions.
+    r#"
+ALTER TABLE cp_jobs
+  ADD COLUMN outcome text GENERATED ALWAYS AS (CASE WHEN finished_at IS NOT NULL THEN status END) STORED,
+  ADD COLUMN ran_on text GENERATED ALWAYS AS (CASE WHEN finished_at IS NOT NULL THEN node END) STORED;
+ALTER TABLE cp_jobs SET (fillfactor = 60);
+DROP INDEX cp_jobs_queue_accounts, cp_jobs_leases, cp_jobs_account_status, cp_jobs_status,
+  cp_jobs_node, cp_jobs_tags;
+CREATE INDEX cp_jobs_active ON cp_jobs (account, created_at, id) WHERE finished_at IS NULL;
+CREATE INDEX cp_jobs_account_outcome ON cp_jobs (account, outcome, id) WHERE outcome IS NOT NULL;
+CREATE INDEX cp_jobs_outcome ON cp_jobs (outcome, id) WHERE outcome IS NOT NULL;
+CREATE INDEX cp_jobs_ran_on ON cp_jobs (ran_on, id) WHERE ran_on IS NOT NULL;
+CREATE INDEX cp_jobs_tags ON cp_jobs USING gin (tags) WHERE tags <> '{}';
+"#,
+    // 6: batch inputs apart from the batch records, in chunks of `BATCH_CHUNK` (1024)
     // inputs; each batch's input count, when it stopped and whether a start-up takes
     // it up, as columns (caps, retention, start-up).
     r#"
@@ -264,7 +284,7 @@ CREATE TABLE cp_batch_inputs (
   inputs bytea NOT NULL,
   PRIMARY KEY (batch, chunk)
 );
--- Records of schemas 1 to 4 held the inputs inline, as a JSON array.
+-- Records of schemas 1 to 5 held the inputs inline, as a JSON array.
 CREATE TEMPORARY TABLE cp_old_batches ON COMMIT DROP AS
   SELECT id, convert_from(record, 'UTF8')::jsonb AS r FROM cp_batches;
 INSERT INTO cp_batch_inputs (batch, chunk, inputs)
