@@ -126,6 +126,24 @@ pub struct BatchCaps {
     pub max_inputs: Option<u64>,
 }
 
+impl BatchCaps {
+    /// Why an account that stores `batches` batches holding `stored` inputs may not
+    /// add one of `adding` inputs, if it may not.
+    pub(crate) fn refuse(self, batches: u64, stored: u64, adding: usize) -> Option<CreateBatch> {
+        if let Some(limit) = self.max_batches
+            && batches >= limit
+        {
+            return Some(CreateBatch::TooManyBatches { used: batches, limit });
+        }
+        match self.max_inputs {
+            Some(limit) if stored.saturating_add(adding as u64) > limit => {
+                Some(CreateBatch::TooManyInputs { used: stored, limit })
+            }
+            _ => None,
+        }
+    }
+}
+
 /// What [`Store::create_batch`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CreateBatch {

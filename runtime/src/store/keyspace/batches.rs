@@ -87,15 +87,8 @@ pub(super) fn create_batch(
     caps: BatchCaps,
 ) -> Result<CreateBatch> {
     let (batches, stored) = counts(&*tx, &b.account)?;
-    if let Some(limit) = caps.max_batches
-        && batches >= limit
-    {
-        return Ok(CreateBatch::TooManyBatches { used: batches, limit });
-    }
-    if let Some(limit) = caps.max_inputs
-        && stored.saturating_add(inputs.len() as u64) > limit
-    {
-        return Ok(CreateBatch::TooManyInputs { used: stored, limit });
+    if let Some(refused) = caps.refuse(batches, stored, inputs.len()) {
+        return Ok(refused);
     }
     let rkey = key(BATCHES, b.id.as_bytes());
     if tx.get(&rkey)?.is_some() {

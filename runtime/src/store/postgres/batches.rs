@@ -38,15 +38,8 @@ impl PgStore {
             )
             .await?;
         let (batches, stored) = (row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64);
-        if let Some(limit) = caps.max_batches
-            && batches >= limit
-        {
-            return Ok(CreateBatch::TooManyBatches { used: batches, limit });
-        }
-        if let Some(limit) = caps.max_inputs
-            && stored.saturating_add(inputs.len() as u64) > limit
-        {
-            return Ok(CreateBatch::TooManyInputs { used: stored, limit });
+        if let Some(refused) = caps.refuse(batches, stored, inputs.len()) {
+            return Ok(refused);
         }
         let mut record = batch;
         record.total = inputs.len() as u64;
