@@ -337,7 +337,8 @@ impl Cluster for PgStore {
         let client = self.client().await?;
         let n: i64 = client
             .q_one(
-                "SELECT count(*) FROM cp_jobs WHERE account = $1 AND status IN ('queued', 'running')",
+                "SELECT count(*) FROM cp_jobs
+                 WHERE account = $1 AND finished_at IS NULL AND status IN ('queued', 'running')",
                 &[&account],
             )
             .await?
