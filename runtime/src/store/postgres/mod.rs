@@ -1785,7 +1785,7 @@ mod tests {
     async fn lists_by_node_find_running_and_finished_jobs() {
         let (a, b) = two_nodes("by_node").await;
         for _ in 0..3 {
-            a.insert_job(crate::job::tests::queued_job("f")).await.unwrap();
+            a.insert_job(crate::model::job::tests::queued_job("f")).await.unwrap();
         }
         let on_a = a.claim_jobs(2, 1).await.unwrap();
         let on_b = b.claim_jobs(1, 1).await.unwrap();
