@@ -138,15 +138,7 @@ impl TestServer {
 
     /// A metric's value from `/metrics` (the first line starting with `name`).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = serve::metrics(&self.client, &self.url).await;
         serve::metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
 }
