@@ -103,10 +103,7 @@ async fn seed(s: &TestServer) -> Seeds {
         )
         .await;
     assert_eq!(st, StatusCode::CREATED, "{batch}");
-    let (st, body) = s.post_json("/v1/accounts", &json!({"name": "tenant"})).await;
-    assert_eq!(st, StatusCode::CREATED, "{body}");
-    let (st, key) = s.post_json("/v1/accounts/tenant/keys", &json!({"label": "fuzz"})).await;
-    assert_eq!(st, StatusCode::CREATED, "{key}");
+    let (_, tenant_key_id) = s.account("tenant", json!({})).await;
     let (st, body) = s
         .request(
             reqwest::Method::PUT,
@@ -118,7 +115,7 @@ async fn seed(s: &TestServer) -> Seeds {
     Seeds {
         job: job["id"].as_str().unwrap().into(),
         batch: batch["id"].as_str().unwrap().into(),
-        tenant_key_id: key["id"].as_str().unwrap().into(),
+        tenant_key_id,
     }
 }
 

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::server::TestServer;
 use crate::server::serve::{ADMIN_KEY, get_json, spawn_serve_with};
+use crate::server::{TestServer, with};
 use cloudpipe_runtime::executor::RunRequest;
 use cloudpipe_runtime::executor::vm::{VmConfig, VmExecutor};
 
@@ -84,13 +84,6 @@ async fn server(pool: &str) -> TestServer {
 /// A vm job running `sh -c script`.
 fn sh(script: &str) -> Value {
     json!({"executor": "vm", "command": ["sh", "-c", script]})
-}
-
-fn with(mut spec: Value, extra: Value) -> Value {
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    spec
 }
 
 #[tokio::test]

@@ -134,12 +134,22 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 
 /// Peak resident memory of a process, in MiB.
 pub fn peak_rss_mib(pid: u32) -> u64 {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in MiB.
+pub fn rss_mib(pid: u32) -> u64 {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`, in MiB.
+fn proc_status_mib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     kb / 1024
 }
 
