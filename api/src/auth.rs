@@ -30,7 +30,7 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use cloudpipe_runtime::Store;
 use cloudpipe_runtime::account::{AccountRecord, KeyRecord, Limits, Scope, Tenant};
-use cloudpipe_runtime::job::now_micros;
+use cloudpipe_runtime::model::now_micros;
 use cloudpipe_types::{Quotas, Role};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;

@@ -106,7 +106,7 @@ pub struct AppState {
     /// This node's name (the cluster's, or the host's on one machine).
     pub node: String,
     /// When this process started.
-    pub started_at: cloudpipe_runtime::job::Micros,
+    pub started_at: cloudpipe_runtime::model::Micros,
     /// Follows live events of jobs running on other nodes of a cluster.
     pub relay: reqwest::Client,
 }
@@ -148,7 +148,7 @@ impl AppState {
             logs: Arc::default(),
             auth,
             node,
-            started_at: cloudpipe_runtime::job::now_micros(),
+            started_at: cloudpipe_runtime::model::now_micros(),
             relay,
         })
     }

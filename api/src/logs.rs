@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use cloudpipe_runtime::executor::{OutputSink, OutputStream};
 
-use cloudpipe_runtime::job::{now_micros, rfc3339};
+use cloudpipe_runtime::model::{now_micros, rfc3339};
 use cloudpipe_types::LogLine;
 use tokio::sync::broadcast;
 

@@ -18,53 +18,17 @@ use std::time::Duration;
 use cloudpipe_types::{BatchCounts, BatchRecord, BatchSpec, BatchStatus, JobSpec, JobStatus};
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::account::{Limits, Tenant};
 use crate::cluster::{Cluster, ClusterEvent};
 use crate::egress::{Egress, EgressConfig};
-use crate::job::{BatchRef, Job, JobId, Micros, now_micros, rfc3339};
+use crate::model::{BatchRef, BatchState, Job, JobId, StoredLimits, now_micros, rfc3339};
 use crate::scheduler::{Scheduler, SubmitError};
 use crate::store::{JobFilter, Store};
 
 /// Most inputs of one batch.
 pub const MAX_INPUTS: usize = 1_000_000;
-
-/// A batch as stored: its spec, its inputs and its status.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct BatchState {
-    pub id: String,
-    pub account: String,
-    /// The submitter's limits and network policy, kept for the jobs launched later.
-    pub admin: bool,
-    pub limits: StoredLimits,
-    pub allow_network: bool,
-    pub template: JobSpec,
-    pub inputs: Vec<Vec<String>>,
-    pub split: u32,
-    pub retries: u32,
-    pub strikes: u32,
-    pub hook: Option<String>,
-    pub status: BatchStatus,
-    /// Retry rounds started by `retry`; an input gets `retries + 1` tries per round.
-    pub round: u32,
-    pub created_at: Micros,
-    pub finished_at: Option<Micros>,
-    /// Counts and summed job time when it stopped running.
-    pub final_counts: Option<BatchCounts>,
-    pub final_job_micros: u64,
-    pub hook_called: bool,
-}
-
-/// [`Limits`] as stored.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct StoredLimits {
-    pub max_concurrent_jobs: Option<u64>,
-    pub max_timeout_ms: Option<u64>,
-    pub max_memory_mb: Option<u64>,
-    pub max_function_bytes: Option<u64>,
-}
 
 impl BatchState {
     fn tenant(&self) -> Tenant {
@@ -86,7 +50,7 @@ impl BatchState {
 
     /// The job spec of input `index`.
     fn job_spec(&self, index: usize) -> JobSpec {
-        let mut spec = self.template.clone();
+        let mut spec = JobSpec::from(self.template.clone());
         spec.args.extend(self.inputs[index].iter().cloned());
         spec
     }
@@ -337,7 +301,7 @@ impl Batches {
                 max_function_bytes: l.max_function_bytes,
             },
             allow_network: tenant.allow_network,
-            template,
+            template: template.into(),
             inputs: std::mem::take(&mut inputs),
             split,
             retries,

@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use crate::job::{JobId, Micros};
+use crate::model::{JobId, Micros};
 
 /// What a node does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

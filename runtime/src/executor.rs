@@ -14,7 +14,7 @@ use bytes::Bytes;
 use cloudpipe_types::FunctionKind;
 use tokio_util::sync::CancellationToken;
 
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 
 pub mod docker;
 pub mod vm;

@@ -1,13 +1,15 @@
 //! Cloudpipe's runtime: everything between the HTTP API and a running function.
 //!
 //! # Layout
-//! - [`account`]: accounts, API keys (stored hashed) and the [`Scope`](account::Scope)
-//!   through which an account sees its functions and jobs.
+//! - [`account`]: what an account may do: its [`Limits`](account::Limits) and the
+//!   [`Tenant`](account::Tenant) a job runs for.
 //! - [`batch`]: [`Batches`](batch::Batches), cloudtask-style runs of one template over
 //!   many inputs (split, retries, strikes, resume, retry, report hook).
 //! - [`egress`]: where requests sent for a tenant (outgoing `wasi:http`, batch hooks)
 //!   may go: the function's list, the account's policy, no internal addresses.
-//! - [`job`]: the durable job record ([`Job`]) and how an attempt ends ([`JobOutcome`]).
+//! - [`model`]: the stored records (jobs, accounts, function versions, batches,
+//!   secrets) and their clock, apart from the code that acts on them; the job record
+//!   is [`Job`], how an attempt ends [`JobOutcome`].
 //! - [`executor`]: the [`Executor`] trait; [`executor::wasm`] runs Wasm components and
 //!   WASI modules in process with wasmtime.
 //! - [`registry`]: [`FunctionRegistry`], uploads: content addressing, validation,
@@ -39,7 +41,7 @@ pub mod batch;
 pub mod cluster;
 pub mod egress;
 pub mod executor;
-pub mod job;
+pub mod model;
 pub mod registry;
 mod runtime;
 pub mod scheduler;
@@ -47,7 +49,7 @@ pub mod secrets;
 pub mod store;
 
 pub use executor::{Executor, OutputSink, OutputStream, RunRequest};
-pub use job::{Job, JobId, JobOutcome};
+pub use model::{Job, JobId, JobOutcome};
 pub use registry::FunctionRegistry;
 pub use runtime::{Readiness, Runtime, RuntimeConfig};
 pub use scheduler::Scheduler;

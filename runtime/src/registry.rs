@@ -7,9 +7,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
-use crate::account::{Scope, Tenant};
+use crate::account::Tenant;
 use crate::executor::{Executor, PrepareError};
-use crate::job::now_micros;
+use crate::model::{Scope, now_micros};
 use crate::store::{FunctionMeta, PutFunction, Store};
 
 /// Why an upload was refused.

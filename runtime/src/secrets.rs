@@ -30,46 +30,9 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use cloudpipe_types::EnvValue;
 use ring::aead::{Aad, CHACHA20_POLY1305, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 use ring::rand::{SecureRandom, SystemRandom};
-use serde::{Deserialize, Serialize};
 
-use crate::job::{Micros, now_micros};
-use crate::store::Store;
-
-/// One secret as the store keeps it: sealed, never the value.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SecretRecord {
-    pub account: String,
-    pub name: String,
-    /// The id of the server key that sealed it (a line of the key file).
-    pub key_id: String,
-    #[serde(with = "crate::job::b64")]
-    pub nonce: Vec<u8>,
-    /// The value, sealed, with its authentication tag.
-    #[serde(with = "crate::job::b64")]
-    pub sealed: Vec<u8>,
-    pub created_at: Micros,
-    pub updated_at: Micros,
-}
-
-// By hand, so that no debug print can show even the sealed bytes.
-impl std::fmt::Debug for SecretRecord {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecretRecord")
-            .field("account", &self.account)
-            .field("name", &self.name)
-            .field("key_id", &self.key_id)
-            .finish_non_exhaustive()
-    }
-}
-
-/// What [`Store::put_secret`] did.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PutSecret {
-    /// Created, or replaced (keeping the first `created_at`); this is it as stored.
-    Stored(SecretRecord),
-    /// The account has `limit` secrets already and this name is new; nothing written.
-    OverQuota { limit: u64 },
-}
+use crate::model::{SecretRecord, now_micros};
+use crate::store::{PutSecret, Store};
 
 /// Limits and the key file; plain data.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use cloudpipe_runtime::account::{ADMIN, AccountRecord, KeyRecord};
-use cloudpipe_runtime::job::{now_micros, rfc3339};
+use cloudpipe_runtime::model::{now_micros, rfc3339};
 use cloudpipe_runtime::registry::is_valid_name;
 use cloudpipe_runtime::store::JobFilter;
 use cloudpipe_types::{

@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, post};
 use cloudpipe_runtime::account::Scope;
-use cloudpipe_runtime::job::rfc3339;
+use cloudpipe_runtime::model::rfc3339;
 use cloudpipe_runtime::store::FunctionMeta;
 use cloudpipe_types::{FunctionInfo, FunctionList, FunctionSettings, FunctionSettingsPatch};
 use serde::Deserialize;

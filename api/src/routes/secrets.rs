@@ -8,8 +8,8 @@ use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::{get, put};
-use cloudpipe_runtime::job::rfc3339;
-use cloudpipe_runtime::secrets::SecretRecord;
+use cloudpipe_runtime::model::SecretRecord;
+use cloudpipe_runtime::model::rfc3339;
 use cloudpipe_types::{SecretInfo, SecretList, SecretPut};
 
 use crate::auth::Caller;

@@ -36,9 +36,9 @@ pub async fn list_nodes(
 ) -> Result<Json<NodeList>, ApiError> {
     caller.require_admin()?;
     let store = state.runtime.store.backend().to_string();
-    let rfc = cloudpipe_runtime::job::rfc3339;
+    let rfc = cloudpipe_runtime::model::rfc3339;
     let Some(cluster) = &state.runtime.cluster else {
-        let now = rfc(cloudpipe_runtime::job::now_micros());
+        let now = rfc(cloudpipe_runtime::model::now_micros());
         let node = NodeInfo {
             name: state.node.clone(),
             role: "all".into(),

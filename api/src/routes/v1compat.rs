@@ -372,7 +372,7 @@ fn tag_value<'a>(job: &'a Job, key: &str) -> Option<&'a str> {
 
 /// `YYYY-MM-DD HH:MM:SS.ffffff` in UTC, the form v1 clients parse.
 fn v1_time(t: u64) -> String {
-    let whole = cloudpipe_runtime::job::rfc3339(t - t % 1_000_000);
+    let whole = cloudpipe_runtime::model::rfc3339(t - t % 1_000_000);
     match (whole.get(..10), whole.get(11..19)) {
         (Some(date), Some(time)) => format!("{date} {time}.{:06}", t % 1_000_000),
         _ => whole,

@@ -43,7 +43,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use super::{Capped, Executor, OutputSink, OutputStream, PrepareError, RunRequest, Unready};
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 
 /// Label naming the server (its data directory) that made a container.
 pub const INSTANCE_LABEL: &str = "cloudpipe.instance";

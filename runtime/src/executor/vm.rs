@@ -67,7 +67,7 @@ use cloudpipe_types::{FunctionKind, JobStatus};
 use tokio_util::sync::CancellationToken;
 
 use super::{Executor, OutputSink, PrepareError, RunRequest, Unready};
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 use clone::Vm;
 use frame::JobFrame;
 use template::{Template, check};

@@ -60,7 +60,7 @@ use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
 use super::{Executor, OutputSink, OutputStream, PrepareError, RunRequest};
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 use crate::store::Store;
 
 mod cache;
@@ -461,7 +461,7 @@ impl Ended {
                 None,
                 error("cancelled", "cancelled while running".to_string()),
             ),
-            Ended::Busy(message) => (JobStatus::Failed, None, error(crate::job::BUSY, message)),
+            Ended::Busy(message) => (JobStatus::Failed, None, error(crate::model::BUSY, message)),
             Ended::Internal(message) => (JobStatus::Failed, None, error("internal", message)),
             Ended::NotRunnable => (
                 JobStatus::Failed,

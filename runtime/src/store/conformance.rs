@@ -16,9 +16,8 @@ use bytes::Bytes;
 use cloudpipe_types::{FunctionKind, JobStatus};
 
 use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
-use crate::account::{ADMIN, AccountRecord, KeyRecord, Scope};
-use crate::job::tests::queued_job;
-use crate::job::{Job, JobId, JobOutcome, now_micros};
+use crate::model::job::tests::queued_job;
+use crate::model::{ADMIN, AccountRecord, Job, JobId, JobOutcome, KeyRecord, Scope, now_micros};
 
 /// Runs every conformance test against one backend. `$open` is a closure from a data
 /// directory to the store; `$max_growth` is an `Option<f64>` (see the module docs).
@@ -1079,7 +1078,7 @@ pub(crate) async fn every_list_filter_agrees_with_a_scan_after_purge_and_reopen<
             };
             if i % 4 == 1 {
                 job.batch =
-                    Some(crate::job::BatchRef { id: "b1".into(), index: i as u64, round: 0 });
+                    Some(crate::model::BatchRef { id: "b1".into(), index: i as u64, round: 0 });
             }
             ids.push(insert(&store, job).await.id);
         }
@@ -1257,7 +1256,8 @@ pub(crate) async fn claims_take_accounts_in_turn_and_each_account_first_in_first
 pub(crate) async fn secrets_are_per_account_bounded_and_keep_their_first_time<S: Store>(
     open: impl Fn(&Path) -> Result<S>,
 ) {
-    use crate::secrets::{PutSecret, SecretRecord};
+    use crate::model::SecretRecord;
+    use crate::store::PutSecret;
     let dir = dir();
     let secret = |account: &str, name: &str, at: u64| SecretRecord {
         account: account.into(),

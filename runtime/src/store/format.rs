@@ -23,8 +23,7 @@ use anyhow::{Context, bail};
 use super::Result;
 use super::keyspace::{key, pair_key, put_job};
 use super::kv::{KvBackend, KvRead, KvWrite};
-use crate::account::ADMIN;
-use crate::job::Job;
+use crate::model::{ADMIN, Job};
 
 /// The format this version of Cloudpipe writes.
 pub const CURRENT: u32 = 4;
@@ -185,12 +184,12 @@ pub mod legacy {
         pub fn with_function(name: &str, binary: Vec<u8>) -> Format0 {
             let id = function_id(&binary);
             let job = serde_json::json!({
-                "id": crate::job::JobId::new().to_string(),
+                "id": crate::model::JobId::new().to_string(),
                 "function": name, "function_id": id, "args": ["from-format-0"],
                 "env": {"GREETING": "hi"}, "stdin": "", "tags": ["old"],
                 "idempotency_key": "once", "timeout_ms": 10000, "memory_mb": 64,
                 "max_attempts": 3, "executor": "wasm", "status": "queued", "attempts": 0,
-                "created_at": crate::job::now_micros(), "started_at": null,
+                "created_at": crate::model::now_micros(), "started_at": null,
                 "finished_at": null, "exit_code": null, "stdout": "", "stderr": "",
                 "stdout_truncated": false, "stderr_truncated": false, "error": null
             });
@@ -210,14 +209,14 @@ pub mod legacy {
             let id = function_id(&content.binary);
             let meta = serde_json::json!({
                 "id": id, "name": content.function_name, "kind": kind_of(&content.binary),
-                "size": content.binary.len(), "created_at": crate::job::now_micros()
+                "size": content.binary.len(), "created_at": crate::model::now_micros()
             });
             tx.put(&key(b'f', id.as_bytes()), &serde_json::to_vec(&meta)?)?;
             tx.put(&key(b'b', id.as_bytes()), &content.binary)?;
             tx.put(&key(b'n', content.function_name.as_bytes()), id.as_bytes())?;
             let mut queued = 0u64;
             for job in &content.jobs {
-                let jid: crate::job::JobId =
+                let jid: crate::model::JobId =
                     job["id"].as_str().context("job id")?.parse().context("job id")?;
                 tx.put(&key(b'j', &jid.to_bytes()), &serde_json::to_vec(job)?)?;
                 let created = job["created_at"].as_u64().context("created_at")?;
@@ -298,9 +297,9 @@ pub mod legacy {
 mod tests {
     use super::legacy::{Format0, write_format_version, write_format0, write_format2};
     use super::*;
-    use crate::account::Scope;
-    use crate::job::now_micros;
-    use crate::job::tests::queued_job;
+    use crate::model::Scope;
+    use crate::model::job::tests::queued_job;
+    use crate::model::now_micros;
     use crate::store::{Backend, Inserted, open};
 
     const WASM: &[u8] = b"\0asm\x01\0\0\0";
@@ -407,7 +406,7 @@ mod tests {
         store.insert_job(done.clone()).await.unwrap();
         drop(store);
         legacy::inline_job_data(backend, dir.path(), &[queued.clone(), done.clone()]).unwrap();
-        let record = |id: crate::job::JobId| {
+        let record = |id: crate::model::JobId| {
             move |r: &dyn KvRead| -> Result<Job> {
                 let bytes = r.get(&key(JOBS, &id.to_bytes()))?.context("the record")?;
                 Ok(serde_json::from_slice(&bytes)?)

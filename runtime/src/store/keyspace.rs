@@ -60,11 +60,12 @@ use bytes::Bytes;
 use cloudpipe_types::JobStatus;
 
 use super::kv::{KvRead, KvWrite};
-use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention};
-use crate::account::{AccountRecord, KeyRecord, Scope};
-use crate::batch::BatchState;
-use crate::job::{Job, JobId, JobOutcome, Micros};
-use crate::secrets::{PutSecret, SecretRecord};
+use super::{
+    FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret, Recovery, Result, Retention,
+};
+use crate::model::{
+    AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
+};
 
 const JOBS: u8 = b'j';
 /// Stdin and output of jobs, apart from their records (see the module docs).

@@ -18,11 +18,12 @@ use cloudpipe_types::{FunctionSettings, JobStatus};
 use super::keyspace::{self, Reply, WriteOp};
 use super::space::{SpaceGuard, StorageFull};
 use super::writer::Writer;
-use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
-use crate::account::{AccountRecord, KeyRecord, Scope};
-use crate::batch::BatchState;
-use crate::job::{Job, JobId, JobOutcome, Micros};
-use crate::secrets::{PutSecret, SecretRecord};
+use super::{
+    FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret, Recovery, Result, Retention, Store,
+};
+use crate::model::{
+    AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
+};
 
 /// One key and its value, as a scan returns them.
 pub type Entry = (Vec<u8>, Vec<u8>);
@@ -446,7 +447,7 @@ mod tests {
     /// and a finished job, laid out as that version wrote them.
     #[tokio::test]
     async fn store_written_before_the_list_index_is_indexed_at_open() {
-        use crate::job::tests::queued_job;
+        use crate::model::job::tests::queued_job;
         let mut queued = queued_job("f");
         queued.account = "alice".into();
         queued.tags = vec!["t".into()];

@@ -15,13 +15,12 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use cloudpipe_types::{FunctionKind, FunctionSettings, JobStatus};
-use serde::{Deserialize, Serialize};
+use cloudpipe_types::{FunctionSettings, JobStatus};
 
-use crate::account::{AccountRecord, KeyRecord, Scope};
-use crate::batch::BatchState;
-use crate::job::{Job, JobId, JobOutcome, Micros};
-use crate::secrets::{PutSecret, SecretRecord};
+pub use crate::model::FunctionMeta;
+use crate::model::{
+    AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
+};
 
 pub mod format;
 mod keyspace;
@@ -45,25 +44,6 @@ pub(crate) const CACHE_BYTES: usize = 64 << 20;
 
 /// Store errors are I/O or corruption: callers cannot do much but report them.
 pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;
-
-/// One uploaded function version.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FunctionMeta {
-    /// `sha256:` and 64 lowercase hex digits.
-    pub id: String,
-    /// The account that owns this version (and its name).
-    #[serde(default = "crate::account::admin_name")]
-    pub account: String,
-    /// The name it was last uploaded under, if any.
-    pub name: Option<String>,
-    pub kind: FunctionKind,
-    pub size: u64,
-    pub created_at: Micros,
-    /// The settings of `name` (kept per name, not in the version's record; defaults
-    /// when looked up by id).
-    #[serde(default, skip_serializing)]
-    pub settings: FunctionSettings,
-}
 
 /// What [`Store::insert_job`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +73,15 @@ pub enum PutFunction {
         used: u64,
         limit: u64,
     },
+}
+
+/// What [`Store::put_secret`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutSecret {
+    /// Created, or replaced (keeping the first `created_at`); this is it as stored.
+    Stored(SecretRecord),
+    /// The account has `limit` secrets already and this name is new; nothing written.
+    OverQuota { limit: u64 },
 }
 
 /// Filter of [`Store::list_jobs`]; every field that is set must match.

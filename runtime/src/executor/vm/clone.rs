@@ -18,7 +18,7 @@ use super::qmp::Qmp;
 use super::template::Template;
 use super::{Inner, RESTORE_TIMEOUT};
 use crate::executor::{Capped, OutputSink, OutputStream, RunRequest};
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 
 /// The fd a clone reads its snapshot from.
 const SNAPSHOT_FD: i32 = 3;

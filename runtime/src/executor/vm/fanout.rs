@@ -11,7 +11,7 @@ use super::VmExecutor;
 use super::clone::Vm;
 use super::frame::JobFrame;
 use crate::executor::{NoLiveOutput, OutputSink, RunRequest};
-use crate::job::JobOutcome;
+use crate::model::JobOutcome;
 
 /// N clones held for a fan-out, killed when dropped (or after the time they were
 /// reserved for, at the next use).

@@ -16,7 +16,7 @@ use tokio_postgres::AsyncMessage;
 
 use super::{Cached, PgStore, Shared};
 use crate::cluster::{Cluster, ClusterEvent, NodeInfo, Role};
-use crate::job::{JobId, now_micros};
+use crate::model::{JobId, now_micros};
 
 /// The channels every node listens on.
 const CHANNELS: &str = "LISTEN cp_queued; LISTEN cp_finished; LISTEN cp_cancel; LISTEN cp_auth; LISTEN cp_functions; LISTEN cp_batch_cancel;";
@@ -337,7 +337,8 @@ impl Cluster for PgStore {
         let client = self.client().await?;
         let n: i64 = client
             .q_one(
-                "SELECT count(*) FROM cp_jobs WHERE account = $1 AND status IN ('queued', 'running')",
+                "SELECT count(*) FROM cp_jobs
+                 WHERE account = $1 AND finished_at IS NULL AND status IN ('queued', 'running')",
                 &[&account],
             )
             .await?

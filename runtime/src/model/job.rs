@@ -5,26 +5,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use cloudpipe_types::{EnvValue, JobError, JobRecord, JobStatus};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Microseconds since the Unix epoch: the one clock of every stored timestamp.
-pub type Micros = u64;
-
-/// Now, in [`Micros`].
-pub fn now_micros() -> Micros {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
-}
-
-/// RFC 3339 text of a [`Micros`] timestamp, as the API shows it.
-pub fn rfc3339(t: Micros) -> String {
-    let ts = time::OffsetDateTime::from_unix_timestamp_nanos(t as i128 * 1000)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    ts.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
-}
+use super::account::admin_name;
+use super::b64;
+use super::clock::{Micros, rfc3339};
 
 /// A job id: a UUIDv7, so ids sort by creation time (newest last) in every store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -74,7 +62,7 @@ impl FromStr for JobId {
 pub struct Job {
     pub id: JobId,
     /// The account that owns the job.
-    #[serde(default = "crate::account::admin_name")]
+    #[serde(default = "admin_name")]
     pub account: String,
     /// The function as submitted (a name or `sha256:…`).
     pub function: String,
@@ -280,31 +268,16 @@ impl JobOutcome {
     }
 }
 
-/// Byte fields as base64 text inside the JSON record.
-pub(crate) mod b64 {
-    use base64::Engine;
-    use base64::engine::general_purpose::STANDARD;
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&STANDARD.encode(bytes))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        STANDARD.decode(text.as_bytes()).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::model::{ADMIN, now_micros};
 
     /// A queued job with the given function, for store and scheduler tests.
     pub fn queued_job(function: &str) -> Job {
         Job {
             id: JobId::new(),
-            account: crate::account::ADMIN.to_string(),
+            account: ADMIN.to_string(),
             function: function.to_string(),
             function_id: format!("sha256:{}", "0".repeat(64)),
             args: vec!["a".into()],
