@@ -64,6 +64,15 @@ pub enum AccountsCommand {
         /// Finished jobs kept (the account's oldest go first).
         #[arg(long)]
         max_finished_jobs: Option<u64>,
+        /// Inputs of one batch.
+        #[arg(long)]
+        max_batch_inputs: Option<u64>,
+        /// Batches stored, whatever their status.
+        #[arg(long)]
+        max_batches: Option<u64>,
+        /// Inputs of all the account's stored batches.
+        #[arg(long)]
+        max_stored_batch_inputs: Option<u64>,
     },
     /// List accounts.
     List,
@@ -150,6 +159,9 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
             max_memory_mb,
             max_function_bytes,
             max_finished_jobs,
+            max_batch_inputs,
+            max_batches,
+            max_stored_batch_inputs,
         } => {
             let spec = AccountCreate {
                 name,
@@ -160,6 +172,9 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
                     max_memory_mb,
                     max_function_bytes,
                     max_finished_jobs,
+                    max_batch_inputs,
+                    max_batches,
+                    max_stored_batch_inputs,
                 },
                 allow_network: false,
                 allowed_outbound: Vec::new(),
