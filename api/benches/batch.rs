@@ -6,9 +6,9 @@
 //! BATCH_JOBS=20000 BATCH_SPLIT=128 cargo bench -p cloudpipe-api --bench batch
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use cloudpipe_test_support::serve;
 
@@ -42,25 +42,8 @@ async fn main() {
         assert!(res.status().is_success(), "upload: {}", res.text().await.unwrap());
         let inputs: Vec<Vec<String>> = (0..jobs).map(|i| vec![i.to_string()]).collect();
         let spec = json!({"template": {"function": "hello"}, "inputs": inputs, "split": split});
-        let started = Instant::now();
-        let res = http.post(format!("{}/v1/batches", p.url)).json(&spec).send().await.unwrap();
-        let created: Value = res.json().await.unwrap();
-        let id = created["id"].as_str().unwrap_or_else(|| panic!("{created}")).to_string();
-        let done = loop {
-            let b: Value = http
-                .get(format!("{}/v1/batches/{id}", p.url))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            if b["status"] != "running" {
-                break b;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        };
-        let wall = started.elapsed().as_secs_f64();
+        let (done, wall) = serve::run_batch(&http, &p.url, &spec, Duration::from_millis(10)).await;
+        let wall = wall.as_secs_f64();
         assert_eq!(done["counts"]["ok"].as_u64(), Some(jobs as u64), "{done}");
         rows.push(format!(
             "| {store} | {jobs} | {split} | {:.2} s | **{:.0}** | {:.0}% |",

@@ -116,27 +116,9 @@ async fn batch(api: &str, jobs: usize, split: u32) -> f64 {
     upload(&http, api, "hello", wat::parse_str(HELLO_WAT).unwrap()).await;
     let inputs: Vec<Vec<String>> = (0..jobs).map(|i| vec![i.to_string()]).collect();
     let spec = json!({"template": {"function": "hello"}, "inputs": inputs, "split": split});
-    let started = Instant::now();
-    let created: Value = http
-        .post(format!("{api}/v1/batches"))
-        .json(&spec)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = created["id"].as_str().unwrap_or_else(|| panic!("{created}")).to_string();
-    let done = loop {
-        let b: Value =
-            http.get(format!("{api}/v1/batches/{id}")).send().await.unwrap().json().await.unwrap();
-        if b["status"] != "running" {
-            break b;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let (done, wall) = serve::run_batch(&http, api, &spec, Duration::from_millis(20)).await;
     assert_eq!(done["counts"]["ok"].as_u64(), Some(jobs as u64), "{done}");
-    started.elapsed().as_secs_f64()
+    wall.as_secs_f64()
 }
 
 /// Seconds from a worker's SIGKILL until each of its running jobs runs elsewhere.
@@ -173,14 +155,7 @@ async fn failover(db: &str, lease_ms: &str) -> (f64, usize) {
         let http = http.clone();
         let url = api.url().to_string();
         async move {
-            let v: Value = http
-                .get(format!("{url}/v1/jobs?limit=100&{q}"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = serve::get_json(&http, &format!("{url}/v1/jobs?limit=100&{q}")).await;
             v["jobs"].as_array().unwrap().len()
         }
     };

@@ -11,11 +11,11 @@
 # is `docker run --rm -i --network none IMAGE echo hi` (process start included, as a
 # user pays it). Needs: a running dockerd (or root to start one), busybox-static,
 # curl, and a release build (done here).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init docker
+cd "$ROOT"
 N="${N:-30}"
 IMAGE="cloudpipe-bench/busybox:1"
-die() { echo "docker.sh: $*" >&2; exit 1; }
 
 docker version >/dev/null 2>&1 || {
   command -v dockerd >/dev/null || die "dockerd not installed (apt-get install -y docker.io)"
@@ -25,22 +25,14 @@ docker version >/dev/null 2>&1 || {
 }
 if ! docker image inspect "$IMAGE" >/dev/null 2>&1; then
   BB="$(command -v busybox || true)"; [ -n "$BB" ] || die "busybox not installed (apt-get install -y busybox-static)"
-  ROOT="$(mktemp -d)"; mkdir -p "$ROOT/bin" "$ROOT/tmp"; chmod 1777 "$ROOT/tmp"; cp "$BB" "$ROOT/bin/busybox"
-  for a in sh echo cat; do ln -s busybox "$ROOT/bin/$a"; done
-  tar -C "$ROOT" -c . | docker import --change 'ENV PATH=/bin' - "$IMAGE" >/dev/null
-  rm -rf "$ROOT"
+  FS="$TMP/image"; mkdir -p "$FS/bin" "$FS/tmp"; chmod 1777 "$FS/tmp"; cp "$BB" "$FS/bin/busybox"
+  for a in sh echo cat; do ln -s busybox "$FS/bin/$a"; done
+  tar -C "$FS" -c . | docker import --change 'ENV PATH=/bin' - "$IMAGE" >/dev/null
 fi
 
 cargo build --release --bin cloudpipe -q
-TMP="$(mktemp -d)"; KEY="cpk_docker_bench_admin_key"
-CLOUDPIPE_ADMIN_KEY="$KEY" CLOUDPIPE_CREDENTIALS="$TMP/creds.json" RUST_LOG=warn,cloudpipe=info \
-  target/release/cloudpipe serve --listen 127.0.0.1:0 --data-dir "$TMP/data" 2>"$TMP/log" >/dev/null &
-CP_PID=$!
-trap 'kill $CP_PID 2>/dev/null; rm -rf "$TMP"' EXIT
-for _ in $(seq 600); do
-  URL="$(grep -o 'url=[^ ]*' "$TMP/log" | head -1 | cut -d= -f2 || true)"; [ -n "$URL" ] && break; sleep 0.1
-done
-[ -n "$URL" ] || { cat "$TMP/log"; die "cloudpipe did not start"; }
+KEY="cpk_docker_bench_admin_key"
+RUST_LOG=warn,cloudpipe=info start_server "$TARGET_DIR/release/cloudpipe" "$KEY"
 SPEC="{\"executor\":\"docker\",\"image\":\"$IMAGE\",\"command\":[\"echo\",\"hi\"]}"
 cp_job() { curl -sS -o "$TMP/out.json" -w '%{time_total}\n' -H "Authorization: Bearer $KEY" \
   -XPOST "$URL/v1/jobs?wait=60s" -d "$SPEC"; grep -q '"stdout":"hi\\n"' "$TMP/out.json" || die "bad job: $(cat "$TMP/out.json")"; }

@@ -26,9 +26,8 @@
 # Everything listens on 127.0.0.1 only; every process started here is stopped on exit.
 # See api/benches/README.md, "HTTP invocation (`invoke.sh`)".
 
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init invoke
 cd "$ROOT"
 
 SECS="${INVOKE_SECS:-10}"
@@ -36,29 +35,9 @@ WARMUP="${INVOKE_WARMUP:-2}"
 CONNS_LIST="${INVOKE_CONNS:-32 128}"
 THREADS="${INVOKE_THREADS:-2}"
 SCENARIOS="${INVOKE_SCENARIOS:-proxy cgi hello wasmtime}"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-
-log() { echo "invoke.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
 
 command -v wrk >/dev/null || die "wrk not found (apt-get install -y wrk)"
 command -v curl >/dev/null || die "curl not found"
-
-# --- cleanup: only what this script started --------------------------------------
-PIDS=()
-TMP="$(mktemp -d -t cloudpipe-invoke.XXXXXX)"
-cleanup() {
-  for pid in "${PIDS[@]}"; do
-    kill "$pid" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-  done
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
 
 # --- build ----------------------------------------------------------------------
 if [[ "${INVOKE_NO_BUILD:-0}" != 1 ]]; then
@@ -66,18 +45,8 @@ if [[ "${INVOKE_NO_BUILD:-0}" != 1 ]]; then
   cargo build --release -p cloudpipe-api >&2
 fi
 CLOUDPIPE="${INVOKE_CLOUDPIPE:-$TARGET_DIR/release/cloudpipe}"
-[[ -x "$CLOUDPIPE" ]] || die "$CLOUDPIPE not built"
 
-# The fixtures' build script writes `programs.rs` (one `pub const NAME: &str = "path";`
-# per program) into its OUT_DIR; take the newest one that has the wasi:http proxy.
-PROGRAMS=""
-for f in $(ls -t "$TARGET_DIR"/{release,debug}/build/cloudpipe-test-programs-artifacts-*/out/programs.rs 2>/dev/null); do
-  if grep -q 'pub const HTTP_ECHO' "$f" && grep -q 'pub const CGI' "$f"; then PROGRAMS="$f"; break; fi
-done
-[[ -n "$PROGRAMS" ]] || die "no programs.rs with HTTP_ECHO and CGI under $TARGET_DIR/{release,debug}/build (cargo build --workspace --all-targets)"
-program() { sed -n "s/^pub const $1: &str = \"\(.*\)\";$/\1/p" "$PROGRAMS"; }
 HTTP_ECHO="$(program HTTP_ECHO)"; CGI="$(program CGI)"; HELLO="$(program HELLO)"
-for f in "$HTTP_ECHO" "$CGI" "$HELLO"; do [[ -f "$f" ]] || die "missing fixture $f"; done
 
 # --- wasmtime (optional) --------------------------------------------------------
 WT="${WASMTIME:-}"
@@ -93,11 +62,6 @@ fi
 if [[ -n "$WT" ]]; then
   WT_VERSION="$("$WT" --version 2>/dev/null || true)"
 fi
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])' 2>/dev/null \
-    || echo $((20000 + RANDOM % 20000))
-}
 
 # Waits (bounded) until URL answers 200 with exactly BODY.
 wait_for() {
@@ -158,27 +122,13 @@ run_scenario() {
 want() { [[ " $SCENARIOS " == *" $1 "* ]]; }
 
 # --- the servers: both up for the whole run, each idle while the other is measured --
-DATA="$TMP/data"; mkdir -p "$DATA"
-CP_PORT="$(free_port)"
 KEY="cpk_invoke_bench_admin_key"
-CLOUDPIPE_ADMIN_KEY="$KEY" RUST_LOG="${RUST_LOG:-warn}" "$CLOUDPIPE" serve --listen "127.0.0.1:$CP_PORT" --data-dir "$DATA" \
-  --fn-timeout-ms 10000 </dev/null >"$TMP/cloudpipe.log" 2>&1 &
-CP_PID=$!; PIDS+=("$CP_PID")
-CP="http://127.0.0.1:$CP_PORT"
-for _ in $(seq 600); do
-  curl -sf --max-time 2 "$CP/healthz" >/dev/null 2>&1 && break
-  kill -0 "$CP_PID" 2>/dev/null || { cat "$TMP/cloudpipe.log" >&2; die "cloudpipe exited"; }
-  sleep 0.1
-done
+RUST_LOG="${RUST_LOG:-warn}" start_server "$CLOUDPIPE" "$KEY" --fn-timeout-ms 10000
+CP="$URL"; CP_PID="$SERVER_PID"
 # Public functions: invoked without a key, as `wasmtime serve` answers anyone.
-upload() {
-  curl -sS --fail-with-body --max-time 60 -H "Authorization: Bearer $KEY" --data-binary "@$2" \
-    "$CP/v1/functions?name=$1&public=true" >"$TMP/upload-$1.json" \
-    || { cat "$TMP/upload-$1.json" >&2; die "uploading $1 failed"; }
-}
-upload web "$HTTP_ECHO"
-upload cgi "$CGI"
-upload hello "$HELLO"
+upload web "$HTTP_ECHO" public=true
+upload cgi "$CGI" public=true
+upload hello "$HELLO" public=true
 
 WT_PID=""
 if want wasmtime; then
@@ -186,7 +136,7 @@ if want wasmtime; then
     WT_PORT="$(free_port)"
     "$WT" serve -Scli -W timeout=10s --addr "127.0.0.1:$WT_PORT" "$HTTP_ECHO" \
       </dev/null >"$TMP/wasmtime.log" 2>&1 &
-    WT_PID=$!; PIDS+=("$WT_PID")
+    WT_PID=$!; started "$WT_PID"
   else
     log "wasmtime not found: skipping the wasmtime serve rows"
   fi

@@ -20,60 +20,19 @@
 # component; default: the test programs' hello.wasm from the last cargo build).
 # Listens on 127.0.0.1 only; stops the server it started on exit.
 
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-BIN="${1:-$ROOT/target/release/cloudpipe}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init list
+BIN="${1:-$TARGET_DIR/release/cloudpipe}"
 N="${LIST_JOBS:-50000}"
 REPS="${LIST_REPS:-100}"
 KEY="cpk_list_bench_admin_key_000000"
+WASM="${LIST_WASM:-$(program HELLO)}"
 
-log() { echo "list.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
-[[ -x "$BIN" ]] || die "no cloudpipe binary at $BIN (cargo build --release -p cloudpipe-api)"
-WASM="${LIST_WASM:-$(ls -t "$ROOT"/target/*/build/cloudpipe-test-programs-artifacts-*/out/guest-target/wasm32-wasip2/release/hello.wasm 2>/dev/null | head -1)}"
-[[ -f "$WASM" ]] || die "no hello.wasm: build the test programs (cargo test -p cloudpipe-api --no-run) or set LIST_WASM"
-
-TMP="$(mktemp -d -t cloudpipe-list.XXXXXX)"
-PID=""
-cleanup() {
-  if [[ -n "$PID" ]]; then
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-CLOUDPIPE_ADMIN_KEY="$KEY" CLOUDPIPE_CREDENTIALS="$TMP/credentials.json" RUST_LOG=info \
-  "$BIN" serve --listen 127.0.0.1:0 --data-dir "$TMP/data" --concurrency 64 2>"$TMP/log" &
-PID=$!
-URL=""
-for _ in $(seq 600); do
-  URL="$(grep -o 'url=[^ ]*' "$TMP/log" | head -1 | cut -d= -f2 || true)"
-  [[ -n "$URL" ]] && break
-  sleep 0.1
-done
-[[ -n "$URL" ]] || die "server did not start: $(tail -5 "$TMP/log")"
-AUTH=(-H "Authorization: Bearer $KEY")
-
-curl -sf "${AUTH[@]}" --data-binary @"$WASM" "$URL/v1/functions?name=hello" >/dev/null
-python3 -c "
-import json, sys
-n = int(sys.argv[1])
-print(json.dumps({'template': {'function': 'hello', 'tags': ['bench']},
-                  'inputs': [[str(i)] for i in range(n)], 'split': 64}))" "$N" >"$TMP/batch.json"
+start_server "$BIN" "$KEY" --concurrency 64
+upload hello "$WASM"
 log "making $N jobs with one batch"
-start=$(date +%s.%N)
-BATCH="$(curl -sf "${AUTH[@]}" -H 'content-type: application/json' --data-binary @"$TMP/batch.json" "$URL/v1/batches" \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
-while :; do
-  status="$(curl -sf "${AUTH[@]}" "$URL/v1/batches/$BATCH" | python3 -c 'import json,sys; b=json.load(sys.stdin); print(b["status"], b["counts"]["ok"])')"
-  [[ "$status" == running* ]] || break
-  sleep 1
-done
-log "batch ended: $status in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
-RSS_KB="$(awk '/VmRSS/ {print $2}' "/proc/$PID/status")"
+run_batch '{"function": "hello", "tags": ["bench"]}' 64 < <(seq 0 $((N - 1)))
+RSS_KB="$(awk '/VmRSS/ {print $2}' "/proc/$SERVER_PID/status")"
 
 # The cursor of the last page: the 50th-oldest job.
 OLD="$(curl -sf "${AUTH[@]}" "$URL/v1/jobs?batch=$BATCH&limit=1000" >/dev/null; \

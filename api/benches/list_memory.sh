@@ -15,76 +15,32 @@
 # flood component; default: the test programs' flood.wasm from the last cargo build).
 # Listens on 127.0.0.1 only; stops the server it started on exit.
 
-set -euo pipefail
-
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-BIN="${1:-$ROOT/target/release/cloudpipe}"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init list_memory
+BIN="${1:-$TARGET_DIR/release/cloudpipe}"
 N="${LISTMEM_JOBS:-1000}"
 ROUNDS="${LISTMEM_ROUNDS:-3}"
 KEY="cpk_listmem_bench_admin_key_0000"
+WASM="${LISTMEM_WASM:-$(program FLOOD)}"
 
-log() { echo "list_memory.sh: $*" >&2; }
-die() { log "$*"; exit 1; }
-[[ -x "$BIN" ]] || die "no cloudpipe binary at $BIN (cargo build --release -p cloudpipe-api)"
-WASM="${LISTMEM_WASM:-$(ls -t "$ROOT"/target/*/build/cloudpipe-test-programs-artifacts-*/out/guest-target/wasm32-wasip2/release/flood.wasm 2>/dev/null | head -1)}"
-[[ -f "$WASM" ]] || die "no flood.wasm: build the test programs (cargo test -p cloudpipe-api --no-run) or set LISTMEM_WASM"
-
-TMP="$(mktemp -d -t cloudpipe-listmem.XXXXXX)"
-PID=""
-cleanup() {
-  if [[ -n "$PID" ]]; then
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-  fi
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
-
-start_server() {
-  CLOUDPIPE_ADMIN_KEY="$KEY" CLOUDPIPE_CREDENTIALS="$TMP/credentials.json" RUST_LOG=info \
-    "$BIN" serve --listen 127.0.0.1:0 --data-dir "$TMP/data" --concurrency 16 2>"$TMP/log" &
-  PID=$!
-  URL=""
-  for _ in $(seq 600); do
-    URL="$(grep -o 'url=[^ ]*' "$TMP/log" | head -1 | cut -d= -f2 || true)"
-    [[ -n "$URL" ]] && break
-    sleep 0.1
-  done
-  [[ -n "$URL" ]] || die "server did not start: $(tail -5 "$TMP/log")"
-}
-start_server
-AUTH=(-H "Authorization: Bearer $KEY")
-
-curl -sf "${AUTH[@]}" --data-binary @"$WASM" "$URL/v1/functions?name=flood" >/dev/null
-python3 -c "
-import json, sys
-n = int(sys.argv[1])
-print(json.dumps({'template': {'function': 'flood'}, 'inputs': [['1']] * n, 'split': 16}))" "$N" >"$TMP/batch.json"
+start_server "$BIN" "$KEY" --concurrency 16
+upload flood "$WASM"
 log "making $N jobs of 1 MiB of stdout with one batch"
-start=$(date +%s.%N)
-BATCH="$(curl -sf "${AUTH[@]}" -H 'content-type: application/json' --data-binary @"$TMP/batch.json" "$URL/v1/batches" \
-  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
-while :; do
-  status="$(curl -sf "${AUTH[@]}" "$URL/v1/batches/$BATCH" | python3 -c 'import json,sys; b=json.load(sys.stdin); print(b["status"], b["counts"]["ok"])')"
-  [[ "$status" == running* ]] || break
-  sleep 1
-done
-log "batch ended: $status in $(python3 -c "print(round($(date +%s.%N) - $start, 1))") s"
+run_batch '{"function": "flood"}' 16 < <(seq "$N" | sed "s/.*/1/")
 one="$(curl -sf "${AUTH[@]}" "$URL/v1/jobs?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["jobs"][0]["id"])')"
 size="$(curl -sf "${AUTH[@]}" "$URL/v1/jobs/$one/stdout" | wc -c)"
 [[ "$size" == 1048576 ]] || die "a job's stdout is $size bytes, not 1 MiB"
 
 # The lists are measured on a server started again over the same store, so that its
 # peak is that of serving the jobs, not of running them.
-kill "$PID"
-wait "$PID" 2>/dev/null || true
-start_server
-BOOT_KIB="$(awk '$1 == "VmHWM:" {print $2}' "/proc/$PID/status")"
+stop_server
+start_server "$BIN" "$KEY" --concurrency 16
+BOOT_KIB="$(awk '$1 == "VmHWM:" {print $2}' "/proc/$SERVER_PID/status")"
 
-kib() { awk -v f="$1" '$1 == f":" {print $2}' "/proc/$PID/status"; }
+kib() { awk -v f="$1" '$1 == f":" {print $2}' "/proc/$SERVER_PID/status"; }
 measure() {
   local name="$1" path="$2"
-  echo 5 >"/proc/$PID/clear_refs"
+  echo 5 >"/proc/$SERVER_PID/clear_refs"
   local before bytes
   before="$(kib VmRSS)"
   for _ in $(seq "$ROUNDS"); do

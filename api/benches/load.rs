@@ -194,15 +194,7 @@ impl Client {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .http
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = serve::metrics(&self.http, &self.url).await;
         serve::metric_value(&text, name).unwrap_or(0.0)
     }
 

@@ -13,38 +13,20 @@
 # own, so the client figures are also given from a second run with spans off.
 # Everything listens on 127.0.0.1; the server is stopped on exit.
 
-set -euo pipefail
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init breakdown
 cd "$ROOT"
 N="${BREAKDOWN_N:-2000}"
-TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 CLOUDPIPE="${BREAKDOWN_CLOUDPIPE:-$TARGET_DIR/release/cloudpipe}"
-[[ -x "$CLOUDPIPE" ]] || { echo "no $CLOUDPIPE (cargo build --release -p cloudpipe-api)" >&2; exit 1; }
-PROGRAMS=""
-for f in $(ls -t "$TARGET_DIR"/{release,debug}/build/cloudpipe-test-programs-artifacts-*/out/programs.rs 2>/dev/null); do
-  if grep -q 'pub const HELLO' "$f"; then PROGRAMS="$f"; break; fi
-done
-[[ -n "$PROGRAMS" ]] || { echo "no test programs (cargo build --workspace --all-targets)" >&2; exit 1; }
-HELLO="$(sed -n 's/^pub const HELLO: &str = "\(.*\)";$/\1/p' "$PROGRAMS")"
-
-TMP="$(mktemp -d -t cloudpipe-breakdown.XXXXXX)"
-PID=""
-cleanup() { [[ -n "$PID" ]] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP"; }
-trap cleanup EXIT
+HELLO="$(program HELLO)"
 KEY="cpk_breakdown_bench_admin_key"
 
 # run LOG_FILTER: starts a server, runs N sequential submits, prints the client's figures.
 run() {
-  local port
-  port="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
   rm -rf "$TMP/data"
-  CLOUDPIPE_ADMIN_KEY="$KEY" RUST_LOG="$1" "$CLOUDPIPE" serve --listen "127.0.0.1:$port" \
-    --data-dir "$TMP/data" --no-runner-js </dev/null >"$TMP/server.log" 2>&1 &
-  PID=$!
-  for _ in $(seq 300); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
-  curl -sf -H "Authorization: Bearer $KEY" --data-binary "@$HELLO" \
-    "http://127.0.0.1:$port/v1/functions?name=hello" >/dev/null
-  URL="http://127.0.0.1:$port" KEY="$KEY" N="$N" node --input-type=module -e '
+  RUST_LOG="$1" start_server "$CLOUDPIPE" "$KEY" --no-runner-js
+  upload hello "$HELLO"
+  URL="$URL" KEY="$KEY" N="$N" node --input-type=module -e '
     const { URL: url, KEY: key, N } = process.env;
     const n = Number(N), warm = 200, times = [], run = [];
     const body = JSON.stringify({ function: "hello" });
@@ -60,7 +42,7 @@ run() {
     const p = (xs, q) => xs[Math.min(xs.length - 1, Math.floor(xs.length * q))].toFixed(3);
     console.log(`| ${n} | ${p(times, 0.5)} | ${p(times, 0.9)} | ${p(times, 0.99)} | ${p(run, 0.5)} |`);
   '
-  kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
+  stop_server
 }
 
 echo "load average $(cut -d' ' -f1-3 /proc/loadavg); $(nproc) CPUs; $CLOUDPIPE"
@@ -75,7 +57,7 @@ printf '| on '; run "warn,cloudpipe_api=debug,cloudpipe_runtime=debug"
 echo
 echo "| span | median µs (busy + idle) | median busy µs |"
 echo "|---|---:|---:|"
-sed 's/\x1b\[[0-9;]*m//g' "$TMP/server.log" | awk '
+sed 's/\x1b\[[0-9;]*m//g' "$TMP/log" | awk '
   function us(v) {
     if (v ~ /ns$/) { sub(/ns$/, "", v); return v / 1000 }
     if (v ~ /µs$/) { sub(/µs$/, "", v); return v + 0 }

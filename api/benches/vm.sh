@@ -8,9 +8,9 @@
 #
 # Needs: apt-get install -y qemu-system-x86 linux-image-amd64 busybox-static, and
 # rustup's x86_64-unknown-linux-musl target (added by the agent's build.sh).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-die() { echo "vm.sh: $*" >&2; exit 1; }
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+bench_init vm
+cd "$ROOT"
 command -v qemu-system-x86_64 >/dev/null || die "apt-get install -y qemu-system-x86"
 ls /boot/vmlinuz-* >/dev/null 2>&1 || die "apt-get install -y linux-image-amd64"
 [ -x /bin/busybox ] || die "apt-get install -y busybox-static"

@@ -14,7 +14,7 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, secrets, system,
         title = "Cloudpipe",
         description = "Compute on demand: Wasm functions run as durable jobs. Every route but /healthz, /v1/openapi.json and public functions under /fn/ needs an API key: `Authorization: Bearer KEY`, or HTTP Basic with the account name and key."
     ),
-    modifiers(&Security, &CommonAnswers),
+    modifiers(&Security, &CommonAnswers, &EventStreams),
     security(("bearer" = []), ("basic" = [])),
     paths(
         accounts::create_account,
@@ -37,7 +37,7 @@ use crate::routes::{accounts, batches, functions, invoke, jobs, secrets, system,
         functions::get_function,
         functions::delete_function,
         functions::update_function,
-        invoke::get_function_logs,
+        invoke::logs::get_function_logs,
         jobs::create_job,
         jobs::list_jobs,
         jobs::get_job,
@@ -177,17 +177,81 @@ impl utoipa::Modify for CommonAnswers {
                 if public {
                     continue;
                 }
-                responses
-                    .entry("401".into())
-                    .or_insert_with(|| answer("No API key, or one that is not valid"));
-                responses.entry("403".into()).or_insert_with(|| {
-                    answer("The key's account is disabled, or the operation is the admin's")
-                });
-                responses.entry("429".into()).or_insert_with(|| {
-                    answer("Too many failed authentications from this client, or over a quota")
-                });
+                for (status, description) in [
+                    ("401", "No API key, or one that is not valid"),
+                    ("403", "The key's account is disabled, or the operation is the admin's"),
+                    ("429", "Too many failed authentications from this client, or over a quota"),
+                ] {
+                    match responses.get_mut(status) {
+                        None => {
+                            responses.insert(status.into(), answer(description));
+                        }
+                        // The handler's own answer for this status has another shape (v1's
+                        // errors): the auth middleware, which runs first, still answers
+                        // with the error schema.
+                        Some(RefOr::T(documented)) => also_error_body(documented),
+                        Some(RefOr::Ref(_)) => {}
+                    }
+                }
             }
         }
+    }
+}
+
+/// Server-sent events as OpenAPI 3.1 reads a `text/event-stream` schema: each event an
+/// object with its `event` name and its `data`, a string holding JSON of the schema the
+/// handler names (`body = JobEvent` describes what is inside `data`).
+struct EventStreams;
+
+impl utoipa::Modify for EventStreams {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+        use utoipa::openapi::{RefOr, extensions::Extensions};
+        for item in openapi.paths.paths.values_mut() {
+            let ops = [&mut item.get, &mut item.post].into_iter().flatten();
+            for response in ops.flat_map(|op| op.responses.responses.values_mut()) {
+                let RefOr::T(response) = response else { continue };
+                let Some(content) = response.content.get_mut("text/event-stream") else {
+                    continue;
+                };
+                let Some(RefOr::Ref(inside)) = content.schema.take() else { continue };
+                let mut json = Extensions::default();
+                json.insert("contentSchema".into(), serde_json::to_value(&inside).unwrap());
+                let mut data = ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .description(Some("The event as JSON"))
+                    .build();
+                data.content_media_type = "application/json".into();
+                data.extensions = Some(json);
+                let event = ObjectBuilder::new()
+                    .schema_type(Type::Object)
+                    .description(Some("One server-sent event"))
+                    .property("event", ObjectBuilder::new().schema_type(Type::String))
+                    .property("data", data)
+                    .required("event")
+                    .required("data")
+                    .build();
+                content.schema = Some(RefOr::T(Schema::Object(event)));
+            }
+        }
+    }
+}
+
+/// Widens a documented answer's JSON schema to "that, or the error schema" unless it is
+/// the error schema already.
+fn also_error_body(response: &mut utoipa::openapi::Response) {
+    use utoipa::openapi::schema::{AnyOfBuilder, Schema};
+    use utoipa::openapi::{Ref, RefOr};
+    let error_body = Ref::from_schema_name("ErrorBody");
+    let Some(content) = response.content.get_mut("application/json") else { return };
+    match content.schema.take() {
+        Some(RefOr::Ref(r)) if r == error_body => content.schema = Some(RefOr::Ref(r)),
+        Some(schema) => {
+            content.schema = Some(RefOr::T(Schema::AnyOf(
+                AnyOfBuilder::new().item(schema).item(error_body).build(),
+            )))
+        }
+        None => content.schema = Some(RefOr::Ref(error_body)),
     }
 }
 
@@ -214,6 +278,17 @@ mod tests {
                         !public,
                         "{method} {path}: {status}"
                     );
+                    if !public {
+                        let schema = &responses[status]["content"]["application/json"]["schema"];
+                        let error_body =
+                            serde_json::json!({"$ref": "#/components/schemas/ErrorBody"});
+                        let any_of = schema["anyOf"].as_array();
+                        assert!(
+                            *schema == error_body
+                                || any_of.is_some_and(|s| s.contains(&error_body)),
+                            "{method} {path}: {status} does not allow the error schema: {schema}"
+                        );
+                    }
                 }
                 if op.get("parameters").is_some_and(|p| p.as_array().is_some_and(|p| !p.is_empty()))
                     || op.get("requestBody").is_some()

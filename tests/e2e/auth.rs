@@ -49,16 +49,6 @@ fn basic(account: &str, key: &str) -> String {
     )
 }
 
-/// Creates an account (as the admin) and a key for it; returns the key and its id.
-async fn account_with_key(s: &TestServer, name: &str, quotas: Value) -> (String, String) {
-    let (st, body) = s.post_json("/v1/accounts", &json!({"name": name, "quotas": quotas})).await;
-    assert_eq!(st, StatusCode::CREATED, "{body}");
-    let (st, key) =
-        s.post_json(&format!("/v1/accounts/{name}/keys"), &json!({"label": "test"})).await;
-    assert_eq!(st, StatusCode::CREATED, "{key}");
-    (key["key"].as_str().unwrap().to_string(), key["id"].as_str().unwrap().to_string())
-}
-
 /// Every route of the API, as the OpenAPI document lists them, plus HTTP invocation:
 /// without a key, with a wrong key, with a key of the wrong account, and with account
 /// B's key against account A's resources. A route missing from the table below fails
@@ -66,8 +56,8 @@ async fn account_with_key(s: &TestServer, name: &str, quotas: Value) -> (String,
 #[tokio::test]
 async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     let s = TestServer::start(&["--auth-failures-per-minute", "0"]).await;
-    let (alice, alice_key_id) = account_with_key(&s, "alice", json!({})).await;
-    let (bob, _) = account_with_key(&s, "bob", json!({})).await;
+    let (alice, alice_key_id) = s.account("alice", json!({})).await;
+    let (bob, _) = s.account("bob", json!({})).await;
     let a = bearer(&alice);
     let b = bearer(&bob);
 
@@ -303,8 +293,8 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
 #[tokio::test]
 async fn public_functions_answer_anyone_private_ones_only_their_account() {
     let s = TestServer::start(&["--auth-failures-per-minute", "0"]).await;
-    let (alice, _) = account_with_key(&s, "alice", json!({})).await;
-    let (bob, _) = account_with_key(&s, "bob", json!({})).await;
+    let (alice, _) = s.account("alice", json!({})).await;
+    let (bob, _) = s.account("bob", json!({})).await;
     let (a, b) = (bearer(&alice), bearer(&bob));
     let hello = program(programs::HELLO);
     let up = |name: &str, public: bool| {
@@ -334,7 +324,7 @@ async fn public_functions_answer_anyone_private_ones_only_their_account() {
 async fn a_revoked_key_fails_on_the_next_request_and_a_disabled_accounts_jobs_do_not_run() {
     let data = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_in(data.path(), &["--concurrency", "1"]).await;
-    let (key1, key1_id) = account_with_key(&s, "carol", json!({})).await;
+    let (key1, key1_id) = s.account("carol", json!({})).await;
     let (st, key2) = s.post_json("/v1/accounts/carol/keys", &json!({})).await;
     assert_eq!(st, StatusCode::CREATED);
     let key2 = bearer(key2["key"].as_str().unwrap());
@@ -416,7 +406,7 @@ async fn quotas_are_enforced_with_429() {
         "max_memory_mb": 64,
         "max_function_bytes": sleep_size + 100,
     });
-    let (key, _) = account_with_key(&s, "dave", quotas).await;
+    let (key, _) = s.account("dave", json!({"quotas": quotas})).await;
     let d = bearer(&key);
     let (st, _) =
         call(&s, Some(&d), Method::POST, "/v1/functions?name=nap", Some(program(programs::SLEEP)))

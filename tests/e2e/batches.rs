@@ -10,7 +10,7 @@ use cloudpipe_test_programs_artifacts as programs;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::server::{ADMIN_KEY, TestServer, code, program};
+use crate::server::{ADMIN_KEY, TestServer, code, output_with_stdin, program};
 
 async fn start_batch(s: &TestServer, spec: Value) -> String {
     let (st, b) = s.post_json("/v1/batches", &spec).await;
@@ -236,8 +236,7 @@ async fn bad_batches_get_clear_errors() {
 /// `cloudpipe batch`: inputs on stdin, a closing summary, the exit code.
 #[test]
 fn the_batch_cli_runs_stdin_lines_and_exits_non_zero_on_failures() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
+    use std::process::Command;
     let rt = tokio::runtime::Runtime::new().unwrap();
     let s = rt.block_on(async {
         let s = TestServer::start(&[]).await;
@@ -245,18 +244,14 @@ fn the_batch_cli_runs_stdin_lines_and_exits_non_zero_on_failures() {
         s
     });
     let run = |input: &str, extra: &[&str]| {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
-            .args(["batch", "--function", "nap", "--split", "4", "--timeout", "30s"])
-            .args(extra)
-            .env("CLOUDPIPE_URL", &s.url)
-            .env("CLOUDPIPE_API_KEY", ADMIN_KEY)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
+                .args(["batch", "--function", "nap", "--split", "4", "--timeout", "30s"])
+                .args(extra)
+                .env("CLOUDPIPE_URL", &s.url)
+                .env("CLOUDPIPE_API_KEY", ADMIN_KEY),
+            input.as_bytes(),
+        );
         let text = String::from_utf8_lossy(&out.stdout).to_string()
             + &String::from_utf8_lossy(&out.stderr);
         (out.status.code(), text)

@@ -6,23 +6,13 @@ use cloudpipe_test_programs_artifacts as programs;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::server::{TestServer, code, peak_rss_mib, program};
+use crate::server::{TestServer, code, peak_rss_mib, program, rss_mib};
 
 const MIB: usize = 1 << 20;
 
 /// Resets the process's peak resident memory (VmHWM) to its current one.
 fn reset_peak_rss(pid: u32) {
     std::fs::write(format!("/proc/{pid}/clear_refs"), "5").expect("resetting VmHWM");
-}
-
-fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb / 1024
 }
 
 fn ids(page: &Value) -> Vec<String> {

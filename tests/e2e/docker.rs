@@ -6,7 +6,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::server::{TestServer, code};
+use crate::server::{TestServer, code, with};
 
 pub(crate) use cloudpipe_test_support::docker as docker_support;
 use docker_support::{Registry, TEST_IMAGE, ensure_image, job_containers};
@@ -14,13 +14,6 @@ use docker_support::{Registry, TEST_IMAGE, ensure_image, job_containers};
 /// A docker job of the test image running `sh -c script`.
 fn sh(script: &str) -> Value {
     json!({"executor": "docker", "image": TEST_IMAGE, "command": ["sh", "-c", script]})
-}
-
-fn with(mut spec: Value, extra: Value) -> Value {
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    spec
 }
 
 #[tokio::test]

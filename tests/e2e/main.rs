@@ -9,6 +9,8 @@
 //! - `big_jobs`: lists of big jobs carry no output (or capped output); memory stays flat.
 //! - `durability`: `kill -9` with jobs in flight, then a restart, per store backend.
 //! - `functions`: upload, list, delete; the compiled cache survives a restart.
+//! - `fuzz`: schemathesis sends generated requests to every operation of the OpenAPI
+//!   document: no 5xx, only documented statuses and bodies, the server still up.
 //! - `invoke`: functions as web endpoints (`/fn/{name}`), CGI, limits, logs.
 //! - `cli`: `cloudpipe up --once`, graceful SIGTERM.
 //! - `cors`: CORS off by default, `--cors-origins`.
@@ -42,6 +44,7 @@ mod docker;
 mod durability;
 mod executors;
 mod functions;
+mod fuzz;
 mod hostile;
 mod invoke;
 mod jobs;

@@ -8,7 +8,7 @@ use cloudpipe_test_programs_artifacts as programs;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::server::{ADMIN_KEY, TestServer, code, program};
+use crate::server::{ADMIN_KEY, TestServer, code, output_with_stdin, program};
 
 /// A value a test puts in and then looks for everywhere it must not be.
 const HIDDEN: &str = "hidden-value-7c1f0e9a2b";
@@ -278,18 +278,14 @@ async fn secrets_are_per_account_checked_at_submit_and_a_deleted_one_fails_the_j
 async fn the_cli_puts_lists_and_removes_secrets_reading_the_value_from_stdin() {
     let s = TestServer::start(&[]).await;
     let cli = |args: &[&str], stdin: &[u8]| {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
-            .arg("secrets")
-            .args(["--url", &s.url, "--api-key", ADMIN_KEY])
-            .args(args)
-            .env("CLOUDPIPE_CREDENTIALS", "/nonexistent/credentials.json")
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(stdin).unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = output_with_stdin(
+            std::process::Command::new(env!("CARGO_BIN_EXE_cloudpipe"))
+                .arg("secrets")
+                .args(["--url", &s.url, "--api-key", ADMIN_KEY])
+                .args(args)
+                .env("CLOUDPIPE_CREDENTIALS", "/nonexistent/credentials.json"),
+            stdin,
+        );
         (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
     };
     let (ok, out) = cli(&["put", "from-cli"], format!("{HIDDEN}\n").as_bytes());

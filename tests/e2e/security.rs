@@ -36,19 +36,18 @@ async fn call(
     (st, v)
 }
 
-fn json_body(v: Value) -> Option<Vec<u8>> {
-    Some(serde_json::to_vec(&v).unwrap())
+/// A new account's key (see [`TestServer::account`]).
+async fn key_of(s: &TestServer, name: &str, extra: Value) -> String {
+    s.account(name, extra).await.0
 }
 
-/// Creates account `name` (as the admin) with `extra` fields and one key; returns the key.
-async fn account(s: &TestServer, name: &str, extra: Value) -> String {
-    let mut spec = json!({"name": name});
-    spec.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
-    let (st, body) = s.post_json("/v1/accounts", &spec).await;
-    assert_eq!(st, StatusCode::CREATED, "{body}");
-    let (st, key) = s.post_json(&format!("/v1/accounts/{name}/keys"), &json!({})).await;
-    assert_eq!(st, StatusCode::CREATED, "{key}");
-    key["key"].as_str().unwrap().to_string()
+/// Uploads a test program as the holder of `key`; `query` is the upload's query string.
+async fn upload_as(s: &TestServer, key: &str, query: &str, wasm: &str) -> (StatusCode, Value) {
+    call(&s.url, key, Method::POST, &format!("/v1/functions?{query}"), Some(program(wasm))).await
+}
+
+fn json_body(v: Value) -> Option<Vec<u8>> {
+    Some(serde_json::to_vec(&v).unwrap())
 }
 
 /// A loopback HTTP server answering every request with `body`; counts requests.
@@ -83,15 +82,8 @@ async fn fetch_through(s: &TestServer, key: &str, name: &str, url: &str) -> (Sta
 async fn a_tenant_cannot_read_internal_services_through_wasi_http() {
     let (port, hits) = secret_server("internal secret").await;
     let s = TestServer::start(&[]).await;
-    let key = account(&s, "tenant", json!({})).await;
-    let (st, f) = call(
-        &s.url,
-        &key,
-        Method::POST,
-        "/v1/functions?name=web",
-        Some(program(programs::HTTP_ECHO)),
-    )
-    .await;
+    let key = key_of(&s, "tenant", json!({})).await;
+    let (st, f) = upload_as(&s, &key, "name=web", programs::HTTP_ECHO).await;
     assert_eq!(st, StatusCode::CREATED, "{f}");
 
     // Without an egress grant from the admin, a tenant may not open its function up.
@@ -128,13 +120,12 @@ async fn a_tenant_cannot_read_internal_services_through_wasi_http() {
     drop(s);
     let s = TestServer::start(&["--allow-internal-outbound", "127.0.0.1/32"]).await;
     let key =
-        account(&s, "tenant", json!({"allowed_outbound": [format!("localhost:{port}")]})).await;
-    let (st, f) = call(
-        &s.url,
+        key_of(&s, "tenant", json!({"allowed_outbound": [format!("localhost:{port}")]})).await;
+    let (st, f) = upload_as(
+        &s,
         &key,
-        Method::POST,
-        &format!("/v1/functions?name=web&allowed_outbound_hosts=localhost:{port}"),
-        Some(program(programs::HTTP_ECHO)),
+        &format!("name=web&allowed_outbound_hosts=localhost:{port}"),
+        programs::HTTP_ECHO,
     )
     .await;
     assert_eq!(st, StatusCode::CREATED, "{f}");
@@ -195,10 +186,8 @@ async fn redirects_are_never_followed_by_the_server() {
 async fn batch_hooks_go_only_where_the_account_and_the_operator_allow() {
     let (port, hits) = secret_server("ok").await;
     let s = TestServer::start(&[]).await;
-    let key = account(&s, "tenant", json!({"allowed_outbound": ["*"]})).await;
-    let (st, _) =
-        call(&s.url, &key, Method::POST, "/v1/functions?name=nap", Some(program(programs::SLEEP)))
-            .await;
+    let key = key_of(&s, "tenant", json!({"allowed_outbound": ["*"]})).await;
+    let (st, _) = upload_as(&s, &key, "name=nap", programs::SLEEP).await;
     assert_eq!(st, StatusCode::CREATED);
     let batch = |hook: String| {
         json_body(json!({"template": {"function": "nap"}, "inputs": [["0"]], "hook": hook}))
@@ -233,15 +222,8 @@ async fn batch_hooks_go_only_where_the_account_and_the_operator_allow() {
     }
     assert_eq!(hits.load(Ordering::SeqCst), 0, "the hook reached an internal address");
     // An account without a grant may not name a hook at all.
-    let other = account(&s, "other", json!({})).await;
-    let (st, _) = call(
-        &s.url,
-        &other,
-        Method::POST,
-        "/v1/functions?name=nap2",
-        Some(program(programs::SLEEP)),
-    )
-    .await;
+    let other = key_of(&s, "other", json!({})).await;
+    let (st, _) = upload_as(&s, &other, "name=nap2", programs::SLEEP).await;
     assert_eq!(st, StatusCode::CREATED);
     let spec = json!({"template": {"function": "nap2"}, "inputs": [["0"]], "hook": "https://example.com/hook"});
     let (st, body) = call(&s.url, &other, Method::POST, "/v1/batches", json_body(spec)).await;
@@ -271,7 +253,7 @@ async fn permissive_auth_service() -> String {
 async fn an_external_name_never_becomes_a_local_account() {
     let url = permissive_auth_service().await;
     let s = TestServer::start(&["--auth-url", &url]).await;
-    account(&s, "alice", json!({})).await;
+    key_of(&s, "alice", json!({})).await;
     for token in ["admin:good", "alice:good"] {
         let (st, body) = call(&s.url, token, Method::GET, "/v1/accounts", None).await;
         assert_eq!(
@@ -286,7 +268,7 @@ async fn an_external_name_never_becomes_a_local_account() {
         (StatusCode::OK, Some("bob"), Some("user"))
     );
     // A local account created after the service vouched for the name takes it over.
-    account(&s, "bob", json!({})).await;
+    key_of(&s, "bob", json!({})).await;
     let (st, _) = call(&s.url, "bob:good", Method::GET, "/v1/me", None).await;
     assert_eq!(st, StatusCode::UNAUTHORIZED);
 }
@@ -295,7 +277,7 @@ async fn an_external_name_never_becomes_a_local_account() {
 async fn the_last_key_is_kept_unless_forced_and_the_admin_can_reset_one_offline() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = TestServer::start_in(dir.path(), &[]).await;
-    let key = account(&s, "carol", json!({})).await;
+    let key = key_of(&s, "carol", json!({})).await;
     let (_, keys) = call(&s.url, &key, Method::GET, "/v1/accounts/carol/keys", None).await;
     let id = keys["keys"][0]["id"].as_str().unwrap().to_string();
     let (st, body) = call(&s.url, &key, Method::DELETE, &format!("/v1/keys/{id}"), None).await;
@@ -339,10 +321,8 @@ async fn the_last_key_is_kept_unless_forced_and_the_admin_can_reset_one_offline(
 #[tokio::test]
 async fn disabling_an_account_pauses_its_batches() {
     let s = TestServer::start(&[]).await;
-    let key = account(&s, "dana", json!({})).await;
-    let (st, _) =
-        call(&s.url, &key, Method::POST, "/v1/functions?name=nap", Some(program(programs::SLEEP)))
-            .await;
+    let key = key_of(&s, "dana", json!({})).await;
+    let (st, _) = upload_as(&s, &key, "name=nap", programs::SLEEP).await;
     assert_eq!(st, StatusCode::CREATED);
     let inputs: Vec<Value> = (0..40).map(|_| json!(["1"])).collect();
     let spec = json!({"template": {"function": "nap"}, "inputs": inputs, "split": 2});
@@ -431,10 +411,8 @@ async fn account_quotas_bound_invocations_and_function_settings() {
     let s = TestServer::start(&["--fn-max-concurrency-per-account", "8"]).await;
     let quotas =
         json!({"quotas": {"max_timeout_ms": 500, "max_memory_mb": 64, "max_concurrent_jobs": 1}});
-    let key = account(&s, "erin", quotas).await;
-    let (st, _) =
-        call(&s.url, &key, Method::POST, "/v1/functions?name=cgi", Some(program(programs::CGI)))
-            .await;
+    let key = key_of(&s, "erin", quotas).await;
+    let (st, _) = upload_as(&s, &key, "name=cgi", programs::CGI).await;
     assert_eq!(st, StatusCode::CREATED);
     for (patch, field) in
         [(json!({"timeout_ms": 5000}), "timeout_ms"), (json!({"memory_mb": 512}), "memory_mb")]
@@ -475,10 +453,8 @@ async fn account_quotas_bound_invocations_and_function_settings() {
     let body: Value = second.json().await.unwrap();
     assert_eq!(code(&body), "quota_exceeded");
     // Another account is not held up by this one.
-    let other = account(&s, "frank", json!({})).await;
-    let (st, _) =
-        call(&s.url, &other, Method::POST, "/v1/functions?name=cgi2", Some(program(programs::CGI)))
-            .await;
+    let other = key_of(&s, "frank", json!({})).await;
+    let (st, _) = upload_as(&s, &other, "name=cgi2", programs::CGI).await;
     assert_eq!(st, StatusCode::CREATED);
     let (_, res) = tokio::join!(get("loop"), async {
         tokio::time::sleep(Duration::from_millis(150)).await;
@@ -495,7 +471,7 @@ async fn account_quotas_bound_invocations_and_function_settings() {
 #[tokio::test]
 async fn keys_and_function_names_are_capped_per_account() {
     let s = TestServer::start(&[]).await;
-    let key = account(&s, "gina", json!({})).await;
+    let key = key_of(&s, "gina", json!({})).await;
     for _ in 1..100 {
         let (st, body) = call(&s.url, &key, Method::POST, "/v1/accounts/gina/keys", None).await;
         assert_eq!(st, StatusCode::CREATED, "{body}");
@@ -527,16 +503,9 @@ async fn keys_and_function_names_are_capped_per_account() {
 #[tokio::test]
 async fn a_deleted_names_log_does_not_pass_to_its_next_owner() {
     let s = TestServer::start(&[]).await;
-    let first = account(&s, "hana", json!({})).await;
-    let second = account(&s, "ivan", json!({})).await;
-    let (st, f) = call(
-        &s.url,
-        &first,
-        Method::POST,
-        "/v1/functions?name=shared",
-        Some(program(programs::CGI)),
-    )
-    .await;
+    let first = key_of(&s, "hana", json!({})).await;
+    let second = key_of(&s, "ivan", json!({})).await;
+    let (st, f) = upload_as(&s, &first, "name=shared", programs::CGI).await;
     assert_eq!(st, StatusCode::CREATED);
     let res = reqwest::Client::new()
         .get(format!("{}/fn/shared/fail", s.url))
@@ -551,14 +520,7 @@ async fn a_deleted_names_log_does_not_pass_to_its_next_owner() {
     let id = f["id"].as_str().unwrap();
     let (st, _) = call(&s.url, &first, Method::DELETE, &format!("/v1/functions/{id}"), None).await;
     assert_eq!(st, StatusCode::OK);
-    let (st, _) = call(
-        &s.url,
-        &second,
-        Method::POST,
-        "/v1/functions?name=shared",
-        Some(program(programs::CGI)),
-    )
-    .await;
+    let (st, _) = upload_as(&s, &second, "name=shared", programs::CGI).await;
     assert_eq!(st, StatusCode::CREATED);
     let (st, logs) = call(&s.url, &second, Method::GET, "/v1/functions/shared/logs", None).await;
     assert_eq!(st, StatusCode::OK);
@@ -568,10 +530,8 @@ async fn a_deleted_names_log_does_not_pass_to_its_next_owner() {
 #[tokio::test]
 async fn an_upload_over_the_quota_is_refused_before_it_is_compiled() {
     let s = TestServer::start(&[]).await;
-    let key = account(&s, "jo", json!({"quotas": {"max_function_bytes": 1000}})).await;
-    let (st, body) =
-        call(&s.url, &key, Method::POST, "/v1/functions?name=big", Some(program(programs::CGI)))
-            .await;
+    let key = key_of(&s, "jo", json!({"quotas": {"max_function_bytes": 1000}})).await;
+    let (st, body) = upload_as(&s, &key, "name=big", programs::CGI).await;
     assert_eq!((st, code(&body)), (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"), "{body}");
     assert!(!s.log().contains("executor.compile"), "compiled before the quota check:\n{}", s.log());
 }
@@ -604,18 +564,11 @@ async fn heavy_components_cannot_take_other_tenants_instances() {
         "2",
     ])
     .await;
-    let heavy_owner = account(&s, "kim", json!({})).await;
-    let other = account(&s, "lee", json!({})).await;
+    let heavy_owner = key_of(&s, "kim", json!({})).await;
+    let other = key_of(&s, "lee", json!({})).await;
 
     // Over the limits admitted per component: refused at upload, with its own code.
-    let (st, body) = call(
-        &s.url,
-        &heavy_owner,
-        Method::POST,
-        "/v1/functions?name=too-heavy",
-        Some(program(programs::TOO_HEAVY)),
-    )
-    .await;
+    let (st, body) = upload_as(&s, &heavy_owner, "name=too-heavy", programs::TOO_HEAVY).await;
     assert_eq!((st, code(&body)), (StatusCode::BAD_REQUEST, "component_too_large"), "{body}");
     assert!(body.to_string().contains("at most 16 core instances"), "{body}");
 
@@ -674,9 +627,9 @@ async fn heavy_components_cannot_take_other_tenants_instances() {
 async fn one_accounts_volume_never_deletes_another_accounts_results() {
     // Three finished jobs kept per account; retention runs every second.
     let s = TestServer::start(&["--no-runner-js", "--retention-max-jobs", "3"]).await;
-    let quiet = account(&s, "mia", json!({})).await;
-    let busy = account(&s, "ned", json!({})).await;
-    let small = account(&s, "ola", json!({"quotas": {"max_finished_jobs": 1}})).await;
+    let quiet = key_of(&s, "mia", json!({})).await;
+    let busy = key_of(&s, "ned", json!({})).await;
+    let small = key_of(&s, "ola", json!({"quotas": {"max_finished_jobs": 1}})).await;
     let (_, me) = call(&s.url, &quiet, Method::GET, "/v1/me", None).await;
     assert_eq!(me["quotas"]["max_finished_jobs"], 3, "the limit in force: {me}");
     for (key, name) in [(&quiet, "mia"), (&busy, "ned"), (&small, "ola")] {

@@ -6,8 +6,9 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 pub use cloudpipe_test_support::serve;
+pub use cloudpipe_test_support::server::output_with_stdin;
 use serve::spawn_serve;
-pub use serve::{ADMIN_KEY, admin_headers, peak_rss_mib};
+pub use serve::{ADMIN_KEY, admin_headers, peak_rss_mib, rss_mib};
 
 /// The binary under test: the workspace's `cloudpipe`, or `CLOUDPIPE_E2E_BIN` (to run
 /// the suite against another build, e.g. one from before a fix).
@@ -95,6 +96,17 @@ impl TestServer {
         body
     }
 
+    /// Creates account `name` (as the admin) with the fields of `extra` and one key:
+    /// the key and its id.
+    pub async fn account(&self, name: &str, extra: Value) -> (String, String) {
+        let (st, body) = self.post_json("/v1/accounts", &with(json!({"name": name}), extra)).await;
+        assert_eq!(st, StatusCode::CREATED, "{body}");
+        let (st, key) =
+            self.post_json(&format!("/v1/accounts/{name}/keys"), &json!({"label": "test"})).await;
+        assert_eq!(st, StatusCode::CREATED, "{key}");
+        (key["key"].as_str().unwrap().to_string(), key["id"].as_str().unwrap().to_string())
+    }
+
     /// Submits a job and waits for it to end (up to `wait`).
     pub async fn run(&self, spec: Value) -> Value {
         let (st, body) = self.post_json("/v1/jobs?wait=60s", &spec).await;
@@ -152,15 +164,7 @@ impl TestServer {
 
     /// A metric's value from `/metrics` (the first line starting with `name`).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = self
-            .client
-            .get(format!("{}/metrics", self.url))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = serve::metrics(&self.client, &self.url).await;
         serve::metric_value(&text, name).unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
 }
@@ -188,6 +192,14 @@ pub fn admin_client() -> reqwest::Client {
 
 pub fn is_terminal(job: &Value) -> bool {
     !matches!(job["status"].as_str(), Some("queued") | Some("running"))
+}
+
+/// `spec` with the fields of `extra` set (replacing any it had).
+pub fn with(mut spec: Value, extra: Value) -> Value {
+    for (k, v) in extra.as_object().unwrap() {
+        spec[k] = v.clone();
+    }
+    spec
 }
 
 /// The code of an error answer.

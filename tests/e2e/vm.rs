@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::server::TestServer;
-use crate::server::serve::{ADMIN_KEY, spawn_serve_with};
+use crate::server::serve::{ADMIN_KEY, get_json, spawn_serve_with};
+use crate::server::{TestServer, with};
 use cloudpipe_runtime::executor::RunRequest;
 use cloudpipe_runtime::executor::vm::{VmConfig, VmExecutor};
 
@@ -84,13 +84,6 @@ async fn server(pool: &str) -> TestServer {
 /// A vm job running `sh -c script`.
 fn sh(script: &str) -> Value {
     json!({"executor": "vm", "command": ["sh", "-c", script]})
-}
-
-fn with(mut spec: Value, extra: Value) -> Value {
-    for (k, v) in extra.as_object().unwrap() {
-        spec[k] = v.clone();
-    }
-    spec
 }
 
 #[tokio::test]
@@ -357,14 +350,7 @@ async fn a_restart_after_kill_9_kills_the_qemu_processes_left_behind() {
     // Wait until the job runs (its clone exists).
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let job: Value = client
-            .get(format!("{}/v1/jobs/{id}", first.url))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job = get_json(&client, &format!("{}/v1/jobs/{id}", first.url)).await;
         if job["status"] == "running" && !qemu_pids(data.path()).is_empty() {
             break;
         }
@@ -416,14 +402,7 @@ async fn a_restart_after_kill_9_kills_the_qemu_processes_left_behind() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The job runs again, in a new clone, and finishes.
-    let done: Value = client
-        .get(format!("{}/v1/jobs/{id}/result?wait=60s", second.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done = get_json(&client, &format!("{}/v1/jobs/{id}/result?wait=60s", second.url)).await;
     assert_eq!(
         (done["status"].as_str(), done["stdout"].as_str()),
         (Some("succeeded"), Some("finished\n")),

@@ -444,15 +444,8 @@ async fn submit(cli: &Cli, a: &SubmitArgs, ui: Ui) -> anyhow::Result<i32> {
     spec.function = name;
     // From here on Ctrl-C cancels the job rather than killing this process.
     let mut interrupts = Interrupts::catch()?;
-    let submitting = client.submit(&spec);
-    tokio::pin!(submitting);
-    let mut interrupted = false;
-    let job = loop {
-        tokio::select! {
-            r = &mut submitting => break r?,
-            () = interrupts.next() => interrupted = true,
-        }
-    };
+    let (job, interrupted) = interrupts.finish(client.submit(&spec)).await;
+    let job = job?;
     ui.status("Submitted", format_args!("job {}", job.id));
     if interrupted {
         ui.status("Cancelling", format_args!("job {}", job.id));

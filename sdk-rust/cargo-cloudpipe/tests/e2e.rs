@@ -8,11 +8,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cloudpipe_test_support::serve::ADMIN_KEY as KEY;
 use cloudpipe_test_support::server;
-use server::{Server, lines_of, server_bin, workspace};
+use server::{Server, interrupt, lines_of, output_with_stdin, server_bin, workspace};
 
 /// Where every guest of every test builds: beside the server's own build output.
 fn guests_target() -> PathBuf {
@@ -332,17 +332,7 @@ fn main() {
     assert_eq!(jobs["jobs"][0]["status"], "running", "{jobs}");
     let id = jobs["jobs"][0]["id"].as_str().unwrap().to_string();
 
-    let ok =
-        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
-    assert!(ok, "kill -INT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "cargo cloudpipe did not stop after Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interrupt(&mut child, Duration::from_secs(30));
     let log = stderr.iter().collect::<Vec<_>>().join("\n");
     assert_eq!(status.code(), Some(130), "stderr:\n{log}");
     assert!(log.contains(&format!("Cancelling job {id}")), "{log}");
@@ -373,16 +363,7 @@ fn batch_runs_stdin_lines_summarises_and_exits_non_zero_on_failures() {
     )
     .unwrap();
     let batch = |args: &[&str], input: &str| {
-        use std::io::Write;
-        let mut child = env
-            .cmd(&dir, &[&["batch"], args].concat())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
-        child.wait_with_output().unwrap()
+        output_with_stdin(&mut env.cmd(&dir, &[&["batch"], args].concat()), input.as_bytes())
     };
     let batch_id = |stderr: &str| {
         let line = stderr.lines().find(|l| l.contains(" batch ")).expect("no batch line");
@@ -424,17 +405,7 @@ fn batch_runs_stdin_lines_summarises_and_exits_non_zero_on_failures() {
     let stderr = lines_of(child.stderr.take().unwrap());
     let started = stderr.recv_timeout(Duration::from_secs(60)).expect("the batch never started");
     let id = batch_id(&started);
-    let ok =
-        Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success();
-    assert!(ok, "kill -INT");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(Instant::now() < deadline, "cargo cloudpipe batch did not stop after Ctrl-C");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = interrupt(&mut child, Duration::from_secs(30));
     let log = stderr.iter().collect::<Vec<_>>().join("\n");
     assert_eq!(status.code(), Some(130), "stderr:\n{log}");
     assert!(log.contains(&format!("cargo cloudpipe batch --resume {id}")), "{log}");

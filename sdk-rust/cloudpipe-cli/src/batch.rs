@@ -107,14 +107,8 @@ pub async fn run(
             Starting::Retry(id) => client.retry_batch(id).await,
         }
     };
-    tokio::pin!(starting);
-    let mut interrupted = false;
-    let created = loop {
-        tokio::select! {
-            r = &mut starting => break r?,
-            () = interrupts.next() => interrupted = true,
-        }
-    };
+    let (created, interrupted) = interrupts.finish(starting).await;
+    let created = created?;
     let id = created.id.clone();
     ui.status(verb, format_args!("batch {id}: {} inputs, split {}", created.total, created.split));
     if interrupted {

@@ -28,4 +28,17 @@ impl Interrupts {
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
     }
+
+    /// Runs `fut` to its end whatever Ctrl-Cs come meanwhile (a request that creates
+    /// something must not be dropped half-way): its output, and whether one came.
+    pub async fn finish<T>(&mut self, fut: impl std::future::Future<Output = T>) -> (T, bool) {
+        tokio::pin!(fut);
+        let mut interrupted = false;
+        loop {
+            tokio::select! {
+                out = &mut fut => return (out, interrupted),
+                () = self.next() => interrupted = true,
+            }
+        }
+    }
 }

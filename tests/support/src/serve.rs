@@ -94,6 +94,39 @@ pub fn spawn_serve_on(
     }
 }
 
+/// `GET url`, its body as JSON; panics on a transport error or a body that is not JSON.
+pub async fn get_json(http: &reqwest::Client, url: &str) -> serde_json::Value {
+    let res = http.get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    res.json().await.unwrap_or_else(|e| panic!("GET {url}: not JSON: {e}"))
+}
+
+/// The Prometheus text of `/metrics` of the server at `url` (`http://HOST:PORT`).
+pub async fn metrics(http: &reqwest::Client, url: &str) -> String {
+    let res = http.get(format!("{url}/metrics")).send().await.unwrap_or_else(|e| panic!("{e}"));
+    res.text().await.unwrap()
+}
+
+/// Submits the batch `spec` to the server at `url` and polls it (every `poll`) until
+/// it is no longer running: the batch as it ended, and the time from submit to then.
+pub async fn run_batch(
+    http: &reqwest::Client,
+    url: &str,
+    spec: &serde_json::Value,
+    poll: Duration,
+) -> (serde_json::Value, Duration) {
+    let started = std::time::Instant::now();
+    let res = http.post(format!("{url}/v1/batches")).json(spec).send().await.unwrap();
+    let created: serde_json::Value = res.json().await.unwrap();
+    let id = created["id"].as_str().unwrap_or_else(|| panic!("{created}")).to_string();
+    loop {
+        let b = get_json(http, &format!("{url}/v1/batches/{id}")).await;
+        if b["status"] != "running" {
+            return (b, started.elapsed());
+        }
+        tokio::time::sleep(poll).await;
+    }
+}
+
 /// A metric's value in Prometheus text (the first line starting with `name`).
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     text.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.trim().parse().ok()))
@@ -101,12 +134,22 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
 
 /// Peak resident memory of a process, in MiB.
 pub fn peak_rss_mib(pid: u32) -> u64 {
+    proc_status_mib(pid, "VmHWM:")
+}
+
+/// Resident memory of a process now, in MiB.
+pub fn rss_mib(pid: u32) -> u64 {
+    proc_status_mib(pid, "VmRSS:")
+}
+
+/// A `kB` field of `/proc/PID/status`, in MiB.
+fn proc_status_mib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let kb: u64 = status
         .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"));
     kb / 1024
 }
 

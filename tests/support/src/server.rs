@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
 
@@ -120,6 +120,34 @@ impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.process.child.kill();
         let _ = self.process.child.wait();
+    }
+}
+
+/// Runs `cmd` with `input` on its stdin (then closed) and its output captured.
+pub fn output_with_stdin(cmd: &mut Command, input: &[u8]) -> std::process::Output {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// Sends SIGINT (a Ctrl-C) to `child` and waits up to `limit` for it to exit.
+pub fn interrupt(child: &mut std::process::Child, limit: std::time::Duration) -> ExitStatus {
+    let pid = child.id().to_string();
+    let ok = Command::new("kill").args(["-INT", &pid]).status().unwrap().success();
+    assert!(ok, "kill -INT {pid}");
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(std::time::Instant::now() < deadline, "process {pid} did not stop after Ctrl-C");
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 
