@@ -31,6 +31,9 @@ pub enum ApiError {
     /// Past one of the account's quotas (429).
     #[error("{0}")]
     QuotaExceeded(String),
+    /// Past one of the account's quotas, with a code that names which (429).
+    #[error("{1}")]
+    QuotaExceededOf(&'static str, String),
     /// Too many failed authentications from this address (429).
     #[error("too many failed authentications from this address; retry in {}s", .0.as_secs() + 1)]
     TooManyAuthFailures(std::time::Duration),
@@ -66,6 +69,7 @@ impl ApiError {
             ApiError::Forbidden(code, _) => (StatusCode::FORBIDDEN, code),
             ApiError::Conflict(code, _) => (StatusCode::CONFLICT, code),
             ApiError::QuotaExceeded(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+            ApiError::QuotaExceededOf(code, _) => (StatusCode::TOO_MANY_REQUESTS, code),
             ApiError::TooManyAuthFailures(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures")
             }

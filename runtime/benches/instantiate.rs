@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use cloudpipe_runtime::executor::wasm::{WasmConfig, WasmExecutor};
 use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
+use cloudpipe_runtime::registry::stored_binaries;
 use cloudpipe_runtime::store::{self, Backend};
 use cloudpipe_types::JobStatus;
 use criterion::Criterion;
@@ -71,8 +72,12 @@ impl ExecutorRun {
     async fn new(hello: &[u8]) -> ExecutorRun {
         let dir = tempfile::tempdir().unwrap();
         let store = store::open(Backend::Redb, &dir.path().join("data")).unwrap();
-        let executor =
-            WasmExecutor::new(WasmConfig::default(), &dir.path().join("compiled"), store).unwrap();
+        let executor = WasmExecutor::new(
+            WasmConfig::default(),
+            &dir.path().join("compiled"),
+            stored_binaries(store),
+        )
+        .unwrap();
         let id = "sha256:".to_string() + &"ab".repeat(32);
         executor.prepare(&id, hello).await.unwrap();
         ExecutorRun { _dir: dir, executor, id }

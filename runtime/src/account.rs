@@ -14,6 +14,9 @@ pub struct Limits {
     pub max_memory_mb: Option<u64>,
     pub max_function_bytes: Option<u64>,
     pub max_finished_jobs: Option<u64>,
+    pub max_batch_inputs: Option<u64>,
+    pub max_batches: Option<u64>,
+    pub max_stored_batch_inputs: Option<u64>,
 }
 
 impl Limits {
@@ -25,6 +28,11 @@ impl Limits {
             max_memory_mb: own.max_memory_mb.or(defaults.max_memory_mb),
             max_function_bytes: own.max_function_bytes.or(defaults.max_function_bytes),
             max_finished_jobs: own.max_finished_jobs.or(defaults.max_finished_jobs),
+            max_batch_inputs: own.max_batch_inputs.or(defaults.max_batch_inputs),
+            max_batches: own.max_batches.or(defaults.max_batches),
+            max_stored_batch_inputs: own
+                .max_stored_batch_inputs
+                .or(defaults.max_stored_batch_inputs),
         }
     }
 
@@ -35,6 +43,9 @@ impl Limits {
             max_memory_mb: self.max_memory_mb,
             max_function_bytes: self.max_function_bytes,
             max_finished_jobs: self.max_finished_jobs,
+            max_batch_inputs: self.max_batch_inputs,
+            max_batches: self.max_batches,
+            max_stored_batch_inputs: self.max_stored_batch_inputs,
         }
     }
 }

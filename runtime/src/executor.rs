@@ -128,6 +128,16 @@ impl std::fmt::Display for Unready {
     }
 }
 
+/// Where an executor gets the binary of a function version it has nothing of here (its
+/// compiled artefact is gone, or another node took the upload). The registry hands
+/// one to the executors that need it ([`crate::registry::stored_binaries`]): an
+/// executor never reads the store.
+#[async_trait]
+pub trait Binaries: Send + Sync + 'static {
+    /// The binary of version `id` (`sha256:…`); `None`: there is no such version.
+    async fn binary(&self, id: &str) -> anyhow::Result<Option<Bytes>>;
+}
+
 /// Runs jobs. One instance per process, shared by all jobs.
 #[async_trait]
 pub trait Executor: Send + Sync + 'static {

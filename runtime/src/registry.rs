@@ -8,9 +8,24 @@ use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use crate::account::Tenant;
-use crate::executor::{Executor, PrepareError};
+use crate::executor::{Binaries, Executor, PrepareError};
 use crate::model::{Scope, now_micros};
 use crate::store::{FunctionMeta, PutFunction, Store};
+
+/// The [`Binaries`] of function versions as the registry stores them: what the wasm
+/// executor compiles when it has no artefact of a version.
+pub fn stored_binaries(store: Arc<dyn Store>) -> Arc<dyn Binaries> {
+    Arc::new(StoredBinaries(store))
+}
+
+struct StoredBinaries(Arc<dyn Store>);
+
+#[async_trait::async_trait]
+impl Binaries for StoredBinaries {
+    async fn binary(&self, id: &str) -> anyhow::Result<Option<Bytes>> {
+        self.0.function_binary(id).await
+    }
+}
 
 /// Why an upload was refused.
 #[derive(Debug, thiserror::Error)]

@@ -126,7 +126,7 @@ impl Runtime {
         // reservation small): jobs that find the pool full wait in the queue.
         wasm.max_memory_bytes = wasm.max_memory_bytes.max(config.scheduler.max_memory_mb << 20);
         let executor = Arc::new(
-            WasmExecutor::new(wasm, &cache_dir, store.clone())
+            WasmExecutor::new(wasm, &cache_dir, crate::registry::stored_binaries(store.clone()))
                 .context("starting the wasm executor")?,
         );
         let registry =

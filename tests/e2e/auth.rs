@@ -138,7 +138,7 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
             ("GET", "/v1/batches") => OwnOnly,
             // A batch of A's function: there is no such function for B.
             ("POST", "/v1/batches") => NotFound,
-            ("GET", "/v1/batches/{id}") => NotFound,
+            ("GET" | "DELETE", "/v1/batches/{id}") => NotFound,
             ("POST", p) if p.starts_with("/v1/batches/{id}/") => NotFound,
             ("GET", "/v1/functions") | ("GET", "/v1/jobs") => OwnOnly,
             // Uploading under A's name: the name is taken (names are global URLs).
@@ -273,6 +273,9 @@ async fn every_route_refuses_strangers_and_hides_other_accounts_resources() {
     assert_eq!((st, j["status"].as_str()), (StatusCode::OK, Some("succeeded")));
     let (st, me) = call(&s, Some(&a), Method::GET, "/v1/me", None).await;
     assert_eq!((st, me["account"].as_str()), (StatusCode::OK, Some("alice")));
+    let (st, batch) =
+        call(&s, Some(&a), Method::GET, &format!("/v1/batches/{batch_id}"), None).await;
+    assert_eq!((st, batch["account"].as_str()), (StatusCode::OK, Some("alice")), "{batch}");
     let (st, secrets) = call(&s, Some(&a), Method::GET, "/v1/secrets", None).await;
     assert_eq!(st, StatusCode::OK);
     assert_eq!(secrets["secrets"].as_array().unwrap().len(), 1, "A's secret stays A's alone");

@@ -264,3 +264,174 @@ fn the_batch_cli_runs_stdin_lines_and_exits_non_zero_on_failures() {
     assert!(text.contains("2/4 !OK - 0 pending, 0 timeouts, 2 errors, 2 OK"), "{text}");
     drop(s);
 }
+
+/// Every job of a batch with its output, oldest first, through as many pages as it takes.
+async fn batch_jobs_with_output(s: &TestServer, id: &str) -> Vec<Value> {
+    let mut jobs = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (st, page) =
+            s.get(&format!("/v1/jobs?batch={id}&limit=1000&include=output{cursor}")).await;
+        assert_eq!(st, StatusCode::OK, "{page}");
+        jobs.extend(page["jobs"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    jobs.reverse();
+    jobs
+}
+
+#[tokio::test]
+async fn a_batch_of_more_inputs_than_a_stored_chunk_runs_each_input_once_with_its_words() {
+    let s = TestServer::start(&[]).await;
+    s.upload("echo", &program(programs::ECHO)).await;
+    // Inputs are stored 1024 to a chunk: this batch spans two.
+    let n = 1030;
+    let inputs: Vec<Value> = (0..n).map(|i| json!([format!("w{i}"), "x y"])).collect();
+    let id =
+        start_batch(&s, json!({"template": {"function": "echo"}, "inputs": inputs, "split": 32}))
+            .await;
+    let (b, _) = until_done(&s, &id).await;
+    assert_eq!((b["status"].as_str(), b["total"].as_u64()), (Some("finished"), Some(n)), "{b}");
+    assert_eq!(b["counts"]["ok"], n, "{b}");
+    let jobs = batch_jobs_with_output(&s, &id).await;
+    assert_eq!(jobs.len() as u64, n);
+    let mut seen = vec![false; n as usize];
+    for job in &jobs {
+        let i = job["batch_index"].as_u64().unwrap();
+        let want = format!("argv=[\"echo\", \"w{i}\", \"x y\"]");
+        assert!(job["stdout"].as_str().unwrap().starts_with(&want), "input {i}: {job}");
+        assert!(!std::mem::replace(&mut seen[i as usize], true), "input {i} ran twice");
+    }
+}
+
+#[tokio::test]
+async fn batches_are_capped_per_account_listed_in_pages_and_deleted() {
+    let s = TestServer::start(&[
+        "--quota-batch-inputs",
+        "5",
+        "--quota-stored-batch-inputs",
+        "8",
+        "--quota-batches",
+        "3",
+    ])
+    .await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    // An account that sets no quotas of its own: the server's defaults apply.
+    let (st, _) = s.post_json("/v1/accounts", &json!({"name": "carol"})).await;
+    assert_eq!(st, StatusCode::CREATED);
+    let (st, key) = s.post_json("/v1/accounts/carol/keys", &json!({"label": "t"})).await;
+    assert_eq!(st, StatusCode::CREATED, "{key}");
+    let key = key["key"].as_str().unwrap().to_string();
+    let server = &s;
+    let carol = |method: reqwest::Method, path: String, body: Option<Value>| {
+        let key = key.clone();
+        async move {
+            let body = body.map(|b| serde_json::to_vec(&b).unwrap());
+            server.request_as(Some(&key), method, &path, body).await
+        }
+    };
+    let (st, f) = server
+        .request_as(
+            Some(&key),
+            reqwest::Method::POST,
+            "/v1/functions?name=carol-nap",
+            Some(program(programs::SLEEP)),
+        )
+        .await;
+    assert_eq!(st, StatusCode::CREATED, "{f}");
+    let nap = |inputs: &[&str]| {
+        let inputs: Vec<Value> = inputs.iter().map(|i| json!([i])).collect();
+        json!({"template": {"function": "carol-nap"}, "inputs": inputs, "split": 4})
+    };
+    let create = |spec: Value| carol(reqwest::Method::POST, "/v1/batches".into(), Some(spec));
+    let start = |spec: Value| async move {
+        let (st, b) = create(spec).await;
+        assert_eq!(st, StatusCode::CREATED, "{b}");
+        b["id"].as_str().unwrap().to_string()
+    };
+    // Caps: inputs of one batch, inputs stored, batches stored; each its own code.
+    let (st, e) = create(nap(&["0"; 6])).await;
+    assert_eq!((st, code(&e)), (StatusCode::TOO_MANY_REQUESTS, "too_many_inputs"), "{e}");
+    assert!(e["error"]["message"].as_str().unwrap().contains("5"), "{e}");
+    let first = start(nap(&["0", "0", "0"])).await;
+    let second = start(nap(&["0", "0", "0"])).await;
+    let (st, e) = create(nap(&["0", "0", "0"])).await;
+    assert_eq!((st, code(&e)), (StatusCode::TOO_MANY_REQUESTS, "too_many_stored_inputs"), "{e}");
+    let long = start(nap(&["60", "60"])).await;
+    let (st, e) = create(nap(&["0"])).await;
+    assert_eq!((st, code(&e)), (StatusCode::TOO_MANY_REQUESTS, "too_many_batches"), "{e}");
+    assert!(
+        e["error"]["message"].as_str().unwrap().contains("DELETE"),
+        "says how to free one: {e}"
+    );
+    // The admin has no such caps.
+    start_batch(&s, json!({"template": {"function": "nap"}, "inputs": vec![["0"]; 6]})).await;
+
+    // Pages, newest first; carol sees hers only, the admin everyone's.
+    let list = |path: &str| carol(reqwest::Method::GET, path.to_string(), None);
+    let (st, page) = list("/v1/batches?limit=2").await;
+    assert_eq!(st, StatusCode::OK, "{page}");
+    let ids = |p: &Value| -> Vec<String> {
+        p["batches"].as_array().unwrap().iter().map(|b| b["id"].as_str().unwrap().into()).collect()
+    };
+    assert_eq!(ids(&page), [long.clone(), second.clone()]);
+    let cursor = page["next_cursor"].as_str().expect("a next page").to_string();
+    let (_, rest) = list(&format!("/v1/batches?limit=2&cursor={cursor}")).await;
+    assert_eq!(ids(&rest), [first.as_str()]);
+    assert!(rest.get("next_cursor").is_none(), "{rest}");
+    let (_, all) = s.get("/v1/batches").await;
+    assert_eq!(ids(&all).len(), 4, "{all}");
+    let (_, hers) = s.get("/v1/batches?account=carol").await;
+    assert_eq!(ids(&hers), [long.clone(), second.clone(), first.clone()]);
+    for bad in ["/v1/batches?limit=0", "/v1/batches?limit=1001", "/v1/batches?cursor=nope"] {
+        let (st, e) = list(bad).await;
+        assert_eq!((st, code(&e)), (StatusCode::BAD_REQUEST, "invalid_query"), "{bad}: {e}");
+    }
+
+    // A stopped batch is deleted; its jobs stay.
+    until_done(&s, &first).await;
+    let delete = |id: &str| carol(reqwest::Method::DELETE, format!("/v1/batches/{id}"), None);
+    let (st, body) = delete(&first).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    let (st, e) = s.get(&format!("/v1/batches/{first}")).await;
+    assert_eq!((st, code(&e)), (StatusCode::NOT_FOUND, "not_found"));
+    let (st, e) = delete(&first).await;
+    assert_eq!((st, code(&e)), (StatusCode::NOT_FOUND, "not_found"));
+    assert_eq!(batch_jobs(&s, &first).await.len(), 3, "the jobs of a deleted batch stay");
+
+    // A running batch is cancelled, then deleted: its jobs end cancelled.
+    let started = Instant::now();
+    let (st, body) = delete(&long).await;
+    assert_eq!(st, StatusCode::NO_CONTENT, "{body}");
+    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    let jobs = batch_jobs(&s, &long).await;
+    assert!(!jobs.is_empty() && jobs.iter().all(|(_, st)| st == "cancelled"), "{jobs:?}");
+
+    // Their places and inputs are free again.
+    start(nap(&["0", "0", "0", "0", "0"])).await;
+    let (_, mine) = list("/v1/batches").await;
+    assert_eq!(ids(&mine).len(), 2, "{mine}");
+}
+
+#[tokio::test]
+async fn a_stopped_batch_goes_with_retention_and_a_running_one_stays() {
+    let s = TestServer::start(&["--retention-secs", "1"]).await;
+    s.upload("nap", &program(programs::SLEEP)).await;
+    let quick = start_batch(&s, json!({"template": {"function": "nap"}, "inputs": [["0"]]})).await;
+    let slow = start_batch(&s, json!({"template": {"function": "nap"}, "inputs": [["8"]]})).await;
+    until_done(&s, &quick).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (st, b) = s.get(&format!("/v1/batches/{quick}")).await;
+        if st == StatusCode::NOT_FOUND {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a stopped batch outlived its retention: {b}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, b) = s.get(&format!("/v1/batches/{slow}")).await;
+    assert_eq!((st, b["status"].as_str()), (StatusCode::OK, Some("running")), "{b}");
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use cloudpipe_test_programs_artifacts as programs;
-use reqwest::StatusCode;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
 use crate::server::{TestServer, program};
@@ -325,4 +325,47 @@ async fn a_worker_takes_jobs_of_an_executor_that_came_up_after_it_started() {
     assert_eq!(job["status"], "succeeded", "{job}");
     assert_eq!(job["node"], "worker");
     assert_eq!(job["stdout"], "from-docker\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_admin_locked_out_of_a_running_cluster_gets_a_key_back_with_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = database("reset_key");
+    let a = node(dir.path(), &db, "all", "all-a", &[]).await;
+    let (_, keys) = a.get("/v1/accounts/admin/keys").await;
+    let admin_id = keys["keys"][0]["id"].as_str().unwrap().to_string();
+    let (st, _) = a.request(Method::DELETE, &format!("/v1/keys/{admin_id}?force=true"), None).await;
+    assert_eq!(st, StatusCode::OK);
+    assert_eq!(a.get("/v1/me").await.0, StatusCode::UNAUTHORIZED);
+
+    let out = std::process::Command::new(crate::server::bin())
+        .args(["admin", "reset-key", "--store", &db])
+        .env_remove("CLOUDPIPE_STORE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("cpk_"), "{key}");
+    let me = reqwest::Client::new()
+        .get(format!("{}/v1/me", a.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), StatusCode::OK, "the running node takes the new key");
+    let me: Value = me.json().await.unwrap();
+    assert_eq!(me["role"], "admin", "{me}");
+    // The command's own node left the cluster with it.
+    let (st, nodes) = reqwest::Client::new()
+        .get(format!("{}/v1/nodes", a.url))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .map(|r| (r.status(), r))
+        .unwrap();
+    assert_eq!(st, StatusCode::OK);
+    let nodes: Value = nodes.json().await.unwrap();
+    let names: Vec<&str> =
+        nodes["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["all-a"], "{nodes}");
 }

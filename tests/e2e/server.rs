@@ -129,7 +129,21 @@ impl TestServer {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> (StatusCode, Value) {
+        self.request_as(None, method, path, body).await
+    }
+
+    /// [`request`](Self::request) with the API key `key` instead of the admin's.
+    pub async fn request_as(
+        &self,
+        key: Option<&str>,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (StatusCode, Value) {
         let mut req = self.client.request(method, format!("{}{path}", self.url));
+        if let Some(key) = key {
+            req = req.bearer_auth(key);
+        }
         if let Some(b) = body {
             req = req.body(b);
         }

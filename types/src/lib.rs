@@ -680,6 +680,16 @@ pub struct Quotas {
     /// jobs (never another account's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_finished_jobs: Option<u64>,
+    /// Inputs of one batch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch_inputs: Option<u64>,
+    /// Batches the account stores, whatever their status (deleting one, or batch
+    /// retention, frees its place).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batches: Option<u64>,
+    /// Inputs of all the account's stored batches together.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_stored_batch_inputs: Option<u64>,
 }
 
 /// An account (`GET /v1/accounts/{name}`).
@@ -889,5 +899,9 @@ pub struct BatchRecord {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(ToSchema))]
 pub struct BatchList {
+    /// Newest first.
     pub batches: Vec<BatchRecord>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_cursor: Option<String>,
 }

@@ -267,6 +267,9 @@ impl From<ApiError> for V1Error {
                 Some("Wait for some of your jobs to end, then submit again."),
                 true,
             ),
+            ApiError::QuotaExceededOf(code, _) => {
+                (StatusCode::TOO_MANY_REQUESTS, *code, None, false)
+            }
             ApiError::TooManyAuthFailures(_) => {
                 (StatusCode::TOO_MANY_REQUESTS, "too_many_auth_failures", None, true)
             }

@@ -24,11 +24,13 @@
 //! # Example
 //! ```no_run
 //! # async fn demo(store: std::sync::Arc<dyn cloudpipe_runtime::Store>) -> anyhow::Result<()> {
+//! use cloudpipe_runtime::registry::stored_binaries;
 //! use std::sync::Arc;
 //! use cloudpipe_runtime::executor::wasm::{WasmConfig, WasmExecutor};
 //! use cloudpipe_runtime::executor::{Executor, NoLiveOutput, RunRequest};
 //!
-//! let executor = WasmExecutor::new(WasmConfig::default(), "/var/lib/cloudpipe/compiled".as_ref(), store)?;
+//! let compiled = "/var/lib/cloudpipe/compiled".as_ref();
+//! let executor = WasmExecutor::new(WasmConfig::default(), compiled, stored_binaries(store))?;
 //! let wasm = std::fs::read("hello.wasm")?;
 //! let id = "sha256:…"; // the binary's content address
 //! executor.prepare(id, &wasm).await?;
@@ -59,9 +61,8 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 
-use super::{Executor, OutputSink, OutputStream, PrepareError, RunRequest};
+use super::{Binaries, Executor, OutputSink, OutputStream, PrepareError, RunRequest};
 use crate::model::JobOutcome;
-use crate::store::Store;
 
 mod cache;
 mod engine;
@@ -136,7 +137,7 @@ impl Ready {
 pub struct WasmExecutor {
     compiler: Arc<Compiler>,
     config: WasmConfig,
-    store: Arc<dyn Store>,
+    binaries: Arc<dyn Binaries>,
     warm: Mutex<WarmMap<Arc<Ready>>>,
     /// One lock per function being loaded, so that concurrent first runs compile once.
     loading: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
@@ -157,12 +158,12 @@ struct Compiler {
 
 impl WasmExecutor {
     /// Builds the engine and the WASI linkers, opens (creating) the compiled cache in
-    /// `cache_dir` and starts the epoch thread. `store` supplies binaries of functions
-    /// whose compiled artefact is missing.
+    /// `cache_dir` and starts the epoch thread. `binaries` supplies the binaries of
+    /// functions whose compiled artefact is missing.
     pub fn new(
         config: WasmConfig,
         cache_dir: &Path,
-        store: Arc<dyn Store>,
+        binaries: Arc<dyn Binaries>,
     ) -> anyhow::Result<Self> {
         let engine = Engine::new(&config.wasmtime_config())?;
 
@@ -191,7 +192,7 @@ impl WasmExecutor {
                 compiles: AtomicU64::new(0),
             }),
             config,
-            store,
+            binaries,
             warm: Mutex::new(WarmMap::new(WARM_FUNCTIONS)),
             loading: Mutex::new(HashMap::new()),
             _ticker: ticker,
@@ -214,7 +215,7 @@ impl WasmExecutor {
     }
 
     /// The ready function `id`: from memory, else from its artefact on disk, else
-    /// compiled from the store's binary. `Ok(None)`: the store does not know `id`.
+    /// compiled from its binary. `Ok(None)`: there is no version `id`.
     async fn ready(&self, id: &str) -> Result<Option<Arc<Ready>>, PrepareError> {
         if let Some(ready) = self.warm().get(id) {
             return Ok(Some(ready));
@@ -248,7 +249,7 @@ impl WasmExecutor {
                 None => {
                     let binary = match binary {
                         Some(binary) => bytes::Bytes::copy_from_slice(binary),
-                        None => match self.store.function_binary(id).await? {
+                        None => match self.binaries.binary(id).await? {
                             Some(binary) => binary,
                             None => return Ok(None),
                         },

@@ -9,7 +9,8 @@ use serde::{Deserialize, Serialize};
 
 use super::clock::Micros;
 
-/// A batch as stored: its spec, its inputs and its status.
+/// A batch as stored: its spec and its status. Its inputs are stored apart, in
+/// chunks (`Store::batch_inputs`), so that reading the record reads none of them.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BatchState {
     pub id: String,
@@ -19,7 +20,9 @@ pub struct BatchState {
     pub limits: StoredLimits,
     pub allow_network: bool,
     pub template: JobTemplate,
-    pub inputs: Vec<Vec<String>>,
+    /// Number of inputs.
+    #[serde(default)]
+    pub total: u64,
     pub split: u32,
     pub retries: u32,
     pub strikes: u32,
@@ -33,6 +36,23 @@ pub struct BatchState {
     pub final_counts: Option<BatchCounts>,
     pub final_job_micros: u64,
     pub hook_called: bool,
+}
+
+impl BatchState {
+    /// Whether a start-up has something to do with the batch: drive it, or call its
+    /// report hook.
+    pub fn is_open(&self) -> bool {
+        self.status == BatchStatus::Running
+            || (self.hook.is_some() && !self.hook_called && self.status != BatchStatus::Cancelled)
+    }
+
+    /// When the batch stopped (`None`: it runs); retention counts its age from this.
+    pub fn stopped_at(&self) -> Option<Micros> {
+        match self.status {
+            BatchStatus::Running => None,
+            _ => Some(self.finished_at.unwrap_or(self.created_at)),
+        }
+    }
 }
 
 /// [`Limits`](crate::account::Limits) as stored.
@@ -173,7 +193,7 @@ mod tests {
         let stored = r#"{"id":"b1","account":"admin","admin":true,
             "limits":{"max_concurrent_jobs":null,"max_timeout_ms":5000,"max_memory_mb":null,"max_function_bytes":null},
             "allow_network":false,"template":{"function":"hello","args":["x"],"timeout_ms":1000},
-            "inputs":[["1"],["2"]],"split":8,"retries":1,"strikes":0,"hook":null,"status":"running",
+            "total":2,"split":8,"retries":1,"strikes":0,"hook":null,"status":"running",
             "round":0,"created_at":1,"finished_at":null,"final_counts":null,"final_job_micros":0,
             "hook_called":false}"#;
         let state: BatchState = serde_json::from_str(stored).unwrap();
@@ -181,7 +201,7 @@ mod tests {
         assert_eq!(state.template.args, ["x"]);
         assert_eq!(state.template.timeout_ms, Some(1000));
         assert_eq!(state.limits.max_timeout_ms, Some(5000));
-        assert_eq!(state.inputs.len(), 2);
+        assert_eq!(state.total, 2);
     }
 
     #[test]

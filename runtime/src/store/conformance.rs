@@ -15,9 +15,14 @@ use std::sync::Arc;
 use bytes::Bytes;
 use cloudpipe_types::{FunctionKind, JobStatus};
 
-use super::{FunctionMeta, Inserted, JobFilter, PutFunction, Recovery, Result, Retention, Store};
+use super::{
+    BatchCaps, BatchFilter, CreateBatch, FunctionMeta, Inserted, JobFilter, PutFunction, Recovery,
+    Result, Retention, Store,
+};
 use crate::model::job::tests::queued_job;
-use crate::model::{ADMIN, AccountRecord, Job, JobId, JobOutcome, KeyRecord, Scope, now_micros};
+use crate::model::{
+    ADMIN, AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Scope, now_micros,
+};
 
 /// Runs every conformance test against one backend. `$open` is a closure from a data
 /// directory to the store; `$max_growth` is an `Option<f64>` (see the module docs).
@@ -63,6 +68,11 @@ macro_rules! suite {
             case!(claims_take_accounts_in_turn_and_each_account_first_in_first_out);
             case!(secrets_are_per_account_bounded_and_keep_their_first_time);
             case!(stdin_and_output_are_read_apart_and_lists_carry_neither);
+            case!(batch_inputs_are_stored_apart_and_read_by_range);
+            case!(batches_are_listed_per_account_newest_first_in_pages);
+            case!(batch_caps_count_each_account_and_a_delete_frees_its_place);
+            case!(put_batch_updates_only_what_exists_and_open_batches_follow_status);
+            case!(purge_batches_deletes_stopped_ones_past_the_age_oldest_first);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn reopened_store_after_churn_stays_near_live_data() {
@@ -1344,4 +1354,230 @@ pub(crate) async fn stdin_and_output_are_read_apart_and_lists_carry_neither<S: S
     drop(store);
     let store = open(dir.path()).unwrap();
     assert_eq!(store.get_job(job.id).await.unwrap(), None);
+}
+
+/// A new batch record of `account`, running.
+fn batch(account: &str) -> BatchState {
+    BatchState {
+        id: JobId::new().to_string(),
+        account: account.into(),
+        admin: false,
+        limits: Default::default(),
+        allow_network: false,
+        template: crate::model::JobTemplate { function: "f".into(), ..Default::default() },
+        total: 0,
+        split: 2,
+        retries: 0,
+        strikes: 0,
+        hook: None,
+        status: cloudpipe_types::BatchStatus::Running,
+        round: 0,
+        created_at: 10,
+        finished_at: None,
+        final_counts: None,
+        final_job_micros: 0,
+        hook_called: false,
+    }
+}
+
+/// `n` inputs, each one word naming its index.
+fn inputs(n: usize) -> Vec<Vec<String>> {
+    (0..n).map(|i| vec![format!("in{i}")]).collect()
+}
+
+async fn create<S: Store>(store: &S, b: &BatchState, n: usize, caps: BatchCaps) -> CreateBatch {
+    store.create_batch(b.clone(), inputs(n), caps).await.unwrap()
+}
+
+fn ids(batches: &[BatchState]) -> Vec<String> {
+    batches.iter().map(|b| b.id.clone()).collect()
+}
+
+pub(crate) async fn batch_inputs_are_stored_apart_and_read_by_range<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let n = 2 * super::BATCH_CHUNK + 5;
+    let b = batch("alice");
+    {
+        let store = open(dir.path()).unwrap();
+        assert_eq!(create(&store, &b, n, BatchCaps::default()).await, CreateBatch::Created);
+    }
+    let store = open(dir.path()).unwrap();
+    let got = store.get_batch(&b.id).await.unwrap().expect("the batch survives a reopen");
+    assert_eq!((got.total, got.account.as_str()), (n as u64, "alice"));
+    let words = |v: Vec<Vec<String>>| v.into_iter().map(|w| w.join(" ")).collect::<Vec<_>>();
+    let read = |start: u64, count: usize| store.batch_inputs(&b.id, start, count);
+    assert_eq!(words(read(0, 2).await.unwrap()), ["in0", "in1"]);
+    // Across a chunk's end.
+    let edge = super::BATCH_CHUNK as u64 - 1;
+    let across = words(read(edge, 3).await.unwrap());
+    assert_eq!(across, [format!("in{edge}"), format!("in{}", edge + 1), format!("in{}", edge + 2)]);
+    // Past the end: what there is, then nothing.
+    assert_eq!(
+        words(read(n as u64 - 2, 10).await.unwrap()),
+        [format!("in{}", n - 2), format!("in{}", n - 1)]
+    );
+    assert!(read(n as u64, 10).await.unwrap().is_empty());
+    assert_eq!(read(0, n + 10).await.unwrap().len(), n, "a read of many chunks");
+    assert!(store.batch_inputs("no-such-batch", 0, 10).await.unwrap().is_empty());
+}
+
+pub(crate) async fn batches_are_listed_per_account_newest_first_in_pages<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let mut all = Vec::new();
+    for account in ["alice", "bob", "alice", "alicia", "alice"] {
+        let b = batch(account);
+        create(&store, &b, 1, BatchCaps::default()).await;
+        all.push(b);
+    }
+    let store = &store;
+    let page = |account: Option<&str>, before: Option<&str>, limit: usize| {
+        let filter = BatchFilter {
+            account: account.map(str::to_string),
+            before: before.map(str::to_string),
+            limit,
+        };
+        async move { ids(&store.list_batches(&filter).await.unwrap()) }
+    };
+    let newest_first =
+        |of: &[usize]| of.iter().rev().map(|i| all[*i].id.clone()).collect::<Vec<_>>();
+    assert_eq!(page(Some("alice"), None, 2).await, newest_first(&[2, 4]));
+    assert_eq!(page(Some("alice"), Some(&all[2].id), 2).await, newest_first(&[0]));
+    assert_eq!(page(Some("alice"), None, 10).await, newest_first(&[0, 2, 4]));
+    assert_eq!(page(Some("alicia"), None, 10).await, newest_first(&[3]));
+    assert_eq!(page(Some("carol"), None, 10).await, Vec::<String>::new());
+    assert_eq!(page(None, None, 10).await, newest_first(&[0, 1, 2, 3, 4]));
+    assert_eq!(page(None, Some(&all[3].id), 2).await, newest_first(&[1, 2]));
+    assert_eq!(page(None, None, 0).await, Vec::<String>::new());
+}
+
+pub(crate) async fn batch_caps_count_each_account_and_a_delete_frees_its_place<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    let dir = dir();
+    let caps = BatchCaps { max_batches: Some(2), max_inputs: Some(10) };
+    let (first, second) = (batch("alice"), batch("alice"));
+    {
+        let store = open(dir.path()).unwrap();
+        assert_eq!(create(&store, &first, 4, caps).await, CreateBatch::Created);
+        // Inputs: 4 stored, 7 more would pass 10.
+        let over = create(&store, &batch("alice"), 7, caps).await;
+        assert_eq!(over, CreateBatch::TooManyInputs { used: 4, limit: 10 });
+        assert_eq!(create(&store, &second, 6, caps).await, CreateBatch::Created);
+        let third = batch("alice");
+        let over = create(&store, &third, 0, caps).await;
+        assert_eq!(over, CreateBatch::TooManyBatches { used: 2, limit: 2 });
+        assert!(store.get_batch(&third.id).await.unwrap().is_none(), "nothing written");
+        // Another account counts apart.
+        assert_eq!(create(&store, &batch("bob"), 10, caps).await, CreateBatch::Created);
+    }
+    // Counts survive a reopen; a delete frees the batch's place and inputs.
+    let store = open(dir.path()).unwrap();
+    assert_eq!(
+        create(&store, &batch("alice"), 1, caps).await,
+        CreateBatch::TooManyBatches { used: 2, limit: 2 }
+    );
+    let deleted = store.delete_batch(&first.id).await.unwrap().expect("it was there");
+    assert_eq!((deleted.id.as_str(), deleted.total), (first.id.as_str(), 4));
+    assert!(store.delete_batch(&first.id).await.unwrap().is_none());
+    assert!(store.get_batch(&first.id).await.unwrap().is_none());
+    assert!(store.batch_inputs(&first.id, 0, 10).await.unwrap().is_empty(), "inputs go too");
+    let alice = BatchFilter { account: Some("alice".into()), before: None, limit: 10 };
+    assert_eq!(ids(&store.list_batches(&alice).await.unwrap()), [second.id.as_str()]);
+    assert_eq!(create(&store, &batch("alice"), 4, caps).await, CreateBatch::Created);
+    assert_eq!(
+        create(&store, &batch("alice"), 0, caps).await,
+        CreateBatch::TooManyBatches { used: 2, limit: 2 }
+    );
+    assert_eq!(store.batch_inputs(&second.id, 0, 10).await.unwrap().len(), 6);
+}
+
+pub(crate) async fn put_batch_updates_only_what_exists_and_open_batches_follow_status<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    use cloudpipe_types::BatchStatus;
+    let dir = dir();
+    let open_ids = |v: Vec<BatchState>| {
+        let mut v = ids(&v);
+        v.sort();
+        v
+    };
+    let mut hooked = batch("alice");
+    hooked.hook = Some("http://example.com/done".into());
+    let plain = batch("bob");
+    {
+        let store = open(dir.path()).unwrap();
+        assert!(!store.put_batch(batch("alice")).await.unwrap(), "no such batch: nothing written");
+        create(&store, &hooked, 3, BatchCaps::default()).await;
+        create(&store, &plain, 2, BatchCaps::default()).await;
+        let mut both = vec![hooked.id.clone(), plain.id.clone()];
+        both.sort();
+        assert_eq!(open_ids(store.open_batches().await.unwrap()), both);
+        // Stopped with its hook still due: still open. Total and account stay.
+        hooked.status = BatchStatus::Finished;
+        hooked.finished_at = Some(50);
+        let mut rewrite = hooked.clone();
+        rewrite.total = 0;
+        rewrite.account = "mallory".into();
+        assert!(store.put_batch(rewrite).await.unwrap());
+        let mut finished = plain.clone();
+        finished.status = BatchStatus::Cancelled;
+        finished.finished_at = Some(60);
+        assert!(store.put_batch(finished).await.unwrap());
+        assert_eq!(open_ids(store.open_batches().await.unwrap()), [hooked.id.clone()]);
+    }
+    let store = open(dir.path()).unwrap();
+    let got = store.get_batch(&hooked.id).await.unwrap().unwrap();
+    assert_eq!((got.status, got.total, got.account.as_str()), (BatchStatus::Finished, 3, "alice"));
+    hooked.hook_called = true;
+    assert!(store.put_batch(hooked.clone()).await.unwrap());
+    assert!(store.open_batches().await.unwrap().is_empty());
+    // Resumed: open again, and no longer stopped (retention leaves it alone).
+    let mut resumed = plain.clone();
+    resumed.finished_at = None;
+    assert!(store.put_batch(resumed).await.unwrap());
+    assert_eq!(open_ids(store.open_batches().await.unwrap()), [plain.id.as_str()]);
+    assert_eq!(store.purge_batches(0, u64::MAX / 2, 10).await.unwrap(), 1, "only the stopped one");
+    assert!(store.get_batch(&plain.id).await.unwrap().is_some());
+}
+
+pub(crate) async fn purge_batches_deletes_stopped_ones_past_the_age_oldest_first<S: Store>(
+    open: impl Fn(&Path) -> Result<S>,
+) {
+    use cloudpipe_types::BatchStatus;
+    let dir = dir();
+    let store = open(dir.path()).unwrap();
+    let caps = BatchCaps { max_batches: Some(3), max_inputs: None };
+    let running = batch("alice");
+    create(&store, &running, 2, caps).await;
+    let mut stopped = Vec::new();
+    for (status, at) in [(BatchStatus::Struck, 200), (BatchStatus::Finished, 100)] {
+        let mut b = batch("alice");
+        create(&store, &b, 2, caps).await;
+        b.status = status;
+        b.finished_at = Some(at);
+        assert!(store.put_batch(b.clone()).await.unwrap());
+        stopped.push(b);
+    }
+    // At 220 with an age of 50: the one stopped at 100 goes, the one at 200 stays.
+    assert_eq!(store.purge_batches(50, 220, 10).await.unwrap(), 1);
+    assert!(store.get_batch(&stopped[1].id).await.unwrap().is_none());
+    assert!(store.batch_inputs(&stopped[1].id, 0, 10).await.unwrap().is_empty());
+    assert!(store.get_batch(&stopped[0].id).await.unwrap().is_some());
+    // Its place is free again.
+    let next = batch("alice");
+    assert_eq!(create(&store, &next, 1, caps).await, CreateBatch::Created);
+    // Much later, in steps of one: the stopped one goes, running ones never.
+    assert_eq!(store.purge_batches(50, 10_000, 1).await.unwrap(), 1);
+    assert_eq!(store.purge_batches(50, 10_000, 1).await.unwrap(), 0);
+    let alice = BatchFilter { account: Some("alice".into()), before: None, limit: 10 };
+    let mut left = ids(&store.list_batches(&alice).await.unwrap());
+    left.sort();
+    let mut expected = vec![running.id.clone(), next.id.clone()];
+    expected.sort();
+    assert_eq!(left, expected);
 }

@@ -15,6 +15,7 @@
 //! | 2 | the format record; the secrets table `x` |
 //! | 3 | finished jobs by account `D` and their counts `C` (retention counts per account) |
 //! | 4 | stdin and output apart from job records (`o` id stream), records are summaries |
+//! | 5 | batch inputs apart from batch records (`I`), batches by account (`E`), open (`U`) and stopped (`F`) batches, counts per account (`G`) |
 //!
 //! Stores of versions 0 and 1 carry no record and are told apart by their keys.
 
@@ -26,7 +27,7 @@ use super::kv::{KvBackend, KvRead, KvWrite};
 use crate::model::{ADMIN, Job};
 
 /// The format this version of Cloudpipe writes.
-pub const CURRENT: u32 = 4;
+pub const CURRENT: u32 = 5;
 
 const META: u8 = b'M';
 const FORMAT: &[u8] = b"format";
@@ -86,6 +87,9 @@ pub(super) fn upgrade<B: KvBackend>(backend: &B) -> Result<()> {
         }
         if read_version(&*tx)?.is_none_or(|v| v <= 3) {
             job_data_apart_4(tx)?;
+        }
+        if read_version(&*tx)?.is_none_or(|v| v <= 4) {
+            super::keyspace::inputs_apart_5(tx)?;
         }
         tx.put(&format_key(), &CURRENT.to_be_bytes())?;
         Ok(())
@@ -248,6 +252,20 @@ pub mod legacy {
                 }
             }
             tx.put(&format_key(), &3u32.to_be_bytes())
+        })
+    }
+
+    /// A batch as format 4 stored it: one record holding its inputs inline, and no
+    /// other key. Written into the store in `dir`, whose format record is set to 4.
+    pub fn write_format4_batch(
+        backend: Backend,
+        dir: &Path,
+        batch: &serde_json::Value,
+    ) -> Result<()> {
+        with_raw(backend, dir, |tx| {
+            let id = batch["id"].as_str().context("batch id")?;
+            tx.put(&key(b'B', id.as_bytes()), &serde_json::to_vec(batch)?)?;
+            tx.put(&format_key(), &4u32.to_be_bytes())
         })
     }
 
@@ -497,6 +515,60 @@ mod tests {
     async fn format2_stores_count_finished_jobs_per_account() {
         format2_store_counts_finished_jobs_per_account(Backend::Redb).await;
         format2_store_counts_finished_jobs_per_account(Backend::Sled).await;
+    }
+
+    /// Format 4 → 5: a batch's inputs move out of its record into chunks; it is
+    /// indexed by account, counted, and found by a start-up while it runs.
+    async fn format4_batch_inputs_move_out_of_the_record(backend: Backend) {
+        use crate::store::{BATCH_CHUNK, BatchCaps, BatchFilter, CreateBatch};
+        let dir = tempfile::tempdir().unwrap();
+        drop(open(backend, dir.path()).unwrap());
+        let n = BATCH_CHUNK + 3;
+        let inputs: Vec<Vec<String>> = (0..n).map(|i| vec![format!("w{i}"), "x".into()]).collect();
+        let id = crate::model::JobId::new().to_string();
+        // As format 4 wrote it: the whole state, inputs inline.
+        let old = serde_json::json!({
+            "id": id, "account": "alice", "admin": false,
+            "limits": {"max_concurrent_jobs": 5, "max_timeout_ms": null,
+                       "max_memory_mb": null, "max_function_bytes": null},
+            "allow_network": false, "template": {"function": "f", "args": ["a"]},
+            "inputs": inputs, "split": 4, "retries": 1, "strikes": 0, "hook": null,
+            "status": "running", "round": 0, "created_at": 7, "finished_at": null,
+            "final_counts": null, "final_job_micros": 0, "hook_called": false
+        });
+        legacy::write_format4_batch(backend, dir.path(), &old).unwrap();
+        assert_eq!(raw_read(backend, dir.path(), read_version), Some(4));
+
+        let store = open(backend, dir.path()).unwrap();
+        let b = store.get_batch(&id).await.unwrap().expect("the batch survives");
+        assert_eq!((b.total, b.split, b.account.as_str()), (n as u64, 4, "alice"));
+        assert_eq!(b.template.args, ["a"]);
+        let all = store.batch_inputs(&id, 0, n).await.unwrap();
+        assert_eq!(all, inputs, "every input, in order");
+        let opened: Vec<String> =
+            store.open_batches().await.unwrap().into_iter().map(|b| b.id).collect();
+        assert_eq!(opened, [id.as_str()]);
+        let alice = BatchFilter { account: Some("alice".into()), before: None, limit: 10 };
+        assert_eq!(store.list_batches(&alice).await.unwrap().len(), 1);
+        // Counted: a cap of one batch is reached.
+        let caps = BatchCaps { max_batches: Some(1), max_inputs: None };
+        let mut again = b.clone();
+        again.id = crate::model::JobId::new().to_string();
+        let refused = store.create_batch(again, vec![vec![]], caps).await.unwrap();
+        assert_eq!(refused, CreateBatch::TooManyBatches { used: 1, limit: 1 });
+        drop(store);
+        assert_eq!(raw_read(backend, dir.path(), read_version), Some(CURRENT));
+        let record = raw_read(backend, dir.path(), |r| {
+            let bytes = r.get(&key(b'B', id.as_bytes()))?.context("the record")?;
+            Ok(serde_json::from_slice::<serde_json::Value>(&bytes)?)
+        });
+        assert!(record.get("inputs").is_none(), "the record holds no inputs: {record}");
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn format4_batch_inputs_move_out_of_the_records() {
+        format4_batch_inputs_move_out_of_the_record(Backend::Redb).await;
+        format4_batch_inputs_move_out_of_the_record(Backend::Sled).await;
     }
 
     #[tokio::test(flavor = "multi_thread")]

@@ -27,7 +27,12 @@
 //! | accounts | `a` name | [`AccountRecord`] as JSON |
 //! | keys | `k` sha256 hex of the secret | [`KeyRecord`] as JSON |
 //! | key ids | `K` key id | sha256 hex of the secret |
-//! | batches | `B` batch id | [`BatchState`] as JSON |
+//! | batches | `B` batch id | [`BatchState`] as JSON (no inputs) |
+//! | batch inputs | `I` batch id 0 chunk(8) | up to `BATCH_CHUNK` inputs, a JSON array |
+//! | batches by account | `E` account 0 batch id | empty |
+//! | open batches | `U` batch id | empty: running, or its report hook still due |
+//! | stopped batches | `F` finished_at(8) batch id | empty (retention) |
+//! | batch counts | `G` account | the account's batches(8) and their inputs(8) |
 //! | secrets | `x` account 0 name | [`SecretRecord`] as JSON (sealed) |
 //! | format | `M` `format` | the store's format version, u32 (see `format`) |
 //!
@@ -67,6 +72,10 @@ use crate::model::{
     AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
 };
 
+mod batches;
+pub(super) use batches::inputs_apart_5;
+pub(crate) use batches::{batch_inputs, get_batch, list_batches, open_batches};
+
 const JOBS: u8 = b'j';
 /// Stdin and output of jobs, apart from their records (see the module docs).
 const DATA: u8 = b'o';
@@ -93,7 +102,6 @@ const OWNERS: u8 = b'v';
 const ACCOUNTS: u8 = b'a';
 const KEYS: u8 = b'k';
 const KEY_IDS: u8 = b'K';
-const BATCHES: u8 = b'B';
 const SECRETS: u8 = b'x';
 
 /// The list index's version; absent in stores written before it ([`upgrade`]).
@@ -289,7 +297,10 @@ pub(crate) enum WriteOp {
     UpdateAccount(AccountRecord),
     InsertKey(KeyRecord),
     DeleteKey(String),
+    CreateBatch(Box<BatchState>, Vec<Vec<String>>, super::BatchCaps),
     PutBatch(Box<BatchState>),
+    DeleteBatch(String),
+    PurgeBatches { max_age: u64, now: Micros, max_batch: usize },
     InsertJob(Box<Job>),
     ClaimJobs { limit: usize, now: Micros },
     FinishJob { id: JobId, outcome: Box<JobOutcome>, now: Micros },
@@ -314,6 +325,8 @@ pub(crate) enum Reply {
     Recovery(Recovery),
     Purged(usize),
     Secret(PutSecret),
+    CreatedBatch(super::CreateBatch),
+    Batch(Option<Box<BatchState>>),
 }
 
 /// Applies one write inside the writer's transaction. An error leaves the transaction
@@ -333,9 +346,13 @@ pub(crate) fn apply(op: &WriteOp, tx: &mut dyn KvWrite) -> Result<Reply> {
         WriteOp::UpdateAccount(a) => Reply::Done(update_account(tx, a)?),
         WriteOp::InsertKey(k) => Reply::Done(insert_key(tx, k)?),
         WriteOp::DeleteKey(id) => Reply::Key(delete_key(tx, id)?),
-        WriteOp::PutBatch(b) => {
-            put_json(tx, &key(BATCHES, b.id.as_bytes()), b)?;
-            Reply::Done(true)
+        WriteOp::CreateBatch(b, inputs, caps) => {
+            Reply::CreatedBatch(batches::create_batch(tx, b, inputs, *caps)?)
+        }
+        WriteOp::PutBatch(b) => Reply::Done(batches::put_batch(tx, b)?),
+        WriteOp::DeleteBatch(id) => Reply::Batch(batches::delete_batch(tx, id)?.map(Box::new)),
+        WriteOp::PurgeBatches { max_age, now, max_batch } => {
+            Reply::Purged(batches::purge_batches(tx, *max_age, *now, *max_batch)?)
         }
         WriteOp::InsertJob(job) => Reply::Inserted(insert_job(tx, job)?),
         WriteOp::ClaimJobs { limit, now } => Reply::Jobs(claim_jobs(tx, *limit, *now)?),
@@ -1184,23 +1201,6 @@ pub(crate) fn upgrade(tx: &mut dyn KvWrite) -> Result<bool> {
     }
     tx.put(LIST_INDEX_VERSION, &[1])?;
     Ok(true)
-}
-
-pub(crate) fn get_batch(r: &dyn KvRead, id: &str) -> Result<Option<BatchState>> {
-    r.get(&key(BATCHES, id.as_bytes()))?
-        .map(|b| serde_json::from_slice(&b).context("stored batch"))
-        .transpose()
-}
-
-pub(crate) fn list_batches(r: &dyn KvRead, account: Option<&str>) -> Result<Vec<BatchState>> {
-    let mut out = Vec::new();
-    for (_, v) in scan_all(r, &[BATCHES])? {
-        let b: BatchState = serde_json::from_slice(&v).context("stored batch")?;
-        if account.is_none_or(|a| a == b.account) {
-            out.push(b);
-        }
-    }
-    Ok(out)
 }
 
 // ---- secrets ----

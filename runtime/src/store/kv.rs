@@ -19,7 +19,8 @@ use super::keyspace::{self, Reply, WriteOp};
 use super::space::{SpaceGuard, StorageFull};
 use super::writer::Writer;
 use super::{
-    FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret, Recovery, Result, Retention, Store,
+    BatchCaps, BatchFilter, CreateBatch, FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret,
+    Recovery, Result, Retention, Store,
 };
 use crate::model::{
     AccountRecord, BatchState, Job, JobId, JobOutcome, KeyRecord, Micros, Scope, SecretRecord,
@@ -207,9 +208,21 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.read_blocking(move |r| keyspace::function_bytes(r, &account)).await
     }
 
-    async fn put_batch(&self, batch: BatchState) -> Result<()> {
+    async fn create_batch(
+        &self,
+        batch: BatchState,
+        inputs: Vec<Vec<String>>,
+        caps: BatchCaps,
+    ) -> Result<CreateBatch> {
+        match self.writer.submit(WriteOp::CreateBatch(Box::new(batch), inputs, caps)).await? {
+            Reply::CreatedBatch(created) => Ok(created),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn put_batch(&self, batch: BatchState) -> Result<bool> {
         match self.writer.submit(WriteOp::PutBatch(Box::new(batch))).await? {
-            Reply::Done(_) => Ok(()),
+            Reply::Done(found) => Ok(found),
             other => Err(unexpected(other)),
         }
     }
@@ -219,9 +232,41 @@ impl<B: KvBackend> Store for KvStore<B> {
         self.read_blocking(move |r| keyspace::get_batch(r, &id)).await
     }
 
-    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>> {
-        let account = account.map(str::to_string);
-        self.read_blocking(move |r| keyspace::list_batches(r, account.as_deref())).await
+    async fn batch_inputs(&self, id: &str, start: u64, count: usize) -> Result<Vec<Vec<String>>> {
+        let id = id.to_string();
+        self.read_blocking(move |r| keyspace::batch_inputs(r, &id, start, count)).await
+    }
+
+    async fn list_batches(&self, filter: &BatchFilter) -> Result<Vec<BatchState>> {
+        let filter = filter.clone();
+        self.read_blocking(move |r| keyspace::list_batches(r, &filter)).await
+    }
+
+    async fn open_batches(&self) -> Result<Vec<BatchState>> {
+        self.read_blocking(keyspace::open_batches).await
+    }
+
+    async fn delete_batch(&self, id: &str) -> Result<Option<BatchState>> {
+        match self.writer.submit(WriteOp::DeleteBatch(id.to_string())).await? {
+            Reply::Batch(b) => Ok(b.map(|b| *b)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn purge_batches(
+        &self,
+        max_age_micros: u64,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize> {
+        if max_batch == 0 {
+            return Ok(0);
+        }
+        let op = WriteOp::PurgeBatches { max_age: max_age_micros, now, max_batch };
+        match self.writer.submit(op).await? {
+            Reply::Purged(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
     }
 
     async fn insert_account(&self, account: AccountRecord) -> Result<bool> {

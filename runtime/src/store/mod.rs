@@ -114,6 +114,45 @@ pub struct Recovery {
     pub exhausted: usize,
 }
 
+/// How many inputs one stored chunk of a batch holds.
+pub const BATCH_CHUNK: usize = 1024;
+
+/// An account's caps on what its batches store, checked by [`Store::create_batch`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchCaps {
+    /// Batches the account stores (any status).
+    pub max_batches: Option<u64>,
+    /// Inputs of all the account's stored batches together.
+    pub max_inputs: Option<u64>,
+}
+
+/// What [`Store::create_batch`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreateBatch {
+    Created,
+    /// The account has `used` batches already, and `limit` at most; nothing written.
+    TooManyBatches {
+        used: u64,
+        limit: u64,
+    },
+    /// The account's batches hold `used` inputs already, and with this batch's
+    /// would pass `limit`; nothing written.
+    TooManyInputs {
+        used: u64,
+        limit: u64,
+    },
+}
+
+/// Which page [`Store::list_batches`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct BatchFilter {
+    /// The owning account (every account: `None`).
+    pub account: Option<String>,
+    /// Only batches strictly older than this id (the previous page's last).
+    pub before: Option<String>,
+    pub limit: usize,
+}
+
 /// How long finished jobs are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -187,14 +226,54 @@ pub trait Store: Send + Sync + 'static {
     async fn function_bytes(&self, account: &str) -> Result<u64>;
 
     // ---- batches ----
+    //
+    // A batch is a small record (`BatchState`, read by every poll) and its inputs,
+    // stored apart in chunks of [`BATCH_CHUNK`] that only its driver reads. Each
+    // account's batches are indexed, and counted (batches and inputs) for its caps.
 
-    /// Creates or replaces a batch.
-    async fn put_batch(&self, batch: BatchState) -> Result<()>;
+    /// Stores a new batch: its record (`batch.total` is `inputs.len()`) and its
+    /// inputs. Refused (nothing written) when the account would pass `caps`, checked
+    /// in the same transaction.
+    async fn create_batch(
+        &self,
+        batch: BatchState,
+        inputs: Vec<Vec<String>>,
+        caps: BatchCaps,
+    ) -> Result<CreateBatch>;
 
+    /// Replaces the record of an existing batch (its account, total and inputs stay
+    /// as they are); `false` (nothing written) if there is none, e.g. deleted.
+    async fn put_batch(&self, batch: BatchState) -> Result<bool>;
+
+    /// A batch's record, without its inputs.
     async fn get_batch(&self, id: &str) -> Result<Option<BatchState>>;
 
-    /// Batches of `account` (every batch: `None`), oldest first.
-    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>>;
+    /// Inputs `start..start + count` of a batch (fewer past its end; none if there is
+    /// no such batch). Reads only the chunks that hold them.
+    async fn batch_inputs(&self, id: &str, start: u64, count: usize) -> Result<Vec<Vec<String>>>;
+
+    /// A page of batch records, newest first: those of `filter.account` (every
+    /// account: `None`) older than `filter.before`. Indexed: a page costs its size.
+    async fn list_batches(&self, filter: &BatchFilter) -> Result<Vec<BatchState>>;
+
+    /// The batches a start-up takes up: running ones, and those ended whose report
+    /// hook is still to be called. Records only.
+    async fn open_batches(&self) -> Result<Vec<BatchState>>;
+
+    /// Deletes a batch, its inputs and its counts (its jobs stay, until job retention
+    /// takes them). Returns its record, or `None` if there was none.
+    async fn delete_batch(&self, id: &str) -> Result<Option<BatchState>>;
+
+    /// Deletes up to `max_batch` batches that stopped (finished, struck or cancelled)
+    /// more than `max_age_micros` before `now`, oldest first, as
+    /// [`delete_batch`](Store::delete_batch) does. Returns how many; the caller calls
+    /// again while it returns `max_batch`.
+    async fn purge_batches(
+        &self,
+        max_age_micros: u64,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize>;
 
     // ---- accounts and keys ----
 

@@ -69,10 +69,12 @@ impl WriteKind {
     pub(crate) fn of(op: &WriteOp) -> WriteKind {
         match op {
             WriteOp::Purge { .. }
+            | WriteOp::PurgeBatches { .. }
+            | WriteOp::DeleteBatch(_)
             | WriteOp::DeleteKey(_)
             | WriteOp::DeleteFunction(..)
             | WriteOp::Secret(super::keyspace::SecretOp::Delete(..)) => WriteKind::Free,
-            // A batch is written again as its jobs end: its progress.
+            // A batch's record is written again when it stops: its outcome.
             WriteOp::PutBatch(_)
             | WriteOp::ClaimJobs { .. }
             | WriteOp::FinishJob { .. }

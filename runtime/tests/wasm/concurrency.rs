@@ -64,7 +64,9 @@ async fn heavy_components_fill_every_slot_and_the_next_job_is_busy() {
     let data = tempfile::tempdir().unwrap();
     let store = store::open(Backend::Redb, data.path()).unwrap();
     let config = WasmConfig { max_instances: 3, ..WasmConfig::default() };
-    let executor = Arc::new(WasmExecutor::new(config, shared_cache_dir(), store.clone()).unwrap());
+    let executor = Arc::new(
+        WasmExecutor::new(config, shared_cache_dir(), stored_binaries(store.clone())).unwrap(),
+    );
     let binary = programs::read(programs::HEAVY);
     let heavy = put(&*store, &binary).await;
     executor.prepare(&heavy, &binary).await.unwrap();

@@ -344,7 +344,7 @@ async fn compiled_proxy_is_reused_by_a_new_executor() {
     let store = first.store.clone();
     drop(first.executor);
 
-    let second = WasmExecutor::new(test_config(), cache.path(), store).unwrap();
+    let second = WasmExecutor::new(test_config(), cache.path(), stored_binaries(store)).unwrap();
     let response = second.handle_http(&id, get("/hello"), options()).await.unwrap();
     let (_, body) = collect(response).await;
     assert_eq!(&body[..], b"hello, world\n");

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use cloudpipe_runtime::executor::wasm::{WasmConfig, WasmExecutor};
 use cloudpipe_runtime::executor::{Executor, NoLiveOutput, OutputSink, OutputStream, RunRequest};
+use cloudpipe_runtime::registry::stored_binaries;
 use cloudpipe_runtime::store::{self, Backend, FunctionMeta};
 use cloudpipe_runtime::{JobOutcome, Store};
 use cloudpipe_test_programs_artifacts as programs;
@@ -45,7 +46,8 @@ impl Harness {
     fn with_cache(cache_dir: &std::path::Path) -> Harness {
         let data = tempfile::tempdir().unwrap();
         let store = store::open(Backend::Redb, data.path()).unwrap();
-        let executor = WasmExecutor::new(test_config(), cache_dir, store.clone()).unwrap();
+        let executor =
+            WasmExecutor::new(test_config(), cache_dir, stored_binaries(store.clone())).unwrap();
         Harness { _data: data, store, executor }
     }
 

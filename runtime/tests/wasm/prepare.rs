@@ -70,7 +70,7 @@ async fn compiled_artefact_is_reused_by_a_new_executor() {
     drop(first.executor);
 
     // A restart: a new executor over the same cache dir and store.
-    let second = WasmExecutor::new(test_config(), cache.path(), store).unwrap();
+    let second = WasmExecutor::new(test_config(), cache.path(), stored_binaries(store)).unwrap();
     let outcome =
         second.run(request("hello", &id), Arc::new(NoLiveOutput), CancellationToken::new()).await;
     assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");
@@ -102,7 +102,9 @@ async fn corrupt_artefact_is_compiled_again() {
     for entry in std::fs::read_dir(cache.path()).unwrap() {
         std::fs::write(entry.unwrap().path(), b"\x7fELF garbage").unwrap();
     }
-    let second = WasmExecutor::new(test_config(), cache.path(), first.store.clone()).unwrap();
+    let second =
+        WasmExecutor::new(test_config(), cache.path(), stored_binaries(first.store.clone()))
+            .unwrap();
     let outcome =
         second.run(request("hello", &id), Arc::new(NoLiveOutput), CancellationToken::new()).await;
     assert_eq!(outcome.status, JobStatus::Succeeded, "{outcome:?}");

@@ -163,6 +163,11 @@ impl Client {
         self.rt.block_on(self.inner.cancel_batch(id))
     }
 
+    /// See [`crate::Client::delete_batch`].
+    pub fn delete_batch(&self, id: &str) -> Result<()> {
+        self.rt.block_on(self.inner.delete_batch(id))
+    }
+
     /// See [`crate::Client::wait_batch`].
     pub fn wait_batch(&self, id: &str, timeout: Option<Duration>) -> Result<BatchRecord> {
         self.rt.block_on(self.inner.wait_batch(id, timeout))

@@ -561,7 +561,8 @@ impl Client {
         self.json(Method::GET, self.endpoint(&["v1", "batches", id], &[]), None).await
     }
 
-    /// The batches of the key's account (the admin's key: everyone's), oldest first.
+    /// The batches of the key's account (the admin's key: everyone's), newest first:
+    /// every page of `GET /v1/batches` (an account stores at most its `max_batches`).
     ///
     /// ```no_run
     /// # async fn f(client: cloudpipe::Client) -> cloudpipe::Result<()> {
@@ -571,9 +572,24 @@ impl Client {
     /// # Ok(()) }
     /// ```
     pub async fn batches(&self) -> Result<Vec<BatchRecord>> {
-        let list: BatchList =
-            self.json(Method::GET, self.endpoint(&["v1", "batches"], &[]), None).await?;
-        Ok(list.batches)
+        let mut all = Vec::new();
+        let mut query = vec![("limit", "1000".to_string())];
+        loop {
+            let url = self.endpoint(&["v1", "batches"], &query);
+            let page: BatchList = self.json(Method::GET, url, None).await?;
+            all.extend(page.batches);
+            match page.next_cursor {
+                Some(c) => query = vec![("limit", "1000".to_string()), ("cursor", c)],
+                None => return Ok(all),
+            }
+        }
+    }
+
+    /// Deletes a batch, its record and inputs (its jobs stay until job retention takes
+    /// them); a running batch is cancelled first.
+    pub async fn delete_batch(&self, id: &str) -> Result<()> {
+        self.send(Method::DELETE, self.endpoint(&["v1", "batches", id], &[]), None).await?;
+        Ok(())
     }
 
     /// Runs the pending inputs of a stopped batch (cancelled, or struck by its

@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use cloudpipe::{AccountCreate, AccountPatch, Client, Config, Quotas, Role};
+use cloudpipe_runtime::cluster::{NodeConfig, Role as NodeRole};
 use cloudpipe_runtime::store::Backend;
+use cloudpipe_runtime::store::postgres::{PgConfig, PgStore};
 use serde::Serialize;
 
 use crate::flags::default_data_dir;
@@ -62,6 +64,15 @@ pub enum AccountsCommand {
         /// Finished jobs kept (the account's oldest go first).
         #[arg(long)]
         max_finished_jobs: Option<u64>,
+        /// Inputs of one batch.
+        #[arg(long)]
+        max_batch_inputs: Option<u64>,
+        /// Batches stored, whatever their status.
+        #[arg(long)]
+        max_batches: Option<u64>,
+        /// Inputs of all the account's stored batches.
+        #[arg(long)]
+        max_stored_batch_inputs: Option<u64>,
     },
     /// List accounts.
     List,
@@ -101,14 +112,15 @@ pub enum SecretsCommand {
 #[derive(Subcommand)]
 pub enum AdminCommand {
     /// Make a new API key for an account (the admin's by default) straight in the
-    /// store and print it: the way back in after its last key was revoked. Run it
-    /// with the server stopped (the store is locked while it runs).
+    /// store and print it: the way back in after its last key was revoked. On an
+    /// embedded store, run it with the server stopped (the store is locked while it
+    /// runs); on PostgreSQL, while the cluster runs.
     ResetKey {
-        /// The server's data directory.
+        /// The server's data directory (embedded stores).
         #[arg(long, env = "CLOUDPIPE_DATA_DIR", default_value_os_t = default_data_dir())]
         data_dir: PathBuf,
-        /// Store backend: redb (default) or sled.
-        #[arg(long, env = "CLOUDPIPE_STORE", default_value = "redb", value_parser = ["redb", "sled"])]
+        /// Store: redb (default), sled, or the cluster's PostgreSQL URL.
+        #[arg(long, env = "CLOUDPIPE_STORE", default_value = "redb")]
         store: String,
         /// The account that gets the key.
         #[arg(long, default_value = "admin")]
@@ -147,6 +159,9 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
             max_memory_mb,
             max_function_bytes,
             max_finished_jobs,
+            max_batch_inputs,
+            max_batches,
+            max_stored_batch_inputs,
         } => {
             let spec = AccountCreate {
                 name,
@@ -157,6 +172,9 @@ pub async fn accounts(client: ClientArgs, command: AccountsCommand) -> anyhow::R
                     max_memory_mb,
                     max_function_bytes,
                     max_finished_jobs,
+                    max_batch_inputs,
+                    max_batches,
+                    max_stored_batch_inputs,
                 },
                 allow_network: false,
                 allowed_outbound: Vec::new(),
@@ -222,16 +240,29 @@ pub async fn batch(args: BatchArgs) -> anyhow::Result<i32> {
 /// `cloudpipe admin reset-key`: a new key for `account`, written to the store of a
 /// stopped server and printed once.
 pub async fn reset_key(data_dir: &Path, store: &str, account: &str) -> anyhow::Result<()> {
-    let backend = Backend::parse(store).context("unknown --store")?;
-    let dir = data_dir.join("store").join(backend.as_str());
-    anyhow::ensure!(
-        dir.exists(),
-        "no {store} store in {} (is --data-dir right?)",
-        data_dir.display()
-    );
-    let store = tokio::task::spawn_blocking(move || cloudpipe_runtime::store::open(backend, &dir))
-        .await?
-        .context("opening the store (stop the server first: it holds the store's lock)")?;
+    let store: std::sync::Arc<dyn cloudpipe_runtime::store::Store> = if store
+        .starts_with("postgres://")
+        || store.starts_with("postgresql://")
+    {
+        // A node of the cluster for as long as the command runs, one that runs nothing.
+        let mut node = NodeConfig::new(format!("reset-key-{}", std::process::id()));
+        node.role = NodeRole::Api;
+        node.max_connections = 2;
+        let config = PgConfig { url: store.to_string(), schema: None, node };
+        std::sync::Arc::new(PgStore::open(config).await.context("opening the PostgreSQL store")?)
+    } else {
+        let backend =
+            Backend::parse(store).context("--store: use redb, sled or a postgres:// URL")?;
+        let dir = data_dir.join("store").join(backend.as_str());
+        anyhow::ensure!(
+            dir.exists(),
+            "no {store} store in {} (is --data-dir right?)",
+            data_dir.display()
+        );
+        tokio::task::spawn_blocking(move || cloudpipe_runtime::store::open(backend, &dir))
+            .await?
+            .context("opening the store (stop the server first: it holds the store's lock)")?
+    };
     let record = store
         .get_account(account)
         .await?

@@ -202,6 +202,15 @@ pub struct QuotaFlags {
     /// Default quota: bytes of function versions stored per account (0: none).
     #[arg(long, env = "CLOUDPIPE_QUOTA_FUNCTION_BYTES", default_value_t = 1 << 30)]
     pub quota_function_bytes: u64,
+    /// Default quota: inputs of one batch (0: the server's maximum, 1000000).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_BATCH_INPUTS", default_value_t = 100_000)]
+    pub quota_batch_inputs: u64,
+    /// Default quota: batches stored per account, whatever their status (0: none).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_BATCHES", default_value_t = 1000)]
+    pub quota_batches: u64,
+    /// Default quota: inputs of all of an account's stored batches (0: none).
+    #[arg(long, env = "CLOUDPIPE_QUOTA_STORED_BATCH_INPUTS", default_value_t = 10_000_000)]
+    pub quota_stored_batch_inputs: u64,
 }
 
 /// Write-only secrets, sealed at rest.
@@ -389,6 +398,9 @@ impl ServeArgs {
                 max_memory_mb: some(q.quota_memory_mb),
                 max_function_bytes: some(q.quota_function_bytes),
                 max_finished_jobs: Some(self.jobs.retention_max_jobs),
+                max_batch_inputs: some(q.quota_batch_inputs),
+                max_batches: some(q.quota_batches),
+                max_stored_batch_inputs: some(q.quota_stored_batch_inputs),
             },
             external_auth: a.auth_url.clone().map(|u| (u, Duration::from_secs(a.auth_cache_secs))),
             auth_failures_per_minute: a.auth_failures_per_minute,

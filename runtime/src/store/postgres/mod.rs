@@ -37,7 +37,8 @@ use tokio_postgres::types::ToSql;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret, Recovery, Result, Retention, Store,
+    BatchCaps, BatchFilter, CreateBatch, FunctionMeta, Inserted, JobFilter, PutFunction, PutSecret,
+    Recovery, Result, Retention, Store,
 };
 use crate::cluster::{ClusterEvent, NodeConfig};
 use crate::model::{
@@ -45,6 +46,7 @@ use crate::model::{
     now_micros,
 };
 
+mod batches;
 mod cluster;
 mod recent;
 pub mod schema;
@@ -1105,36 +1107,46 @@ impl Store for PgStore {
         Ok(used as u64)
     }
 
-    async fn put_batch(&self, batch: BatchState) -> Result<()> {
-        let client = self.client().await?;
-        let running = batch.status == cloudpipe_types::BatchStatus::Running;
-        client
-            .exec(
-                "INSERT INTO cp_batches (id, account, running, record) VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (id) DO UPDATE SET running = EXCLUDED.running, record = EXCLUDED.record",
-                &[&batch.id, &batch.account, &running, &encode(&batch)?],
-            )
-            .await?;
-        Ok(())
+    async fn create_batch(
+        &self,
+        batch: BatchState,
+        inputs: Vec<Vec<String>>,
+        caps: BatchCaps,
+    ) -> Result<CreateBatch> {
+        self.create_batch_row(batch, inputs, caps).await
+    }
+
+    async fn put_batch(&self, batch: BatchState) -> Result<bool> {
+        self.put_batch_row(batch).await
     }
 
     async fn get_batch(&self, id: &str) -> Result<Option<BatchState>> {
-        let client = self.client().await?;
-        let row = client.q_opt("SELECT record FROM cp_batches WHERE id = $1", &[&id]).await?;
-        row.map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).transpose()
+        self.get_batch_row(id).await
     }
 
-    async fn list_batches(&self, account: Option<&str>) -> Result<Vec<BatchState>> {
-        let client = self.client().await?;
-        let rows = match account {
-            Some(a) => {
-                client
-                    .q("SELECT record FROM cp_batches WHERE account = $1 ORDER BY id", &[&a])
-                    .await?
-            }
-            None => client.q("SELECT record FROM cp_batches ORDER BY id", &[]).await?,
-        };
-        rows.iter().map(|r| serde_json::from_slice(r.get(0)).context("stored batch")).collect()
+    async fn batch_inputs(&self, id: &str, start: u64, count: usize) -> Result<Vec<Vec<String>>> {
+        self.batch_input_rows(id, start, count).await
+    }
+
+    async fn list_batches(&self, filter: &BatchFilter) -> Result<Vec<BatchState>> {
+        self.list_batch_rows(filter).await
+    }
+
+    async fn open_batches(&self) -> Result<Vec<BatchState>> {
+        self.open_batch_rows().await
+    }
+
+    async fn delete_batch(&self, id: &str) -> Result<Option<BatchState>> {
+        self.delete_batch_row(id).await
+    }
+
+    async fn purge_batches(
+        &self,
+        max_age_micros: u64,
+        now: Micros,
+        max_batch: usize,
+    ) -> Result<usize> {
+        self.purge_batch_rows(max_age_micros, now, max_batch).await
     }
 
     async fn insert_account(&self, account: AccountRecord) -> Result<bool> {
@@ -1708,6 +1720,10 @@ mod tests {
                  CREATE INDEX cp_jobs_node ON cp_jobs (node, id) WHERE node IS NOT NULL;
                  CREATE INDEX cp_jobs_tags ON cp_jobs USING gin (tags);
                  DROP TABLE cp_job_data;
+                 DROP TABLE cp_batch_inputs;
+                 DROP INDEX cp_batches_stopped, cp_batches_open;
+                 ALTER TABLE cp_batches DROP COLUMN inputs, DROP COLUMN stopped_at,
+                   DROP COLUMN open;
                  DELETE FROM cp_migrations WHERE version >= 4",
             )
             .await

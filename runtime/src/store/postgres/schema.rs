@@ -15,7 +15,8 @@
 //! | `cp_functions` | function versions per account (`FunctionMeta` as JSON) |
 //! | `cp_names` | function names: owner, version, settings |
 //! | `cp_accounts`, `cp_keys` | accounts and key hashes |
-//! | `cp_batches` | batches, with the lease of the node driving each |
+//! | `cp_batches` | batch records (no inputs), with the lease of the node driving each (6: input counts, when each stopped, which are open) |
+//! | `cp_batch_inputs` | batch inputs in chunks, apart from the records (6) |
 //! | `cp_secrets` | sealed secrets per account (never a value in clear) |
 //! | `cp_claim_turn` | unused since schema 2 (read by schema-1 nodes during an upgrade) |
 //! | `cp_nodes` | nodes and their heartbeats |
@@ -268,6 +269,42 @@ CREATE INDEX cp_jobs_account_outcome ON cp_jobs (account, outcome, id) WHERE out
 CREATE INDEX cp_jobs_outcome ON cp_jobs (outcome, id) WHERE outcome IS NOT NULL;
 CREATE INDEX cp_jobs_ran_on ON cp_jobs (ran_on, id) WHERE ran_on IS NOT NULL;
 CREATE INDEX cp_jobs_tags ON cp_jobs USING gin (tags) WHERE tags <> '{}';
+"#,
+    // 6: batch inputs apart from the batch records, in chunks of `BATCH_CHUNK` (1024)
+    // inputs; each batch's input count, when it stopped and whether a start-up takes
+    // it up, as columns (caps, retention, start-up).
+    r#"
+ALTER TABLE cp_batches
+  ADD COLUMN inputs bigint NOT NULL DEFAULT 0,
+  ADD COLUMN stopped_at bigint,
+  ADD COLUMN open boolean NOT NULL DEFAULT false;
+CREATE TABLE cp_batch_inputs (
+  batch text NOT NULL REFERENCES cp_batches (id) ON DELETE CASCADE,
+  chunk bigint NOT NULL,
+  inputs bytea NOT NULL,
+  PRIMARY KEY (batch, chunk)
+);
+-- Records of schemas 1 to 5 held the inputs inline, as a JSON array.
+CREATE TEMPORARY TABLE cp_old_batches ON COMMIT DROP AS
+  SELECT id, convert_from(record, 'UTF8')::jsonb AS r FROM cp_batches;
+INSERT INTO cp_batch_inputs (batch, chunk, inputs)
+  SELECT b.id, (e.ord - 1) / 1024, convert_to(jsonb_agg(e.v ORDER BY e.ord)::text, 'UTF8')
+  FROM cp_old_batches b,
+    jsonb_array_elements(coalesce(b.r -> 'inputs', '[]'::jsonb)) WITH ORDINALITY AS e(v, ord)
+  GROUP BY b.id, (e.ord - 1) / 1024;
+UPDATE cp_batches SET
+  inputs = jsonb_array_length(coalesce(o.r -> 'inputs', '[]'::jsonb)),
+  stopped_at = CASE WHEN o.r ->> 'status' = 'running' THEN NULL
+    ELSE coalesce((o.r ->> 'finished_at')::bigint, (o.r ->> 'created_at')::bigint) END,
+  open = o.r ->> 'status' = 'running'
+    OR (o.r ->> 'hook' IS NOT NULL AND NOT coalesce((o.r ->> 'hook_called')::boolean, false)
+        AND o.r ->> 'status' <> 'cancelled'),
+  record = convert_to(((o.r - 'inputs')
+    || jsonb_build_object('total', jsonb_array_length(coalesce(o.r -> 'inputs', '[]'::jsonb))))::text,
+    'UTF8')
+  FROM cp_old_batches o WHERE cp_batches.id = o.id;
+CREATE INDEX cp_batches_stopped ON cp_batches (stopped_at, id) WHERE stopped_at IS NOT NULL;
+CREATE INDEX cp_batches_open ON cp_batches (id) WHERE open;
 "#,
 ];
 
