@@ -156,9 +156,11 @@ pub async fn retry_batch(
 }
 
 /// Stops launching jobs and cancels the running ones; their inputs stay pending, so
-/// the batch can be resumed.
+/// the batch can be resumed. 409 while the batch is still starting (just created,
+/// resumed or retried): try again.
 #[utoipa::path(post, path = "/v1/batches/{id}/cancel", tag = "batches", params(("id" = String, Path)),
-    responses((status = 200, body = BatchRecord), (status = 404, body = cloudpipe_types::ErrorBody)))]
+    responses((status = 200, body = BatchRecord), (status = 404, body = cloudpipe_types::ErrorBody),
+              (status = 409, body = cloudpipe_types::ErrorBody)))]
 pub async fn cancel_batch(
     State(state): State<AppState>,
     caller: Caller,
