@@ -84,7 +84,9 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_results_and_recovers_by_it
     // Two jobs running when the disk fills: a short one, and one that outlives even
     // the reserve.
     let (_, short) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["2"]})).await;
-    let (_, long) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["6"]})).await;
+    // Long enough to be running still when the disk is full, even on a loaded machine.
+    let long_ends = std::time::Instant::now() + Duration::from_secs(10);
+    let (_, long) = s.post_json("/v1/jobs", &json!({"function": "nap", "args": ["10"]})).await;
     let (short, long) =
         (short["id"].as_str().unwrap().to_string(), long["id"].as_str().unwrap().to_string());
 
@@ -127,7 +129,8 @@ async fn a_full_disk_refuses_new_work_keeps_reads_and_results_and_recovers_by_it
     let filler2 = disk.fill_to("filler2", 0);
     let (st, running) = s.get(&format!("/v1/jobs/{long}")).await;
     assert_eq!((st, running["status"].as_str()), (StatusCode::OK, Some("running")), "{running}");
-    tokio::time::sleep(Duration::from_millis(5000)).await;
+    // It ends while the disk is full; its result waits for space.
+    tokio::time::sleep_until((long_ends + Duration::from_secs(2)).into()).await;
     let (st, still) = s.get(&format!("/v1/jobs/{long}")).await;
     assert_eq!(st, StatusCode::OK, "reads work on a full disk: {still}");
     std::fs::remove_file(&filler2).unwrap();

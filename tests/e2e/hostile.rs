@@ -46,7 +46,8 @@ async fn hostile_guests_get_the_right_status_while_others_are_served() {
     assert_eq!(lp["status"], "timed_out", "{lp}");
     assert_eq!(lp["error"]["kind"], "timeout");
     let run_ms = lp["run_ms"].as_f64().unwrap();
-    assert!((500.0..600.0).contains(&run_ms), "timeout of 500 ms took {run_ms} ms");
+    // Stopped at its time, give or take the scheduling of a loaded 2-core machine.
+    assert!((500.0..900.0).contains(&run_ms), "timeout of 500 ms took {run_ms} ms");
 
     assert_eq!(bomb["status"], "failed", "{bomb}");
     assert_eq!(bomb["error"]["kind"], "memory_limit", "{bomb}");
