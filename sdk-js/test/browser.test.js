@@ -144,6 +144,7 @@ test('a page that imports the SDK submits a closure and reads its result', async
     clearTimeout(timer);
     browser.kill('SIGKILL');
     await new Promise((r) => (browser.exitCode !== null ? r() : browser.once('exit', r)));
-    rmSync(profile, { recursive: true, force: true });
+    // Chromium's helper processes may still be writing the profile for a moment.
+    rmSync(profile, { recursive: true, force: true, maxRetries: 20, retryDelay: 100 });
   }
 });
