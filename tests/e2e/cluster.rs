@@ -338,14 +338,7 @@ async fn the_admin_locked_out_of_a_running_cluster_gets_a_key_back_with_the_cli(
     assert_eq!(st, StatusCode::OK);
     assert_eq!(a.get("/v1/me").await.0, StatusCode::UNAUTHORIZED);
 
-    let out = std::process::Command::new(crate::server::bin())
-        .args(["admin", "reset-key", "--store", &db])
-        .env_remove("CLOUDPIPE_STORE")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(key.starts_with("cpk_"), "{key}");
+    let key = crate::server::admin_reset_key(&["--store".as_ref(), db.as_ref()]);
     let me = reqwest::Client::new()
         .get(format!("{}/v1/me", a.url))
         .bearer_auth(&key)

@@ -299,15 +299,7 @@ async fn the_last_key_is_kept_unless_forced_and_the_admin_can_reset_one_offline(
     assert_eq!(s.get("/v1/me").await.0, StatusCode::UNAUTHORIZED);
     assert!(s.terminate().success());
 
-    let out = std::process::Command::new(crate::server::bin())
-        .args(["admin", "reset-key", "--data-dir"])
-        .arg(dir.path())
-        .env_remove("CLOUDPIPE_DATA_DIR")
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let new_key = String::from_utf8(out.stdout).unwrap().trim().to_string();
-    assert!(new_key.starts_with("cpk_"), "{new_key}");
+    let new_key = crate::server::admin_reset_key(&["--data-dir".as_ref(), dir.path().as_ref()]);
     // Started without CLOUDPIPE_ADMIN_KEY, so only the reset key can work.
     let mut p = serve::spawn_serve_with(&crate::server::bin(), dir.path(), &[], &[]);
     let (st, me) = call(&p.url, &new_key, Method::GET, "/v1/me", None).await;

@@ -16,6 +16,21 @@ pub fn bin() -> String {
     std::env::var("CLOUDPIPE_E2E_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_cloudpipe").into())
 }
 
+/// `cloudpipe admin reset-key ARGS`: the key it prints, after checking that it ran.
+pub fn admin_reset_key(args: &[&std::ffi::OsStr]) -> String {
+    let out = Command::new(bin())
+        .args(["admin", "reset-key"])
+        .args(args)
+        .env_remove("CLOUDPIPE_DATA_DIR")
+        .env_remove("CLOUDPIPE_STORE")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("cpk_"), "{key}");
+    key
+}
+
 /// A `cloudpipe serve` process on 127.0.0.1 with a port the OS picked.
 pub struct TestServer {
     child: Child,
