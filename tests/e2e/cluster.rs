@@ -339,24 +339,16 @@ async fn the_admin_locked_out_of_a_running_cluster_gets_a_key_back_with_the_cli(
     assert_eq!(a.get("/v1/me").await.0, StatusCode::UNAUTHORIZED);
 
     let key = crate::server::admin_reset_key(&["--store".as_ref(), db.as_ref()]);
-    let me = reqwest::Client::new()
-        .get(format!("{}/v1/me", a.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .unwrap();
+    let as_new = |path: &str| {
+        reqwest::Client::new().get(format!("{}{path}", a.url)).bearer_auth(&key).send()
+    };
+    let me = as_new("/v1/me").await.unwrap();
     assert_eq!(me.status(), StatusCode::OK, "the running node takes the new key");
     let me: Value = me.json().await.unwrap();
     assert_eq!(me["role"], "admin", "{me}");
     // The command's own node left the cluster with it.
-    let (st, nodes) = reqwest::Client::new()
-        .get(format!("{}/v1/nodes", a.url))
-        .bearer_auth(&key)
-        .send()
-        .await
-        .map(|r| (r.status(), r))
-        .unwrap();
-    assert_eq!(st, StatusCode::OK);
+    let nodes = as_new("/v1/nodes").await.unwrap();
+    assert_eq!(nodes.status(), StatusCode::OK);
     let nodes: Value = nodes.json().await.unwrap();
     let names: Vec<&str> =
         nodes["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();

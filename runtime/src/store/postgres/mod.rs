@@ -748,22 +748,18 @@ impl Shared {
 }
 
 /// The SQL condition and parameters of a [`JobFilter`], from `$first` on.
-/// The conditions of `filter` but its node, with their parameters numbered from
-/// `first`, and the number of the node's parameter.
-#[allow(clippy::type_complexity)]
-fn filter_sql(
-    filter: &JobFilter,
-    first: usize,
-) -> (String, Option<usize>, Vec<Box<dyn ToSql + Sync + Send>>) {
+/// Query parameters built at run time.
+type Params = Vec<Box<dyn ToSql + Sync + Send>>;
+
+/// The conditions of `filter` but its node, with their parameters numbered from 1,
+/// and the number of the node's parameter.
+fn filter_sql(filter: &JobFilter) -> (String, Option<usize>, Params) {
     let mut conds: Vec<String> = Vec::new();
-    let mut params: Vec<Box<dyn ToSql + Sync + Send>> = Vec::new();
-    let mut n = first;
-    let mut next = |params: &mut Vec<Box<dyn ToSql + Sync + Send>>,
-                    v: Box<dyn ToSql + Sync + Send>| {
+    let mut params: Params = Vec::new();
+    // The number of the parameter it adds.
+    let next = |params: &mut Params, v: Box<dyn ToSql + Sync + Send>| {
         params.push(v);
-        let i = n;
-        n += 1;
-        i
+        params.len()
     };
     if let Some(a) = &filter.account {
         let i = next(&mut params, Box::new(a.clone()));
@@ -1518,7 +1514,7 @@ impl Store for PgStore {
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
         let client = self.client().await?;
-        let (cond, node, mut params) = filter_sql(filter, 1);
+        let (cond, node, mut params) = filter_sql(filter);
         let limit = filter.limit.min(i64::MAX as usize) as i64;
         params.push(Box::new(limit));
         let l = params.len();
